@@ -1,0 +1,71 @@
+"""Developer and CI task runner: ``nox`` runs lint, typing and tests.
+
+Extra sessions (not run by default): ``nox -s slow`` and ``nox -s bench``.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.needs_version = ">=2024.10"
+nox.options.default_venv_backend = "uv|virtualenv"
+nox.options.sessions = ["lint", "typing", "tests"]
+
+PYPROJECT = nox.project.load_toml("pyproject.toml")
+
+# The pure sans-I/O core: 100% branch coverage is enforced on these files.
+CORE_MODULES = ("_wire.py", "_decoder.py", "_encoder.py")
+CORE_INCLUDE = ",".join(f"*/trio_mojo/{name}" for name in CORE_MODULES)
+
+# Tests run against the *installed* (non-editable) package. ``python -m`` and
+# ``coverage run -m`` would put the current directory first on sys.path, so the
+# source tree would shadow the installed copy; PYTHONSAFEPATH=1 prevents that, and
+# tests/conftest.py checks it when TRIO_MOJO_REQUIRE_INSTALLED=1.
+INSTALLED_ENV = {"PYTHONSAFEPATH": "1", "TRIO_MOJO_REQUIRE_INSTALLED": "1"}
+
+
+def _group(name: str) -> list[str]:
+    return list(nox.project.dependency_groups(PYPROJECT, name))
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Run ruff (lint rules and formatting check)."""
+    session.install(*_group("lint"))
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typing(session: nox.Session) -> None:
+    """Run mypy --strict over the package and the tests."""
+    session.install(".", *_group("typing"))
+    session.run("mypy", *session.posargs)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the test suite under coverage; the sans-I/O core must be 100% covered."""
+    session.install(".", *_group("test"))
+    session.run("coverage", "erase")
+    session.run("coverage", "run", "-m", "pytest", *session.posargs, env=INSTALLED_ENV)
+    # Paths in the data file point into this venv's site-packages; the
+    # ``*/trio_mojo/...`` patterns match them.
+    session.run("coverage", "report")
+    session.run("coverage", "report", "--fail-under=100", f"--include={CORE_INCLUDE}")
+
+
+@nox.session
+def slow(session: nox.Session) -> None:
+    """Run only the tests marked ``slow`` (no coverage gate)."""
+    session.install(".", *_group("test"))
+    session.run("pytest", "-m", "slow", *session.posargs, env=INSTALLED_ENV)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Run the benchmark suite shipped with the package."""
+    session.install(".", *_group("bench"))
+    session.run(
+        "python", "-m", "trio_mojo", "bench", *session.posargs, env=INSTALLED_ENV
+    )

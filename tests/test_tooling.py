@@ -1,0 +1,102 @@
+"""Tests of the test tooling itself (fd-leak detection in conftest.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+CONFTEST = Path(__file__).with_name("conftest.py")
+
+
+def proc_self_fd() -> set[int]:
+    """Test-local reader of /proc/self/fd, dropping listdir's own (closed) fd."""
+    listed = {int(name) for name in os.listdir("/proc/self/fd")}
+    return {fd for fd in listed if fd_is_open(fd)}
+
+
+def fd_is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_listdir_reports_its_own_closed_fd() -> None:
+    # os.listdir's directory fd shows up in the raw listing but is already closed
+    # on return: the lowest free fd is listed and not open.  If this ever stops
+    # being true the filtering in conftest.open_fds can be simplified.
+    lowest_free = os.dup(0)
+    os.close(lowest_free)
+    raw = {int(name) for name in os.listdir("/proc/self/fd")}
+    assert lowest_free in raw
+    assert not fd_is_open(lowest_free)
+    assert proc_self_fd() == proc_self_fd()
+    assert lowest_free not in proc_self_fd()
+
+
+def test_open_fds_sees_a_pipe_open_and_close() -> None:
+    before = proc_self_fd()
+    r, w = os.pipe()
+    try:
+        during = proc_self_fd()
+        assert {r, w} <= during
+        assert {r, w}.isdisjoint(before)
+    finally:
+        os.close(r)
+        os.close(w)
+    after = proc_self_fd()
+    assert r not in after
+    assert w not in after
+    assert after == before
+
+
+def test_fd_leak_fixture_fails_a_leaking_test(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(CONFTEST.read_text())
+    pytester.makeini(
+        """
+        [pytest]
+        trio_mode = true
+        filterwarnings = error
+        """
+    )
+    pytester.makepyfile(
+        test_leaky="""
+        import os
+        import trio
+
+        def test_leaks_a_pipe():
+            os.pipe()
+
+        def test_clean_after_leak():
+            r, w = os.pipe()
+            os.close(r)
+            os.close(w)
+
+        async def test_trio_own_fds_are_not_leaks():
+            a, b = trio.socket.socketpair()
+            with a, b:
+                await a.send(b"x")
+                assert await b.recv(1) == b"x"
+
+        async def test_trio_test_leaks_a_pipe():
+            await trio.sleep(0)
+            os.pipe()
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=4, errors=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_leaks_a_pipe*",
+            "test leaked 2 file descriptor(s):",
+            "  fd * -> pipe:*",
+            "  fd * -> pipe:*",
+            "*ERROR at teardown of test_trio_test_leaks_a_pipe*",
+            "test leaked 2 file descriptor(s):",
+            "  fd * -> pipe:*",
+            "  fd * -> pipe:*",
+        ]
+    )

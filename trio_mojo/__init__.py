@@ -1,0 +1,67 @@
+"""trio_mojo: Chromium Mojo's Channel as a Trio structured-concurrency transport.
+
+Length-framed messages over a connected ``AF_UNIX`` socket, byte-compatible
+with Mojo's ``ChannelPosix``, with file descriptors passed beside them
+(``SCM_RIGHTS``), and sandboxed worker processes connected to their parent by
+such a channel.  See ``docs/`` for the design and a tutorial.
+"""
+
+from __future__ import annotations
+
+from ._channel import Channel as Channel
+from ._channel import ChannelStatistics as ChannelStatistics
+from ._channel import open_channel as open_channel
+from ._decoder import END_OF_STREAM as END_OF_STREAM
+from ._decoder import NEED_DATA as NEED_DATA
+from ._decoder import MessageDecoder as MessageDecoder
+from ._encoder import MessageEncoder as MessageEncoder
+from ._encoder import OutgoingMessage as OutgoingMessage
+from ._endpoint import Endpoint as Endpoint
+from ._endpoint import channel_pair as channel_pair
+from ._errors import ChannelError as ChannelError
+from ._errors import DisconnectedError as DisconnectedError
+from ._errors import FlushTimeoutError as FlushTimeoutError
+from ._errors import MalformedMessageError as MalformedMessageError
+from ._errors import SandboxUnavailableError as SandboxUnavailableError
+from ._errors import WorkerError as WorkerError
+from ._handles import Handle as Handle
+from ._message import Message as Message
+from ._wire import DEFAULT_MAX_MESSAGE_SIZE as DEFAULT_MAX_MESSAGE_SIZE
+from ._wire import MAX_ATTACHED_HANDLES as MAX_ATTACHED_HANDLES
+from ._wire import MAX_SENDMSG_HANDLES as MAX_SENDMSG_HANDLES
+from ._wire import Framing as Framing
+from ._wire import HandlePolicy as HandlePolicy
+from ._wire import MessageType as MessageType
+from ._wire import encode_header as encode_header
+from ._wire import encode_message as encode_message
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "END_OF_STREAM",
+    "MAX_ATTACHED_HANDLES",
+    "MAX_SENDMSG_HANDLES",
+    "NEED_DATA",
+    "Channel",
+    "ChannelError",
+    "ChannelStatistics",
+    "DisconnectedError",
+    "Endpoint",
+    "FlushTimeoutError",
+    "Framing",
+    "Handle",
+    "HandlePolicy",
+    "MalformedMessageError",
+    "Message",
+    "MessageDecoder",
+    "MessageEncoder",
+    "MessageType",
+    "OutgoingMessage",
+    "SandboxUnavailableError",
+    "WorkerError",
+    "channel_pair",
+    "encode_header",
+    "encode_message",
+    "open_channel",
+]

@@ -1,0 +1,409 @@
+"""MessageDecoder: bytes and fds in, validated messages out.
+
+Theory of operation
+-------------------
+
+The decoder is Mojo's ``Channel::ReadBuffer`` + ``TryDispatchMessage`` +
+``incoming_fds_`` as a pure object, in the style of h11:
+
+* ``receive_data(bytes)`` appends to the read buffer; ``receive_handles``
+  appends received fds to a FIFO; ``receive_eof()`` records the end of the
+  stream.  None of them parses.
+* ``next_message()`` parses one message off the front of the buffer and
+  returns it, or returns :data:`NEED_DATA` (feed more) or
+  :data:`END_OF_STREAM` (clean EOF at a message boundary, everything
+  delivered).  Call it in a loop after each feed; many messages per chunk
+  are normal.
+
+File descriptors are not tied to byte positions.  The kernel hands them out
+with the first byte of the ``sendmsg`` that carried them, and a correct
+sender attaches a message's fds to a ``sendmsg`` carrying its bytes, so the
+fds of a message are always queued no later than its last byte.  When a
+complete message is parsed it takes exactly ``num_handles`` fds from the
+front of the FIFO, in order.
+
+Every header field is checked before it is used, in Chromium's order
+(``mojo_spec.md`` sections 3.1 and 3.2), plus the hardening below.  A
+malformed stream raises :class:`MalformedMessageError`, closes every fd the
+decoder holds and leaves the decoder failed for good; an end of stream in
+the middle of a message raises :class:`DisconnectedError` instead.
+
+Hardening, each a constructor switch (the Chromium behaviour in brackets):
+
+``max_message_size`` (256 MiB) [no cap below the u32 limit]
+    A header whose ``num_bytes`` exceeds it is rejected as soon as the first
+    8 bytes are in, before the message is buffered.
+``max_handles_per_message`` (253) [65535]
+    A header declaring more handles than this is malformed.
+``max_queued_handles`` (506, twice the per-message maximum) [unbounded]
+    More fds waiting in the FIFO than this is malformed: a peer cannot make
+    us hold fds without limit.
+``strict_handles`` (True) [False: wait]
+    A complete message whose fds have not arrived is malformed (Chromium
+    stalls the channel forever waiting for them), and fds left unclaimed at
+    a clean end of stream are malformed (Chromium silently hands surplus fds
+    to the next message that claims some).
+``ipcz_parse_threshold`` (8) [16]
+    In IPCZ framing Chromium only parses once 16 bytes are buffered, which
+    strands a final message with an 8-byte header and no data; we parse
+    from 8 bytes on.
+``handle_policy=REJECT`` fails as soon as an fd *arrives*, not only when a
+message claims one, so rejected fds are never held.
+
+Memory: the buffer holds only bytes that actually arrived, never the size a
+header announces.  A fully consumed chunk is dropped; a partial message is
+moved to the front of the buffer at most once per feed (CPython deletes a
+``bytearray`` prefix in O(1)), so decoding is linear in the bytes received.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import struct
+from collections.abc import Iterable
+from typing import Final, Literal, NoReturn, TypeAlias
+
+from ._errors import ChannelError, DisconnectedError, MalformedMessageError
+from ._handles import Handle, close_all
+from ._message import Message
+from ._wire import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    HEADER_SIZE,
+    IPCZ_MIN_HEADER_SIZE,
+    LEGACY_HEADER_SIZE,
+    MAX_ATTACHED_HANDLES,
+    MAX_HANDLES_FIELD,
+    MAX_MESSAGE_SIZE_LIMIT,
+    Framing,
+    HandlePolicy,
+    MessageType,
+)
+
+__all__ = ["END_OF_STREAM", "NEED_DATA", "MessageDecoder"]
+
+
+class _Marker(enum.Enum):
+    NEED_DATA = "NEED_DATA"
+    END_OF_STREAM = "END_OF_STREAM"
+
+    def __repr__(self) -> str:
+        return f"trio_mojo.{self.value}"
+
+
+NEED_DATA: Final = _Marker.NEED_DATA
+"""Returned by :meth:`MessageDecoder.next_message`: feed more data."""
+END_OF_STREAM: Final = _Marker.END_OF_STREAM
+"""Returned by :meth:`MessageDecoder.next_message` after a clean EOF."""
+
+DecoderEvent: TypeAlias = (
+    "Message | Literal[_Marker.NEED_DATA] | Literal[_Marker.END_OF_STREAM]"
+)
+
+_FIRST8 = struct.Struct("<IHH")  # num_bytes, (num_handles|num_header_bytes), type
+_U16 = struct.Struct("<H")
+_IPCZ_FIRST8 = struct.Struct("<HHI")  # size, num_handles, num_bytes
+_COMPACT_AS_BYTES = 64 * 1024
+_TYPES = tuple(MessageType)
+_MAX_TYPE = len(_TYPES) - 1
+_NORMAL = MessageType.NORMAL
+
+
+class MessageDecoder:
+    """Turns the received byte stream and fds back into :class:`Message` s.
+
+    Args:
+        framing: the header layout the peer writes.
+        handle_policy: ``REJECT`` makes any fd from the peer malformed.
+        max_message_size: largest accepted ``num_bytes`` (whole message,
+            header included); ``None`` means the u32 limit (Chromium).
+        max_handles_per_message: largest accepted handle count in a header;
+            ``None`` means 65535 (Chromium).
+        max_queued_handles: most fds that may wait unclaimed; ``None`` means
+            unbounded (Chromium).
+        strict_handles: missing or surplus fds are malformed (``True``) or,
+            as in Chromium, the decoder waits for missing fds (``False``).
+        ipcz_parse_threshold: bytes needed before an IPCZ header is parsed,
+            8 (default) or Chromium's 16.
+
+    Raises:
+        ValueError: an argument is out of range.
+    """
+
+    def __init__(
+        self,
+        *,
+        framing: Framing = Framing.MOJO,
+        handle_policy: HandlePolicy = HandlePolicy.ACCEPT,
+        max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
+        max_handles_per_message: int | None = MAX_ATTACHED_HANDLES,
+        max_queued_handles: int | None = 2 * MAX_ATTACHED_HANDLES,
+        strict_handles: bool = True,
+        ipcz_parse_threshold: int = IPCZ_MIN_HEADER_SIZE,
+    ) -> None:
+        if not isinstance(framing, Framing):
+            raise TypeError(f"framing must be a Framing, not {framing!r}")
+        if not isinstance(handle_policy, HandlePolicy):
+            raise TypeError(f"handle_policy must be a HandlePolicy, not {handle_policy!r}")
+        if max_message_size is None:
+            max_message_size = MAX_MESSAGE_SIZE_LIMIT
+        if not HEADER_SIZE <= max_message_size <= MAX_MESSAGE_SIZE_LIMIT:
+            raise ValueError(
+                f"max_message_size={max_message_size} is outside "
+                f"{HEADER_SIZE}..{MAX_MESSAGE_SIZE_LIMIT}"
+            )
+        if max_handles_per_message is None:
+            max_handles_per_message = MAX_HANDLES_FIELD
+        if not 0 <= max_handles_per_message <= MAX_HANDLES_FIELD:
+            raise ValueError(
+                f"max_handles_per_message={max_handles_per_message} is outside "
+                f"0..{MAX_HANDLES_FIELD}"
+            )
+        if max_queued_handles is not None and max_queued_handles < max_handles_per_message:
+            raise ValueError(
+                f"max_queued_handles={max_queued_handles} is below "
+                f"max_handles_per_message={max_handles_per_message}"
+            )
+        if ipcz_parse_threshold not in (8, 16):
+            raise ValueError(f"ipcz_parse_threshold must be 8 or 16, not {ipcz_parse_threshold}")
+        self.framing: Final = framing
+        self.handle_policy: Final = handle_policy
+        self.max_message_size: Final = max_message_size
+        self.max_handles_per_message: Final = max_handles_per_message
+        self.max_queued_handles: Final = max_queued_handles
+        self.strict_handles: Final = strict_handles
+        self.ipcz_parse_threshold: Final = ipcz_parse_threshold
+        self._ipcz = framing is Framing.IPCZ
+        self._accept_handles = handle_policy is HandlePolicy.ACCEPT
+        self._buf: bytes | bytearray = b""
+        self._pos = 0
+        self._handles: collections.deque[Handle] = collections.deque()
+        self._eof = False
+        self._failure: ChannelError | None = None
+
+    # -- introspection --------------------------------------------------
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes received but not yet returned as part of a message."""
+        return len(self._buf) - self._pos
+
+    @property
+    def queued_handles(self) -> int:
+        """Fds received but not yet claimed by a message."""
+        return len(self._handles)
+
+    @property
+    def failed(self) -> bool:
+        """True once the decoder raised; it stays failed."""
+        return self._failure is not None
+
+    # -- input ----------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Append received bytes (the decoder keeps a copy if it must).
+
+        Raises:
+            RuntimeError: called after :meth:`receive_eof`.
+            ChannelError: the decoder has already failed.
+        """
+        self._check_usable()
+        if self._eof:
+            raise RuntimeError("receive_data() after receive_eof()")
+        if not data:
+            return
+        buf = self._buf
+        pos = self._pos
+        if pos >= len(buf):
+            self._buf = data if type(data) is bytes else bytes(data)
+            self._pos = 0
+        elif type(buf) is bytes:
+            rest = len(buf) - pos
+            if rest <= _COMPACT_AS_BYTES:
+                self._buf = buf[pos:] + data
+            else:
+                grown = bytearray(memoryview(buf)[pos:])
+                grown += data
+                self._buf = grown
+            self._pos = 0
+        else:
+            assert isinstance(buf, bytearray)
+            if pos:
+                del buf[:pos]
+                self._pos = 0
+            buf += data
+
+    def receive_handles(self, handles: Iterable[Handle]) -> None:
+        """Take ownership of fds received from the peer, in arrival order.
+
+        Raises:
+            MalformedMessageError: the channel rejects handles, or the FIFO
+                would exceed ``max_queued_handles``.  All handles (these and
+                the queued ones) are closed first.
+            ChannelError: the decoder has already failed (the handles are
+                closed).
+        """
+        handles = list(handles)
+        if not handles:
+            return
+        if self._failure is not None or self._eof:
+            close_all(handles)
+            self._check_usable()
+            raise RuntimeError("receive_handles() after receive_eof()")
+        self._handles.extend(handles)
+        if not self._accept_handles:
+            self._fail(
+                f"peer sent {len(handles)} file descriptor(s) on a channel whose "
+                "handle_policy is REJECT"
+            )
+        limit = self.max_queued_handles
+        if limit is not None and len(self._handles) > limit:
+            self._fail(
+                f"{len(self._handles)} unclaimed file descriptors queued, above "
+                f"max_queued_handles={limit}"
+            )
+
+    def receive_eof(self) -> None:
+        """Record the end of the stream.  Idempotent."""
+        self._eof = True
+
+    # -- output ---------------------------------------------------------
+
+    def next_message(self) -> DecoderEvent:
+        """Parse and return the next message.
+
+        Returns:
+            The next :class:`Message` (its handles now belong to the caller),
+            :data:`NEED_DATA` if the buffered bytes hold no complete message,
+            or :data:`END_OF_STREAM` after :meth:`receive_eof` once every
+            message was returned.
+
+        Raises:
+            MalformedMessageError: the stream breaks the protocol or a limit.
+            DisconnectedError: the stream ended inside a message.
+        """
+        if self._failure is not None:
+            self._raise_failed()
+        buf = self._buf
+        pos = self._pos
+        avail = len(buf) - pos
+        if self._ipcz:
+            if avail < self.ipcz_parse_threshold:
+                return self._short(avail)
+            header_size, num_handles, num_bytes = _IPCZ_FIRST8.unpack_from(buf, pos)
+            if header_size < IPCZ_MIN_HEADER_SIZE or num_bytes < header_size:
+                self._fail(
+                    f"invalid IPCZ header: size={header_size}, "
+                    f"num_bytes={num_bytes} (need 8 <= size <= num_bytes)"
+                )
+            mtype = _NORMAL
+        else:
+            if avail < LEGACY_HEADER_SIZE:
+                return self._short(avail)
+            num_bytes, field4, raw_type = _FIRST8.unpack_from(buf, pos)
+            if num_bytes < LEGACY_HEADER_SIZE:
+                self._fail(f"invalid message size: num_bytes={num_bytes} is below 8")
+            if raw_type == 0:
+                header_size = LEGACY_HEADER_SIZE
+                num_handles = field4
+            else:
+                if raw_type > _MAX_TYPE:
+                    self._fail(f"unknown message_type={raw_type}")
+                if field4 < HEADER_SIZE or field4 > num_bytes:
+                    self._fail(
+                        f"invalid message header size: num_header_bytes={field4}, "
+                        f"num_bytes={num_bytes} (need 16 <= num_header_bytes "
+                        "<= num_bytes)"
+                    )
+                header_size = field4
+                if avail < HEADER_SIZE:
+                    return self._short(avail)
+                num_handles = _U16.unpack_from(buf, pos + 8)[0]
+            mtype = _TYPES[raw_type]
+        if num_bytes > self.max_message_size:
+            self._fail(
+                f"num_bytes={num_bytes} exceeds max_message_size={self.max_message_size}"
+            )
+        if num_handles:
+            if num_handles > self.max_handles_per_message:
+                self._fail(
+                    f"num_handles={num_handles} exceeds "
+                    f"max_handles_per_message={self.max_handles_per_message}"
+                )
+            if not self._accept_handles:
+                self._fail(
+                    f"message declares num_handles={num_handles} on a channel whose "
+                    "handle_policy is REJECT"
+                )
+        if avail < num_bytes:
+            return self._short(avail)
+        handles: tuple[Handle, ...] = ()
+        if num_handles:
+            queued = self._handles
+            if len(queued) < num_handles:
+                if self.strict_handles or self._eof:
+                    self._fail(
+                        f"message complete but its file descriptors are missing: "
+                        f"num_handles={num_handles}, received={len(queued)}"
+                    )
+                return NEED_DATA
+            popleft = queued.popleft
+            handles = tuple([popleft() for _ in range(num_handles)])
+        start = pos + header_size
+        end = pos + num_bytes
+        if type(buf) is bytes:
+            payload = buf[start:end]
+        else:
+            with memoryview(buf) as view:
+                payload = view[start:end].tobytes()
+        if end >= len(buf):
+            self._buf = b""
+            self._pos = 0
+        else:
+            self._pos = end
+        return Message(payload, handles, mtype)
+
+    def close(self) -> None:
+        """Close every queued fd and drop buffered bytes.  Idempotent."""
+        self._buf = b""
+        self._pos = 0
+        handles = list(self._handles)
+        self._handles.clear()
+        close_all(handles)
+
+    # -- internals ------------------------------------------------------
+
+    def _short(self, avail: int) -> DecoderEvent:
+        if not self._eof:
+            return NEED_DATA
+        if avail:
+            self._fail(
+                f"end of stream inside a message: {avail} byte(s) of an unfinished "
+                "message were buffered",
+                DisconnectedError,
+            )
+        if self._handles:
+            if self.strict_handles:
+                self._fail(
+                    f"end of stream with {len(self._handles)} file descriptor(s) that "
+                    "no message claimed"
+                )
+            self.close()
+        return END_OF_STREAM
+
+    def _fail(
+        self, reason: str, kind: type[ChannelError] = MalformedMessageError
+    ) -> NoReturn:
+        error = kind(reason)
+        self._failure = error
+        self.close()
+        raise error
+
+    def _check_usable(self) -> None:
+        if self._failure is not None:
+            self._raise_failed()
+
+    def _raise_failed(self) -> NoReturn:
+        failure = self._failure
+        assert failure is not None
+        raise type(failure)(f"decoder failed earlier: {failure}") from failure

@@ -1,0 +1,235 @@
+"""MessageEncoder: the outgoing queue and the planner of each ``sendmsg``.
+
+Theory of operation
+-------------------
+
+Mojo's ``ChannelPosix`` keeps a queue of ``MessageView`` s: each is one
+encoded message, an ``offset`` (its first unsent byte) and how many of its
+handles were already sent.  This module is that queue, pure: the shell asks
+:meth:`MessageEncoder.plan` what to hand to the next ``sendmsg``, makes the
+call, and reports back with :meth:`MessageEncoder.advance`.
+
+A plan coalesces the unsent bytes of as many queued messages as fit under
+:data:`MAX_PLAN_BYTES` and :data:`MAX_PLAN_BUFFERS` into one list of
+buffers (large payloads are memoryviews, never copied), plus at most
+:data:`~trio_mojo._wire.MAX_SENDMSG_HANDLES` fds.  The fd rules, which keep
+the receiver's FIFO matching fds to messages:
+
+1. A message's fds ride on a ``sendmsg`` that carries at least one of its
+   bytes and is no later than the one carrying its first byte, so they always
+   reach the peer before the message is complete.  (If the kernel takes only
+   part of the plan, fds planned for a later message in it have been
+   delivered early; that is harmless, the FIFO keeps them in order.)
+2. Never more than 128 fds per ``sendmsg``: a message whose unsent fds would
+   push the plan past 128 starts the next plan instead.
+3. Never fds with zero data bytes (Linux silently drops them).  A message
+   with more than 128 fds is split: each batch of 128 is sent with exactly
+   one of its bytes, the last batch with the rest of the message.  Since a
+   header alone is 8 bytes and a message carries at most 253 handles, there
+   are always enough bytes.
+
+Once ``sendmsg`` returns a positive count, the kernel holds its own
+reference to every fd in that call, so :meth:`advance` closes our handles at
+once.  A failed call changes nothing: the handles stay queued, owned by
+their message, and :meth:`close` closes them if the channel gives up.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Final, TypeAlias
+
+from ._handles import Handle, close_all
+from ._message import Message
+from ._wire import MAX_SENDMSG_HANDLES, Framing, encode_header
+
+Buffer: TypeAlias = bytes | memoryview
+"""What a plan is made of: whole encoded messages or views into them."""
+
+__all__ = ["MAX_PLAN_BUFFERS", "MAX_PLAN_BYTES", "MessageEncoder", "OutgoingMessage"]
+
+MAX_PLAN_BYTES: Final = 512 * 1024
+"""Stop adding messages to a plan once it holds this many bytes."""
+MAX_PLAN_BUFFERS: Final = 512
+"""At most this many buffers per plan (Linux's IOV_MAX is 1024)."""
+_INLINE_PAYLOAD: Final = 16 * 1024
+"""Payloads up to this size are copied next to their header (one buffer)."""
+
+
+class OutgoingMessage:
+    """One queued message: its encoded bytes and its not-yet-sent handles.
+
+    ``head`` is the header (with the payload appended when it is small),
+    ``tail`` the payload when it is large (else empty).  ``offset`` counts
+    the bytes already sent and ``handles_sent`` the handles already sent.
+    """
+
+    __slots__ = ("handles", "handles_sent", "head", "offset", "size", "tail")
+
+    def __init__(self, head: bytes, tail: bytes, handles: tuple[Handle, ...]) -> None:
+        self.head = head
+        self.tail = tail
+        self.handles = handles
+        self.size = len(head) + len(tail)
+        self.offset = 0
+        self.handles_sent = 0
+
+    @classmethod
+    def encode(cls, message: Message, framing: Framing = Framing.MOJO) -> OutgoingMessage:
+        """Encode ``message`` (which must already be validated).
+
+        Raises:
+            ValueError: the header cannot express the message.
+        """
+        payload = message.payload
+        if type(payload) is not bytes:
+            payload = bytes(payload)  # a snapshot: the caller may mutate theirs
+        header = encode_header(
+            len(payload),
+            num_handles=len(message.handles),
+            type=message.type,
+            framing=framing,
+        )
+        if len(payload) <= _INLINE_PAYLOAD:
+            return cls(header + payload, b"", message.handles)
+        return cls(header, payload, message.handles)
+
+    def unsent(self) -> list[Buffer]:
+        """The buffers that hold this message's unsent bytes."""
+        offset = self.offset
+        head = self.head
+        if offset == 0:
+            return [head, self.tail] if self.tail else [head]
+        if offset < len(head):
+            parts: list[Buffer] = [memoryview(head)[offset:]]
+            if self.tail:
+                parts.append(self.tail)
+            return parts
+        return [memoryview(self.tail)[offset - len(head) :]]
+
+    def first_unsent_byte(self) -> Buffer:
+        """A one-byte buffer: the next unsent byte."""
+        offset = self.offset
+        if offset < len(self.head):
+            return memoryview(self.head)[offset : offset + 1]
+        rel = offset - len(self.head)
+        return memoryview(self.tail)[rel : rel + 1]
+
+
+class MessageEncoder:
+    """The outgoing queue; plans ``sendmsg`` calls and tracks partial writes."""
+
+    def __init__(self) -> None:
+        self._queue: collections.deque[OutgoingMessage] = collections.deque()
+        self._queued_bytes = 0
+        self._planned: list[tuple[OutgoingMessage, int]] = []
+
+    @property
+    def queued_messages(self) -> int:
+        """Messages not yet completely sent."""
+        return len(self._queue)
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes not yet sent."""
+        return self._queued_bytes
+
+    def __bool__(self) -> bool:
+        return bool(self._queue)
+
+    def push(self, entry: OutgoingMessage) -> None:
+        """Append an encoded message to the queue; it now owns its handles."""
+        self._queue.append(entry)
+        self._queued_bytes += entry.size - entry.offset
+
+    def plan(self) -> tuple[list[Buffer], list[int]]:
+        """Return ``(buffers, fds)`` for the next ``sendmsg``.
+
+        The buffers are never empty while the queue is not.  Calling
+        :meth:`plan` again before :meth:`advance` replaces the previous plan.
+
+        Raises:
+            RuntimeError: the queue is empty.
+        """
+        queue = self._queue
+        if not queue:
+            raise RuntimeError("plan() on an empty MessageEncoder")
+        planned: list[tuple[OutgoingMessage, int]] = []
+        self._planned = planned
+        buffers: list[Buffer] = []
+        fds: list[int] = []
+        nbytes = 0
+        for entry in queue:
+            pending = len(entry.handles) - entry.handles_sent
+            if pending:
+                if pending > MAX_SENDMSG_HANDLES and not buffers:
+                    # Rule 3: a full batch of 128 with exactly one byte.
+                    batch = entry.handles[
+                        entry.handles_sent : entry.handles_sent + MAX_SENDMSG_HANDLES
+                    ]
+                    fds.extend(h.fileno() for h in batch)
+                    planned.append((entry, MAX_SENDMSG_HANDLES))
+                    buffers.append(entry.first_unsent_byte())
+                    break
+                if len(fds) + pending > MAX_SENDMSG_HANDLES:
+                    break  # rule 2: this message starts the next plan
+                fds.extend(h.fileno() for h in entry.handles[entry.handles_sent :])
+                planned.append((entry, pending))
+            parts = entry.unsent()
+            buffers.extend(parts)
+            nbytes += entry.size - entry.offset
+            if nbytes >= MAX_PLAN_BYTES or len(buffers) >= MAX_PLAN_BUFFERS - 1:
+                break
+        return buffers, fds
+
+    def advance(self, sent: int) -> int:
+        """Record that the last planned ``sendmsg`` sent ``sent`` bytes.
+
+        Closes the handles that call carried (the kernel now holds them)
+        and drops completely sent messages.  Returns how many messages were
+        completed.
+
+        Raises:
+            ValueError: ``sent`` is negative or larger than the plan.
+        """
+        if sent < 0:
+            raise ValueError(f"sent={sent} is negative")
+        planned = self._planned
+        self._planned = []
+        if sent == 0:
+            return 0
+        sent_handles: list[Handle] = []
+        for entry, count in planned:
+            start = entry.handles_sent
+            sent_handles.extend(entry.handles[start : start + count])
+            entry.handles_sent = start + count
+        queue = self._queue
+        remaining = sent
+        completed = 0
+        try:
+            while remaining:
+                if not queue:
+                    raise ValueError(f"sent={sent} is more than was queued")
+                entry = queue[0]
+                left = entry.size - entry.offset
+                if remaining < left:
+                    entry.offset += remaining
+                    break
+                remaining -= left
+                entry.offset = entry.size
+                queue.popleft()
+                completed += 1
+        finally:
+            self._queued_bytes -= sent - remaining
+            close_all(sent_handles)
+        return completed
+
+    def close(self) -> None:
+        """Drop every queued message and close its unsent handles."""
+        handles: list[Handle] = []
+        for entry in self._queue:
+            handles.extend(entry.handles[entry.handles_sent :])
+        self._queue.clear()
+        self._queued_bytes = 0
+        self._planned = []
+        close_all(handles)

@@ -1,0 +1,115 @@
+"""The exceptions trio_mojo raises.
+
+The tree::
+
+    trio.BrokenResourceError
+     └── ChannelError                 the channel cannot carry messages any more
+          ├── DisconnectedError       the peer went away: EOF inside a message,
+          │                           ECONNRESET, EPIPE on a write
+          └── MalformedMessageError   the peer broke the protocol or one of our
+                                      limits (Mojo's kReceivedMalformedData)
+
+          └── FlushTimeoutError       a graceful close could not flush the
+                                      outgoing queue in time (also a
+                                      trio.TooSlowError)
+
+    Exception
+     ├── WorkerError                  a worker process failed or died
+     └── SandboxUnavailableError      a required sandbox layer cannot be applied
+
+Misuse of the API by the local program (a bad argument, a closed handle, a
+message over the limit) raises the built-in ``ValueError`` / ``TypeError``
+before anything is queued, and using a closed channel raises
+``trio.ClosedResourceError``, exactly as Trio's own streams do.
+
+Every channel failure is raised as a single exception (never an
+``ExceptionGroup``) with the underlying cause chained as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+import trio
+
+__all__ = [
+    "ChannelError",
+    "DisconnectedError",
+    "FlushTimeoutError",
+    "MalformedMessageError",
+    "SandboxUnavailableError",
+    "WorkerError",
+]
+
+
+class ChannelError(trio.BrokenResourceError):
+    """The channel failed and can no longer send or receive.
+
+    A subclass of :class:`trio.BrokenResourceError`, so code written against
+    Trio's stream and channel ABCs handles it without knowing trio_mojo.
+    """
+
+
+class DisconnectedError(ChannelError):
+    """The peer went away.
+
+    Raised for an end of stream inside a message (the peer died mid-write), a
+    connection reset, or a write to a peer that closed its end.  A clean end
+    of stream at a message boundary is not an error: ``receive`` raises
+    :class:`trio.EndOfChannel` instead.  Mojo calls this ``kDisconnected``.
+    """
+
+
+class MalformedMessageError(ChannelError):
+    """The peer broke the wire protocol or exceeded one of our limits.
+
+    Mojo calls this ``kReceivedMalformedData``; Chromium kills a renderer that
+    causes it.  The message names the field and the offending values.  Once
+    raised, the decoder or channel that raised it is failed for good and every
+    file descriptor it held has been closed.
+    """
+
+
+class FlushTimeoutError(ChannelError, trio.TooSlowError):
+    """A graceful close gave up waiting for the outgoing queue to drain.
+
+    The messages that were still queued have been discarded and their file
+    descriptors closed.
+    """
+
+
+class WorkerError(Exception):
+    """A worker process failed: it exited unexpectedly or could not start.
+
+    ``returncode`` is the exit status as :attr:`subprocess.Popen.returncode`
+    reports it (negative for a signal, ``None`` if unknown) and
+    ``stderr_tail`` the last part of what the worker wrote to its standard
+    error, decoded leniently.
+    """
+
+    def __init__(
+        self, message: str, *, returncode: int | None = None, stderr_tail: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.returncode is not None:
+            text += f" (exit status {self.returncode})"
+        if self.stderr_tail:
+            text += "\n--- worker stderr (tail) ---\n" + self.stderr_tail
+        return text
+
+
+class SandboxUnavailableError(Exception):
+    """A sandbox layer the policy requires cannot be applied here.
+
+    Raised before the worker runs any target code.  ``layer`` names the layer
+    (``"seccomp"``, ``"landlock"``, ``"userns"``, ...) and ``reason`` says why,
+    with a hint at the fix.
+    """
+
+    def __init__(self, layer: str, reason: str) -> None:
+        super().__init__(f"{layer}: {reason}")
+        self.layer = layer
+        self.reason = reason

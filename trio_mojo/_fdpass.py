@@ -1,0 +1,127 @@
+"""The only code that calls ``sendmsg`` and ``recvmsg``.
+
+Theory of operation
+-------------------
+
+Both calls are non-blocking (``MSG_DONTWAIT``) whatever the socket's own
+flag says, and return ``None`` for "would block" so the shell can wait for
+readiness; an exception is reserved for real failures, translated into the
+channel's error tree:
+
+* ``EPIPE`` / ``ECONNRESET`` -> :class:`DisconnectedError` (peer vanished);
+* ``EBADF`` / ``ENOTSOCK`` after a local close -> :class:`trio.ClosedResourceError`;
+* anything else -> :class:`ChannelError` with the ``OSError`` chained.
+
+``EINTR`` is retried by Python itself (PEP 475).  Every send passes
+``MSG_NOSIGNAL``, so a vanished peer can never kill the process with
+``SIGPIPE`` (Python ignores it, but an embedding program or a non-Python
+child might not).
+
+Receiving asks for ``MSG_CMSG_CLOEXEC`` so an fd from the peer is never
+inherited by a process we spawn, even for the instant before we could set
+the flag ourselves.  The control buffer has room for
+:data:`~trio_mojo._wire.MAX_SENDMSG_HANDLES` fds, the most a conforming
+peer sends per ``sendmsg``.  Every fd that arrives is wrapped in a
+:class:`Handle` before anything else happens, so no later error can leak it;
+if the kernel had to truncate the control data (``MSG_CTRUNC``: the peer
+sent more fds than fit, or we hit ``RLIMIT_NOFILE``) the fds that did arrive
+are closed and the read fails with :class:`MalformedMessageError`
+(Chromium only asserts this in debug builds and would then lose fds).
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import socket
+from typing import Final
+
+import trio
+
+from ._errors import ChannelError, DisconnectedError, MalformedMessageError
+from ._handles import Handle, close_all
+from ._wire import MAX_SENDMSG_HANDLES
+
+__all__ = ["RECV_CONTROL_SIZE", "receive", "send"]
+
+RECV_CONTROL_SIZE: Final = socket.CMSG_SPACE(MAX_SENDMSG_HANDLES * array.array("i").itemsize)
+_SEND_FLAGS: Final = socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT
+_RECV_FLAGS: Final = socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
+_CLOSED_ERRNOS: Final = frozenset((errno.EBADF, errno.ENOTSOCK))
+_DISCONNECT_ERRNOS: Final = frozenset((errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN))
+
+
+def _translate(exc: OSError, action: str) -> Exception:
+    if exc.errno in _DISCONNECT_ERRNOS:
+        return DisconnectedError(f"peer disconnected during {action}: {exc}")
+    if exc.errno in _CLOSED_ERRNOS:
+        return trio.ClosedResourceError(f"the channel's socket was closed ({exc})")
+    return ChannelError(f"{action} failed: {exc}")
+
+
+def send(sock: socket.socket, buffers: list[bytes | memoryview], fds: list[int]) -> int | None:
+    """One non-blocking ``sendmsg``; returns bytes sent, or ``None`` to wait.
+
+    ``fds`` (at most 128) travel as one ``SCM_RIGHTS`` message; the caller
+    keeps owning them and must not send them without data bytes.
+
+    Raises:
+        DisconnectedError, ChannelError, trio.ClosedResourceError: see above.
+    """
+    try:
+        if fds:
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+            return sock.sendmsg(buffers, rights, _SEND_FLAGS)
+        return sock.sendmsg(buffers, (), _SEND_FLAGS)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        raise _translate(exc, "sendmsg") from exc
+
+
+def receive(
+    sock: socket.socket, size: int, *, fail_on_truncation: bool = True
+) -> tuple[bytes, list[Handle]] | None:
+    """One non-blocking ``recvmsg`` of up to ``size`` bytes.
+
+    Returns ``(data, handles)``; ``data == b""`` means end of stream.
+    Returns ``None`` when nothing is available.
+
+    Raises:
+        MalformedMessageError: control data was truncated (unless
+            ``fail_on_truncation`` is false) or was not ``SCM_RIGHTS``; every
+            fd that arrived has been closed.
+        DisconnectedError, ChannelError, trio.ClosedResourceError: see above.
+    """
+    try:
+        data, ancdata, flags, _ = sock.recvmsg(size, RECV_CONTROL_SIZE, _RECV_FLAGS)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        raise _translate(exc, "recvmsg") from exc
+    if not ancdata:
+        if flags & socket.MSG_CTRUNC and fail_on_truncation:
+            raise MalformedMessageError(
+                "control data truncated (MSG_CTRUNC): file descriptors were lost"
+            )
+        return data, []
+    handles: list[Handle] = []
+    foreign: list[tuple[int, int]] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds = array.array("i")
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+            handles.extend(map(Handle, fds))
+        else:
+            foreign.append((level, kind))
+    if foreign:
+        close_all(handles)
+        raise MalformedMessageError(f"unexpected control message(s) (level, type): {foreign}")
+    if flags & socket.MSG_CTRUNC and fail_on_truncation:
+        close_all(handles)
+        raise MalformedMessageError(
+            f"control data truncated (MSG_CTRUNC): {len(handles)} file descriptor(s) "
+            f"arrived, more were sent than the {MAX_SENDMSG_HANDLES} a sendmsg may carry "
+            "or RLIMIT_NOFILE was reached"
+        )
+    return data, handles

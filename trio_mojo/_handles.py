@@ -1,0 +1,150 @@
+"""Handle: the owner of exactly one file descriptor.
+
+Theory of operation
+-------------------
+
+Every fd that trio_mojo touches is owned by exactly one :class:`Handle` at
+every moment: a received fd is wrapped the instant ``recvmsg`` returns, a
+sent fd is owned by its queued message until the kernel holds its own
+reference, and a message handed to the user transfers its handles with it.
+
+Closing follows Trio's ``_FdHolder`` discipline: the stored number is
+overwritten with -1 *before* ``os.close`` runs, so a handle can never close a
+number that the kernel has meanwhile reused for another file, and a second
+``close()`` is a no-op.  A handle that is garbage-collected while still open
+closes its fd and emits :class:`ResourceWarning`, which the test suite turns
+into an error: a leak is a bug, the safety net only keeps it from growing.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Protocol
+
+__all__ = ["Handle", "close_all"]
+
+
+class _HasFileno(Protocol):
+    def fileno(self) -> int: ...
+
+
+class Handle:
+    """Owns one file descriptor and closes it exactly once.
+
+    ``Handle(fd)`` takes ownership of ``fd``: from then on only the handle may
+    close it.  Use :meth:`detach` to take the number back without closing it.
+    A handle is a context manager that closes on exit.
+
+    Raises:
+        TypeError: ``fd`` is not an ``int``.
+        ValueError: ``fd`` is negative.
+    """
+
+    __slots__ = ("__weakref__", "_fd")
+
+    def __init__(self, fd: int) -> None:
+        if type(fd) is not int:
+            if isinstance(fd, bool) or not isinstance(fd, int):
+                raise TypeError(f"Handle needs an int fd, not {type(fd).__name__}")
+            fd = int(fd)
+        if fd < 0:
+            raise ValueError(f"Handle needs a non-negative fd, got {fd}")
+        self._fd = fd
+
+    @classmethod
+    def dup(cls, fd: int | _HasFileno) -> Handle:
+        """Return a new handle owning a close-on-exec duplicate of ``fd``.
+
+        ``fd`` may be an int or any object with ``fileno()`` (a file, a
+        socket, another :class:`Handle`); the original stays open and stays
+        the caller's.
+        """
+        number = fd if isinstance(fd, int) else fd.fileno()
+        return cls(os.dup(number))  # os.dup returns a non-inheritable fd
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], flags: int = os.O_RDONLY) -> Handle:
+        """Open ``path`` with ``os.open`` (close-on-exec added) and own the fd."""
+        return cls(os.open(path, flags | os.O_CLOEXEC))
+
+    @property
+    def closed(self) -> bool:
+        """True once the handle was closed or detached."""
+        return self._fd < 0
+
+    def fileno(self) -> int:
+        """Return the fd number (still owned by the handle).
+
+        Raises:
+            ValueError: the handle is closed or detached.
+        """
+        if self._fd < 0:
+            raise ValueError("I/O operation on a closed Handle")
+        return self._fd
+
+    def detach(self) -> int:
+        """Give up ownership and return the fd without closing it.
+
+        Raises:
+            ValueError: the handle is already closed or detached.
+        """
+        fd = self.fileno()
+        self._fd = -1
+        return fd
+
+    def close(self) -> None:
+        """Close the fd.  Idempotent: closing a closed handle does nothing."""
+        fd = self._fd
+        if fd >= 0:
+            self._fd = -1
+            os.close(fd)
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        if self._fd < 0:
+            return "<trio_mojo.Handle closed>"
+        return f"<trio_mojo.Handle fd={self._fd}>"
+
+    def __del__(self) -> None:
+        fd = self._fd
+        if fd >= 0:
+            self._fd = -1
+            try:
+                os.close(fd)
+            finally:
+                warnings.warn(
+                    f"unclosed trio_mojo.Handle fd={fd} was closed by the garbage "
+                    "collector",
+                    ResourceWarning,
+                    stacklevel=2,
+                    source=self,
+                )
+
+
+def close_all(handles: Iterable[Handle]) -> None:
+    """Close every handle, even if closing one of them raises.
+
+    The first exception is re-raised after every handle has been closed.
+    """
+    first: BaseException | None = None
+    for handle in handles:
+        try:
+            handle.close()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            if first is None:
+                first = exc
+    if first is not None:
+        raise first
