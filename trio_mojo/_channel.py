@@ -49,6 +49,7 @@ closed before the block is left.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import socket
 from collections.abc import AsyncIterator
@@ -163,9 +164,7 @@ class Channel(trio.abc.Channel[Message]):
         self.framing: Final = framing
         self.handle_policy: Final = handle_policy
         self.max_message_size: Final = self._decoder.max_message_size
-        self._header_size = (
-            IPCZ_HEADER_SIZE if framing is Framing.IPCZ else HEADER_SIZE
-        )
+        self._header_size = IPCZ_HEADER_SIZE if framing is Framing.IPCZ else HEADER_SIZE
         self._fail_on_truncation = fail_on_truncated_handles
         self._flush_timeout = math.inf if flush_timeout is None else flush_timeout
         self._sock = sock
@@ -323,7 +322,9 @@ class Channel(trio.abc.Channel[Message]):
 
     def _encode(self, message: Message) -> OutgoingMessage:
         if not isinstance(message, Message):
-            raise TypeError(f"send() needs a trio_mojo.Message, not {type(message).__name__}")
+            raise TypeError(
+                f"send() needs a trio_mojo.Message, not {type(message).__name__}"
+            )
         handles = message.handles
         if handles:
             if len(handles) > MAX_ATTACHED_HANDLES:
@@ -344,7 +345,9 @@ class Channel(trio.abc.Channel[Message]):
         if mtype not in _DATA_TYPES:
             raise ValueError(f"message type {mtype!r} is reserved for the channel")
         header = (
-            self._header_size if mtype is not MessageType.NORMAL_LEGACY else LEGACY_HEADER_SIZE
+            self._header_size
+            if mtype is not MessageType.NORMAL_LEGACY
+            else LEGACY_HEADER_SIZE
         )
         if header + len(message.payload) > self.max_message_size:
             raise ValueError(
@@ -364,7 +367,9 @@ class Channel(trio.abc.Channel[Message]):
     async def _enqueue(self, entry: OutgoingMessage, message: Message) -> None:
         """Queue ``entry`` behind what is pending; cancel-atomic."""
         size = entry.size
-        while self._pending_bytes + size > self._send_queue_bytes_limit and self._pending:
+        while (
+            self._pending_bytes + size > self._send_queue_bytes_limit and self._pending
+        ):
             await self._send_space.park()  # Cancelled: nothing queued yet
             try:
                 self._check_sendable()
@@ -395,8 +400,10 @@ class Channel(trio.abc.Channel[Message]):
         self._pending_bytes += entry.size
         self._encoder.push(entry)
         if not self._flush_nowait():
-            # The kernel took part of it; the writer task does the rest.
-            self._outbox.send_nowait(None)
+            # The kernel took part of it; wake the writer task for the rest.
+            # A full or closed outbox means the writer is awake anyway.
+            with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+                self._outbox.send_nowait(None)
 
     def _flush_nowait(self) -> bool:
         """Write queued bytes until done or EAGAIN.  True if all were written."""
@@ -609,8 +616,12 @@ class Channel(trio.abc.Channel[Message]):
 
     def _start(self, nursery: trio.Nursery) -> None:
         self._started = True
-        nursery.start_soon(self._reader, name=f"trio_mojo reader fd={self._sock.fileno()}")
-        nursery.start_soon(self._writer, name=f"trio_mojo writer fd={self._sock.fileno()}")
+        nursery.start_soon(
+            self._reader, name=f"trio_mojo reader fd={self._sock.fileno()}"
+        )
+        nursery.start_soon(
+            self._writer, name=f"trio_mojo writer fd={self._sock.fileno()}"
+        )
 
     async def _flush(self) -> None:
         """Let the writer drain the queue, then half-close the socket."""
@@ -630,10 +641,9 @@ class Channel(trio.abc.Channel[Message]):
                 self._unreported.append(error)
                 return
         if self._write_error is None:
-            try:
+            # Already disconnected? The reader reports it if it matters.
+            with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass  # already disconnected: the reader reports it if it matters
 
     def _abort(self) -> None:
         """Stop both tasks and close the socket and every fd.  Idempotent."""

@@ -96,9 +96,7 @@ NEED_DATA: Final = _Marker.NEED_DATA
 END_OF_STREAM: Final = _Marker.END_OF_STREAM
 """Returned by :meth:`MessageDecoder.next_message` after a clean EOF."""
 
-DecoderEvent: TypeAlias = (
-    "Message | Literal[_Marker.NEED_DATA] | Literal[_Marker.END_OF_STREAM]"
-)
+DecoderEvent: TypeAlias = "Literal[_Marker.NEED_DATA, _Marker.END_OF_STREAM] | Message"
 
 _FIRST8 = struct.Struct("<IHH")  # num_bytes, (num_handles|num_header_bytes), type
 _U16 = struct.Struct("<H")
@@ -144,7 +142,9 @@ class MessageDecoder:
         if not isinstance(framing, Framing):
             raise TypeError(f"framing must be a Framing, not {framing!r}")
         if not isinstance(handle_policy, HandlePolicy):
-            raise TypeError(f"handle_policy must be a HandlePolicy, not {handle_policy!r}")
+            raise TypeError(
+                f"handle_policy must be a HandlePolicy, not {handle_policy!r}"
+            )
         if max_message_size is None:
             max_message_size = MAX_MESSAGE_SIZE_LIMIT
         if not HEADER_SIZE <= max_message_size <= MAX_MESSAGE_SIZE_LIMIT:
@@ -159,13 +159,18 @@ class MessageDecoder:
                 f"max_handles_per_message={max_handles_per_message} is outside "
                 f"0..{MAX_HANDLES_FIELD}"
             )
-        if max_queued_handles is not None and max_queued_handles < max_handles_per_message:
+        if (
+            max_queued_handles is not None
+            and max_queued_handles < max_handles_per_message
+        ):
             raise ValueError(
                 f"max_queued_handles={max_queued_handles} is below "
                 f"max_handles_per_message={max_handles_per_message}"
             )
         if ipcz_parse_threshold not in (8, 16):
-            raise ValueError(f"ipcz_parse_threshold must be 8 or 16, not {ipcz_parse_threshold}")
+            raise ValueError(
+                f"ipcz_parse_threshold must be 8 or 16, not {ipcz_parse_threshold}"
+            )
         self.framing: Final = framing
         self.handle_policy: Final = handle_policy
         self.max_message_size: Final = max_message_size

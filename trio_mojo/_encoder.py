@@ -75,7 +75,9 @@ class OutgoingMessage:
         self.handles_sent = 0
 
     @classmethod
-    def encode(cls, message: Message, framing: Framing = Framing.MOJO) -> OutgoingMessage:
+    def encode(
+        cls, message: Message, framing: Framing = Framing.MOJO
+    ) -> OutgoingMessage:
         """Encode ``message`` (which must already be validated).
 
         Raises:

@@ -11,6 +11,7 @@ import os
 import socket
 import stat
 from types import TracebackType
+from typing import Self
 
 from ._handles import Handle
 
@@ -52,7 +53,9 @@ class Endpoint:
             if probe.family != socket.AF_UNIX:
                 raise ValueError(f"fd {fd} is not an AF_UNIX socket ({probe.family!r})")
             if probe.type != socket.SOCK_STREAM:
-                raise ValueError(f"fd {fd} is not a SOCK_STREAM socket ({probe.type!r})")
+                raise ValueError(
+                    f"fd {fd} is not a SOCK_STREAM socket ({probe.type!r})"
+                )
             try:
                 probe.getpeername()
             except OSError as exc:
@@ -98,7 +101,7 @@ class Endpoint:
             ) from None
         return socket.socket(fileno=fd)
 
-    def __enter__(self) -> Endpoint:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

@@ -44,7 +44,9 @@ from ._wire import MAX_SENDMSG_HANDLES
 
 __all__ = ["RECV_CONTROL_SIZE", "receive", "send"]
 
-RECV_CONTROL_SIZE: Final = socket.CMSG_SPACE(MAX_SENDMSG_HANDLES * array.array("i").itemsize)
+RECV_CONTROL_SIZE: Final = socket.CMSG_SPACE(
+    MAX_SENDMSG_HANDLES * array.array("i").itemsize
+)
 _SEND_FLAGS: Final = socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT
 _RECV_FLAGS: Final = socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
 _CLOSED_ERRNOS: Final = frozenset((errno.EBADF, errno.ENOTSOCK))
@@ -59,7 +61,9 @@ def _translate(exc: OSError, action: str) -> Exception:
     return ChannelError(f"{action} failed: {exc}")
 
 
-def send(sock: socket.socket, buffers: list[bytes | memoryview], fds: list[int]) -> int | None:
+def send(
+    sock: socket.socket, buffers: list[bytes | memoryview], fds: list[int]
+) -> int | None:
     """One non-blocking ``sendmsg``; returns bytes sent, or ``None`` to wait.
 
     ``fds`` (at most 128) travel as one ``SCM_RIGHTS`` message; the caller
@@ -116,7 +120,9 @@ def receive(
             foreign.append((level, kind))
     if foreign:
         close_all(handles)
-        raise MalformedMessageError(f"unexpected control message(s) (level, type): {foreign}")
+        raise MalformedMessageError(
+            f"unexpected control message(s) (level, type): {foreign}"
+        )
     if flags & socket.MSG_CTRUNC and fail_on_truncation:
         close_all(handles)
         raise MalformedMessageError(

@@ -22,7 +22,7 @@ import os
 import warnings
 from collections.abc import Iterable
 from types import TracebackType
-from typing import Protocol
+from typing import Protocol, Self
 
 __all__ = ["Handle", "close_all"]
 
@@ -102,7 +102,7 @@ class Handle:
             self._fd = -1
             os.close(fd)
 
-    def __enter__(self) -> Handle:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -143,7 +143,7 @@ def close_all(handles: Iterable[Handle]) -> None:
     for handle in handles:
         try:
             handle.close()
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
+        except BaseException as exc:
             if first is None:
                 first = exc
     if first is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Self
 
 import attrs
 
@@ -43,7 +44,7 @@ class Message:
         """Close every attached handle."""
         close_all(self.handles)
 
-    def __enter__(self) -> Message:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
