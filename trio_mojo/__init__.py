@@ -8,6 +8,10 @@ such a channel.  See ``docs/`` for the design and a tutorial.
 
 from __future__ import annotations
 
+from ._broker import BrokerClient as BrokerClient
+from ._broker import FileAccess as FileAccess
+from ._broker import FileBroker as FileBroker
+from ._broker import current_broker as current_broker
 from ._channel import Channel as Channel
 from ._channel import ChannelStatistics as ChannelStatistics
 from ._channel import open_channel as open_channel
@@ -18,6 +22,7 @@ from ._encoder import MessageEncoder as MessageEncoder
 from ._encoder import OutgoingMessage as OutgoingMessage
 from ._endpoint import Endpoint as Endpoint
 from ._endpoint import channel_pair as channel_pair
+from ._errors import BrokerError as BrokerError
 from ._errors import ChannelError as ChannelError
 from ._errors import DisconnectedError as DisconnectedError
 from ._errors import FlushTimeoutError as FlushTimeoutError
@@ -26,6 +31,13 @@ from ._errors import SandboxUnavailableError as SandboxUnavailableError
 from ._errors import WorkerError as WorkerError
 from ._handles import Handle as Handle
 from ._message import Message as Message
+from ._sandbox import Requirement as Requirement
+from ._sandbox import SandboxPolicy as SandboxPolicy
+from ._sandbox import SandboxReport as SandboxReport
+from ._spawn import CHANNEL_SWITCH as CHANNEL_SWITCH
+from ._spawn import ChildProcess as ChildProcess
+from ._spawn import open_process_with_channel as open_process_with_channel
+from ._spawn import recover_endpoint as recover_endpoint
 from ._wire import DEFAULT_MAX_MESSAGE_SIZE as DEFAULT_MAX_MESSAGE_SIZE
 from ._wire import MAX_ATTACHED_HANDLES as MAX_ATTACHED_HANDLES
 from ._wire import MAX_SENDMSG_HANDLES as MAX_SENDMSG_HANDLES
@@ -34,20 +46,28 @@ from ._wire import HandlePolicy as HandlePolicy
 from ._wire import MessageType as MessageType
 from ._wire import encode_header as encode_header
 from ._wire import encode_message as encode_message
+from ._worker import Worker as Worker
+from ._worker import open_worker as open_worker
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CHANNEL_SWITCH",
     "DEFAULT_MAX_MESSAGE_SIZE",
     "END_OF_STREAM",
     "MAX_ATTACHED_HANDLES",
     "MAX_SENDMSG_HANDLES",
     "NEED_DATA",
+    "BrokerClient",
+    "BrokerError",
     "Channel",
     "ChannelError",
     "ChannelStatistics",
+    "ChildProcess",
     "DisconnectedError",
     "Endpoint",
+    "FileAccess",
+    "FileBroker",
     "FlushTimeoutError",
     "Framing",
     "Handle",
@@ -58,10 +78,18 @@ __all__ = [
     "MessageEncoder",
     "MessageType",
     "OutgoingMessage",
+    "Requirement",
+    "SandboxPolicy",
+    "SandboxReport",
     "SandboxUnavailableError",
+    "Worker",
     "WorkerError",
     "channel_pair",
+    "current_broker",
     "encode_header",
     "encode_message",
     "open_channel",
+    "open_process_with_channel",
+    "open_worker",
+    "recover_endpoint",
 ]

@@ -169,11 +169,17 @@ class Channel(trio.abc.Channel[Message]):
         self._flush_timeout = math.inf if flush_timeout is None else flush_timeout
         self._sock = sock
         self._encoder = MessageEncoder()
+        # The send queue's bounds are enforced by _pending/_pending_bytes
+        # (which also count what the writer already moved into the encoder),
+        # not by the outbox's capacity: the outbox never holds more than
+        # send_queue_messages entries plus one wake-up (None), so
+        # send_nowait on it cannot block.
         outbox, outbox_reader = trio.open_memory_channel["OutgoingMessage | None"](
-            send_queue_messages
+            send_queue_messages + 1
         )
         self._outbox: _Outbox = outbox
         self._outbox_reader: _OutboxReader = outbox_reader
+        self._send_queue_messages_limit = send_queue_messages
         self._send_queue_bytes_limit = send_queue_bytes
         inbox, inbox_reader = trio.open_memory_channel[Message](receive_queue_messages)
         self._inbox = inbox
@@ -187,7 +193,8 @@ class Channel(trio.abc.Channel[Message]):
         self._receive_space = trio.lowlevel.ParkingLot()
         self._send_streak = 0
         self._receive_streak = 0
-        self._closed = False
+        self._closed = False  # aclose() began: send() refuses, flush may run
+        self._aborted = False  # _abort() began: failures are no longer news
         self._started = False
         self._reader_scope = trio.CancelScope()
         self._writer_scope = trio.CancelScope()
@@ -364,12 +371,29 @@ class Channel(trio.abc.Channel[Message]):
         if not self._started:
             raise RuntimeError("use the Channel inside 'async with open_channel(...)'")
 
+    def _send_queue_full(self, size: int) -> bool:
+        """True if queuing ``size`` more bytes would pass a send-queue bound.
+
+        An empty queue always has room, so a message larger than
+        ``send_queue_bytes`` can still be sent.
+        """
+        return bool(self._pending) and (
+            self._pending >= self._send_queue_messages_limit
+            or self._pending_bytes + size > self._send_queue_bytes_limit
+        )
+
     async def _enqueue(self, entry: OutgoingMessage, message: Message) -> None:
-        """Queue ``entry`` behind what is pending; cancel-atomic."""
+        """Queue ``entry`` behind what is pending; cancel-atomic.
+
+        The only await is the wait for room, before anything is queued, so
+        a cancelled send leaves nothing behind and the caller keeps the
+        handles.  (The bounds are checked against ``_pending``, which counts
+        what the writer has already pulled into the encoder too; checking the
+        outbox's capacity alone let the writer's read-ahead of up to 256 KiB
+        exceed ``send_queue_messages`` many times over.)
+        """
         size = entry.size
-        while (
-            self._pending_bytes + size > self._send_queue_bytes_limit and self._pending
-        ):
+        while self._send_queue_full(size):
             await self._send_space.park()  # Cancelled: nothing queued yet
             try:
                 self._check_sendable()
@@ -379,14 +403,7 @@ class Channel(trio.abc.Channel[Message]):
         self._pending += 1
         self._pending_bytes += size
         try:
-            try:
-                self._outbox.send_nowait(entry)
-            except trio.WouldBlock:
-                await self._outbox.send(entry)
-        except trio.Cancelled:
-            self._pending -= 1
-            self._pending_bytes -= size
-            raise
+            self._outbox.send_nowait(entry)  # room: see __init__
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             self._pending -= 1
             self._pending_bytes -= size
@@ -431,8 +448,13 @@ class Channel(trio.abc.Channel[Message]):
         return True
 
     def _fail_writes(self, exc: BaseException) -> None:
-        """Stop writing for good: drop the queue and close its fds."""
-        if self._write_error is None and not self._closed:
+        """Stop writing for good: drop the queue and close its fds.
+
+        A failure while ``aclose()`` flushes is recorded too (the flush lost
+        messages, so ``aclose`` must raise); only once ``_abort`` has begun
+        are failures the expected fallout of closing and ignored.
+        """
+        if self._write_error is None and not self._aborted:
             if not isinstance(exc, (ChannelError, trio.ClosedResourceError)):
                 wrapped = ChannelError(f"writing failed: {exc!r}")
                 wrapped.__cause__ = exc
@@ -531,7 +553,7 @@ class Channel(trio.abc.Channel[Message]):
 
     def _fail_reads(self, exc: BaseException) -> None:
         self._decoder.close()
-        if self._closed or isinstance(exc, trio.ClosedResourceError):
+        if self._aborted or isinstance(exc, trio.ClosedResourceError):
             return
         if not isinstance(exc, ChannelError):
             wrapped = ChannelError(f"reading failed: {exc!r}")
@@ -648,6 +670,7 @@ class Channel(trio.abc.Channel[Message]):
     def _abort(self) -> None:
         """Stop both tasks and close the socket and every fd.  Idempotent."""
         self._closed = True
+        self._aborted = True
         self._reader_scope.cancel()
         self._writer_scope.cancel()
         self._outbox.close()
@@ -668,8 +691,9 @@ class Channel(trio.abc.Channel[Message]):
             self._sock.close()
 
     def _report(self, error: BaseException) -> None:
-        if error in self._unreported:
-            self._unreported.remove(error)
+        # A MalformedMessageError is both the read and the write failure, so
+        # it can be listed twice: seeing it once reports it.
+        self._unreported = [e for e in self._unreported if e is not error]
 
     def _raise_unreported(self) -> None:
         if self._unreported:

@@ -17,6 +17,10 @@ The tree::
      ├── WorkerError                  a worker process failed or died
      └── SandboxUnavailableError      a required sandbox layer cannot be applied
 
+    OSError
+     └── BrokerError                  the parent's file broker refused or failed
+                                      an open request (raised in the worker)
+
 Misuse of the API by the local program (a bad argument, a closed handle, a
 message over the limit) raises the built-in ``ValueError`` / ``TypeError``
 before anything is queued, and using a closed channel raises
@@ -31,6 +35,7 @@ from __future__ import annotations
 import trio
 
 __all__ = [
+    "BrokerError",
     "ChannelError",
     "DisconnectedError",
     "FlushTimeoutError",
@@ -113,3 +118,14 @@ class SandboxUnavailableError(Exception):
         super().__init__(f"{layer}: {reason}")
         self.layer = layer
         self.reason = reason
+
+
+class BrokerError(OSError):
+    """The parent's file broker refused (or failed) to open a file.
+
+    Raised in a worker by :meth:`BrokerClient.open`.  It is an
+    :class:`OSError` carrying the ``errno`` the parent chose (``EACCES`` for a
+    path outside every rule or a write on a read-only rule, ``ENOENT`` when
+    the file does not exist, ...), a message saying why, and the path asked
+    for as ``filename``.
+    """

@@ -1,0 +1,159 @@
+"""Peers "asyncio" and "uvloop": asyncio streams on the default loop or on uvloop.
+
+``asyncio.open_unix_connection(sock=...)``; the sender ``writer.write()`` s
+each framed message and ``await writer.drain()`` s, the receiver
+``await reader.readexactly()`` s the 8-byte header, then the payload.
+asyncio streams have no fd API, so these peers sit out W5 and W5x8.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import socket
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from ._common import (
+    BIG_PAYLOAD,
+    FRAME,
+    FRAME_TYPE,
+    ControlReader,
+    ControlWriter,
+    Meter,
+    ReceiverResult,
+    RunSpec,
+    SenderResult,
+    monotonic,
+    payload_of,
+)
+
+__all__ = ["available", "receiver", "sender"]
+
+_T = TypeVar("_T")
+
+
+def available(system: str) -> bool:
+    if system == "uvloop":
+        try:
+            importlib.import_module("uvloop")
+        except ImportError:
+            return False
+    return True
+
+
+def _run(system: str, main: Coroutine[Any, Any, _T]) -> _T:
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if system == "uvloop":
+        uvloop = importlib.import_module("uvloop")
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
+
+
+async def _wait_readable(fd: int) -> None:
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    loop.add_reader(fd, ready.set_result, None)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
+
+
+def sender(spec: RunSpec, sock: socket.socket, ctl: ControlReader) -> SenderResult:
+    return _run(spec.system, _sender(spec, sock, ctl))
+
+
+async def _sender(
+    spec: RunSpec, sock: socket.socket, ctl: ControlReader
+) -> SenderResult:
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_unix_connection(sock=sock)
+    result = SenderResult()
+    meter = Meter()
+    payload = payload_of(spec.payload_size)
+    size = len(payload)
+    pack = FRAME.pack
+    await _wait_readable(ctl.fd)
+    ctl.take_ready()
+    meter.start()
+    result.t0 = monotonic()
+    write = writer.write
+    drain = writer.drain
+    if spec.pingpong:
+        readexactly = reader.readexactly
+        clock = time.monotonic_ns
+        rtts = result.rtts_ns
+        frame = pack(size, 0, FRAME_TYPE) + payload
+        for _ in range(spec.count):
+            t = clock()
+            write(frame)
+            await drain()
+            length = FRAME.unpack(await readexactly(FRAME.size))[0]
+            await readexactly(length)
+            rtts.append(clock() - t)
+    elif size > BIG_PAYLOAD:
+        for _ in range(spec.count):
+            write(pack(size, 0, FRAME_TYPE))
+            write(payload)
+            await drain()
+    else:
+        for _ in range(spec.count):
+            write(pack(size, 0, FRAME_TYPE) + payload)
+            await drain()
+    writer.write_eof()
+    await drain()
+    meter.stop()
+    result.t_done = monotonic()
+    result.take_meter(meter)
+    writer.close()
+    await writer.wait_closed()
+    return result
+
+
+def receiver(
+    spec: RunSpec, sock_fd: int, argv: list[str], ctl: ControlWriter
+) -> ReceiverResult:
+    sock = socket.socket(fileno=sock_fd)
+    return _run(spec.system, _receiver(spec, sock, ctl))
+
+
+async def _receiver(
+    spec: RunSpec, sock: socket.socket, ctl: ControlWriter
+) -> ReceiverResult:
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_unix_connection(sock=sock)
+    result = ReceiverResult()
+    meter = Meter()
+    unpack = FRAME.unpack
+    header = FRAME.size
+    readexactly = reader.readexactly
+    meter.start(track_memory=True)
+    result.t_ready = monotonic()
+    ctl.ready()
+    nbytes = 0
+    for _ in range(spec.count):
+        length = unpack(await readexactly(header))[0]
+        message = await readexactly(length)
+        if spec.pingpong:
+            writer.write(FRAME.pack(length, 0, FRAME_TYPE) + message)
+            await writer.drain()
+        nbytes += len(message)
+    result.t_end = monotonic()
+    meter.stop(track_memory=True)
+    result.messages, result.payload_bytes = spec.count, nbytes
+    while True:
+        try:
+            length = unpack(await readexactly(header))[0]
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial:
+                result.error = f"{len(exc.partial)} stray bytes at the end"
+            break
+        await readexactly(length)
+        result.extra_messages += 1
+    result.take_meter(meter)
+    writer.close()
+    await writer.wait_closed()
+    return result

@@ -1,0 +1,139 @@
+"""The worker's entry point: ``python -I -m trio_mojo._bootstrap ...``.
+
+Theory of operation
+-------------------
+
+:func:`open_worker` starts this module with::
+
+    --target=package.module:function --parent-pid=P --sandbox=<policy JSON>
+    --mojo-platform-channel-handle=N [--trio-mojo-broker-handle=M]
+
+and it does, in this order (each step needs the ones before it):
+
+1. close every fd except 0, 1, 2 and the channel(s) (defence in depth: the
+   launcher should already have done so);
+2. ``PR_SET_PDEATHSIG(SIGKILL)``, then exit if the parent is already gone;
+3. import the target, *before* the sandbox (imports need the file system);
+4. adopt the channel fds (validated, close-on-exec) and apply the sandbox
+   policy; nothing of the target has run yet;
+5. under ``trio.run``: open the channel, send the sandbox report as the
+   first message; if a required layer failed, exit with
+   :data:`~trio_mojo._worker.SANDBOX_FAILED_EXIT` without running the target;
+   otherwise call ``await target(channel)``.
+
+The exit status is 0 when the target returns, 1 (with a traceback on
+stderr, which the parent keeps) when it raises.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import traceback
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
+from typing import Final
+
+import trio
+
+from ._broker import BROKER_SWITCH, BrokerClient, set_current_broker
+from ._channel import Channel, open_channel
+from ._endpoint import Endpoint
+from ._message import Message
+from ._sandbox import (
+    SandboxPolicy,
+    SandboxReport,
+    apply_policy,
+    set_parent_death_signal,
+)
+from ._spawn import CHANNEL_SWITCH, recover_endpoint
+from ._worker import SANDBOX_FAILED_EXIT
+
+Target = Callable[[Channel], Awaitable[object]]
+
+_USAGE: Final = (
+    "usage: python -I -m trio_mojo._bootstrap --target=MOD:FUNC --parent-pid=P "
+    "--sandbox=JSON --mojo-platform-channel-handle=N [--trio-mojo-broker-handle=M]\n"
+    "This is the entry point of trio_mojo workers; start it with trio_mojo.open_worker()."
+)
+
+
+def _option(argv: Sequence[str], name: str) -> str | None:
+    prefix = f"--{name}="
+    for arg in argv:
+        if arg.startswith(prefix):
+            return arg[len(prefix) :]
+    return None
+
+
+def _fd_of(argv: Sequence[str], switch: str) -> int | None:
+    value = _option(argv, switch.removeprefix("--"))
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def _close_other_fds(keep: set[int]) -> None:
+    low = 3
+    for fd in sorted(keep | {os.sysconf("SC_OPEN_MAX")}):
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+
+
+def _load_target(spec: str) -> Target:
+    module_name, _, function_name = spec.partition(":")
+    module = importlib.import_module(module_name)
+    target = getattr(module, function_name)
+    if not callable(target):
+        raise TypeError(f"{spec} is not callable")
+    return target  # type: ignore[no-any-return]
+
+
+async def _run(
+    target: Target,
+    report: SandboxReport,
+    channel_ep: Endpoint,
+    broker_ep: Endpoint | None,
+) -> int:
+    async with AsyncExitStack() as stack:
+        channel = await stack.enter_async_context(open_channel(channel_ep))
+        if broker_ep is not None:
+            broker_channel = await stack.enter_async_context(open_channel(broker_ep))
+            set_current_broker(BrokerClient(broker_channel))
+        await channel.send(Message(report.to_bytes()))
+        if not report.ok:
+            return SANDBOX_FAILED_EXIT
+        await target(channel)
+    return 0
+
+
+def main(argv: Sequence[str]) -> int:
+    """Run a worker; returns the process exit status."""
+    spec = _option(argv, "target")
+    parent = _option(argv, "parent-pid")
+    policy_json = _option(argv, "sandbox")
+    channel_fd = _fd_of(argv, CHANNEL_SWITCH)
+    broker_fd = _fd_of(argv, BROKER_SWITCH)
+    if spec is None or parent is None or policy_json is None or channel_fd is None:
+        print(_USAGE, file=sys.stderr)
+        return 2
+    _close_other_fds({channel_fd} | ({broker_fd} if broker_fd is not None else set()))
+    set_parent_death_signal(int(parent))
+    target = _load_target(spec)
+    policy = SandboxPolicy.from_json(policy_json)
+    channel_ep = recover_endpoint(argv)
+    broker_ep = (
+        recover_endpoint(argv, switch=BROKER_SWITCH) if broker_fd is not None else None
+    )
+    report = apply_policy(policy)
+    return trio.run(_run, target, report, channel_ep, broker_ep)
+
+
+if __name__ == "__main__":
+    try:
+        status = main(sys.argv[1:])
+    except BaseException:
+        traceback.print_exc()
+        status = 1
+    sys.stdout.flush()
+    sys.exit(status)

@@ -1,0 +1,358 @@
+"""Workers: a Python child process connected by a channel, in one call.
+
+Theory of operation
+-------------------
+
+:func:`open_worker` is an async context manager around one child:
+
+1. **Before spawning** it checks the :class:`SandboxPolicy` against what can
+   be applied (a required layer that cannot be raises
+   :class:`SandboxUnavailableError` here, before any process exists).
+2. It starts ``python -I -m trio_mojo._bootstrap`` (isolated mode: no
+   ``PYTHON*`` variables, no user site, no current directory on the path)
+   with an environment built from an explicit allowlist, stdin from
+   ``/dev/null``, a new session, stderr into a pipe whose tail we keep, and
+   the channel's remote end passed as ``--mojo-platform-channel-handle=N``
+   (see ``_spawn``).  With ``file_access`` rules a second channel carries
+   the file broker (``_broker``).
+3. The child bootstrap (``_bootstrap``) closes every other fd, arms
+   ``PR_SET_PDEATHSIG``, imports the target, applies the sandbox, and sends
+   its :class:`SandboxReport` as its first message.  We receive it (bounded
+   by ``startup_timeout``), check its claims in ``/proc/<pid>``, and only
+   then yield the :class:`Worker`.
+4. **Leaving the block normally** closes the channel (the target sees
+   ``EndOfChannel``) and waits for the child: ``grace_period`` seconds,
+   then ``SIGTERM``, then ``SIGKILL``.  **Leaving by an exception or a
+   cancellation** kills the child at once.  Either way it is reaped in a
+   shielded scope: no zombie, no orphan, no fd left behind.
+
+A child that dies by itself with a non-zero status, or that fails to
+start, surfaces as :class:`WorkerError` with its exit status and the tail of
+its stderr; when the body was leaving because the channel broke
+(``DisconnectedError`` and friends), that error is chained as the cause.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any, Final
+
+import trio
+
+from ._broker import (
+    BROKER_SWITCH,
+    MAX_REQUEST_SIZE,
+    FileAccess,
+    FileBroker,
+    sequence_of_rules,
+)
+from ._channel import Channel, open_channel
+from ._endpoint import Endpoint, channel_pair
+from ._errors import ChannelError, WorkerError
+from ._sandbox import SandboxPolicy, SandboxReport, verify_report
+from ._spawn import CHANNEL_SWITCH, close_pipes, kill, reap, start_with_endpoints
+from ._wire import HandlePolicy
+
+__all__ = ["ENV_ALLOWLIST", "Worker", "open_worker"]
+
+ENV_ALLOWLIST: Final = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
+"""Variables a worker inherits from the parent when ``env`` is not given."""
+_log = logging.getLogger("trio_mojo")
+STDERR_TAIL_BYTES: Final = 8192
+SANDBOX_FAILED_EXIT: Final = 71
+"""The bootstrap's exit status when a required sandbox layer failed."""
+
+
+class Worker:
+    """A running worker process, yielded by :func:`open_worker`.
+
+    Attributes:
+        channel: the open :class:`Channel` to the worker's target.
+        sandbox_report: what the worker applied, checked against ``/proc``.
+    """
+
+    def __init__(
+        self,
+        process: trio.Process,
+        channel: Channel,
+        report: SandboxReport,
+        tail: _Tail,
+    ) -> None:
+        self._process = process
+        self.channel: Final = channel
+        self.sandbox_report: Final = report
+        self._tail = tail
+        self.broker: FileBroker | None = None
+
+    @property
+    def pid(self) -> int:
+        """The worker's process id."""
+        return self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once the worker was reaped, else ``None``."""
+        return self._process.returncode
+
+    @property
+    def stderr_tail(self) -> str:
+        """The last few KiB the worker wrote to its stderr."""
+        return self._tail.text()
+
+    def __repr__(self) -> str:
+        return f"<trio_mojo.Worker pid={self.pid} returncode={self.returncode}>"
+
+
+class _Tail:
+    """The last :data:`STDERR_TAIL_BYTES` of a stream."""
+
+    def __init__(self) -> None:
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._size = 0
+
+    def add(self, data: bytes | bytearray) -> None:
+        self._chunks.append(bytes(data))
+        self._size += len(data)
+        while self._size - len(self._chunks[0]) >= STDERR_TAIL_BYTES:
+            self._size -= len(self._chunks.popleft())
+
+    def text(self) -> str:
+        return b"".join(self._chunks)[-STDERR_TAIL_BYTES:].decode(errors="replace")
+
+    async def drain(self, stream: trio.abc.ReceiveStream) -> None:
+        async for chunk in stream:
+            self.add(chunk)
+
+
+def _check_target(target: str) -> None:
+    module, sep, function = target.partition(":")
+    if not sep or not module or not function.isidentifier():
+        raise ValueError(
+            f"target must look like 'package.module:function', not {target!r}"
+        )
+    if not all(part.isidentifier() for part in module.split(".")):
+        raise ValueError(f"target module {module!r} is not a dotted name")
+
+
+def _environment(extra: Mapping[str, str] | None) -> dict[str, str]:
+    env = {key: os.environ[key] for key in ENV_ALLOWLIST if key in os.environ}
+    if extra:
+        env.update(extra)
+    return env
+
+
+def _worker_error(
+    what: str, process: trio.Process, tail: _Tail, cause: BaseException | None = None
+) -> WorkerError:
+    error = WorkerError(
+        f"worker pid {process.pid} {what}",
+        returncode=process.returncode,
+        stderr_tail=tail.text(),
+    )
+    error.__cause__ = cause
+    return error
+
+
+async def _first_message(channel: Channel, process: trio.Process, tail: _Tail) -> bytes:
+    try:
+        report = await channel.receive()
+    except (trio.EndOfChannel, ChannelError) as exc:
+        with trio.move_on_after(2):
+            await process.wait()
+        raise _worker_error("exited before it was ready", process, tail, exc) from None
+    report.close()
+    return report.payload
+
+
+@asynccontextmanager
+async def open_worker(
+    target: str,
+    *,
+    sandbox: SandboxPolicy | None = None,
+    file_access: Sequence[FileAccess] | FileAccess = (),
+    python: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    stdout: int | None = subprocess.DEVNULL,
+    startup_timeout: float = 30.0,
+    grace_period: float = 5.0,
+    **channel_options: Any,
+) -> AsyncIterator[Worker]:
+    """Start a worker process running ``target`` and yield a :class:`Worker`.
+
+    Args:
+        target: ``"package.module:function"``; an async function the worker
+            calls with its :class:`Channel` (the other end of
+            ``worker.channel``).  It must be importable by the worker's
+            interpreter in isolated mode (an installed package).
+        sandbox: the :class:`SandboxPolicy`; default
+            :meth:`SandboxPolicy.strict`.  Running without one needs
+            ``SandboxPolicy.none(i_understand_this_is_unsandboxed=True)``.
+        file_access: :class:`FileAccess` rules for the file broker; the
+            worker opens files with ``await current_broker().open(path)``.
+        python: the interpreter (default :data:`sys.executable`).
+        env: the worker's environment; default: the parent's variables
+            named in :data:`ENV_ALLOWLIST`, nothing else.
+        cwd: the worker's working directory.
+        stdout: where the worker's stdout goes (default ``/dev/null``;
+            ``None`` inherits the parent's).
+        startup_timeout: seconds to wait for the worker's sandbox report.
+        grace_period: seconds a normal exit waits for the worker to finish
+            before ``SIGTERM`` (and as long again before ``SIGKILL``).
+        channel_options: passed to :func:`open_channel` for the main channel.
+
+    Raises:
+        SandboxUnavailableError: a required sandbox layer cannot be applied
+            (raised before spawning, or when the worker's report or
+            ``/proc`` show it missing; the worker is then killed).
+        WorkerError: the worker failed to start, exited with a non-zero
+            status, or its report was malformed.
+        ValueError: a bad ``target``.
+    """
+    _check_target(target)
+    policy = SandboxPolicy.strict() if sandbox is None else sandbox
+    if not isinstance(policy, SandboxPolicy):
+        raise TypeError(f"sandbox must be a SandboxPolicy, not {policy!r}")
+    policy.check()
+    if policy.is_unsandboxed:
+        _log.warning(
+            "starting worker %s with SandboxPolicy.none(): it runs unsandboxed", target
+        )
+    rules = sequence_of_rules(file_access)
+    broker = FileBroker(rules) if rules else None
+
+    local, remote = channel_pair()
+    endpoints: dict[str, Endpoint] = {CHANNEL_SWITCH: remote}
+    broker_local: Endpoint | None = None
+    if broker is not None:
+        broker_local, broker_remote = channel_pair()
+        endpoints[BROKER_SWITCH] = broker_remote
+    argv = [
+        os.fspath(python) if python is not None else sys.executable,
+        "-I",
+        "-m",
+        "trio_mojo._bootstrap",
+        f"--target={target}",
+        f"--parent-pid={os.getpid()}",
+        f"--sandbox={policy.to_json()}",
+    ]
+    try:
+        process = await start_with_endpoints(
+            argv,
+            endpoints,
+            env=_environment(env),
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+    except BaseException:
+        local.close()
+        if broker_local is not None:
+            broker_local.close()
+        raise
+    tail = _Tail()
+    raised: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            assert process.stderr is not None
+            nursery.start_soon(tail.drain, process.stderr)
+            try:
+                async with AsyncExitStack() as stack:
+                    channel = await stack.enter_async_context(
+                        open_channel(local, **channel_options)
+                    )
+                    broker_channel: Channel | None = None
+                    if broker is not None and broker_local is not None:
+                        broker_channel = await stack.enter_async_context(
+                            open_channel(
+                                broker_local,
+                                handle_policy=HandlePolicy.REJECT,
+                                max_message_size=MAX_REQUEST_SIZE,
+                                flush_timeout=1.0,
+                            )
+                        )
+                        nursery.start_soon(_serve_broker, broker, broker_channel)
+                    report = await _handshake(
+                        channel, process, tail, policy, startup_timeout
+                    )
+                    worker = Worker(process, channel, report, tail)
+                    worker.broker = broker
+                    try:
+                        yield worker
+                        await channel.aclose()
+                        if broker_channel is not None:
+                            await broker_channel.aclose()
+                    except (ChannelError, trio.EndOfChannel) as exc:
+                        raise await _explain(exc, process, tail) from exc
+                    await _finish(process, tail, grace_period)
+            except BaseException as exc:
+                # Raised outside the nursery, so the caller gets it bare.
+                raised = exc
+                await kill(process)
+            nursery.cancel_scope.cancel()
+    finally:
+        if process.returncode is None:
+            await kill(process)
+        await close_pipes(process)
+        local.close()
+        if broker_local is not None:
+            broker_local.close()
+    if raised is not None:
+        raise raised
+
+
+async def _handshake(
+    channel: Channel,
+    process: trio.Process,
+    tail: _Tail,
+    policy: SandboxPolicy,
+    startup_timeout: float,
+) -> SandboxReport:
+    """Receive the worker's sandbox report and check it against /proc."""
+    try:
+        with trio.fail_after(startup_timeout):
+            payload = await _first_message(channel, process, tail)
+    except trio.TooSlowError as exc:
+        raise _worker_error(
+            f"sent no sandbox report within {startup_timeout} s", process, tail
+        ) from exc
+    try:
+        report = SandboxReport.from_bytes(payload)
+    except ValueError as exc:
+        raise _worker_error("sent a malformed sandbox report", process, tail) from exc
+    verify_report(process.pid, policy, report)
+    return report
+
+
+async def _finish(process: trio.Process, tail: _Tail, grace_period: float) -> None:
+    """Wait for the worker to exit after its channel closed; check its status."""
+    exited = await reap(process, grace_period=grace_period)
+    if exited and process.returncode:
+        raise _worker_error("failed", process, tail)
+
+
+async def _explain(
+    exc: BaseException, process: trio.Process, tail: _Tail
+) -> BaseException:
+    """The channel broke: a WorkerError if the worker died by itself."""
+    with trio.CancelScope(shield=True), trio.move_on_after(0.5):
+        await process.wait()
+    if process.returncode:
+        return _worker_error("died", process, tail, exc)
+    return exc
+
+
+async def _serve_broker(broker: FileBroker, channel: Channel) -> None:
+    """Run the broker; a worker breaking its protocol only ends the broker."""
+    try:
+        await broker.serve(channel)
+    except (ChannelError, trio.ClosedResourceError):
+        await channel.aclose()
