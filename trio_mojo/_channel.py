@@ -85,6 +85,8 @@ _YIELD_EVERY: Final = 64
 """Non-blocking send()/receive() calls between two schedule points."""
 _READ_SIZE: Final = MAX_BATCH_READ_SIZE
 _DATA_TYPES: Final = frozenset((MessageType.NORMAL, MessageType.NORMAL_LEGACY))
+_REJECT_SIZE: Final = HEADER_SIZE
+"""Wire size of the UPGRADE_REJECT we answer an offer with."""
 
 _Outbox = trio.MemorySendChannel["OutgoingMessage | None"]
 _OutboxReader = trio.MemoryReceiveChannel["OutgoingMessage | None"]
@@ -562,8 +564,14 @@ class Channel(trio.abc.Channel[Message]):
         self._read_error = exc
         self._unreported.append(exc)
         if isinstance(exc, MalformedMessageError):
-            # The peer is hostile or broken: stop talking to it.
+            # The peer is hostile or broken: stop talking to it, and cut it
+            # off now (as Chromium's delegate does by shutting the channel
+            # down) rather than when the block is left, so it can neither
+            # park more fds in our receive queue nor wait on us.  The fd
+            # itself is closed by _abort, which owns the socket's lifetime.
             self._fail_writes(exc)
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
 
     async def _read_loop(self) -> None:
         sock = self._sock
@@ -605,6 +613,16 @@ class Channel(trio.abc.Channel[Message]):
             if message is NEED_DATA or message is END_OF_STREAM:
                 return
             if message.type not in _DATA_TYPES:
+                message.close()  # before any await: control fds are unused
+                if message.type is MessageType.UPGRADE_OFFER:
+                    # Each offer queues a reply; a peer that floods offers and
+                    # never reads must not grow the send queue without bound,
+                    # so wait for room (and stop reading) as send() would.
+                    while (
+                        self._send_queue_full(_REJECT_SIZE)
+                        and self._write_error is None
+                    ):
+                        await self._send_space.park()
                 self._on_control(message)
                 continue
             self._messages_received += 1
@@ -624,7 +642,11 @@ class Channel(trio.abc.Channel[Message]):
     def _on_control(self, message: Message) -> None:
         """Decline upgrades; ignore stray answers (Chromium's ChannelLinux)."""
         message.close()
-        if message.type is MessageType.UPGRADE_OFFER and self._write_error is None:
+        if (
+            message.type is MessageType.UPGRADE_OFFER
+            and self._write_error is None
+            and not self._closed  # closing: the writer may be gone already
+        ):
             reply = OutgoingMessage.encode(Message(b"", (), MessageType.UPGRADE_REJECT))
             if self._pending == 0:
                 self._write_now(reply)
