@@ -43,9 +43,7 @@ EXAMPLES = (
     ),
     WireExample(
         "B-normal-hello",
-        bytes.fromhex(
-            "15 00 00 00 10 00 01 00 00 00 00 00 00 00 00 00 68 65 6c 6c 6f"
-        ),
+        bytes.fromhex("15 00 00 00 10 00 01 00 00 00 00 00 00 00 00 00 68 65 6c 6c 6f"),
         b"hello",
         MessageType.NORMAL,
     ),
@@ -88,9 +86,7 @@ EXAMPLES = (
     ),
     WireExample(
         "G-ipcz-hello",
-        bytes.fromhex(
-            "10 00 00 00 15 00 00 00 89 67 45 23 01 00 00 00 68 65 6c 6c 6f"
-        ),
+        bytes.fromhex("10 00 00 00 15 00 00 00 89 67 45 23 01 00 00 00 68 65 6c 6c 6f"),
         b"hello",
         MessageType.NORMAL,
         framing=Framing.IPCZ,

@@ -183,12 +183,20 @@ def test_largest_legacy_message_that_fits_u32() -> None:
             id="too-many-handles-for-u16",
         ),
         pytest.param(
-            {"payload_size": 0, "framing": Framing.IPCZ, "type": MessageType.NORMAL_LEGACY},
+            {
+                "payload_size": 0,
+                "framing": Framing.IPCZ,
+                "type": MessageType.NORMAL_LEGACY,
+            },
             r"Framing\.IPCZ carries only NORMAL messages, not <MessageType\.NORMAL_LEGACY",
             id="ipcz-legacy-type",
         ),
         pytest.param(
-            {"payload_size": 0, "framing": Framing.IPCZ, "type": MessageType.UPGRADE_OFFER},
+            {
+                "payload_size": 0,
+                "framing": Framing.IPCZ,
+                "type": MessageType.UPGRADE_OFFER,
+            },
             r"Framing\.IPCZ carries only NORMAL messages",
             id="ipcz-control-type",
         ),

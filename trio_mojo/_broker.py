@@ -157,8 +157,9 @@ def _openat2(dirfd: int, relative: bytes, flags: int) -> int | None:
     """``openat2`` confined beneath ``dirfd``; ``None`` if the kernel lacks it."""
     if _openat2_state.get("works") is False:
         return None
+    mode = 0o600 if flags & os.O_CREAT else 0  # a mode without O_CREAT is EINVAL
     how = _OpenHow(
-        flags, 0o600, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS
+        flags, mode, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS
     )
     ctypes.set_errno(0)
     fd: int = _libc.syscall(

@@ -301,6 +301,7 @@ class MessageDecoder:
                     f"invalid IPCZ header: size={header_size}, "
                     f"num_bytes={num_bytes} (need 8 <= size <= num_bytes)"
                 )
+            self._check_size(num_bytes)
             mtype = _NORMAL
         else:
             if avail < LEGACY_HEADER_SIZE:
@@ -308,6 +309,7 @@ class MessageDecoder:
             num_bytes, field4, raw_type = _FIRST8.unpack_from(buf, pos)
             if num_bytes < LEGACY_HEADER_SIZE:
                 self._fail(f"invalid message size: num_bytes={num_bytes} is below 8")
+            self._check_size(num_bytes)  # before waiting for a 16-byte header
             if raw_type == 0:
                 header_size = LEGACY_HEADER_SIZE
                 num_handles = field4
@@ -325,10 +327,6 @@ class MessageDecoder:
                     return self._short(avail)
                 num_handles = _U16.unpack_from(buf, pos + 8)[0]
             mtype = _TYPES[raw_type]
-        if num_bytes > self.max_message_size:
-            self._fail(
-                f"num_bytes={num_bytes} exceeds max_message_size={self.max_message_size}"
-            )
         if num_handles:
             if num_handles > self.max_handles_per_message:
                 self._fail(
@@ -395,6 +393,12 @@ class MessageDecoder:
                 )
             self.close()
         return END_OF_STREAM
+
+    def _check_size(self, num_bytes: int) -> None:
+        if num_bytes > self.max_message_size:
+            self._fail(
+                f"num_bytes={num_bytes} exceeds max_message_size={self.max_message_size}"
+            )
 
     def _fail(
         self, reason: str, kind: type[ChannelError] = MalformedMessageError

@@ -57,7 +57,6 @@ from ._endpoint import Endpoint, channel_pair
 from ._errors import ChannelError, WorkerError
 from ._sandbox import SandboxPolicy, SandboxReport, verify_report
 from ._spawn import CHANNEL_SWITCH, close_pipes, kill, reap, start_with_endpoints
-from ._wire import HandlePolicy
 
 __all__ = ["ENV_ALLOWLIST", "Worker", "open_worker"]
 
@@ -274,7 +273,9 @@ async def open_worker(
                         broker_channel = await stack.enter_async_context(
                             open_channel(
                                 broker_local,
-                                handle_policy=HandlePolicy.REJECT,
+                                # Requests never carry fds: any fd is malformed.
+                                max_handles_per_message=0,
+                                max_queued_handles=0,
                                 max_message_size=MAX_REQUEST_SIZE,
                                 flush_timeout=1.0,
                             )

@@ -247,6 +247,7 @@ class ControlReader:
 
     def result(self) -> ReceiverResult:
         """Block until the receiver's result arrives (after the run)."""
+        os.set_blocking(self.fd, True)  # an event loop may have cleared it
         chunks = []
         while chunk := os.read(self.fd, 65536):
             chunks.append(chunk)

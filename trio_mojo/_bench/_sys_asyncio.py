@@ -29,18 +29,9 @@ from ._common import (
     payload_of,
 )
 
-__all__ = ["available", "receiver", "sender"]
+__all__ = ["receiver", "sender"]
 
 _T = TypeVar("_T")
-
-
-def available(system: str) -> bool:
-    if system == "uvloop":
-        try:
-            importlib.import_module("uvloop")
-        except ImportError:
-            return False
-    return True
 
 
 def _run(system: str, main: Coroutine[Any, Any, _T]) -> _T:

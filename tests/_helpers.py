@@ -1,0 +1,191 @@
+"""Helpers for the channel tests: raw-socket peers, pipes as tagged fds.
+
+A *raw peer* is the far end of a real ``socketpair`` driven by hand through
+a Trio socket, so a test can put any bytes and any ``SCM_RIGHTS`` on the
+wire, or read exactly what the channel wrote, without blocking the event
+loop.  Nothing here mocks the kernel.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import os
+import socket
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import trio
+
+from trio_mojo import Channel, Endpoint, Handle, channel_pair, open_channel
+
+__all__ = [
+    "RawPeer",
+    "fd_is_open",
+    "open_fds",
+    "open_pair",
+    "pipe_tagged",
+    "raw_pair",
+    "read_tags",
+    "recv_fds",
+    "send_fds",
+]
+
+SCM_SPACE = socket.CMSG_SPACE(300 * 4)
+
+
+def fd_is_open(fd: int) -> bool:
+    """True if ``fd`` is open in this process."""
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def open_fds() -> set[int]:
+    """The fds open in this process (``/proc/self/fd`` minus listdir's own)."""
+    return {fd for fd in map(int, os.listdir("/proc/self/fd")) if fd_is_open(fd)}
+
+
+class RawPeer:
+    """The far end of a channel, as a bare Trio socket the test drives."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = trio.socket.from_stdlib_socket(sock)
+
+    async def send(self, data: bytes, fds: Sequence[int] = ()) -> int:
+        """One ``sendmsg`` of ``data`` with ``fds`` as one ``SCM_RIGHTS``."""
+        ancdata = []
+        if fds:
+            ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+        return await self.sock.sendmsg([data], ancdata)
+
+    async def send_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            sent = await self.sock.send(view)
+            view = view[sent:]
+
+    async def recv_exactly(self, size: int) -> bytes:
+        """Read exactly ``size`` bytes; fail on EOF (fds are not expected)."""
+        chunks = []
+        while size:
+            data, ancdata, _, _ = await self.sock.recvmsg(size, SCM_SPACE)
+            assert not ancdata, "unexpected control data"
+            assert data, "unexpected end of stream"
+            chunks.append(data)
+            size -= len(data)
+        return b"".join(chunks)
+
+    async def recv_with_fds(self, size: int) -> tuple[bytes, list[Handle]]:
+        """Read exactly ``size`` bytes and every fd that came with them."""
+        chunks = []
+        handles: list[Handle] = []
+        while size:
+            data, ancdata, _, _ = await self.sock.recvmsg(
+                size, SCM_SPACE, socket.MSG_CMSG_CLOEXEC
+            )
+            handles.extend(recv_fds(ancdata))
+            assert data, "unexpected end of stream"
+            chunks.append(data)
+            size -= len(data)
+        return b"".join(chunks), handles
+
+    async def at_eof(self) -> bool:
+        """True if the channel's end is shut down or closed (after draining).
+
+        Reads and discards what is pending; returns once the stream ends
+        (``b""`` or ``ECONNRESET``).
+        """
+        while True:
+            try:
+                data = await self.sock.recv(65536)
+            except ConnectionResetError:
+                return True
+            if not data:
+                return True
+
+    def nothing_pending(self) -> bool:
+        """True if no byte is waiting to be read right now."""
+        try:
+            self.sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK)
+        except BlockingIOError:
+            return True
+        return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@contextlib.contextmanager
+def raw_pair() -> Iterator[tuple[Endpoint, RawPeer]]:
+    """An endpoint for the channel under test and a raw peer on the other end."""
+    ours, theirs = channel_pair()
+    peer = RawPeer(socket.socket(fileno=theirs.detach()))
+    try:
+        with ours:
+            yield ours, peer
+    finally:
+        peer.close()
+
+
+@contextlib.asynccontextmanager
+async def open_pair(**options: Any) -> AsyncIterator[tuple[Channel, Channel]]:
+    """Two channels talking to each other over a fresh ``channel_pair()``."""
+    a, b = channel_pair()
+    with a, b:
+        async with (
+            open_channel(a, **options) as left,
+            open_channel(b, **options) as right,
+        ):
+            yield left, right
+
+
+def recv_fds(ancdata: list[tuple[int, int, bytes]]) -> list[Handle]:
+    """Wrap every fd of ``SCM_RIGHTS`` control data in a :class:`Handle`."""
+    handles: list[Handle] = []
+    for level, kind, payload in ancdata:
+        assert (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+        fds = array.array("i")
+        fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+        handles.extend(Handle(fd) for fd in fds)
+    return handles
+
+
+def send_fds(sock: socket.socket, data: bytes, fds: Sequence[int]) -> int:
+    """A blocking raw ``sendmsg`` with ``fds`` (for stdlib-socket peers)."""
+    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+    return sock.sendmsg([data], rights)
+
+
+@contextlib.contextmanager
+def pipe_tagged(count: int) -> Iterator[list[Handle]]:
+    """``count`` pipe read ends, the i-th holding the single byte ``i % 256``.
+
+    The write ends are closed at once, so each read end yields its tag and
+    then EOF: a received fd can be identified by reading it.  Every handle
+    still open on exit is closed.
+    """
+    handles: list[Handle] = []
+    try:
+        for i in range(count):
+            r, w = os.pipe()
+            handles.append(Handle(r))
+            try:
+                os.write(w, bytes([i % 256]))
+            finally:
+                os.close(w)
+        yield handles
+    finally:
+        for handle in handles:
+            handle.close()
+
+
+def read_tags(handles: Sequence[Handle]) -> list[int]:
+    """Read the tag byte of each pipe from :func:`pipe_tagged` (or -1)."""
+    tags = []
+    for handle in handles:
+        data = os.read(handle.fileno(), 2)
+        tags.append(data[0] if len(data) == 1 else -1)
+    return tags
