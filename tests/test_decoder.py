@@ -162,7 +162,7 @@ def test_worked_example_split_at_every_offset(
 def test_example_b_one_byte_at_a_time_delivers_after_byte_21() -> None:
     (b,) = (e for e in EXAMPLES if e.name.startswith("B-"))
     decoder = MessageDecoder()
-    deliveries = []
+    deliveries: list[tuple[int, bytes]] = []
     for index, byte in enumerate(b.wire, start=1):
         decoder.receive_data(bytes([byte]))
         messages, _ = drain(decoder)
@@ -188,18 +188,17 @@ def test_many_messages_in_one_chunk_with_their_fds_queued_first(
     assert decoder.buffered_bytes == 0
 
 
-def test_spec_plan_abcd_in_one_read() -> None:
+def test_spec_plan_abcd_in_one_read(fds: FdFactory) -> None:
     # mojo_spec.md 7.4 item 3: A+B+C+D concatenated, C's fds queued first.
     a, b, c, d = (next(e for e in EXAMPLES if e.name[0] == k) for k in "ABCD")
-    with FdFactory() as fds:
-        fd_a, fd_b = fds.make(2)
-        decoder = MessageDecoder()
-        decoder.receive_handles([fd_a, fd_b])
-        decoder.receive_data(a.wire + b.wire + c.wire + d.wire)
-        messages, _ = drain(decoder)
-        assert [m.payload for m in messages] == [b"", b"hello", c.payload, b"hello"]
-        assert messages[2].handles == (fd_a, fd_b)
-        assert [m.handles for m in (messages[0], messages[1], messages[3])] == [()] * 3
+    fd_a, fd_b = fds.make(2)
+    decoder = MessageDecoder()
+    decoder.receive_handles([fd_a, fd_b])
+    decoder.receive_data(a.wire + b.wire + c.wire + d.wire)
+    messages, _ = drain(decoder)
+    assert [m.payload for m in messages] == [b"", b"hello", c.payload, b"hello"]
+    assert messages[2].handles == (fd_a, fd_b)
+    assert [m.handles for m in (messages[0], messages[1], messages[3])] == [()] * 3
 
 
 def _three_message_stream() -> tuple[bytes, list[tuple[int, int]]]:
@@ -778,6 +777,19 @@ def _rows() -> Iterator[Any]:
     )
 
 
+def _feed_until_error(
+    decoder: MessageDecoder, row: Row, handles: list[Handle], delivered: list[Message]
+) -> None:
+    decoder.receive_handles(handles)
+    decoder.receive_data(row.data)
+    if row.eof:
+        decoder.receive_eof()
+    while True:
+        event = decoder.next_message()
+        assert isinstance(event, Message), f"no error, got {event!r}"
+        delivered.append(event)
+
+
 @pytest.mark.parametrize("row", _rows())
 def test_validation_row(row: Row, fds: FdFactory) -> None:
     decoder = MessageDecoder(**row.options)
@@ -785,14 +797,7 @@ def test_validation_row(row: Row, fds: FdFactory) -> None:
     numbers = [h.fileno() for h in handles]
     delivered: list[Message] = []
     with pytest.raises(ChannelError) as excinfo:
-        decoder.receive_handles(handles)
-        decoder.receive_data(row.data)
-        if row.eof:
-            decoder.receive_eof()
-        while True:
-            event = decoder.next_message()
-            assert isinstance(event, Message), f"no error, got {event!r}"
-            delivered.append(event)
+        _feed_until_error(decoder, row, handles, delivered)
     error = excinfo.value
     assert type(error) is row.error
     assert excinfo.match(row.match)

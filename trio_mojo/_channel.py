@@ -63,7 +63,12 @@ from . import _fdpass
 from ._decoder import END_OF_STREAM, NEED_DATA, MessageDecoder
 from ._encoder import MessageEncoder, OutgoingMessage
 from ._endpoint import Endpoint
-from ._errors import ChannelError, FlushTimeoutError, MalformedMessageError
+from ._errors import (
+    ChannelError,
+    DisconnectedError,
+    FlushTimeoutError,
+    MalformedMessageError,
+)
 from ._handles import Handle, close_all
 from ._message import Message
 from ._wire import (
@@ -206,6 +211,7 @@ class Channel(trio.abc.Channel[Message]):
         self._read_error: BaseException | None = None
         self._write_error: BaseException | None = None
         self._unreported: list[BaseException] = []
+        self._disconnect_reported = False
         # Statistics.
         self._messages_sent = 0
         self._bytes_sent = 0
@@ -713,15 +719,27 @@ class Channel(trio.abc.Channel[Message]):
             self._sock.close()
 
     def _report(self, error: BaseException) -> None:
-        # A MalformedMessageError is both the read and the write failure, so
-        # it can be listed twice: seeing it once reports it.
+        """``error`` is being raised to the user: it is no longer news.
+
+        A MalformedMessageError is both the read and the write failure, so
+        it can be listed twice: seeing it once reports it.  And a vanished
+        peer usually fails both directions (EPIPE in the writer, ECONNRESET
+        or EOF inside a message in the reader): once the user has seen one
+        DisconnectedError, the other direction's is the same news and is
+        not raised again when the block is left (send()/receive() still
+        raise it if called).
+        """
         self._unreported = [e for e in self._unreported if e is not error]
+        if isinstance(error, DisconnectedError):
+            self._disconnect_reported = True
 
     def _raise_unreported(self) -> None:
-        if self._unreported:
-            error = self._unreported[0]
-            self._unreported.clear()
-            raise _fresh(error)
+        unreported = self._unreported
+        self._unreported = []
+        if self._disconnect_reported:
+            unreported = [e for e in unreported if not isinstance(e, DisconnectedError)]
+        if unreported:
+            raise _fresh(unreported[0])
 
 
 def _fresh(error: BaseException) -> BaseException:

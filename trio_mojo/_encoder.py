@@ -19,14 +19,21 @@ the receiver's FIFO matching fds to messages:
    bytes and is no later than the one carrying its first byte, so they always
    reach the peer before the message is complete.  (If the kernel takes only
    part of the plan, fds planned for a later message in it have been
-   delivered early; that is harmless, the FIFO keeps them in order.)
+   delivered early; the FIFO keeps them in order, and rule 4 bounds them.)
 2. Never more than 128 fds per ``sendmsg``: a message whose unsent fds would
    push the plan past 128 starts the next plan instead.
 3. Never fds with zero data bytes (Linux silently drops them).  A message
    with more than 128 fds is split: each batch of 128 is sent with exactly
    one of its bytes, the last batch with the rest of the message.  Since a
-   header alone is 8 bytes and a message carries at most 253 handles, there
-   are always enough bytes.
+   header alone is 8 bytes and a message carries at most 253 handles
+   (:meth:`OutgoingMessage.encode` refuses more), there are always enough
+   bytes.
+4. While fds that went out ahead of their message's bytes are outstanding,
+   no further fds are planned.  Without this, a run of short writes would
+   deliver another 128 early fds per ``sendmsg`` and push the receiver past
+   its cap on queued fds (``max_queued_handles``, 2 x 253); with it the
+   receiver holds at most one plan's worth of early fds beside those of the
+   message it is reading.
 
 Once ``sendmsg`` returns a positive count, the kernel holds its own
 reference to every fd in that call, so :meth:`advance` closes our handles at
@@ -41,7 +48,7 @@ from typing import Final, TypeAlias
 
 from ._handles import Handle, close_all
 from ._message import Message
-from ._wire import MAX_SENDMSG_HANDLES, Framing, encode_header
+from ._wire import MAX_ATTACHED_HANDLES, MAX_SENDMSG_HANDLES, Framing, encode_header
 
 Buffer: TypeAlias = bytes | memoryview
 """What a plan is made of: whole encoded messages or views into them."""
@@ -81,8 +88,14 @@ class OutgoingMessage:
         """Encode ``message`` (which must already be validated).
 
         Raises:
-            ValueError: the header cannot express the message.
+            ValueError: the header cannot express the message, or it carries
+                more than 253 handles (the batching of rule 3 relies on it).
         """
+        if len(message.handles) > MAX_ATTACHED_HANDLES:
+            raise ValueError(
+                f"a message carries at most {MAX_ATTACHED_HANDLES} handles, "
+                f"not {len(message.handles)}"
+            )
         payload = message.payload
         if type(payload) is not bytes:
             payload = bytes(payload)  # a snapshot: the caller may mutate theirs
@@ -125,6 +138,7 @@ class MessageEncoder:
         self._queue: collections.deque[OutgoingMessage] = collections.deque()
         self._queued_bytes = 0
         self._planned: list[tuple[OutgoingMessage, int]] = []
+        self._planned_bytes = 0
 
     @property
     def queued_messages(self) -> int:
@@ -158,12 +172,16 @@ class MessageEncoder:
             raise RuntimeError("plan() on an empty MessageEncoder")
         planned: list[tuple[OutgoingMessage, int]] = []
         self._planned = planned
+        self._planned_bytes = 0
         buffers: list[Buffer] = []
         fds: list[int] = []
         nbytes = 0
+        early = False
         for entry in queue:
             pending = len(entry.handles) - entry.handles_sent
             if pending:
+                if early:
+                    break  # rule 4: wait until the early fds' bytes are out
                 if pending > MAX_SENDMSG_HANDLES and not buffers:
                     # Rule 3: a full batch of 128 with exactly one byte.
                     batch = entry.handles[
@@ -177,11 +195,14 @@ class MessageEncoder:
                     break  # rule 2: this message starts the next plan
                 fds.extend(h.fileno() for h in entry.handles[entry.handles_sent :])
                 planned.append((entry, pending))
+            elif entry.handles_sent and buffers:
+                early = True  # not the first: its fds went before its bytes
             parts = entry.unsent()
             buffers.extend(parts)
             nbytes += entry.size - entry.offset
             if nbytes >= MAX_PLAN_BYTES or len(buffers) >= MAX_PLAN_BUFFERS - 1:
                 break
+        self._planned_bytes = sum(map(len, buffers))
         return buffers, fds
 
     def advance(self, sent: int) -> int:
@@ -192,12 +213,18 @@ class MessageEncoder:
         completed.
 
         Raises:
-            ValueError: ``sent`` is negative or larger than the plan.
+            ValueError: ``sent`` is negative or larger than the plan (then
+                nothing is recorded).
         """
         if sent < 0:
             raise ValueError(f"sent={sent} is negative")
+        if sent > self._planned_bytes:
+            raise ValueError(
+                f"sent={sent} is more than the {self._planned_bytes} planned bytes"
+            )
         planned = self._planned
         self._planned = []
+        self._planned_bytes = 0
         if sent == 0:
             return 0
         sent_handles: list[Handle] = []
@@ -206,24 +233,20 @@ class MessageEncoder:
             sent_handles.extend(entry.handles[start : start + count])
             entry.handles_sent = start + count
         queue = self._queue
-        remaining = sent
+        remaining = sent  # never more than is queued: the plan bounds it
         completed = 0
-        try:
-            while remaining:
-                if not queue:
-                    raise ValueError(f"sent={sent} is more than was queued")
-                entry = queue[0]
-                left = entry.size - entry.offset
-                if remaining < left:
-                    entry.offset += remaining
-                    break
-                remaining -= left
-                entry.offset = entry.size
-                queue.popleft()
-                completed += 1
-        finally:
-            self._queued_bytes -= sent - remaining
-            close_all(sent_handles)
+        while remaining:
+            entry = queue[0]
+            left = entry.size - entry.offset
+            if remaining < left:
+                entry.offset += remaining
+                break
+            remaining -= left
+            entry.offset = entry.size
+            queue.popleft()
+            completed += 1
+        self._queued_bytes -= sent
+        close_all(sent_handles)
         return completed
 
     def close(self) -> None:
@@ -234,4 +257,5 @@ class MessageEncoder:
         self._queue.clear()
         self._queued_bytes = 0
         self._planned = []
+        self._planned_bytes = 0
         close_all(handles)

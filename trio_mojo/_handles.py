@@ -46,6 +46,7 @@ class Handle:
     __slots__ = ("__weakref__", "_fd")
 
     def __init__(self, fd: int) -> None:
+        self._fd = -1  # so that __del__ is quiet if the checks below raise
         if type(fd) is not int:
             if isinstance(fd, bool) or not isinstance(fd, int):
                 raise TypeError(f"Handle needs an int fd, not {type(fd).__name__}")

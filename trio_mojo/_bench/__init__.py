@@ -15,6 +15,6 @@ __all__ = ["main"]
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark with command-line arguments ``argv``; return the exit status."""
-    from ._cli import main as cli_main  # noqa: PLC0415 - keep `import trio_mojo` light
+    from ._cli import main as cli_main  # lazily: keeps `import trio_mojo._bench` light
 
     return cli_main(argv)

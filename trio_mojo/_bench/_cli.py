@@ -110,7 +110,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _select(parser: argparse.ArgumentParser, text: str | None, known: list[str]) -> list[str]:
+def _select(
+    parser: argparse.ArgumentParser, text: str | None, known: list[str]
+) -> list[str]:
     if text is None:
         return known
     chosen = [item.strip() for item in text.split(",") if item.strip()]
@@ -149,9 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     quick = args.quick
     reps = args.reps if args.reps is not None else (2 if quick else 3)
-    systems = [
-        s for s in SYSTEMS if s.name in args.selected_systems and s.available()
-    ]
+    systems = [s for s in SYSTEMS if s.name in args.selected_systems and s.available()]
     skipped = [
         s.name for s in SYSTEMS if s.name in args.selected_systems and not s.available()
     ]
@@ -204,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": 0.0,
         },
         "summary": summary,
-        "targets": check_targets(summary) if "trio_mojo" in args.selected_systems else [],
+        "targets": check_targets(summary)
+        if "trio_mojo" in args.selected_systems
+        else [],
         "runs": records,
     }
     failures = [

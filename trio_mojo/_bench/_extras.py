@@ -97,7 +97,7 @@ async def _spawn(count: int) -> dict[str, Any]:
     policies = {"none": policy_cls.none(i_understand_this_is_unsandboxed=True)}
     try:
         policies["default"] = policy_cls.default()
-    except Exception as exc:  # noqa: BLE001 - reported, not fatal
+    except Exception as exc:  # reported, not fatal
         policies["default_error"] = repr(exc)
     result: dict[str, Any] = {}
     for name, policy in policies.items():
@@ -110,7 +110,7 @@ async def _spawn(count: int) -> dict[str, Any]:
                 t0 = monotonic()
                 async with open_worker(SPAWN_TARGET, sandbox=policy):
                     times.append(monotonic() - t0)
-        except Exception as exc:  # noqa: BLE001 - reported, not fatal
+        except Exception as exc:  # reported, not fatal
             result[f"{name}_error"] = repr(exc)
             continue
         result[name] = times

@@ -72,9 +72,9 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, An
             "failed_reps": failed.get((workload_name, system), 0),
             "runs": figures,
         }
-        for key in runs[0]:
-            if key != "figure":
-                cell[key] = median([run[key] for run in runs])
+        for name in runs[0]:
+            if name != "figure":
+                cell[name] = median([run[name] for run in runs])
         summary.setdefault(workload_name, {})[system] = cell
     for (workload_name, system), count in failed.items():
         if system not in summary.get(workload_name, {}):
@@ -98,7 +98,9 @@ def _speed(workload: Workload, value: float, reference: float) -> float:
     return reference / value if workload.pingpong else value / reference
 
 
-def check_targets(summary: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+def check_targets(
+    summary: dict[str, dict[str, dict[str, Any]]],
+) -> list[dict[str, Any]]:
     """The targets of issue #5, evaluated on this run's medians."""
 
     def med(workload: str, system: str) -> float:
@@ -106,16 +108,15 @@ def check_targets(summary: dict[str, dict[str, dict[str, Any]]]) -> list[dict[st
         return value
 
     def ratio(workload: str, system: str, reference: str) -> float:
-        return _speed(_workload(workload), med(workload, system), med(workload, reference))
+        return _speed(
+            _workload(workload), med(workload, system), med(workload, reference)
+        )
 
     targets: list[dict[str, Any]] = []
 
     def add(name: str, value: float, goal: float, *, at_most: bool = False) -> None:
         ok = value <= goal if at_most else value >= goal
-        if math.isnan(value):
-            status = "n/a"
-        else:
-            status = "met" if ok else "MISSED"
+        status = "n/a" if math.isnan(value) else ("met" if ok else "MISSED")
         targets.append({"target": name, "value": value, "goal": goal, "status": status})
 
     add("W1 trio_mojo / mp >= 2.5x", ratio("W1", "trio_mojo", "mp"), 2.5)
@@ -128,7 +129,9 @@ def check_targets(summary: dict[str, dict[str, dict[str, Any]]]) -> list[dict[st
         2.0,
         at_most=True,
     )
-    async_rtts = [med("W4", peer) for peer in _ASYNC_PEERS if peer in summary.get("W4", {})]
+    async_rtts = [
+        med("W4", peer) for peer in _ASYNC_PEERS if peer in summary.get("W4", {})
+    ]
     async_rtts = [value for value in async_rtts if not math.isnan(value)]
     best_async = min(async_rtts) if async_rtts else math.nan
     add(
@@ -187,7 +190,9 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
     rule = (
         "|"
-        + "|".join("-" * (w + 1) + ("-" if i == 0 else ":") for i, w in enumerate(widths))
+        + "|".join(
+            "-" * (w + 1) + ("-" if i == 0 else ":") for i, w in enumerate(widths)
+        )
         + "|"
     )
     return [line(header), rule, *(line(row) for row in rows)]
@@ -202,20 +207,26 @@ def render(result: dict[str, Any]) -> str:
     """The human-readable report of a bench run."""
     meta = result["meta"]
     summary = result["summary"]
+    honesty = result["honesty"]
     out = [
-        f"trio_mojo bench: {meta['mode']} mode, {meta['reps']} repetition(s); "
-        f"{meta['environment']}",
-        f"honesty checks: {result['honesty']['passed']}/{result['honesty']['runs']} "
-        "runs passed (every message, byte and fd counted by the receiver)",
+        (
+            f"trio_mojo bench: {meta['mode']} mode, {meta['reps']} repetition(s); "
+            f"{meta['environment']}"
+        ),
+        (
+            f"honesty checks: {honesty['passed']}/{honesty['runs']} runs passed "
+            "(every message, byte and fd counted by the receiver)"
+        ),
     ]
-    for failure in result["honesty"]["failures"][:10]:
-        out.append(f"  FAILED {failure}")
+    out += [f"  FAILED {failure}" for failure in honesty["failures"][:10]]
     systems = _systems_in(summary)
     labels = {system.name: system.label for system in SYSTEMS}
     out += [
         "",
-        "## Headline: medians, and in brackets the speed relative to "
-        f"{labels[REFERENCE]} (>1 = faster; W4: its RTT / this RTT)",
+        (
+            "## Headline: medians, and in brackets the speed relative to "
+            f"{labels[REFERENCE]} (>1 = faster; W4: its RTT / this RTT)"
+        ),
         "",
     ]
     workloads = [w for w in WORKLOADS if w.name in summary]
@@ -273,11 +284,15 @@ def render(result: dict[str, Any]) -> str:
                     *([f"{cell['rtt_p99_us']:.1f}"] if workload.pingpong else []),
                     f"{cell['spread']:.0%}",
                     fmt_ratio(cell["vs_mp"]),
-                    f"{cell['cpu_us_per_msg']:.2f} "
-                    f"({cell['sender_cpu_us_per_msg']:.2f}+"
-                    f"{cell['receiver_cpu_us_per_msg']:.2f})",
-                    f"{cell['receiver_hwm_kib'] / 1024:.1f} "
-                    f"(+{cell['receiver_rss_growth_kib'] / 1024:.1f})",
+                    (
+                        f"{cell['cpu_us_per_msg']:.2f} "
+                        f"({cell['sender_cpu_us_per_msg']:.2f}+"
+                        f"{cell['receiver_cpu_us_per_msg']:.2f})"
+                    ),
+                    (
+                        f"{cell['receiver_hwm_kib'] / 1024:.1f} "
+                        f"(+{cell['receiver_rss_growth_kib'] / 1024:.1f})"
+                    ),
                     reps,
                 ]
             )
@@ -323,7 +338,9 @@ def _render_extras(extras: dict[str, Any]) -> list[str]:
                 f"({none / base:.2f}x; bare `python -I -c pass` {bare:.0f} ms)"
             )
             if "default_median_ms" in spawn:
-                line += f"; SandboxPolicy.default(): {spawn['default_median_ms']:.0f} ms"
+                line += (
+                    f"; SandboxPolicy.default(): {spawn['default_median_ms']:.0f} ms"
+                )
             out.append(line)
         else:
             error = spawn.get("error") or spawn.get("none_error")

@@ -1,0 +1,482 @@
+"""Lifecycle and the error model: flush, abort, aclose, failures, statistics.
+
+What Chromium's ``ShutDownStress`` and ``PeerShutdownDuringRead`` check,
+plus the structured-concurrency rules of DESIGN.md (rule 4): leaving the
+block normally flushes, leaving by error or cancellation aborts promptly,
+every fd is closed, and a failure reaches the user exactly once, as a
+single exception with its cause chained, never as an ``ExceptionGroup``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+import trio
+import trio.testing
+from _helpers import RawPeer, open_pair, pipe_tagged, raw_pair, read_tags
+
+from trio_mojo import (
+    Channel,
+    ChannelError,
+    DisconnectedError,
+    FlushTimeoutError,
+    Handle,
+    MalformedMessageError,
+    Message,
+    channel_pair,
+    encode_message,
+    open_channel,
+)
+
+BIG = b"b" * 65536
+
+
+@pytest.fixture
+def watched_pipe() -> Iterator[tuple[int, Handle]]:
+    """(r, handle of w): r reads EOF once every copy of w was closed."""
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    try:
+        yield r, Handle(w)
+    finally:
+        os.close(r)
+
+
+def all_write_ends_closed(r: int) -> bool:
+    try:
+        return os.read(r, 1) == b""
+    except BlockingIOError:
+        return False
+
+
+async def fill_until_queued(channel: Channel, payload: bytes = BIG) -> int:
+    """Send until the kernel is full and a message waits in the send queue."""
+    sent = 0
+    while channel.statistics().send_queue_messages == 0:
+        await channel.send(Message(payload))
+        sent += 1
+        await trio.testing.wait_all_tasks_blocked()
+    return sent
+
+
+# ----------------------------------------------------------------------
+# Leaving the block normally: flush
+
+
+async def test_leaving_normally_flushes_every_queued_message() -> None:
+    a, b = channel_pair()
+    received: list[bytes] = []
+    with a, b:
+        async with open_channel(b, receive_queue_messages=1) as receiver:
+            start_reading = trio.Event()
+
+            async def consume() -> None:
+                await start_reading.wait()
+                received.extend([m.payload async for m in receiver])
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(consume)
+                async with open_channel(a) as sender:
+                    sent = await fill_until_queued(sender)
+                    for i in range(100):
+                        await sender.send(Message(i.to_bytes(2, "little")))
+                    assert sender.statistics().send_queue_messages == 101
+                    start_reading.set()
+                # The block is left: everything was written before it closed.
+                assert sender.statistics().send_queue_messages == 0
+                assert sender.statistics().messages_sent == sent + 100
+    assert received == [BIG] * sent + [i.to_bytes(2, "little") for i in range(100)]
+
+
+async def test_flush_timeout_when_the_peer_never_reads(
+    autojump_clock: trio.testing.MockClock, watched_pipe: tuple[int, Handle]
+) -> None:
+    r, w = watched_pipe
+    with raw_pair() as (endpoint, peer):
+        with pytest.raises(FlushTimeoutError, match="gave up flushing after 5") as info:
+            async with open_channel(endpoint, flush_timeout=5) as channel:
+                await fill_until_queued(channel)
+                await channel.send(Message(b"with fd", (w,)))
+                start = trio.current_time()
+        assert trio.current_time() - start == pytest.approx(5)
+        assert isinstance(info.value, trio.TooSlowError)
+        assert info.value.__cause__ is not None
+        # Dropped: the queued message's fd was closed, the socket too.
+        assert all_write_ends_closed(r)
+        assert await peer.at_eof()
+
+
+async def test_flush_that_loses_messages_raises(
+    watched_pipe: tuple[int, Handle],
+) -> None:
+    # The peer vanishes while the flush is under way: aclose must not pretend
+    # the queued messages were delivered.
+    r, w = watched_pipe
+    with raw_pair() as (endpoint, peer):
+        async with open_channel(endpoint) as channel:
+            await fill_until_queued(channel)
+            await channel.send(Message(b"with fd", (w,)))
+
+            async def close() -> None:
+                with pytest.raises(DisconnectedError):
+                    await channel.aclose()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(close)
+                await trio.testing.wait_all_tasks_blocked()
+                assert channel.statistics().send_queue_messages > 0
+                peer.close()
+        # aclose() raised it, so leaving the block raised nothing more.
+        assert all_write_ends_closed(r)
+
+
+# ----------------------------------------------------------------------
+# Leaving by an exception or a cancellation: abort
+
+
+async def test_leaving_by_exception_aborts_at_once(
+    autojump_clock: trio.testing.MockClock, watched_pipe: tuple[int, Handle]
+) -> None:
+    r, w = watched_pipe
+    with raw_pair() as (endpoint, peer), trio.fail_after(60):
+        with pytest.raises(KeyError, match="the body's own error"):
+            async with open_channel(endpoint, flush_timeout=None) as channel:
+                await fill_until_queued(channel)
+                await channel.send(Message(b"with fd", (w,)))
+                start = trio.current_time()
+                raise KeyError("the body's own error")
+        assert trio.current_time() == start  # no flush, no wait at all
+        assert all_write_ends_closed(r)
+        assert await peer.at_eof()
+
+
+async def test_cancellation_from_outside_aborts_at_once(
+    autojump_clock: trio.testing.MockClock, watched_pipe: tuple[int, Handle]
+) -> None:
+    r, w = watched_pipe
+    with raw_pair() as (endpoint, peer), trio.fail_after(60):
+        with trio.CancelScope() as scope:
+            async with open_channel(endpoint, flush_timeout=None) as channel:
+                await fill_until_queued(channel)
+                await channel.send(Message(b"with fd", (w,)))
+                scope.cancel()
+                await trio.sleep_forever()
+        assert scope.cancelled_caught
+        assert all_write_ends_closed(r)
+        assert await peer.at_eof()
+
+
+async def test_abort_closes_every_fd_the_channel_holds() -> None:
+    # Received but never delivered, unclaimed, and queued outgoing fds: all
+    # closed when the block is left by an error.
+    pipes_r = []
+    pipes_w = []
+    for _ in range(3):
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        pipes_r.append(r)
+        pipes_w.append(w)
+    try:
+        with raw_pair() as (endpoint, peer):
+            with pytest.raises(KeyError):
+                async with open_channel(endpoint, strict_handles=False) as channel:
+                    # Undelivered: a complete message with its fd.
+                    await peer.send(encode_message(b"1", num_handles=1), [pipes_w[0]])
+                    # Unclaimed: a message whose second fd has not arrived.
+                    await peer.send(encode_message(b"2", num_handles=2), [pipes_w[1]])
+                    await trio.testing.wait_all_tasks_blocked()
+                    stats = channel.statistics()
+                    assert stats.receive_queue_messages == 1
+                    assert stats.unclaimed_handles == 1
+                    # Queued outgoing: behind a full socket.
+                    await fill_until_queued(channel)
+                    await channel.send(Message(b"3", (Handle(os.dup(pipes_w[2])),)))
+                    raise KeyError
+        for w in pipes_w:
+            os.close(w)
+        pipes_w.clear()
+        assert all(all_write_ends_closed(r) for r in pipes_r)
+    finally:
+        for fd in pipes_r + pipes_w:
+            os.close(fd)
+
+
+# ----------------------------------------------------------------------
+# aclose()
+
+
+async def test_aclose_is_idempotent_and_closes_the_api() -> None:
+    async with open_pair() as (left, right):
+        await left.send(Message(b"last"))
+        await left.aclose()
+        await left.aclose()
+        with pytest.raises(trio.ClosedResourceError):
+            await left.receive()
+        with pipe_tagged(1) as pipes:
+            with pytest.raises(trio.ClosedResourceError):
+                await left.send(Message(b"late", pipes))
+            # send() took ownership, and a closed channel closes what it gets.
+            assert pipes[0].closed
+        assert (await right.receive()).payload == b"last"
+        with pytest.raises(trio.EndOfChannel):
+            await right.receive()
+
+
+async def test_aclose_when_already_cancelled_still_closes(
+    watched_pipe: tuple[int, Handle],
+) -> None:
+    r, w = watched_pipe
+    with raw_pair() as (endpoint, peer):
+        async with open_channel(endpoint, flush_timeout=None) as channel:
+            await fill_until_queued(channel)
+            await channel.send(Message(b"with fd", (w,)))
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await channel.aclose()
+            assert scope.cancelled_caught
+            assert all_write_ends_closed(r)
+            assert await peer.at_eof()
+            await channel.aclose()  # and again: a no-op
+
+
+async def test_aclose_cancelled_while_flushing_still_closes(
+    watched_pipe: tuple[int, Handle],
+) -> None:
+    r, w = watched_pipe
+    with raw_pair() as (endpoint, peer):
+        async with open_channel(endpoint, flush_timeout=None) as channel:
+            await fill_until_queued(channel)
+            await channel.send(Message(b"with fd", (w,)))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(channel.aclose)
+                await trio.testing.wait_all_tasks_blocked()
+                assert not all_write_ends_closed(r)  # still flushing
+                nursery.cancel_scope.cancel()
+            assert all_write_ends_closed(r)
+            assert await peer.at_eof()
+
+
+async def test_writes_racing_shutdown() -> None:
+    # ShutDownStress: 500 writes, then aclose() while another task keeps
+    # writing 1000 more.  Nothing crashes; every send either returned (and
+    # its message is delivered, in order) or raised ClosedResourceError (and
+    # its fds were closed); nothing partial reaches the peer.
+    a, b = channel_pair()
+    accepted: list[int] = []
+    refused: list[int] = []
+    with a, b, pipe_tagged(1500 // 50) as pipes:
+        async with open_channel(b) as receiver:
+            async with open_channel(a, send_queue_messages=64) as sender:
+
+                async def write(start: int, stop: int) -> None:
+                    for i in range(start, stop):
+                        handles = (pipes[i // 50],) if i % 50 == 0 else ()
+                        try:
+                            await sender.send(Message(i.to_bytes(2, "little"), handles))
+                        except trio.ClosedResourceError:
+                            assert all(h.closed for h in handles)
+                            refused.append(i)
+                        else:
+                            accepted.append(i)
+
+                await write(0, 500)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(write, 500, 1500)
+                    nursery.start_soon(sender.aclose)
+            got = []
+            async for message in receiver:
+                with message:
+                    got.append(int.from_bytes(message.payload, "little"))
+                    assert len(message.handles) == (1 if got[-1] % 50 == 0 else 0)
+    assert got == accepted
+    assert sorted(accepted + refused) == list(range(1500))
+    assert accepted[:500] == list(range(500))
+    assert refused  # the race really happened
+    assert all(h.closed for h in pipes)
+
+
+# ----------------------------------------------------------------------
+# The error model
+
+
+async def test_peer_vanishing_delivers_what_it_sent_before_failing() -> None:
+    # PeerShutdownDuringRead with a backlog: the peer sends three messages
+    # and dies without reading ours; our queued writes fail in the writer
+    # task, yet all three messages are delivered before DisconnectedError.
+    with raw_pair() as (endpoint, peer):
+        async with open_channel(endpoint) as channel:
+            await fill_until_queued(channel)
+            for i in range(3):
+                await peer.send(encode_message(bytes([i])))
+            peer.close()
+            await trio.testing.wait_all_tasks_blocked()
+            for i in range(3):
+                assert (await channel.receive()).payload == bytes([i])
+            with pytest.raises(DisconnectedError, match="reset"):
+                await channel.receive()
+        # The writer's failure (EPIPE) is the same news: not raised again.
+
+
+async def test_write_failure_seen_by_send_covers_the_read_side() -> None:
+    with raw_pair() as (endpoint, peer):
+        async with open_channel(endpoint) as channel:
+            await fill_until_queued(channel)
+            peer.close()
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(DisconnectedError, match="sendmsg"):
+                await channel.send(Message(b"too late"))
+            # receive() still raises the read side's own failure if asked.
+            with pytest.raises(DisconnectedError, match="recvmsg"):
+                await channel.receive()
+
+
+async def test_read_failure_unseen_after_send_saw_one_is_not_raised() -> None:
+    with raw_pair() as (endpoint, peer):
+        async with open_channel(endpoint) as channel:
+            await fill_until_queued(channel)
+            peer.close()
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(DisconnectedError, match="sendmsg"):
+                await channel.send(Message(b"too late"))
+
+
+async def test_unseen_failure_is_raised_when_the_block_is_left() -> None:
+    with raw_pair() as (endpoint, peer):
+        with pytest.raises(MalformedMessageError, match="unknown message_type=9") as info:
+            async with open_channel(endpoint):
+                await peer.send(b"\x10\x00\x00\x00\x10\x00\x09\x00" + bytes(8))
+                assert await peer.at_eof()  # the channel failed; nobody asked
+        assert type(info.value) is MalformedMessageError  # not an ExceptionGroup
+        assert isinstance(info.value.__cause__, MalformedMessageError)
+
+
+async def test_unseen_write_failure_is_raised_when_the_block_is_left() -> None:
+    with raw_pair() as (endpoint, peer):
+        with pytest.raises(DisconnectedError) as info:
+            async with open_channel(endpoint) as channel:
+                await fill_until_queued(channel)
+                peer.close()
+                await trio.testing.wait_all_tasks_blocked()
+        assert isinstance(info.value.__cause__, OSError)
+
+
+async def test_failure_seen_once_is_not_raised_again_on_exit() -> None:
+    with raw_pair() as (endpoint, peer):
+        async with open_channel(endpoint) as channel:
+            await peer.send(b"\x03\x00\x00\x00\x00\x00\x00\x00")
+            with pytest.raises(MalformedMessageError):
+                await channel.receive()
+        # Left without an exception: the user already had it.
+
+
+async def test_body_exception_wins_over_a_channel_failure() -> None:
+    with raw_pair() as (endpoint, peer):
+        with pytest.raises(KeyError):
+            async with open_channel(endpoint):
+                await peer.send(b"\x03\x00\x00\x00\x00\x00\x00\x00")
+                assert await peer.at_eof()
+                raise KeyError
+
+
+async def test_internal_bug_in_the_reader_is_one_chained_exception(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A bug inside the reader task (here: the decoder raising something it
+    # never should) reaches receive() as one ChannelError, cause chained.
+    with raw_pair() as (endpoint, peer):
+        async with open_channel(endpoint) as channel:
+            await peer.send(encode_message(b"fine"))
+            assert (await channel.receive()).payload == b"fine"
+
+            def broken(data: bytes) -> None:
+                raise ZeroDivisionError("decoder bug")
+
+            monkeypatch.setattr(channel._decoder, "receive_data", broken)
+            await peer.send(encode_message(b"boom"))
+            with pytest.raises(ChannelError, match="reading failed") as info:
+                await channel.receive()
+            assert type(info.value) is ChannelError
+            assert isinstance(info.value.__cause__, ZeroDivisionError)
+
+
+async def test_internal_bug_in_the_writer_is_one_chained_exception(
+    monkeypatch: pytest.MonkeyPatch, watched_pipe: tuple[int, Handle]
+) -> None:
+    r, w = watched_pipe
+    with raw_pair() as (endpoint, peer):
+        async with open_channel(endpoint) as channel:
+            await fill_until_queued(channel)
+            await channel.send(Message(b"with fd", (w,)))
+
+            def broken() -> None:
+                raise ZeroDivisionError("planner bug")
+
+            monkeypatch.setattr(channel._encoder, "plan", broken)
+            while not peer.nothing_pending():  # room: the writer task wakes up
+                await peer.sock.recv(1 << 20)
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(ChannelError, match="writing failed") as info:
+                await channel.send(Message(b"next"))
+            assert type(info.value) is ChannelError
+            assert isinstance(info.value.__cause__, ZeroDivisionError)
+            assert all_write_ends_closed(r)  # the queued message was dropped
+
+
+# ----------------------------------------------------------------------
+# statistics()
+
+
+async def test_statistics_count_messages_bytes_and_handles() -> None:
+    with pipe_tagged(5) as pipes:
+        async with open_pair() as (left, right):
+            stats = left.statistics()
+            assert stats == type(stats)(*[0] * 12)
+            await left.send(Message(b"abc"))
+            await left.send(Message(b"", pipes[:2]))
+            await left.send(Message(b"x" * 100, pipes[2:]))
+            await right.send(Message(b"back"))
+            for _ in range(3):
+                with await right.receive():
+                    pass
+            assert (await left.receive()).payload == b"back"
+            sent = left.statistics()
+            assert (sent.messages_sent, sent.bytes_sent, sent.handles_sent) == (
+                3,
+                3 * 16 + 3 + 100,
+                5,
+            )
+            assert (sent.messages_received, sent.bytes_received) == (1, 20)
+            got = right.statistics()
+            assert (got.messages_received, got.bytes_received) == (3, 3 * 16 + 103)
+            assert got.handles_received == 5
+            assert (got.messages_sent, got.bytes_sent, got.handles_sent) == (1, 20, 0)
+            for s in (sent, got):
+                assert s.send_queue_messages == s.send_queue_bytes == 0
+                assert s.receive_queue_messages == s.receive_queue_bytes == 0
+                assert s.read_buffer_bytes == s.unclaimed_handles == 0
+
+
+async def test_statistics_queue_depths() -> None:
+    async with open_pair(receive_queue_messages=3) as (left, right):
+        for i in range(3):
+            await left.send(Message(b"q" * (i + 1)))
+        await trio.testing.wait_all_tasks_blocked()
+        stats = right.statistics()
+        assert (stats.receive_queue_messages, stats.receive_queue_bytes) == (3, 6)
+        await right.receive()
+        stats = right.statistics()
+        assert (stats.receive_queue_messages, stats.receive_queue_bytes) == (2, 5)
+        await fill_until_queued(left)
+        stats = left.statistics()
+        full = 16 + len(BIG)
+        # Whole queued messages, the first perhaps partly written already.
+        assert stats.send_queue_messages >= 1
+        assert (stats.send_queue_messages - 1) * full < stats.send_queue_bytes
+        assert stats.send_queue_bytes <= stats.send_queue_messages * full
+        # Drain, so that neither side closes with unread data (a reset).
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(left.aclose)
+            async for _ in right:
+                pass

@@ -1,0 +1,537 @@
+"""MessageEncoder (``_encoder.py``): the outgoing queue and the sendmsg planner."""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import os
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import cast
+
+import pytest
+from _core_support import EXAMPLES, FdFactory, WireExample, drain, file_identity
+from hypothesis import given
+from hypothesis import strategies as st
+
+from trio_mojo import (
+    END_OF_STREAM,
+    MAX_ATTACHED_HANDLES,
+    MAX_SENDMSG_HANDLES,
+    Framing,
+    Handle,
+    Message,
+    MessageDecoder,
+    MessageEncoder,
+    MessageType,
+    OutgoingMessage,
+    encode_message,
+)
+from trio_mojo._encoder import MAX_PLAN_BUFFERS, MAX_PLAN_BYTES, Buffer
+
+
+@pytest.fixture
+def fds() -> Iterator[FdFactory]:
+    with FdFactory() as factory:
+        yield factory
+
+
+def joined(buffers: Sequence[Buffer]) -> bytes:
+    return b"".join(bytes(b) for b in buffers)
+
+
+def queue(encoder: MessageEncoder, *messages: Message) -> list[OutgoingMessage]:
+    entries = [OutgoingMessage.encode(m) for m in messages]
+    for entry in entries:
+        encoder.push(entry)
+    return entries
+
+
+# ---------------------------------------------------------------------------
+# Worked examples through the encoder
+
+
+ENCODABLE = [pytest.param(e, id=e.name) for e in EXAMPLES if e.encodable]
+
+
+@pytest.mark.parametrize("example", ENCODABLE)
+def test_worked_example_is_planned_byte_for_byte(
+    example: WireExample, fds: FdFactory
+) -> None:
+    handles = fds.make(example.num_handles)
+    numbers = [h.fileno() for h in handles]
+    entry = OutgoingMessage.encode(
+        Message(example.payload, handles, example.type), example.framing
+    )
+    encoder = MessageEncoder()
+    encoder.push(entry)
+    buffers, plan_fds = encoder.plan()
+    wire = joined(buffers)
+    if example.framing is Framing.IPCZ:
+        # creation_timeticks_us is "now"; everything else is the example's.
+        wire = wire[:8] + example.wire[8:16] + wire[16:]
+    assert wire == example.wire
+    assert plan_fds == numbers
+    assert all(not h.closed for h in handles)  # not before the kernel has them
+    assert encoder.advance(len(wire)) == 1
+    assert all(h.closed for h in handles)
+    assert not encoder
+
+
+def test_examples_coalesce_into_one_plan(fds: FdFactory) -> None:
+    mojo = [e for e in EXAMPLES if e.framing is Framing.MOJO]
+    handles = [fds.make(e.num_handles) for e in mojo]
+    encoder = MessageEncoder()
+    queue(
+        encoder,
+        *(Message(e.payload, h, e.type) for e, h in zip(mojo, handles, strict=True)),
+    )
+    assert encoder.queued_messages == len(mojo)
+    assert encoder.queued_bytes == sum(len(e.wire) for e in mojo)
+    buffers, plan_fds = encoder.plan()
+    assert joined(buffers) == b"".join(e.wire for e in mojo)
+    assert plan_fds == [h.fileno() for hs in handles for h in hs]
+    assert encoder.advance(encoder.queued_bytes) == len(mojo)
+    assert encoder.queued_bytes == 0
+    assert all(h.closed for hs in handles for h in hs)
+
+
+# ---------------------------------------------------------------------------
+# OutgoingMessage
+
+
+def test_small_payload_is_copied_next_to_its_header() -> None:
+    entry = OutgoingMessage.encode(Message(b"x" * 16384))
+    assert entry.head == encode_message(b"x" * 16384)
+    assert entry.tail == b""
+    assert entry.size == 16 + 16384
+    assert entry.unsent() == [entry.head]
+
+
+def test_large_payload_is_not_copied() -> None:
+    payload = b"y" * 16385
+    entry = OutgoingMessage.encode(Message(payload))
+    assert entry.head == encode_message(payload)[:16]
+    assert entry.tail is payload
+    assert entry.unsent() == [entry.head, payload]
+
+
+def test_payload_that_is_not_bytes_is_snapshotted() -> None:
+    payload = bytearray(b"abc")
+    entry = OutgoingMessage.encode(Message(cast(bytes, payload)))
+    payload[:] = b"XYZ"
+    assert entry.head == encode_message(b"abc")
+
+
+def test_encode_uses_the_framing_and_type() -> None:
+    legacy = OutgoingMessage.encode(Message(b"hello", (), MessageType.NORMAL_LEGACY))
+    assert legacy.head == bytes.fromhex("0d 00 00 00 00 00 00 00 68 65 6c 6c 6f")
+    ipcz = OutgoingMessage.encode(Message(b"hi"), Framing.IPCZ)
+    assert ipcz.head[:8] == bytes.fromhex("10 00 00 00 12 00 00 00")
+    assert ipcz.head[16:] == b"hi"
+
+
+def test_encode_refuses_more_than_253_handles(fds: FdFactory) -> None:
+    handles = fds.make(MAX_ATTACHED_HANDLES + 1)
+    with pytest.raises(ValueError, match=r"at most 253 handles, not 254"):
+        OutgoingMessage.encode(Message(b"x", handles))
+    assert all(not h.closed for h in handles)  # still the caller's
+
+
+def test_encode_propagates_header_errors() -> None:
+    with pytest.raises(ValueError, match=r"Framing\.IPCZ carries only NORMAL"):
+        OutgoingMessage.encode(
+            Message(b"", (), MessageType.NORMAL_LEGACY), Framing.IPCZ
+        )
+
+
+@pytest.mark.parametrize(
+    ("payload_size", "offset", "expected"),
+    [
+        pytest.param(100, 0, [(0, 116)], id="inline-unsent"),
+        pytest.param(100, 5, [(5, 116)], id="inline-inside"),
+        pytest.param(20000, 0, [(0, 16), (16, 20016)], id="tail-unsent"),
+        pytest.param(20000, 3, [(3, 16), (16, 20016)], id="tail-inside-head"),
+        pytest.param(20000, 16, [(16, 20016)], id="tail-at-tail"),
+        pytest.param(20000, 19999, [(19999, 20016)], id="tail-inside-tail"),
+    ],
+)
+def test_unsent_buffers(
+    payload_size: int, offset: int, expected: list[tuple[int, int]]
+) -> None:
+    payload = random.Random(payload_size).randbytes(payload_size)
+    wire = encode_message(payload)
+    entry = OutgoingMessage.encode(Message(payload))
+    entry.offset = offset
+    parts = entry.unsent()
+    assert [bytes(p) for p in parts] == [wire[lo:hi] for lo, hi in expected]
+    assert bytes(entry.first_unsent_byte()) == wire[offset : offset + 1]
+
+
+# ---------------------------------------------------------------------------
+# plan() and advance()
+
+
+def test_plan_on_an_empty_queue_is_an_error() -> None:
+    encoder = MessageEncoder()
+    assert not encoder
+    assert encoder.queued_messages == 0
+    with pytest.raises(RuntimeError, match="empty"):
+        encoder.plan()
+
+
+def test_partial_writes_resume_where_they_stopped(fds: FdFactory) -> None:
+    encoder = MessageEncoder()
+    handles = fds.make(2)
+    payload = bytes(range(256)) * 100  # 25 600 bytes: header + tail
+    queue(encoder, Message(payload, handles), Message(b"second"))
+    stream = encode_message(payload, num_handles=2) + encode_message(b"second")
+    sent = 0
+    completed = []
+    for step in (1, 10, 5, 20000, 5600, 3, 19):  # 25 616 + 22 bytes
+        buffers, plan_fds = encoder.plan()
+        assert joined(buffers) == stream[sent:]
+        assert plan_fds == ([h.fileno() for h in handles] if sent == 0 else [])
+        completed.append(encoder.advance(step))
+        sent += step
+        assert all(h.closed for h in handles)  # closed with the first send
+        assert encoder.queued_bytes == len(stream) - sent
+    assert completed == [0, 0, 0, 0, 1, 0, 1]
+    assert not encoder
+
+
+def test_advance_zero_changes_nothing(fds: FdFactory) -> None:
+    encoder = MessageEncoder()
+    handles = fds.make(3)
+    queue(encoder, Message(b"abc", handles))
+    first = encoder.plan()
+    assert encoder.advance(0) == 0
+    assert all(not h.closed for h in handles)
+    assert encoder.queued_bytes == 19
+    assert encoder.plan() == first
+
+
+def test_advance_rejects_negative_and_oversized_counts(fds: FdFactory) -> None:
+    encoder = MessageEncoder()
+    handles = fds.make(1)
+    queue(encoder, Message(b"abc"), Message(b"def", handles))
+    with pytest.raises(ValueError, match="sent=-1 is negative"):
+        encoder.advance(-1)
+    encoder.plan()
+    with pytest.raises(ValueError, match="sent=39 is more than the 38 planned bytes"):
+        encoder.advance(39)
+    # Nothing was recorded: the queue, the plan and the fds are as they were.
+    assert encoder.queued_bytes == 38
+    assert [h.closed for h in handles] == [False]
+    assert encoder.advance(38) == 2
+    assert handles[0].closed
+    with pytest.raises(ValueError, match="sent=1 is more than the 0 planned bytes"):
+        encoder.advance(1)  # that plan is used up
+
+
+def test_advance_without_plan_is_refused() -> None:
+    encoder = MessageEncoder()
+    queue(encoder, Message(b"abc"))
+    with pytest.raises(ValueError, match="more than the 0 planned bytes"):
+        encoder.advance(1)
+
+
+def test_replanning_replaces_the_previous_plan(fds: FdFactory) -> None:
+    encoder = MessageEncoder()
+    handles = fds.make(1)
+    queue(encoder, Message(b"abc", handles))
+    encoder.plan()
+    _, plan_fds = encoder.plan()
+    assert plan_fds == [handles[0].fileno()]
+    encoder.advance(19)
+    assert handles[0].closed
+
+
+def test_more_than_128_fds_are_split_into_batches_with_data(fds: FdFactory) -> None:
+    encoder = MessageEncoder()
+    handles = fds.make(253)
+    queue(encoder, Message(b"payload", handles))
+    wire = encode_message(b"payload", num_handles=253)
+
+    buffers, plan_fds = encoder.plan()
+    assert joined(buffers) == wire[:1]  # exactly one byte with the first batch
+    assert plan_fds == [h.fileno() for h in handles[:128]]
+    assert encoder.advance(1) == 0
+    assert all(h.closed for h in handles[:128])
+    assert not any(h.closed for h in handles[128:])
+
+    buffers, plan_fds = encoder.plan()
+    assert joined(buffers) == wire[1:]  # the rest rides with the last batch
+    assert plan_fds == [h.fileno() for h in handles[128:]]
+    assert encoder.advance(len(wire) - 1) == 1
+    assert all(h.closed for h in handles)
+
+
+def test_a_large_batch_waits_for_its_own_plan(fds: FdFactory) -> None:
+    encoder = MessageEncoder()
+    handles = fds.make(200)
+    queue(encoder, Message(b"first"), Message(b"second", handles))
+    buffers, plan_fds = encoder.plan()
+    assert joined(buffers) == encode_message(b"first")
+    assert plan_fds == []
+    encoder.advance(21)
+    buffers, plan_fds = encoder.plan()
+    assert len(joined(buffers)) == 1
+    assert len(plan_fds) == 128
+
+
+def test_fds_of_the_next_message_that_would_exceed_128_start_a_new_plan(
+    fds: FdFactory,
+) -> None:
+    encoder = MessageEncoder()
+    first, second = fds.make(100), fds.make(29)
+    queue(encoder, Message(b"1", first), Message(b"2", second))
+    buffers, plan_fds = encoder.plan()
+    assert joined(buffers) == encode_message(b"1", num_handles=100)
+    assert len(plan_fds) == 100
+    encoder.advance(17)
+    buffers, plan_fds = encoder.plan()
+    assert joined(buffers) == encode_message(b"2", num_handles=29)
+    assert len(plan_fds) == 29
+    encoder.advance(17)
+
+
+def test_exactly_128_fds_share_a_plan(fds: FdFactory) -> None:
+    encoder = MessageEncoder()
+    queue(encoder, Message(b"1", fds.make(100)), Message(b"2", fds.make(28)))
+    buffers, plan_fds = encoder.plan()
+    assert len(joined(buffers)) == 34
+    assert len(plan_fds) == 128
+    assert encoder.advance(34) == 2
+
+
+def test_plan_stops_after_max_plan_bytes() -> None:
+    encoder = MessageEncoder()
+    size = MAX_PLAN_BYTES // 2
+    queue(encoder, *(Message(bytes(size)) for _ in range(4)))
+    buffers, _ = encoder.plan()
+    assert len(joined(buffers)) == 2 * (16 + size)
+    assert len(buffers) == 4  # header + payload view, twice: no copy
+    assert encoder.advance(2 * (16 + size)) == 2
+
+
+def test_plan_stops_before_max_plan_buffers() -> None:
+    encoder = MessageEncoder()
+    queue(encoder, *(Message(b"%d" % i) for i in range(MAX_PLAN_BUFFERS + 10)))
+    buffers, _ = encoder.plan()
+    assert len(buffers) == MAX_PLAN_BUFFERS - 1
+    assert encoder.advance(len(joined(buffers))) == MAX_PLAN_BUFFERS - 1
+    buffers, _ = encoder.plan()
+    assert len(buffers) == 11
+
+
+def test_fds_sent_ahead_of_their_bytes_hold_back_further_fds(
+    fds: FdFactory,
+) -> None:
+    # A partial write can carry the fds of a message whose bytes did not go
+    # out yet.  While such fds are outstanding, no further fds are planned,
+    # so a slow kernel cannot pile up fds in the receiver's queue beyond its
+    # max_queued_handles (2 x 253) one 128-fd plan at a time.
+    encoder = MessageEncoder()
+    batches = [fds.make(128) for _ in range(5)]
+    queue(encoder, Message(bytes(1000)), *(Message(b"m", b) for b in batches))
+    decoder = MessageDecoder()  # max_queued_handles=506
+    got: list[Message] = []
+    plans: list[tuple[int, int]] = []
+    try:
+        while encoder:  # the kernel takes one byte per sendmsg
+            buffers, plan_fds = encoder.plan()
+            plans.append((len(joined(buffers)), len(plan_fds)))
+            decoder.receive_handles([Handle.dup(fd) for fd in plan_fds])
+            decoder.receive_data(joined(buffers)[:1])
+            encoder.advance(1)
+            got += drain(decoder)[0]
+            assert decoder.queued_handles <= 2 * MAX_SENDMSG_HANDLES
+        assert plans[0] == (1016 + 17, 128)  # the first batch went early ...
+        assert plans[1] == (1015 + 17, 0)  # ... so the next one waits
+        assert plans[1016] == (17 + 17, 128)
+        assert [m.payload for m in got] == [bytes(1000)] + [b"m"] * 5
+        assert [len(m.handles) for m in got] == [0] + [128] * 5
+    finally:
+        decoder.close()
+        for message in got:
+            message.close()
+
+
+def test_close_closes_only_unsent_handles(fds: FdFactory) -> None:
+    encoder = MessageEncoder()
+    big = fds.make(200)
+    other = fds.make(2)
+    queue(encoder, Message(b"big", big), Message(b"other", other))
+    encoder.plan()
+    encoder.advance(1)  # the first 128 went out and are closed already
+    encoder.close()
+    encoder.close()  # idempotent
+    assert all(h.closed for h in big + other)
+    assert not encoder
+    assert encoder.queued_bytes == 0
+    with pytest.raises(ValueError, match="planned"):
+        encoder.advance(1)
+
+
+# ---------------------------------------------------------------------------
+# Round trip: MessageEncoder -> (simulated kernel) -> MessageDecoder
+
+
+@dataclass
+class Spec:
+    payload: bytes
+    num_handles: int
+    type: MessageType
+
+
+def _payload(size: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+specs_strategy = st.lists(
+    st.builds(
+        lambda size, seed, n, legacy: Spec(
+            _payload(size, seed),
+            n,
+            MessageType.NORMAL_LEGACY if legacy else MessageType.NORMAL,
+        ),
+        st.one_of(st.integers(0, 64), st.integers(0, 64 * 1024)),
+        st.integers(0, 2**16),
+        st.one_of(st.just(0), st.integers(1, 4), st.integers(0, MAX_ATTACHED_HANDLES)),
+        st.booleans(),
+    ),
+    max_size=6,
+)
+
+
+@given(framing=st.sampled_from(Framing), specs=specs_strategy, data=st.data())
+def test_round_trip_through_partial_writes_and_arbitrary_reads(
+    framing: Framing, specs: list[Spec], data: st.DataObject
+) -> None:
+    if framing is Framing.IPCZ:
+        for spec in specs:
+            spec.type = MessageType.NORMAL
+    made: list[Handle] = []  # every handle of this example, closed at the end
+    pipes = [os.pipe() for _ in specs]
+    try:
+        _round_trip(framing, specs, pipes, made, data)
+    finally:
+        for handle in made:
+            handle.close()
+        for pipe in pipes:
+            os.close(pipe[0])
+            os.close(pipe[1])
+
+
+def _round_trip(
+    framing: Framing,
+    specs: list[Spec],
+    pipes: list[tuple[int, int]],
+    made: list[Handle],
+    data: st.DataObject,
+) -> None:
+    encoder = MessageEncoder()
+    owner: dict[int, tuple[int, int]] = {}  # sender fd -> (message, handle index)
+    sender: dict[int, Handle] = {}
+    starts: list[int] = []
+    stream_size = 0
+    expected_stream = []
+    for index, spec in enumerate(specs):
+        handles = [Handle.dup(pipes[index][0]) for _ in range(spec.num_handles)]
+        made.extend(handles)
+        owner.update({h.fileno(): (index, j) for j, h in enumerate(handles)})
+        sender.update({h.fileno(): h for h in handles})
+        entry = OutgoingMessage.encode(
+            Message(spec.payload, handles, spec.type), framing
+        )
+        encoder.push(entry)
+        expected_stream.append(entry.head + entry.tail)
+        starts.append(stream_size)
+        stream_size += entry.size
+    ends = [*starts[1:], stream_size]
+    all_fds = [(i, j) for i, spec in enumerate(specs) for j in range(spec.num_handles)]
+
+    # -- send: plan, check the plan, let the "kernel" take a prefix
+    segments: list[tuple[int, list[Handle]]] = []  # (first byte, kernel's fds)
+    stream = bytearray()
+    fds_sent = [0] * len(specs)
+    partial_writes = 0
+    while encoder:
+        buffers, plan_fds = encoder.plan()
+        plan = joined(buffers)
+        pos = len(stream)
+        assert plan == b"".join(expected_stream)[pos : pos + len(plan)]
+        assert len(plan) >= 1
+        assert len(plan_fds) <= MAX_SENDMSG_HANDLES
+        # fds go in global FIFO order, each in a plan with one of its bytes
+        planned = [owner[fd] for fd in plan_fds]
+        assert planned == all_fds[sum(fds_sent) : sum(fds_sent) + len(planned)]
+        for i, _ in planned:
+            assert starts[i] < pos + len(plan)
+            assert ends[i] > pos
+        if partial_writes < 40:
+            sent = data.draw(
+                st.one_of(st.just(len(plan)), st.integers(1, len(plan))), label="sent"
+            )
+        else:
+            sent = len(plan)
+        partial_writes += sent < len(plan)
+        kernel = [Handle.dup(fd) for fd in plan_fds]  # the kernel's references
+        made.extend(kernel)
+        segments.append((pos, kernel))
+        stream += plan[:sent]
+        encoder.advance(sent)
+        for i, _ in planned:
+            fds_sent[i] += 1
+        assert all(sender[fd].closed for fd in plan_fds)
+        new_pos = len(stream)
+        for i, spec in enumerate(specs):
+            # no later than the first byte (the first batch of 128) ...
+            if pos <= starts[i] < new_pos:
+                assert fds_sent[i] >= min(spec.num_handles, MAX_SENDMSG_HANDLES)
+            # ... and all of them no later than the last byte
+            if pos < ends[i] <= new_pos:
+                assert fds_sent[i] == spec.num_handles
+        early = sum(n for i, n in enumerate(fds_sent) if starts[i] >= new_pos)
+        assert early <= MAX_SENDMSG_HANDLES
+    assert bytes(stream) == b"".join(expected_stream)
+    assert sum(fds_sent) == len(all_fds)
+
+    # -- receive: arbitrary chunks; a segment's fds come with its first byte.
+    # Like Linux, one recvmsg returns the fds of at most one sendmsg: it ends
+    # inside the first segment that carried fds.
+    cuts = set(
+        data.draw(
+            st.lists(st.integers(0, len(stream)), max_size=16, unique=True),
+            label="cuts",
+        )
+    )
+    with_fds = [s for s, kernel in segments if kernel]
+    for prev, nxt in itertools.pairwise(with_fds):
+        if not any(prev < c <= nxt for c in cuts):
+            cuts.add(nxt)
+    points = sorted({0, len(stream), *cuts})
+    seg_starts = [s for s, _ in segments]
+    decoder = MessageDecoder(framing=framing)
+    got: list[Message] = []
+    for lo, hi in itertools.pairwise(points):
+        first = bisect.bisect_left(seg_starts, lo)
+        last = bisect.bisect_left(seg_starts, hi)
+        for _, kernel in segments[first:last]:
+            decoder.receive_handles(kernel)
+        decoder.receive_data(memoryview(stream)[lo:hi])
+        got += drain(decoder)[0]
+    decoder.receive_eof()
+    assert decoder.next_message() is END_OF_STREAM
+
+    assert len(got) == len(specs)
+    received = [h for m in got for h in m.handles]
+    assert received == [h for _, kernel in segments for h in kernel]  # FIFO
+    for index, (message, spec) in enumerate(zip(got, specs, strict=True)):
+        assert message.payload == spec.payload
+        assert message.type is spec.type
+        assert len(message.handles) == spec.num_handles
+        identity = file_identity(pipes[index][0])
+        assert all(file_identity(h.fileno()) == identity for h in message.handles)

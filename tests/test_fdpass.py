@@ -1,0 +1,198 @@
+"""The syscall layer (``_fdpass``): sendmsg/recvmsg, errno translation, fds.
+
+Real ``socketpair`` s throughout; the hostile cases (``MSG_CTRUNC``, foreign
+control messages) are produced by the kernel itself.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+
+import pytest
+import trio
+from _helpers import open_fds, pipe_tagged, read_tags, send_fds
+
+from trio_mojo import DisconnectedError, Handle, MalformedMessageError
+from trio_mojo import _fdpass
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        a.setblocking(False)
+        b.setblocking(False)
+        yield a, b
+
+
+def test_receive_returns_none_when_nothing_is_there(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    _, b = pair
+    assert _fdpass.receive(b, 100) is None
+
+
+def test_receive_returns_empty_data_at_end_of_stream(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = pair
+    a.shutdown(socket.SHUT_WR)
+    assert _fdpass.receive(b, 100) == (b"", [])
+
+
+def test_send_and_receive_bytes_and_fds_in_order(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = pair
+    with pipe_tagged(5) as pipes:
+        sent = _fdpass.send(a, [b"he", memoryview(b"llo")], [h.fileno() for h in pipes])
+        assert sent == 5
+        # The caller still owns what it sent.
+        assert not any(h.closed for h in pipes)
+    received = _fdpass.receive(b, 100)
+    assert received is not None
+    data, handles = received
+    try:
+        assert data == b"hello"
+        assert all(isinstance(h, Handle) for h in handles)
+        assert read_tags(handles) == [0, 1, 2, 3, 4]
+        # MSG_CMSG_CLOEXEC: never inherited by a child we spawn.
+        assert not any(os.get_inheritable(h.fileno()) for h in handles)
+    finally:
+        for h in handles:
+            h.close()
+
+
+def test_send_returns_none_when_the_socket_is_full(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = pair
+    chunk = b"x" * 65536
+    total = 0
+    while (sent := _fdpass.send(a, [chunk], [])) is not None:
+        total += sent
+    assert total > 0
+    # Reading makes room again.
+    while _fdpass.receive(b, 1 << 20) is not None:
+        pass
+    assert _fdpass.send(a, [b"y"], []) == 1
+
+
+def test_calls_never_block_even_on_a_blocking_socket(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    # MSG_DONTWAIT: a socket left blocking cannot stall the event loop.
+    a, b = pair
+    a.setblocking(True)
+    b.setblocking(True)
+    assert _fdpass.receive(a, 1) is None  # nothing was sent to a
+    while _fdpass.send(a, [b"x" * 65536], []) is not None:
+        pass
+
+
+def test_send_to_a_closed_peer_is_disconnected(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = pair
+    b.close()
+    with pytest.raises(DisconnectedError, match="EPIPE|Broken pipe") as info:
+        _fdpass.send(a, [b"x"], [])
+    assert isinstance(info.value.__cause__, BrokenPipeError)
+
+
+def test_receive_after_the_peer_dropped_unread_data_is_disconnected(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = pair
+    _fdpass.send(b, [b"unread"], [])
+    a.close()  # with unread data: the kernel resets b's connection
+    with pytest.raises(DisconnectedError, match="Connection reset") as info:
+        _fdpass.receive(b, 100)
+    assert isinstance(info.value.__cause__, ConnectionResetError)
+
+
+def test_closed_socket_raises_closed_resource_error(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, _ = pair
+    a.close()
+    with pytest.raises(trio.ClosedResourceError):
+        _fdpass.send(a, [b"x"], [])
+    with pytest.raises(trio.ClosedResourceError):
+        _fdpass.receive(a, 100)
+
+
+def test_truncated_control_data_closes_what_arrived_and_fails(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = pair
+    r, w = os.pipe()
+    try:
+        before = open_fds()
+        # 200 fds in one sendmsg: more than the 128 our control buffer holds.
+        send_fds(a, b"x", [r] * 200)
+        with pytest.raises(MalformedMessageError, match="MSG_CTRUNC"):
+            _fdpass.receive(b, 100)
+        assert open_fds() == before  # the 128 that arrived were closed
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_truncated_control_data_can_be_tolerated(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    # Chromium's release behaviour, behind fail_on_truncation=False.
+    a, b = pair
+    with pipe_tagged(1) as (pipe,):
+        send_fds(a, b"x", [pipe.fileno()] * 200)
+    received = _fdpass.receive(b, 100, fail_on_truncation=False)
+    assert received is not None
+    data, handles = received
+    try:
+        assert data == b"x"
+        assert len(handles) == 128
+    finally:
+        for h in handles:
+            h.close()
+
+
+def test_foreign_control_message_closes_fds_and_fails(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    # SO_PASSCRED makes the kernel add SCM_CREDENTIALS next to SCM_RIGHTS:
+    # the channel never asked for it, so it is a protocol violation.
+    a, b = pair
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    before = open_fds()
+    with pipe_tagged(3) as pipes:
+        send_fds(a, b"x", [h.fileno() for h in pipes])
+    with pytest.raises(MalformedMessageError, match="unexpected control message"):
+        _fdpass.receive(b, 100)
+    assert open_fds() == before
+
+
+def test_received_fd_is_wrapped_even_with_a_short_buffer(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    # The fds come with the first byte; a 1-byte read still gets all of them.
+    a, b = pair
+    with pipe_tagged(2) as pipes:
+        send_fds(a, b"abc", [h.fileno() for h in pipes])
+    first = _fdpass.receive(b, 1)
+    rest = _fdpass.receive(b, 100)
+    assert first is not None
+    assert rest == (b"bc", [])
+    data, handles = first
+    try:
+        assert data == b"a"
+        assert read_tags(handles) == [0, 1]
+    finally:
+        for h in handles:
+            h.close()
+
+
+def test_recv_control_size_holds_exactly_128_fds() -> None:
+    assert socket.CMSG_SPACE(128 * 4) == _fdpass.RECV_CONTROL_SIZE
