@@ -463,6 +463,43 @@ def test_surplus_fds_go_to_the_next_message_that_claims_some(fds: FdFactory) -> 
     expect_message(decoder.next_message(), b"c", MessageType.NORMAL, handles[1:])
 
 
+def test_fds_are_counted_against_the_cap_only_after_their_data_is_parsed(
+    fds: FdFactory,
+) -> None:
+    # A correct sender can have a 253-fd message in progress while the rest
+    # of its bytes and two more 127-fd batches arrive: 507 fds are queued
+    # for a moment, but the same read completes the first message.
+    decoder = MessageDecoder()
+    first, second, third = fds.make(253), fds.make(127), fds.make(127)
+    big = encode_message(b"big", num_handles=253)
+    decoder.receive_handles(first)
+    decoder.receive_data(big[:5])
+    assert decoder.next_message() is NEED_DATA
+    decoder.receive_handles(second)
+    decoder.receive_handles(third)
+    assert decoder.queued_handles == 507
+    decoder.receive_data(
+        big[5:]
+        + encode_message(b"two", num_handles=127)
+        + encode_message(b"three", num_handles=127)[:3]
+    )
+    expect_message(decoder.next_message(), b"big", MessageType.NORMAL, first)
+    expect_message(decoder.next_message(), b"two", MessageType.NORMAL, second)
+    assert decoder.next_message() is NEED_DATA  # 127 queued: fine
+    decoder.receive_data(encode_message(b"three", num_handles=127)[3:])
+    expect_message(decoder.next_message(), b"three", MessageType.NORMAL, third)
+
+
+def test_cap_on_queued_fds_is_inclusive(fds: FdFactory) -> None:
+    decoder = MessageDecoder()
+    decoder.receive_handles(fds.make(506))
+    assert decoder.next_message() is NEED_DATA
+    decoder.receive_handles(fds.make(1))
+    with pytest.raises(MalformedMessageError, match="507 unclaimed"):
+        decoder.next_message()
+    assert all(h.closed for h in fds.made)
+
+
 def test_unclaimed_fds_at_eof_are_closed_in_chromium_mode(fds: FdFactory) -> None:
     decoder = MessageDecoder(strict_handles=False)
     handles = fds.make(2)
@@ -725,6 +762,14 @@ def _rows() -> Iterator[Any]:
             options={"max_handles_per_message": 4, "max_queued_handles": 4},
         ),
         id="queued-fds-cap-custom",
+    )
+    yield pytest.param(
+        Row(
+            normal(bytes(100))[:50],
+            r"507 unclaimed file descriptors queued, above max_queued_handles=506\b",
+            fds=507,
+        ),
+        id="queued-fds-cap-inside-a-message",
     )
     # -- hardening: surplus fds at a clean end of stream
     yield pytest.param(

@@ -359,6 +359,45 @@ def test_fds_sent_ahead_of_their_bytes_hold_back_further_fds(
             message.close()
 
 
+def test_coalesced_batches_stay_within_the_receivers_fd_cap(fds: FdFactory) -> None:
+    # Found by the round-trip property below: a plan that finishes a 253-fd
+    # message also carries the next batch of 127 fds, the receiver reads only
+    # one byte of it, and its next read brings another 127 fds.
+    encoder = MessageEncoder()
+    counts = [0, 0, 253, 0, 127, 127]
+    batches = [fds.make(n) for n in counts]
+    queue(encoder, *(Message(b"", b) for b in batches))
+    segments: list[tuple[bytes, list[Handle]]] = []
+    for sent, planned_fds in zip(
+        [32, 1, 1, 46, 16], [0, 128, 125, 127, 127], strict=True
+    ):
+        buffers, plan_fds = encoder.plan()
+        assert len(plan_fds) == planned_fds
+        kernel = [Handle.dup(fd) for fd in plan_fds]
+        segments.append((joined(buffers)[:sent], kernel))
+        encoder.advance(sent)
+    assert not encoder
+    decoder = MessageDecoder()
+    got: list[Message] = []
+    try:
+        # reads: [0, 33) [33, 34) [34, 35) [35, 96), fds before their bytes
+        stream = b"".join(data for data, _ in segments)
+        reads = [(0, 33, [1]), (33, 34, [2]), (34, 35, [3]), (35, 96, [4])]
+        for lo, hi, with_fds in reads:
+            for index in with_fds:
+                decoder.receive_handles(segments[index][1])
+            decoder.receive_data(stream[lo:hi])
+            got += drain(decoder)[0]
+        assert [len(m.handles) for m in got] == counts
+    finally:
+        decoder.close()
+        for message in got:
+            message.close()
+        for _, kernel in segments:
+            for handle in kernel:
+                handle.close()
+
+
 def test_close_closes_only_unsent_handles(fds: FdFactory) -> None:
     encoder = MessageEncoder()
     big = fds.make(200)

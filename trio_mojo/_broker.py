@@ -73,6 +73,7 @@ _OPEN: Final = b"OPEN"
 _OK: Final = b"OK"
 _ERROR: Final = b"ER"
 _ERROR_HEADER: Final = struct.Struct("<2sI")
+_MAX_REASON_BYTES: Final = 512
 _MODES: Final = ("r", "w", "a", "r+")
 _MODE_FLAGS: Final = {
     "r": os.O_RDONLY,
@@ -180,6 +181,10 @@ def _walk_nofollow(dirfd: int, relative: bytes, flags: int) -> int:
     parts = [part for part in relative.split(b"/") if part not in (b"", b".")]
     if b".." in parts:
         raise OSError(errno.EXDEV, "'..' is not allowed")
+    if not parts:
+        parts = [
+            b"."
+        ]  # the root itself ("root/."): opened, then refused as a directory
     current = os.dup(dirfd)
     try:
         for part in parts[:-1]:
@@ -247,6 +252,10 @@ class FileBroker:
         Raises:
             BrokerError: refused, or the open failed.
         """
+        if b"\0" in path:
+            # The kernel would stop at the NUL: another path than the one
+            # the rules were checked against.
+            raise BrokerError(errno.EINVAL, "a path cannot contain a NUL byte")
         root, relative = self._match(path, mode)
         try:
             fd = _open_beneath(root, relative, _MODE_FLAGS[mode] | _ALWAYS)
@@ -273,18 +282,28 @@ class FileBroker:
         """Answer requests on ``channel`` until the worker closes it."""
         async for request in channel:
             request.close()  # a request carries no handles (the channel rejects them)
-            path = b""
             try:
                 path, mode = _decode_request(request.payload)
                 fd = await trio.to_thread.run_sync(self.open, path, mode)
             except BrokerError as exc:
                 self.refused += 1
                 code = exc.errno or errno.EACCES
-                text = f"{exc.strerror}: {os.fsdecode(path)!r}".encode(errors="replace")
-                await channel.send(Message(_ERROR_HEADER.pack(_ERROR, code) + text))
+                # The reason only: the worker knows the path it asked for, and
+                # quoting a hostile path (escaped by repr, up to 4 times its
+                # size) could exceed the broker channel's message size limit.
+                reason = str(exc.strerror or "refused").encode(errors="replace")
+                reply = _ERROR_HEADER.pack(_ERROR, code) + reason[:_MAX_REASON_BYTES]
+                await channel.send(Message(reply))
                 continue
+            handle = Handle(fd)
+            try:
+                await channel.send(Message(_OK, (handle,)))
+            except BaseException:
+                # Cancelled before the channel took the fd (send is
+                # cancel-atomic); otherwise the channel closed it already.
+                handle.close()
+                raise
             self.served += 1
-            await channel.send(Message(_OK, (Handle(fd),)))
 
 
 class BrokerClient:
@@ -297,6 +316,8 @@ class BrokerClient:
     def __init__(self, channel: Channel) -> None:
         self._channel = channel
         self._lock = trio.Lock()
+        self._unanswered = 0
+        """Replies still owed to requests whose caller was cancelled."""
 
     async def open(self, path: str | os.PathLike[str], mode: str = "r") -> Handle:
         """Return a :class:`Handle` for ``path``, opened by the parent.
@@ -312,8 +333,16 @@ class BrokerClient:
         """
         request = encode_request(path, mode)
         async with self._lock:
-            await self._channel.send(Message(request))
+            # A request cancelled while waiting for its reply still gets one:
+            # discard it (closing its fd), or every later caller would get
+            # the reply meant for the request before it.
+            while self._unanswered:
+                (await self._channel.receive()).close()
+                self._unanswered -= 1
+            await self._channel.send(Message(request))  # cancel-atomic
+            self._unanswered += 1
             reply = await self._channel.receive()
+            self._unanswered -= 1
         if reply.payload == _OK and len(reply.handles) == 1:
             return reply.handles[0]
         reply.close()

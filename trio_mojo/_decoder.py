@@ -36,8 +36,13 @@ Hardening, each a constructor switch (the Chromium behaviour in brackets):
 ``max_handles_per_message`` (253) [65535]
     A header declaring more handles than this is malformed.
 ``max_queued_handles`` (506, twice the per-message maximum) [unbounded]
-    More fds waiting in the FIFO than this is malformed: a peer cannot make
-    us hold fds without limit.
+    More fds left waiting in the FIFO than this, once every complete message
+    has been returned, is malformed: a peer cannot make us hold fds without
+    limit.  (Checked when :meth:`~MessageDecoder.next_message` runs out of
+    messages, not on arrival: the fds that come with a read usually belong
+    to messages that the same read completes, and a correct sender can have
+    a 253-fd message in progress plus two 128-fd batches in flight.  So at
+    most ``max_queued_handles`` plus one read's fds are ever held.)
 ``strict_handles`` (True) [False: wait]
     A complete message whose fds have not arrived is malformed (Chromium
     stalls the channel forever waiting for them), and fds left unclaimed at
@@ -117,8 +122,9 @@ class MessageDecoder:
             header included); ``None`` means the u32 limit (Chromium).
         max_handles_per_message: largest accepted handle count in a header;
             ``None`` means 65535 (Chromium).
-        max_queued_handles: most fds that may wait unclaimed; ``None`` means
-            unbounded (Chromium).
+        max_queued_handles: most fds that may wait unclaimed once every
+            complete message was returned; ``None`` means unbounded
+            (Chromium).
         strict_handles: missing or surplus fds are malformed (``True``) or,
             as in Chromium, the decoder waits for missing fds (``False``).
         ipcz_parse_threshold: bytes needed before an IPCZ header is parsed,
@@ -242,9 +248,8 @@ class MessageDecoder:
         """Take ownership of fds received from the peer, in arrival order.
 
         Raises:
-            MalformedMessageError: the channel rejects handles, or the FIFO
-                would exceed ``max_queued_handles``.  All handles (these and
-                the queued ones) are closed first.
+            MalformedMessageError: the channel rejects handles.  All handles
+                (these and the queued ones) are closed first.
             ChannelError: the decoder has already failed (the handles are
                 closed).
         """
@@ -260,12 +265,6 @@ class MessageDecoder:
             self._fail(
                 f"peer sent {len(handles)} file descriptor(s) on a channel whose "
                 "handle_policy is REJECT"
-            )
-        limit = self.max_queued_handles
-        if limit is not None and len(self._handles) > limit:
-            self._fail(
-                f"{len(self._handles)} unclaimed file descriptors queued, above "
-                f"max_queued_handles={limit}"
             )
 
     def receive_eof(self) -> None:
@@ -378,6 +377,12 @@ class MessageDecoder:
 
     def _short(self, avail: int) -> DecoderEvent:
         if not self._eof:
+            limit = self.max_queued_handles
+            if limit is not None and len(self._handles) > limit:
+                self._fail(
+                    f"{len(self._handles)} unclaimed file descriptors queued, above "
+                    f"max_queued_handles={limit}"
+                )
             return NEED_DATA
         if avail:
             self._fail(

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import struct
 
 import trio
 
@@ -18,7 +20,7 @@ from ._channel import Channel
 from ._errors import BrokerError
 from ._message import Message
 
-__all__ = ["broker_reader", "crash", "describe_self", "echo", "ignore_eof"]
+__all__ = ["broker_reader", "crash", "describe_self", "echo", "fail", "ignore_eof"]
 
 
 async def echo(channel: Channel) -> None:
@@ -42,6 +44,17 @@ async def crash(channel: Channel) -> None:
     os._exit(status)
 
 
+async def fail(channel: Channel) -> None:
+    """Wait for one message, then raise ``RuntimeError`` with its payload as text.
+
+    A target that raises: the worker exits with status 1 and the traceback
+    on stderr, which the parent keeps.
+    """
+    message = await channel.receive()
+    message.close()
+    raise RuntimeError(message.payload.decode(errors="replace"))
+
+
 async def ignore_eof(channel: Channel) -> None:
     """Say ``b"ready"``, then never return on its own (tests the grace period)."""
     await channel.send(Message(b"ready"))
@@ -51,17 +64,24 @@ async def ignore_eof(channel: Channel) -> None:
 async def describe_self(channel: Channel) -> None:
     """Reply to each message with a JSON description of this process.
 
-    Keys: ``pid``, ``fds`` (``/proc/self/fd`` targets), ``received`` (for
-    each handle that came with the request: the first 64 bytes read
-    from it), ``cloexec`` (whether each received fd is close-on-exec).
+    Keys: ``pid``, ``fds`` (``/proc/self/fd`` targets), ``socket_creators``
+    (for each ``AF_UNIX`` socket fd, the pid ``SO_PEERCRED`` reports, which
+    for a ``socketpair`` is the process that created it: the parent for the
+    channel, this process for sockets it made itself, such as Trio's wakeup
+    pairs), ``received`` (for each handle that came with the request: the
+    first 64 bytes read from it), ``cloexec`` (whether each received fd is
+    close-on-exec).
     """
     async for message in channel:
         fds = {}
+        creators = {}
         for name in os.listdir("/proc/self/fd"):
             try:
                 fds[name] = os.readlink(f"/proc/self/fd/{name}")
             except OSError:
-                continue
+                continue  # listdir's own fd, closed by now
+            if fds[name].startswith("socket:"):
+                creators[name] = _socket_creator(int(name))
         received = []
         cloexec = []
         for handle in message.handles:
@@ -71,10 +91,24 @@ async def describe_self(channel: Channel) -> None:
         info = {
             "pid": os.getpid(),
             "fds": fds,
+            "socket_creators": creators,
             "received": received,
             "cloexec": cloexec,
         }
         await channel.send(Message(json.dumps(info).encode()))
+
+
+def _socket_creator(fd: int) -> int | None:
+    """``SO_PEERCRED``'s pid for an ``AF_UNIX`` socket fd, else ``None``."""
+    sock = socket.socket(fileno=fd)
+    try:
+        if sock.family != socket.AF_UNIX:
+            return None
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        pid: int = struct.unpack("3i", creds)[0]
+        return pid
+    finally:
+        sock.detach()
 
 
 async def broker_reader(channel: Channel) -> None:

@@ -20,12 +20,23 @@ be started by anything that follows the convention:
 The fd stays non-blocking across the ``exec`` (``O_NONBLOCK`` lives on the
 open file description): Chromium's child relies on that and so do we.
 
-:func:`open_process_with_channel` wraps this around
-:func:`trio.lowlevel.open_process` and owns the child for the duration of a
+:func:`open_process_with_channel` owns the child for the duration of a
 block: leaving it normally waits for the child to exit (up to a grace
 period, then ``SIGTERM``, then ``SIGKILL``); leaving it by an exception or a
 cancellation kills the child at once.  Either way the child is reaped inside
 a shielded scope, so no zombie survives the block.
+
+Why not :func:`trio.lowlevel.open_process`: it forks from one of Trio's
+cached worker threads, and a worker arms ``PR_SET_PDEATHSIG``, which the
+kernel fires when the *thread* that forked the child exits, not the process.
+Trio retires an idle cached thread after 10 s, so every worker was
+killed by ``SIGKILL`` about 10 s after it started.  We fork from the thread that
+runs the Trio loop instead (the one thread that outlives every child a
+nursery owns), with :class:`subprocess.Popen`, which uses ``vfork`` and
+returns as soon as the child has called ``exec``: it blocks the loop for a
+fraction of a millisecond (0.3 ms measured).  :class:`Process` is the small
+:class:`trio.Process` work-alike (``pidfd`` wait, Trio streams for pipes)
+this needs.
 """
 
 from __future__ import annotations
@@ -42,10 +53,12 @@ from typing import Any, Final
 import trio
 
 from ._endpoint import Endpoint, channel_pair
+from ._handles import Handle
 
 __all__ = [
     "CHANNEL_SWITCH",
     "ChildProcess",
+    "Process",
     "open_process_with_channel",
     "recover_endpoint",
 ]
@@ -54,6 +67,8 @@ CHANNEL_SWITCH: Final = "--mojo-platform-channel-handle"
 """The command-line switch naming the channel's fd (Chromium's ``kHandleSwitch``)."""
 
 _MIN_TARGET_FD: Final = 3
+_MAX_FD: Final = 2**31 - 1
+"""An fd is a C int."""
 _KILL_WAIT: Final = 5.0
 """Seconds to wait for a SIGKILLed child to be reaped before giving up."""
 
@@ -87,6 +102,8 @@ def recover_endpoint(
     fd = int(value)
     if fd < _MIN_TARGET_FD:
         raise ValueError(f"{switch}={fd}: the fd must be >= {_MIN_TARGET_FD}")
+    if fd > _MAX_FD:  # os.fstat would raise OverflowError
+        raise ValueError(f"{switch}={value}: not a possible fd number")
     return Endpoint.from_fd(fd)
 
 
@@ -102,32 +119,182 @@ def _fd_at_least_3(endpoint: Endpoint) -> Endpoint:
     return Endpoint.from_fd(moved)
 
 
+class Process:
+    """A child process: the part of :class:`trio.Process` trio_mojo uses.
+
+    ``pid``, ``args``, ``returncode`` (``None`` while running; negative: the
+    signal that ended it), ``poll()``, ``await wait()``,
+    ``send_signal()``/``terminate()``/``kill()`` (no-ops once the child was
+    reaped), and ``stdin``/``stdout``/``stderr`` as Trio streams when they
+    were requested as ``subprocess.PIPE``.  Waiting uses a ``pidfd`` (or a
+    thread on kernels without one); the child is reaped by ``wait()``.
+    """
+
+    def __init__(
+        self,
+        popen: subprocess.Popen[bytes],
+        stdin: trio.lowlevel.FdStream | None,
+        stdout: trio.lowlevel.FdStream | None,
+        stderr: trio.lowlevel.FdStream | None,
+    ) -> None:
+        self._popen = popen
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+        self._wait_lock = trio.Lock()
+        self._pidfd: Handle | None = None
+        with contextlib.suppress(OSError, AttributeError):
+            self._pidfd = Handle(os.pidfd_open(popen.pid))
+
+    @property
+    def pid(self) -> int:
+        """The child's process id."""
+        return self._popen.pid
+
+    @property
+    def args(self) -> Any:
+        """The argv the child was started with."""
+        return self._popen.args
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status, or ``None`` while the child runs (reaps it if it exited)."""
+        return self.poll()
+
+    def poll(self) -> int | None:
+        """Reap the child if it exited; return :attr:`returncode`."""
+        result = self._popen.poll()
+        if result is not None:
+            self._close_pidfd()
+        return result
+
+    async def wait(self) -> int:
+        """Wait until the child exits, reap it, and return its status."""
+        async with self._wait_lock:
+            if self.poll() is None:
+                if self._pidfd is not None:
+                    # ClosedResourceError: poll() reaped it meanwhile.
+                    with contextlib.suppress(trio.ClosedResourceError):
+                        await trio.lowlevel.wait_readable(self._pidfd.fileno())
+                else:
+                    await trio.to_thread.run_sync(
+                        _wait_exited, self.pid, abandon_on_cancel=True
+                    )
+                self._popen.wait()  # it has exited: this reaps without blocking
+                self._close_pidfd()
+        returncode = self._popen.returncode
+        assert returncode is not None
+        return returncode
+
+    def send_signal(self, sig: int) -> None:
+        """Send ``sig`` unless the child was already reaped (no pid reuse race)."""
+        self._popen.send_signal(sig)
+
+    def terminate(self) -> None:
+        """``SIGTERM``."""
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """``SIGKILL``."""
+        self.send_signal(signal.SIGKILL)
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            trio.lowlevel.notify_closing(self._pidfd.fileno())
+            self._pidfd.close()
+            self._pidfd = None
+
+    def __repr__(self) -> str:
+        return f"<trio_mojo.Process pid={self.pid} returncode={self._popen.returncode}>"
+
+
+def _wait_exited(pid: int) -> None:
+    """Block until ``pid`` has exited, without reaping it (no-pidfd fallback)."""
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+
+
+def _spawn(
+    argv: Sequence[str],
+    *,
+    stdin: int | None,
+    stdout: int | None,
+    stderr: int | None,
+    **options: Any,
+) -> Process:
+    """Start ``argv`` from the calling thread (see the module docstring)."""
+    streams: dict[str, trio.lowlevel.FdStream | None] = {}
+    child_ends: dict[str, int | None] = {
+        "stdin": stdin,
+        "stdout": stdout,
+        "stderr": stderr,
+    }
+    with contextlib.ExitStack() as always, contextlib.ExitStack() as on_failure:
+        for name, spec in list(child_ends.items()):
+            streams[name] = None
+            if spec != subprocess.PIPE:
+                continue
+            read_end, write_end = os.pipe()  # both close-on-exec
+            ours, theirs = (
+                (write_end, read_end) if name == "stdin" else (read_end, write_end)
+            )
+            always.callback(os.close, theirs)
+            try:
+                stream = trio.lowlevel.FdStream(ours)
+            except BaseException:
+                os.close(ours)
+                raise
+            on_failure.callback(stream.close)
+            streams[name] = stream
+            child_ends[name] = theirs
+        popen = subprocess.Popen(
+            argv,
+            stdin=child_ends["stdin"],
+            stdout=child_ends["stdout"],
+            stderr=child_ends["stderr"],
+            **options,
+        )
+        on_failure.pop_all()
+    return Process(popen, streams["stdin"], streams["stdout"], streams["stderr"])
+
+
 async def start_with_endpoints(
     argv: Sequence[str],
     endpoints: Mapping[str, Endpoint],
+    *,
+    stdin: int | None = subprocess.DEVNULL,
+    stdout: int | None = None,
+    stderr: int | None = None,
     **options: Any,
-) -> trio.Process:
+) -> Process:
     """Start ``argv`` with each endpoint passed under its switch.
 
     ``endpoints`` maps a switch (``"--mojo-platform-channel-handle"``) to the
     remote endpoint the child gets; each is closed in this process once the
-    start was attempted, whether it worked or not.  ``options`` go to
-    :func:`trio.lowlevel.open_process` (``pass_fds`` and ``close_fds`` are
-    ours).
+    start was attempted, whether it worked or not.  ``stdin``, ``stdout``,
+    ``stderr`` and ``options`` mean what they mean to
+    :class:`subprocess.Popen` (``pass_fds`` and ``close_fds`` are ours;
+    ``subprocess.PIPE`` gives a Trio stream).  Once the child exists this
+    returns it without a cancellation point, so the caller always owns it.
     """
     remotes: list[Endpoint] = []
     try:
+        for key in ("pass_fds", "close_fds", "preexec_fn"):
+            if key in options:
+                raise ValueError(f"{key!r} is managed by trio_mojo")
+        await trio.lowlevel.checkpoint_if_cancelled()
         remotes.extend(_fd_at_least_3(endpoint) for endpoint in endpoints.values())
         fds = tuple(remote.fileno() for remote in remotes)
         args = [*argv]
         args += [f"{switch}={fd}" for switch, fd in zip(endpoints, fds, strict=True)]
-        for key in ("pass_fds", "close_fds", "preexec_fn"):
-            if key in options:
-                raise ValueError(f"{key!r} is managed by trio_mojo")
-        process: trio.Process = await trio.lowlevel.open_process(
-            args, pass_fds=fds, close_fds=True, **options
+        return _spawn(
+            args,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            pass_fds=fds,
+            close_fds=True,
+            **options,
         )
-        return process
     finally:
         for endpoint in endpoints.values():
             endpoint.close()
@@ -135,7 +302,7 @@ async def start_with_endpoints(
             remote.close()
 
 
-async def reap(process: trio.Process, *, grace_period: float) -> bool:
+async def reap(process: Process, *, grace_period: float) -> bool:
     """Wait for ``process`` to exit; after ``grace_period`` s terminate it.
 
     Sends ``SIGTERM`` when the grace period runs out and ``SIGKILL`` a
@@ -154,7 +321,7 @@ async def reap(process: trio.Process, *, grace_period: float) -> bool:
     return False
 
 
-async def kill(process: trio.Process) -> None:
+async def kill(process: Process) -> None:
     """``SIGKILL`` the process and reap it, shielded."""
     with trio.CancelScope(shield=True):
         _signal(process, signal.SIGKILL)
@@ -162,7 +329,7 @@ async def kill(process: trio.Process) -> None:
             await process.wait()
 
 
-async def close_pipes(process: trio.Process) -> None:
+async def close_pipes(process: Process) -> None:
     """Close whichever of the child's stdio pipes this process holds."""
     with trio.CancelScope(shield=True):
         for stream in (process.stdin, process.stdout, process.stderr):
@@ -170,7 +337,7 @@ async def close_pipes(process: trio.Process) -> None:
                 await stream.aclose()
 
 
-def _signal(process: trio.Process, sig: signal.Signals) -> None:
+def _signal(process: Process, sig: signal.Signals) -> None:
     if process.returncode is None:
         # ProcessLookupError: it exited in the meantime; wait() reaps it.
         with contextlib.suppress(ProcessLookupError):
@@ -180,13 +347,13 @@ def _signal(process: trio.Process, sig: signal.Signals) -> None:
 class ChildProcess:
     """A child started by :func:`open_process_with_channel`.
 
-    ``process`` is the :class:`trio.Process`; ``endpoint`` the parent's end
+    ``process`` is the :class:`Process`; ``endpoint`` the parent's end
     of the channel, to hand to :func:`open_channel`.
     """
 
     __slots__ = ("endpoint", "process")
 
-    def __init__(self, process: trio.Process, endpoint: Endpoint) -> None:
+    def __init__(self, process: Process, endpoint: Endpoint) -> None:
         self.process = process
         self.endpoint = endpoint
 

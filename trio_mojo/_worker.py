@@ -56,7 +56,14 @@ from ._channel import Channel, open_channel
 from ._endpoint import Endpoint, channel_pair
 from ._errors import ChannelError, WorkerError
 from ._sandbox import SandboxPolicy, SandboxReport, verify_report
-from ._spawn import CHANNEL_SWITCH, close_pipes, kill, reap, start_with_endpoints
+from ._spawn import (
+    CHANNEL_SWITCH,
+    Process,
+    close_pipes,
+    kill,
+    reap,
+    start_with_endpoints,
+)
 
 __all__ = ["ENV_ALLOWLIST", "Worker", "open_worker"]
 
@@ -64,6 +71,8 @@ ENV_ALLOWLIST: Final = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
 """Variables a worker inherits from the parent when ``env`` is not given."""
 _log = logging.getLogger("trio_mojo")
 STDERR_TAIL_BYTES: Final = 8192
+_TAIL_SETTLE_TIME: Final = 1.0
+"""Seconds to wait for the rest of a dead worker's stderr."""
 SANDBOX_FAILED_EXIT: Final = 71
 """The bootstrap's exit status when a required sandbox layer failed."""
 
@@ -78,7 +87,7 @@ class Worker:
 
     def __init__(
         self,
-        process: trio.Process,
+        process: Process,
         channel: Channel,
         report: SandboxReport,
         tail: _Tail,
@@ -114,6 +123,7 @@ class _Tail:
     def __init__(self) -> None:
         self._chunks: collections.deque[bytes] = collections.deque()
         self._size = 0
+        self._drained = trio.Event()
 
     def add(self, data: bytes | bytearray) -> None:
         self._chunks.append(bytes(data))
@@ -125,8 +135,22 @@ class _Tail:
         return b"".join(self._chunks)[-STDERR_TAIL_BYTES:].decode(errors="replace")
 
     async def drain(self, stream: trio.abc.ReceiveStream) -> None:
-        async for chunk in stream:
-            self.add(chunk)
+        try:
+            async for chunk in stream:
+                self.add(chunk)
+        finally:
+            self._drained.set()
+
+    async def settle(self) -> None:
+        """Wait until the stream ended, so the tail is complete (bounded).
+
+        A child that exited has closed its stderr, but the drain task may
+        not have read the last bytes yet (a traceback written just before
+        the exit).  The wait is bounded because a grandchild can hold the
+        pipe open.
+        """
+        with trio.move_on_after(_TAIL_SETTLE_TIME):
+            await self._drained.wait()
 
 
 def _check_target(target: str) -> None:
@@ -146,9 +170,11 @@ def _environment(extra: Mapping[str, str] | None) -> dict[str, str]:
     return env
 
 
-def _worker_error(
-    what: str, process: trio.Process, tail: _Tail, cause: BaseException | None = None
+async def _worker_error(
+    what: str, process: Process, tail: _Tail, cause: BaseException | None = None
 ) -> WorkerError:
+    if process.returncode is not None:
+        await tail.settle()
     error = WorkerError(
         f"worker pid {process.pid} {what}",
         returncode=process.returncode,
@@ -158,13 +184,15 @@ def _worker_error(
     return error
 
 
-async def _first_message(channel: Channel, process: trio.Process, tail: _Tail) -> bytes:
+async def _first_message(channel: Channel, process: Process, tail: _Tail) -> bytes:
     try:
         report = await channel.receive()
     except (trio.EndOfChannel, ChannelError) as exc:
         with trio.move_on_after(2):
             await process.wait()
-        raise _worker_error("exited before it was ready", process, tail, exc) from None
+        raise await _worker_error(
+            "exited before it was ready", process, tail, exc
+        ) from exc
     report.close()
     return report.payload
 
@@ -292,7 +320,10 @@ async def open_worker(
                         if broker_channel is not None:
                             await broker_channel.aclose()
                     except (ChannelError, trio.EndOfChannel) as exc:
-                        raise await _explain(exc, process, tail) from exc
+                        error = await _explain(exc, process, tail)
+                        if error is exc:
+                            raise
+                        raise error from exc
                     await _finish(process, tail, grace_period)
             except BaseException as exc:
                 # Raised outside the nursery, so the caller gets it bare.
@@ -312,7 +343,7 @@ async def open_worker(
 
 async def _handshake(
     channel: Channel,
-    process: trio.Process,
+    process: Process,
     tail: _Tail,
     policy: SandboxPolicy,
     startup_timeout: float,
@@ -322,32 +353,32 @@ async def _handshake(
         with trio.fail_after(startup_timeout):
             payload = await _first_message(channel, process, tail)
     except trio.TooSlowError as exc:
-        raise _worker_error(
+        raise await _worker_error(
             f"sent no sandbox report within {startup_timeout} s", process, tail
         ) from exc
     try:
         report = SandboxReport.from_bytes(payload)
     except ValueError as exc:
-        raise _worker_error("sent a malformed sandbox report", process, tail) from exc
+        raise await _worker_error(
+            "sent a malformed sandbox report", process, tail
+        ) from exc
     verify_report(process.pid, policy, report)
     return report
 
 
-async def _finish(process: trio.Process, tail: _Tail, grace_period: float) -> None:
+async def _finish(process: Process, tail: _Tail, grace_period: float) -> None:
     """Wait for the worker to exit after its channel closed; check its status."""
     exited = await reap(process, grace_period=grace_period)
     if exited and process.returncode:
-        raise _worker_error("failed", process, tail)
+        raise await _worker_error("failed", process, tail)
 
 
-async def _explain(
-    exc: BaseException, process: trio.Process, tail: _Tail
-) -> BaseException:
+async def _explain(exc: BaseException, process: Process, tail: _Tail) -> BaseException:
     """The channel broke: a WorkerError if the worker died by itself."""
     with trio.CancelScope(shield=True), trio.move_on_after(0.5):
         await process.wait()
     if process.returncode:
-        return _worker_error("died", process, tail, exc)
+        return await _worker_error("died", process, tail, exc)
     return exc
 
 
