@@ -132,11 +132,12 @@ def _catch(broker: FileBroker, path: Path | str, mode: str) -> BaseException | i
 
 def test_serves_a_file_under_a_read_only_rule(tree: Tree, resolver: str) -> None:
     broker = tree.broker()
-    for path, content in [
+    cases: list[tuple[Path | str, bytes]] = [
         (tree.ro / "file.txt", ALLOWED),
         (tree.ro / "sub" / "nested.txt", b"nested"),
         (f"{tree.ro}/./sub//nested.txt", b"nested"),
-    ]:
+    ]
+    for path, content in cases:
         fd = _open(broker, path)
         try:
             assert os.read(fd, 100) == content

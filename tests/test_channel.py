@@ -339,7 +339,12 @@ async def test_conformance_3_four_messages_in_one_write() -> None:
             wire = EXAMPLE_A + EXAMPLE_B + EXAMPLE_C + EXAMPLE_D
             await peer.send(wire, [h.fileno() for h in pipes])
             got = [await channel.receive() for _ in range(4)]
-            assert [m.payload for m in got] == [b"", b"hello", bytes(range(1, 9)), b"hello"]
+            assert [m.payload for m in got] == [
+                b"",
+                b"hello",
+                bytes(range(1, 9)),
+                b"hello",
+            ]
             assert [len(m.handles) for m in got] == [0, 0, 2, 0]
             assert got[3].type is MessageType.NORMAL_LEGACY
             with got[2] as c:

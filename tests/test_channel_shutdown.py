@@ -344,7 +344,9 @@ async def test_read_failure_unseen_after_send_saw_one_is_not_raised() -> None:
 
 async def test_unseen_failure_is_raised_when_the_block_is_left() -> None:
     with raw_pair() as (endpoint, peer):
-        with pytest.raises(MalformedMessageError, match="unknown message_type=9") as info:
+        with pytest.raises(
+            MalformedMessageError, match="unknown message_type=9"
+        ) as info:
             async with open_channel(endpoint):
                 await peer.send(b"\x10\x00\x00\x00\x10\x00\x09\x00" + bytes(8))
                 assert await peer.at_eof()  # the channel failed; nobody asked

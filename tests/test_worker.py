@@ -73,7 +73,8 @@ async def test_worker_exchanges_framed_messages_with_fds(policy: SandboxPolicy) 
             (handle,) = reply.handles
             assert not os.get_inheritable(handle.fileno())
             assert os.read(handle.fileno(), 100) == b"parent's pipe"
-        assert worker.returncode is None
+        running = worker.returncode
+    assert running is None
     assert worker.returncode == 0
     assert_reaped(worker.pid)
 

@@ -69,6 +69,8 @@ _UNBUILT_HINT: Final = (
     "or SandboxPolicy.none(i_understand_this_is_unsandboxed=True)"
 )
 _UNBUILT_LAYERS: Final = ("namespaces", "landlock", "seccomp")
+MAX_REPORT_BYTES: Final = 64 * 1024
+"""A longer first message is not a sandbox report (real ones are ~0.4 KiB)."""
 
 
 class Requirement(enum.Enum):
@@ -249,20 +251,26 @@ class SandboxReport:
         Raises:
             ValueError: the payload is not a well-formed report.
         """
+        if len(payload) > MAX_REPORT_BYTES:
+            raise ValueError(
+                f"malformed sandbox report: {len(payload)} bytes, "
+                f"more than {MAX_REPORT_BYTES}"
+            )
         try:
             data: Any = json.loads(payload)
-            layers = data["layers"]
+            layers = _object(data["layers"])
             report = cls(
-                policy=str(data["policy"]),
+                policy=_text(data["policy"]),
                 pid=_int(data["pid"]),
                 uid=_int(data["uid"]),
-                layers={str(k): str(v) for k, v in layers.items()},
-                fds=tuple(_int(fd) for fd in data["fds"]),
-                failed=None if data.get("failed") is None else str(data["failed"]),
-                reason=None if data.get("reason") is None else str(data["reason"]),
+                layers={_text(k): _text(v) for k, v in layers.items()},
+                fds=tuple(_int(fd) for fd in _list(data["fds"])),
+                failed=_optional_text(data.get("failed")),
+                reason=_optional_text(data.get("reason")),
             )
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"malformed sandbox report: {exc!r}") from None
+        # RecursionError: deeply nested JSON arrays or objects.
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            raise ValueError(f"malformed sandbox report: {exc!r:.200}") from None
         return report
 
     def describe(self) -> str:
@@ -273,8 +281,30 @@ class SandboxReport:
 
 
 def _int(value: object) -> int:
-    if type(value) is not int:
-        raise TypeError(f"expected an int, got {value!r}")
+    if type(value) is not int or value < 0:
+        raise TypeError(f"expected a non-negative int, got {value!r:.80}")
+    return value
+
+
+def _text(value: object) -> str:
+    if type(value) is not str:
+        raise TypeError(f"expected a string, got {value!r:.80}")
+    return value
+
+
+def _optional_text(value: object) -> str | None:
+    return None if value is None else _text(value)
+
+
+def _object(value: object) -> dict[object, object]:
+    if type(value) is not dict:
+        raise TypeError(f"expected an object, got {value!r:.80}")
+    return value
+
+
+def _list(value: object) -> list[object]:
+    if type(value) is not list:
+        raise TypeError(f"expected a list, got {value!r:.80}")
     return value
 
 
@@ -302,15 +332,20 @@ def set_parent_death_signal(expected_parent: int) -> None:
 
 
 def _apply_rlimits(policy: SandboxPolicy) -> None:
-    limits = [(resource.RLIMIT_CORE, 0)]
+    limits = [("CORE", 0)]
     if policy.max_open_files is not None:
-        limits.append((resource.RLIMIT_NOFILE, policy.max_open_files))
+        limits.append(("NOFILE", policy.max_open_files))
     if policy.max_file_size is not None:
-        limits.append((resource.RLIMIT_FSIZE, policy.max_file_size))
+        limits.append(("FSIZE", policy.max_file_size))
     if policy.max_address_space is not None:
-        limits.append((resource.RLIMIT_AS, policy.max_address_space))
-    for which, value in limits:
-        resource.setrlimit(which, (value, value))
+        limits.append(("AS", policy.max_address_space))
+    for name, value in limits:
+        try:
+            resource.setrlimit(getattr(resource, f"RLIMIT_{name}"), (value, value))
+        except (ValueError, OverflowError) as exc:
+            # resource reports EPERM and EINVAL as ValueError; a failed layer
+            # must be an OSError to be reported (not a crash of the bootstrap).
+            raise OSError(f"setrlimit(RLIMIT_{name}, {value}): {exc}") from exc
 
 
 def _apply_no_new_privs(policy: SandboxPolicy) -> None:

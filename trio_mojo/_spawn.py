@@ -200,7 +200,9 @@ class Process:
 
     def _close_pidfd(self) -> None:
         if self._pidfd is not None:
-            trio.lowlevel.notify_closing(self._pidfd.fileno())
+            # RuntimeError: outside Trio, where nothing can be waiting on it.
+            with contextlib.suppress(RuntimeError):
+                trio.lowlevel.notify_closing(self._pidfd.fileno())
             self._pidfd.close()
             self._pidfd = None
 

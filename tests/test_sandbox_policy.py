@@ -1,0 +1,316 @@
+"""SandboxPolicy and SandboxReport: the named opt-out, refusing what cannot be
+applied before anything is spawned, and checking a worker's claims in /proc.
+
+Nothing here sandboxes the pytest process (the layers cannot be undone):
+every layer is applied in a child.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _process_support import children
+
+from trio_mojo import (
+    Requirement,
+    SandboxPolicy,
+    SandboxReport,
+    SandboxUnavailableError,
+    WorkerError,
+    open_worker,
+)
+from trio_mojo._sandbox import verify_report
+
+UNSANDBOXED = SandboxPolicy.none(i_understand_this_is_unsandboxed=True)
+
+
+def _proc_status(pid: int | str) -> dict[str, str]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+def _proc_limit(pid: int, label: str) -> tuple[str, str]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith(label):
+            soft, hard = line[len(label) :].split()[:2]
+            return soft, hard
+    raise AssertionError(f"no {label!r} in /proc/{pid}/limits")
+
+
+# ----------------------------------------------------------------------
+# The explicit opt-out
+
+
+def test_none_needs_the_explicit_flag() -> None:
+    with pytest.raises(ValueError, match="i_understand_this_is_unsandboxed=True"):
+        SandboxPolicy.none()
+    for almost in (False, 1, "yes", None):
+        with pytest.raises(ValueError, match="without any sandbox"):
+            SandboxPolicy.none(i_understand_this_is_unsandboxed=almost)  # type: ignore[arg-type]
+    assert UNSANDBOXED.is_unsandboxed
+    assert not SandboxPolicy.basic().is_unsandboxed
+
+
+# ----------------------------------------------------------------------
+# Refused before spawning
+
+
+@pytest.fixture
+def no_spawning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if anything tries to start a process."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"a process was started: {args}")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+
+
+@pytest.mark.parametrize(
+    ("policy", "layer"),
+    [
+        (SandboxPolicy.strict(), "namespaces"),
+        (SandboxPolicy.default(), "seccomp"),
+        (None, "namespaces"),  # open_worker's default is strict()
+        (SandboxPolicy(seccomp="off", namespaces="off"), "landlock"),
+    ],
+)
+async def test_unbuildable_layers_are_refused_before_spawning(
+    no_spawning: None, policy: SandboxPolicy | None, layer: str
+) -> None:
+    before = children()
+    with pytest.raises(SandboxUnavailableError) as info:
+        async with open_worker("trio_mojo._examples:echo", sandbox=policy):
+            pytest.fail("the block must not run")  # pragma: no cover
+    assert info.value.layer == layer
+    assert "not built into this release" in info.value.reason
+    assert "SandboxPolicy.basic()" in str(info.value)  # the hint at a fix
+    assert children() == before
+
+
+def test_check_passes_when_nothing_missing_is_required() -> None:
+    SandboxPolicy.basic().check()
+    UNSANDBOXED.check()
+    SandboxPolicy(seccomp="if_available", landlock="off", namespaces="off").check()
+
+
+# ----------------------------------------------------------------------
+# Applied in the child, verified from /proc
+
+
+async def test_basic_applies_no_new_privs_and_rlimits() -> None:
+    policy = SandboxPolicy.basic()
+    async with open_worker("trio_mojo._examples:echo", sandbox=policy) as worker:
+        report = worker.sandbox_report
+        status = _proc_status(worker.pid)
+        files = _proc_limit(worker.pid, "Max open files")
+        core = _proc_limit(worker.pid, "Max core file size")
+    assert report.ok
+    assert report.layers["no_new_privs"] == "applied"
+    assert report.layers["rlimits"] == "applied"
+    assert report.layers["fd_hygiene"] == "applied"
+    for layer in ("seccomp", "landlock", "namespaces"):
+        assert report.layers[layer].startswith("unavailable: "), report.layers
+    assert "basic" in report.describe()
+    # Checked from outside, where the worker cannot lie.
+    assert status["NoNewPrivs"] == "1"
+    assert files == (str(policy.max_open_files),) * 2
+    assert core == ("0", "0")
+
+
+async def test_none_applies_nothing() -> None:
+    if _proc_status("self")["NoNewPrivs"] == "1":
+        pytest.skip("this test process already runs with no_new_privs")
+    async with open_worker("trio_mojo._examples:echo", sandbox=UNSANDBOXED) as worker:
+        report = worker.sandbox_report
+        status = _proc_status(worker.pid)
+    assert {layer for layer, state in report.layers.items() if state != "off"} == {
+        "fd_hygiene"
+    }
+    assert status["NoNewPrivs"] == "0"  # the control: the check above can fail
+
+
+async def test_a_layer_that_fails_in_the_worker_is_named() -> None:
+    # More open files than the kernel allows (fs.nr_open): setrlimit fails.
+    policy = SandboxPolicy(
+        name="too-many-files",
+        seccomp="off",
+        landlock="off",
+        namespaces="off",
+        max_open_files=2**40,
+    )
+    with pytest.raises(SandboxUnavailableError) as info:
+        async with open_worker("trio_mojo._examples:echo", sandbox=policy):
+            pytest.fail("the block must not run")  # pragma: no cover
+    assert info.value.layer == "rlimits"
+    assert "setrlimit" in info.value.reason
+
+
+async def test_a_worker_that_cannot_start_its_loop_is_a_worker_error() -> None:
+    # NOFILE=3 is applied (the channel, above it, stays usable), but then
+    # Trio cannot create its epoll fd: a clear failure, not a hang.
+    policy = SandboxPolicy(
+        seccomp="off", landlock="off", namespaces="off", max_open_files=3
+    )
+    with pytest.raises(WorkerError, match="exited before it was ready") as info:
+        async with open_worker("trio_mojo._examples:echo", sandbox=policy):
+            pytest.fail("the block must not run")  # pragma: no cover
+    assert "Too many open files" in info.value.stderr_tail
+
+
+# ----------------------------------------------------------------------
+# verify_report: the parent does not take the worker's word
+
+
+def _layers(**changes: str) -> dict[str, str]:
+    layers = {
+        "fd_hygiene": "applied",
+        "rlimits": "applied",
+        "no_new_privs": "applied",
+        "seccomp": "unavailable: x",
+        "landlock": "unavailable: x",
+        "namespaces": "unavailable: x",
+    }
+    layers.update(changes)
+    return layers
+
+
+def _report(pid: int, **changes: Any) -> SandboxReport:
+    """A report claiming what ``basic()`` applies, for ``pid``."""
+    fields: dict[str, Any] = {
+        "policy": "basic",
+        "pid": pid,
+        "uid": 0,
+        "layers": _layers(),
+        "fds": (0, 1, 2, 3),
+    }
+    fields.update(changes)
+    return SandboxReport(**fields)
+
+
+async def test_verify_report_catches_claims_proc_contradicts() -> None:
+    if _proc_status("self")["NoNewPrivs"] == "1":
+        pytest.skip("this test process already runs with no_new_privs")
+    basic = SandboxPolicy.basic()
+    rlimits_only = SandboxPolicy(
+        no_new_privs="off", seccomp="off", landlock="off", namespaces="off"
+    )
+    async with open_worker("trio_mojo._examples:echo", sandbox=UNSANDBOXED) as worker:
+        pid = worker.pid  # a live process with neither layer applied
+        cases: dict[str, tuple[SandboxPolicy, SandboxReport]] = {
+            "no_new_privs": (basic, _report(pid)),
+            "rlimits": (rlimits_only, _report(pid, layers=_layers(no_new_privs="off"))),
+            "report": (basic, _report(pid + 1)),
+            "landlock": (
+                SandboxPolicy(seccomp="off", namespaces="off"),
+                _report(pid),
+            ),
+        }
+        for layer, (policy, report) in cases.items():
+            with pytest.raises(SandboxUnavailableError) as info:
+                verify_report(pid, policy, report)
+            assert info.value.layer == layer
+        failed = _report(pid, failed="rlimits", reason="setrlimit: EPERM")
+        with pytest.raises(SandboxUnavailableError, match="setrlimit: EPERM"):
+            verify_report(pid, basic, failed)
+
+
+# ----------------------------------------------------------------------
+# Serialisation
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        SandboxPolicy.strict(),
+        SandboxPolicy.default(),
+        SandboxPolicy.basic(),
+        UNSANDBOXED,
+        SandboxPolicy(
+            name="custom",
+            rlimits=Requirement.IF_AVAILABLE,
+            seccomp="off",
+            max_open_files=None,
+            max_file_size=1 << 20,
+            max_address_space=1 << 32,
+        ),
+    ],
+    ids=lambda policy: policy.name,
+)
+def test_policy_json_round_trip(policy: SandboxPolicy) -> None:
+    text = policy.to_json()
+    assert json.loads(text)["name"] == policy.name
+    assert SandboxPolicy.from_json(text) == policy
+
+
+def test_policy_fields_are_checked() -> None:
+    with pytest.raises(TypeError, match="JSON object"):
+        SandboxPolicy.from_json("[]")
+    with pytest.raises(ValueError, match="is not a valid Requirement"):
+        SandboxPolicy(seccomp="sometimes")
+    for bad in (-1, 1.5, True, "256"):
+        with pytest.raises(ValueError, match="non-negative int"):
+            SandboxPolicy(max_open_files=bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        SandboxPolicy.from_json('{"no_such_field": 1}')
+
+
+def test_report_round_trip() -> None:
+    report = _report(1234, failed="rlimits", reason="why")
+    assert SandboxReport.from_bytes(report.to_bytes()) == report
+    assert not SandboxReport.from_bytes(report.to_bytes()).ok
+    assert SandboxReport.from_bytes(_report(5).to_bytes()).ok
+
+
+def _good() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(_report(1234).to_bytes())
+    return data
+
+
+def _with(**changes: Any) -> bytes:
+    data = _good()
+    for key, value in changes.items():
+        if value is KeyError:
+            del data[key]
+        else:
+            data[key] = value
+    return json.dumps(data).encode()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param(b"not json", id="not-json"),
+        pytest.param(b"\xff\xfe", id="not-utf8"),
+        pytest.param(b"[]", id="a-list"),
+        pytest.param(b"null", id="null"),
+        pytest.param(b"[" * 100_000, id="deeply-nested"),
+        pytest.param(_with(pid=KeyError), id="no-pid"),
+        pytest.param(_with(pid="1234"), id="pid-string"),
+        pytest.param(_with(pid=True), id="pid-bool"),
+        pytest.param(_with(pid=1.0), id="pid-float"),
+        pytest.param(_with(pid=-1), id="pid-negative"),
+        pytest.param(_with(uid=None), id="uid-null"),
+        pytest.param(_with(layers=["applied"]), id="layers-list"),
+        pytest.param(_with(layers={"rlimits": {"nested": 1}}), id="layer-not-text"),
+        pytest.param(_with(fds="0123"), id="fds-string"),
+        pytest.param(_with(fds=[0, 1, "2"]), id="fd-string"),
+        pytest.param(_with(fds=[0, -1]), id="fd-negative"),
+        pytest.param(_with(policy=None), id="policy-null"),
+        pytest.param(_with(policy=["basic"]), id="policy-list"),
+        pytest.param(_with(failed=7), id="failed-number"),
+        pytest.param(_with(reason={"x": 1}), id="reason-object"),
+        pytest.param(_with(layers=KeyError), id="no-layers"),
+        pytest.param(_with(reason="x" * (1 << 20)), id="huge"),
+    ],
+)
+def test_malformed_reports_are_rejected(payload: bytes) -> None:
+    with pytest.raises(ValueError, match="malformed sandbox report"):
+        SandboxReport.from_bytes(payload)
