@@ -52,6 +52,7 @@ class RawPeer:
     """The far end of a channel, as a bare Trio socket the test drives."""
 
     def __init__(self, sock: socket.socket) -> None:
+        self.stdlib = sock
         self.sock = trio.socket.from_stdlib_socket(sock)
 
     async def send(self, data: bytes, fds: Sequence[int] = ()) -> int:
@@ -109,7 +110,7 @@ class RawPeer:
     def nothing_pending(self) -> bool:
         """True if no byte is waiting to be read right now."""
         try:
-            self.sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK)
+            self.stdlib.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK)
         except BlockingIOError:
             return True
         return False
@@ -160,8 +161,8 @@ def send_fds(sock: socket.socket, data: bytes, fds: Sequence[int]) -> int:
 
 
 @contextlib.contextmanager
-def pipe_tagged(count: int) -> Iterator[list[Handle]]:
-    """``count`` pipe read ends, the i-th holding the single byte ``i % 256``.
+def pipe_tagged(count: int, first: int = 0) -> Iterator[list[Handle]]:
+    """``count`` pipe read ends, the i-th holding the byte ``(first + i) % 256``.
 
     The write ends are closed at once, so each read end yields its tag and
     then EOF: a received fd can be identified by reading it.  Every handle
@@ -173,7 +174,7 @@ def pipe_tagged(count: int) -> Iterator[list[Handle]]:
             r, w = os.pipe()
             handles.append(Handle(r))
             try:
-                os.write(w, bytes([i % 256]))
+                os.write(w, bytes([(first + i) % 256]))
             finally:
                 os.close(w)
         yield handles

@@ -14,7 +14,7 @@ import struct
 import pytest
 import trio
 import trio.testing
-from _helpers import RawPeer, open_pair, pipe_tagged, raw_pair, read_tags
+from _helpers import open_pair, pipe_tagged, raw_pair, read_tags
 
 from trio_mojo import (
     Channel,
@@ -175,10 +175,12 @@ async def test_peer_stress_test_3x1024_each_way_then_a_marker() -> None:
 
     counts: list[int] = []
     with trio.fail_after(20):
-        async with open_pair(handle_policy=HandlePolicy.REJECT) as (left, right):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(side, left, counts)
-                nursery.start_soon(side, right, counts)
+        async with (
+            open_pair(handle_policy=HandlePolicy.REJECT) as (left, right),
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(side, left, counts)
+            nursery.start_soon(side, right, counts)
     assert counts == [3072, 3072]
 
 
@@ -295,7 +297,7 @@ async def test_invalid_handles_are_refused_before_queueing() -> None:
             with pytest.raises(TypeError, match="Handle objects"):
                 await left.send(Message(b"", (pipes[0].fileno(),)))  # type: ignore[arg-type]
             assert not any(h.closed for h in pipes)
-        with pytest.raises(TypeError, match="trio_mojo.Message"):
+        with pytest.raises(TypeError, match=r"trio_mojo\.Message"):
             await left.send(b"bytes")  # type: ignore[arg-type]
         for reserved in (MessageType.UPGRADE_OFFER, MessageType.UPGRADE_REJECT):
             with pytest.raises(ValueError, match="reserved for the channel"):
@@ -449,8 +451,11 @@ async def test_conformance_17_one_mebibyte_message_with_fair_reading() -> None:
                 message = await channel.receive()
                 nursery.cancel_scope.cancel()
     assert message.payload == payload
-    # Other tasks ran between the 256 KiB batches of this one message.
-    assert len({n for n in observed if 0 < n < len(wire)}) >= 3
+    # Other tasks ran between the 256 KiB batches of this one message.  The
+    # reader takes four batches to reach 1 MiB; the watcher runs once per
+    # scheduler batch, before or after the reader, so it sees at least two
+    # of the four intermediate counts (none if the reader never yielded).
+    assert len({n for n in observed if 0 < n < len(wire)}) >= 2
 
 
 async def test_conformance_20_concurrent_senders_never_interleave() -> None:

@@ -9,13 +9,14 @@ single exception with its cause chained, never as an ``ExceptionGroup``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 
 import pytest
 import trio
 import trio.testing
-from _helpers import RawPeer, open_pair, pipe_tagged, raw_pair, read_tags
+from _helpers import open_pair, pipe_tagged, raw_pair
 
 from trio_mojo import (
     Channel,
@@ -95,11 +96,17 @@ async def test_flush_timeout_when_the_peer_never_reads(
 ) -> None:
     r, w = watched_pipe
     with raw_pair() as (endpoint, peer):
-        with pytest.raises(FlushTimeoutError, match="gave up flushing after 5") as info:
+        start = 0.0
+
+        async def session() -> None:
+            nonlocal start
             async with open_channel(endpoint, flush_timeout=5) as channel:
                 await fill_until_queued(channel)
                 await channel.send(Message(b"with fd", (w,)))
                 start = trio.current_time()
+
+        with pytest.raises(FlushTimeoutError, match="gave up flushing after 5") as info:
+            await session()
         assert trio.current_time() - start == pytest.approx(5)
         assert isinstance(info.value, trio.TooSlowError)
         assert info.value.__cause__ is not None
@@ -141,12 +148,18 @@ async def test_leaving_by_exception_aborts_at_once(
 ) -> None:
     r, w = watched_pipe
     with raw_pair() as (endpoint, peer), trio.fail_after(60):
-        with pytest.raises(KeyError, match="the body's own error"):
+        start = 0.0
+
+        async def session() -> None:
+            nonlocal start
             async with open_channel(endpoint, flush_timeout=None) as channel:
                 await fill_until_queued(channel)
                 await channel.send(Message(b"with fd", (w,)))
                 start = trio.current_time()
                 raise KeyError("the body's own error")
+
+        with pytest.raises(KeyError, match="the body's own error"):
+            await session()
         assert trio.current_time() == start  # no flush, no wait at all
         assert all_write_ends_closed(r)
         assert await peer.at_eof()
@@ -171,36 +184,39 @@ async def test_cancellation_from_outside_aborts_at_once(
 async def test_abort_closes_every_fd_the_channel_holds() -> None:
     # Received but never delivered, unclaimed, and queued outgoing fds: all
     # closed when the block is left by an error.
-    pipes_r = []
-    pipes_w = []
-    for _ in range(3):
-        r, w = os.pipe()
+    pipes = [os.pipe() for _ in range(3)]
+    for r, _ in pipes:
         os.set_blocking(r, False)
-        pipes_r.append(r)
-        pipes_w.append(w)
     try:
         with raw_pair() as (endpoint, peer):
-            with pytest.raises(KeyError):
+
+            async def session() -> None:
                 async with open_channel(endpoint, strict_handles=False) as channel:
                     # Undelivered: a complete message with its fd.
-                    await peer.send(encode_message(b"1", num_handles=1), [pipes_w[0]])
+                    claims_one = encode_message(b"1", num_handles=1)
+                    await peer.send(claims_one, [pipes[0][1]])
                     # Unclaimed: a message whose second fd has not arrived.
-                    await peer.send(encode_message(b"2", num_handles=2), [pipes_w[1]])
+                    claims_two = encode_message(b"2", num_handles=2)
+                    await peer.send(claims_two, [pipes[1][1]])
                     await trio.testing.wait_all_tasks_blocked()
                     stats = channel.statistics()
                     assert stats.receive_queue_messages == 1
                     assert stats.unclaimed_handles == 1
                     # Queued outgoing: behind a full socket.
                     await fill_until_queued(channel)
-                    await channel.send(Message(b"3", (Handle(os.dup(pipes_w[2])),)))
+                    await channel.send(Message(b"3", (Handle(os.dup(pipes[2][1])),)))
                     raise KeyError
-        for w in pipes_w:
+
+            with pytest.raises(KeyError):
+                await session()
+        for _, w in pipes:
             os.close(w)
-        pipes_w.clear()
-        assert all(all_write_ends_closed(r) for r in pipes_r)
+        assert all(all_write_ends_closed(r) for r, _ in pipes)
     finally:
-        for fd in pipes_r + pipes_w:
-            os.close(fd)
+        for r, w in pipes:
+            os.close(r)
+            with contextlib.suppress(OSError):
+                os.close(w)
 
 
 # ----------------------------------------------------------------------
@@ -344,23 +360,30 @@ async def test_read_failure_unseen_after_send_saw_one_is_not_raised() -> None:
 
 async def test_unseen_failure_is_raised_when_the_block_is_left() -> None:
     with raw_pair() as (endpoint, peer):
-        with pytest.raises(
-            MalformedMessageError, match="unknown message_type=9"
-        ) as info:
+
+        async def session() -> None:
             async with open_channel(endpoint):
                 await peer.send(b"\x10\x00\x00\x00\x10\x00\x09\x00" + bytes(8))
                 assert await peer.at_eof()  # the channel failed; nobody asked
+
+        with pytest.raises(MalformedMessageError, match="message_type=9") as info:
+            await session()
         assert type(info.value) is MalformedMessageError  # not an ExceptionGroup
         assert isinstance(info.value.__cause__, MalformedMessageError)
 
 
 async def test_unseen_write_failure_is_raised_when_the_block_is_left() -> None:
     with raw_pair() as (endpoint, peer):
-        with pytest.raises(DisconnectedError) as info:
+
+        async def session() -> None:
             async with open_channel(endpoint) as channel:
                 await fill_until_queued(channel)
                 peer.close()
                 await trio.testing.wait_all_tasks_blocked()
+
+        with pytest.raises(DisconnectedError) as info:
+            await session()
+        assert type(info.value) is DisconnectedError
         assert isinstance(info.value.__cause__, OSError)
 
 
@@ -375,11 +398,15 @@ async def test_failure_seen_once_is_not_raised_again_on_exit() -> None:
 
 async def test_body_exception_wins_over_a_channel_failure() -> None:
     with raw_pair() as (endpoint, peer):
-        with pytest.raises(KeyError):
+
+        async def session() -> None:
             async with open_channel(endpoint):
                 await peer.send(b"\x03\x00\x00\x00\x00\x00\x00\x00")
                 assert await peer.at_eof()
-                raise KeyError
+                raise KeyError("the body's")
+
+        with pytest.raises(KeyError, match="the body's"):
+            await session()
 
 
 async def test_internal_bug_in_the_reader_is_one_chained_exception(

@@ -7,7 +7,7 @@ import os
 import socket
 import tempfile
 from collections.abc import Callable, Iterator
-from typing import ContextManager
+from contextlib import AbstractContextManager
 
 import pytest
 import trio
@@ -93,11 +93,13 @@ def _listening_unix_socket() -> Iterator[int]:
 
 @contextlib.contextmanager
 def _connected_tcp_socket() -> Iterator[int]:
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        with socket.create_connection(server.getsockname()) as client:
-            conn, _ = server.accept()
-            with conn:
-                yield client.fileno()
+    with (
+        socket.create_server(("127.0.0.1", 0)) as server,
+        socket.create_connection(server.getsockname()) as client,
+    ):
+        conn, _ = server.accept()
+        with conn:
+            yield client.fileno()
 
 
 @contextlib.contextmanager
@@ -114,7 +116,7 @@ def _unix_seqpacket_pair() -> Iterator[int]:
         yield a.fileno()
 
 
-BAD_FDS: dict[str, tuple[Callable[[], ContextManager[int]], str]] = {
+BAD_FDS: dict[str, tuple[Callable[[], AbstractContextManager[int]], str]] = {
     "pipe": (_pipe, "not a socket"),
     "regular-file": (_regular_file, "not a socket"),
     "inet-stream-unconnected": (

@@ -14,8 +14,7 @@ import pytest
 import trio
 from _helpers import open_fds, pipe_tagged, read_tags, send_fds
 
-from trio_mojo import DisconnectedError, Handle, MalformedMessageError
-from trio_mojo import _fdpass
+from trio_mojo import DisconnectedError, Handle, MalformedMessageError, _fdpass
 
 
 @pytest.fixture
@@ -97,7 +96,7 @@ def test_send_to_a_closed_peer_is_disconnected(
 ) -> None:
     a, b = pair
     b.close()
-    with pytest.raises(DisconnectedError, match="EPIPE|Broken pipe") as info:
+    with pytest.raises(DisconnectedError, match="Broken pipe") as info:
         _fdpass.send(a, [b"x"], [])
     assert isinstance(info.value.__cause__, BrokenPipeError)
 

@@ -33,8 +33,9 @@ from trio_mojo import (
     open_channel,
 )
 
-Attack = Callable[[RawPeer, int], Awaitable[None]]
-"""Sends the hostile bytes; gets the peer and an fd it may pass (any number of times)."""
+Attack = Callable[[RawPeer, int, bytes], Awaitable[None]]
+"""Sends the hostile bytes.  Gets the peer, an fd it may pass (any number of
+times), and a prefix to put in front of its first write."""
 
 BEFORE = encode_message(b"before")
 
@@ -81,53 +82,36 @@ async def assert_cut_off(
     """
     before = encode_message(b"before", framing=options.get("framing", Framing.MOJO))
     with raw_pair() as (endpoint, peer), trio.fail_after(10):
-        async with open_channel(endpoint, **options) as channel:
-            async with trio.open_nursery() as nursery:
-                if before_in_same_write:
-                    nursery.start_soon(_prefixed(attack, before), peer, fd)
-                else:
-                    await peer.send(before)
-                    assert (await channel.receive()).payload == b"before"
-                    nursery.start_soon(attack, peer, fd)
-                if before_in_same_write:
-                    assert (await channel.receive()).payload == b"before"
-                with pytest.raises(error, match=match) as info:
-                    await channel.receive()
-                assert info.value.__cause__ is not None
+        async with (
+            open_channel(endpoint, **options) as channel,
+            trio.open_nursery() as nursery,
+        ):
+            if before_in_same_write:
+                nursery.start_soon(attack, peer, fd, before)
+            else:
+                await peer.send(before)
+                assert (await channel.receive()).payload == b"before"
+                nursery.start_soon(attack, peer, fd, b"")
+            if before_in_same_write:
+                assert (await channel.receive()).payload == b"before"
+            with pytest.raises(error, match=match) as info:
+                await channel.receive()
+            assert info.value.__cause__ is not None
+            with pytest.raises(error):
+                await channel.receive()
+            if error is MalformedMessageError:
                 with pytest.raises(error):
-                    await channel.receive()
-                if error is MalformedMessageError:
-                    with pytest.raises(error):
-                        await channel.send(Message(b"after"))
-                    # Cut off now, not when the block is left.
-                    assert await peer.at_eof()
+                    await channel.send(Message(b"after"))
+                # Cut off now, not when the block is left.
+                assert await peer.at_eof()
         # Leaving the block raised nothing: the failure was already seen.
-
-
-def _prefixed(attack: Attack, before: bytes) -> Attack:
-    """Make ``attack`` begin with the good message, in its first write."""
-
-    async def run(peer: RawPeer, fd: int) -> None:
-        original_send = peer.send
-
-        async def send_once_prefixed(data: bytes, fds: Any = ()) -> int:
-            peer.send = original_send  # type: ignore[method-assign]
-            return await original_send(before + data, fds)
-
-        peer.send = send_once_prefixed  # type: ignore[method-assign]
-        try:
-            await attack(peer, fd)
-        finally:
-            peer.send = original_send  # type: ignore[method-assign]
-
-    return run
 
 
 def sends(data: bytes, nfds: int = 0) -> Attack:
     """An attack that is one ``sendmsg`` of ``data`` with ``nfds`` fds."""
 
-    async def attack(peer: RawPeer, fd: int) -> None:
-        await peer.send(data, [fd] * nfds)
+    async def attack(peer: RawPeer, fd: int, prefix: bytes) -> None:
+        await peer.send(prefix + data, [fd] * nfds)
 
     return attack
 
@@ -144,7 +128,7 @@ def assert_fds_closed(pipe: tuple[int, int]) -> None:
 
 MALFORMED_HEADERS = {
     **{
-        f"num_bytes={n}": (legacy_header(n), "num_bytes=%d is below 8" % n)
+        f"num_bytes={n}": (legacy_header(n), f"num_bytes={n} is below 8")
         for n in range(8)
     },
     "num_bytes-above-max": (header(4097, 16, 1) + b"x" * 8, "exceeds max_message_size"),
@@ -261,8 +245,8 @@ async def test_promised_fds_missing_at_end_of_stream_non_strict(
     pipe_w: tuple[int, int],
 ) -> None:
     # Chromium's mode waits for missing fds; at EOF they never can come.
-    async def attack(peer: RawPeer, fd: int) -> None:
-        await peer.send(encode_message(b"payload", num_handles=1))
+    async def attack(peer: RawPeer, fd: int, prefix: bytes) -> None:
+        await peer.send(prefix + encode_message(b"payload", num_handles=1))
         peer.sock.shutdown(socket.SHUT_WR)
 
     await assert_cut_off(
@@ -287,8 +271,9 @@ async def test_unclaimed_fds_at_end_of_stream(pipe_w: tuple[int, int]) -> None:
 async def test_surplus_fds_beyond_the_queued_handles_cap(
     pipe_w: tuple[int, int],
 ) -> None:
-    # fds riding on messages that declare none pile up unclaimed; the 507th
-    # (max_queued_handles = 2 x 253) fails the channel.
+    # fds riding on messages that declare none pile up unclaimed; holding
+    # more than max_queued_handles (2 x 253) of them fails the channel once
+    # the messages that came with them were delivered.
     async def attack(peer: RawPeer, fd: int) -> None:
         for _ in range(4):  # 4 x 128 = 512 > 506
             await peer.send(encode_message(b"claims none"), [fd] * 128)
@@ -297,7 +282,7 @@ async def test_surplus_fds_beyond_the_queued_handles_cap(
         async with open_channel(endpoint) as channel:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(attack, peer, pipe_w[1])
-                for _ in range(3):
+                for _ in range(4):
                     assert (await channel.receive()).payload == b"claims none"
                 with pytest.raises(MalformedMessageError, match="max_queued_handles"):
                     await channel.receive()
@@ -401,8 +386,8 @@ async def test_end_of_stream_inside_a_message(
 ) -> None:
     # Conformance 12: EOF mid-message is DisconnectedError and the partial
     # message is never delivered.
-    async def attack(peer: RawPeer, fd: int) -> None:
-        await peer.send(encode_message(b"x" * 10)[:partial])
+    async def attack(peer: RawPeer, fd: int, prefix: bytes) -> None:
+        await peer.send(prefix + encode_message(b"x" * 10)[:partial])
         peer.sock.shutdown(socket.SHUT_WR)
 
     await assert_cut_off(

@@ -23,6 +23,7 @@ from _process_support import assert_reaped, children, inheritable_fds
 
 from trio_mojo import (
     CHANNEL_SWITCH,
+    Channel,
     DisconnectedError,
     Handle,
     Message,
@@ -49,7 +50,7 @@ def _pipe_with(data: bytes) -> Handle:
     return Handle(read_end)
 
 
-async def _describe(worker_channel: Any, *handles: Handle) -> dict[str, Any]:
+async def _describe(worker_channel: Channel, *handles: Handle) -> dict[str, Any]:
     await worker_channel.send(Message(b"describe", handles))
     reply = await worker_channel.receive()
     with reply:

@@ -311,6 +311,8 @@ class BrokerClient:
 
     Get it with :func:`current_broker` inside a worker started with
     ``file_access=...``.  Requests are serialised: one in flight at a time.
+    Cancelling :meth:`open` is safe: the reply that still comes for it is
+    discarded (its fd closed) before the next request.
     """
 
     def __init__(self, channel: Channel) -> None:

@@ -101,7 +101,9 @@ _OutboxReader = trio.MemoryReceiveChannel["OutgoingMessage | None"]
 class ChannelStatistics:
     """A snapshot of a channel's counters, from :meth:`Channel.statistics`.
 
-    Bytes are wire bytes (headers included).  ``send_queue_*`` count what
+    Messages and bytes are counted on the wire: headers included, and
+    control messages (an upgrade offer, our rejection) counted alongside
+    data messages in both directions.  ``send_queue_*`` count what
     was accepted by ``send()`` but is not yet completely written;
     ``receive_queue_*`` what was parsed but not yet returned by
     ``receive()``; ``read_buffer_bytes`` bytes of a message still arriving;
@@ -618,6 +620,7 @@ class Channel(trio.abc.Channel[Message]):
             message = decoder.next_message()
             if message is NEED_DATA or message is END_OF_STREAM:
                 return
+            self._messages_received += 1
             if message.type not in _DATA_TYPES:
                 message.close()  # before any await: control fds are unused
                 if message.type is MessageType.UPGRADE_OFFER:
@@ -631,7 +634,6 @@ class Channel(trio.abc.Channel[Message]):
                         await self._send_space.park()
                 self._on_control(message)
                 continue
-            self._messages_received += 1
             self._inbox_bytes += len(message.payload)
             try:
                 try:

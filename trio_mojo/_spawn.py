@@ -28,15 +28,15 @@ a shielded scope, so no zombie survives the block.
 
 Why not :func:`trio.lowlevel.open_process`: it forks from one of Trio's
 cached worker threads, and a worker arms ``PR_SET_PDEATHSIG``, which the
-kernel fires when the *thread* that forked the child exits, not the process.
-Trio retires an idle cached thread after 10 s, so every worker was
-killed by ``SIGKILL`` about 10 s after it started.  We fork from the thread that
-runs the Trio loop instead (the one thread that outlives every child a
-nursery owns), with :class:`subprocess.Popen`, which uses ``vfork`` and
-returns as soon as the child has called ``exec``: it blocks the loop for a
-fraction of a millisecond (0.3 ms measured).  :class:`Process` is the small
-:class:`trio.Process` work-alike (``pidfd`` wait, Trio streams for pipes)
-this needs.
+kernel fires when the *thread* that forked the child exits, not the
+process.  Trio retires an idle cached thread after 10 s, so every worker
+was killed by ``SIGKILL`` about 10 s after it started.  We fork from the
+thread that runs the Trio loop instead (the one thread that outlives every
+child a nursery owns), with :class:`subprocess.Popen`, which uses ``vfork``
+and returns as soon as the child has called ``exec``: it blocks the loop
+for a fraction of a millisecond (0.3 ms measured).  :class:`Process` is the
+small :class:`trio.Process` work-alike (``pidfd`` wait, Trio streams for
+pipes) this needs.
 """
 
 from __future__ import annotations
