@@ -72,9 +72,13 @@ def _fd_of(argv: Sequence[str], switch: str) -> int | None:
     return int(value) if value is not None and value.isdigit() else None
 
 
+_FD_CEILING: Final = 2**31 - 1
+"""Above any fd number: ``closerange`` uses ``close_range(2)``, so this is cheap."""
+
+
 def _close_other_fds(keep: set[int]) -> None:
     low = 3
-    for fd in sorted(keep | {os.sysconf("SC_OPEN_MAX")}):
+    for fd in sorted(keep | {_FD_CEILING}):
         if fd >= low:
             os.closerange(low, fd)
             low = fd + 1
