@@ -36,6 +36,7 @@ from ._sandbox import SandboxPolicy as SandboxPolicy
 from ._sandbox import SandboxReport as SandboxReport
 from ._spawn import CHANNEL_SWITCH as CHANNEL_SWITCH
 from ._spawn import ChildProcess as ChildProcess
+from ._spawn import Process as Process
 from ._spawn import open_process_with_channel as open_process_with_channel
 from ._spawn import recover_endpoint as recover_endpoint
 from ._wire import DEFAULT_MAX_MESSAGE_SIZE as DEFAULT_MAX_MESSAGE_SIZE
@@ -78,6 +79,7 @@ __all__ = [
     "MessageEncoder",
     "MessageType",
     "OutgoingMessage",
+    "Process",
     "Requirement",
     "SandboxPolicy",
     "SandboxReport",
