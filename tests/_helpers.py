@@ -16,12 +16,16 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import trio
+import trio.testing
 
-from trio_mojo import Channel, Endpoint, Handle, channel_pair, open_channel
+from trio_mojo import Channel, Endpoint, Handle, Message, channel_pair, open_channel
 
 __all__ = [
+    "FILLER",
     "RawPeer",
+    "WatchedPipe",
     "fd_is_open",
+    "fill_until_queued",
     "open_fds",
     "open_pair",
     "pipe_tagged",
@@ -29,6 +33,7 @@ __all__ = [
     "read_tags",
     "recv_fds",
     "send_fds",
+    "watched_pipe",
 ]
 
 SCM_SPACE = socket.CMSG_SPACE(300 * 4)
@@ -190,3 +195,55 @@ def read_tags(handles: Sequence[Handle]) -> list[int]:
         data = os.read(handle.fileno(), 2)
         tags.append(data[0] if len(data) == 1 else -1)
     return tags
+
+
+FILLER = b"F" * 65536
+"""What :func:`fill_until_queued` sends."""
+
+
+async def fill_until_queued(channel: Channel, payload: bytes = FILLER) -> int:
+    """Send ``payload`` until the kernel is full and one waits in the queue.
+
+    Returns how many were sent.  Settles (every task blocked) after each
+    send, so a peer channel's reader has taken all it will take.
+    """
+    sent = 0
+    while channel.statistics().send_queue_messages == 0:
+        await channel.send(Message(payload))
+        sent += 1
+        await trio.testing.wait_all_tasks_blocked()
+    return sent
+
+
+class WatchedPipe:
+    """A pipe whose write end is handed out; tells when every copy is closed.
+
+    Give away ``write_end`` (the Handle itself, or its fd number to a raw
+    peer, which duplicates it); :meth:`all_writers_closed` is true once no
+    copy of the write end is open anywhere, ours included.
+    """
+
+    def __init__(self) -> None:
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        self.read_end = Handle(r)
+        self.write_end = Handle(w)
+
+    def all_writers_closed(self) -> bool:
+        try:
+            return os.read(self.read_end.fileno(), 1) == b""
+        except BlockingIOError:
+            return False
+
+    def close(self) -> None:
+        self.write_end.close()
+        self.read_end.close()
+
+
+@contextlib.contextmanager
+def watched_pipe() -> Iterator[WatchedPipe]:
+    pipe = WatchedPipe()
+    try:
+        yield pipe
+    finally:
+        pipe.close()

@@ -14,7 +14,7 @@ import struct
 import pytest
 import trio
 import trio.testing
-from _helpers import open_pair, pipe_tagged, raw_pair, read_tags
+from _helpers import fill_until_queued, open_pair, pipe_tagged, raw_pair, read_tags
 
 from trio_mojo import (
     Channel,
@@ -71,12 +71,17 @@ async def test_async_iteration_stops_at_end_of_channel() -> None:
         assert [m.payload async for m in right] == [bytes([i]) for i in range(5)]
 
 
-async def test_payload_is_snapshotted_at_send() -> None:
-    async with open_pair() as (left, right):
-        payload = bytearray(b"before" * 5000)  # large: not copied next to header
+@pytest.mark.parametrize("size", [100, 100_000])  # copied next to the header, or not
+async def test_a_queued_payload_is_a_snapshot(size: int) -> None:
+    async with open_pair(receive_queue_messages=1) as (left, right):
+        filled = await fill_until_queued(left)
+        payload = bytearray(b"b" * size)
         await left.send(Message(payload))  # type: ignore[arg-type]
+        assert left.statistics().send_queue_messages >= 2  # it waits in the queue
         payload[:6] = b"AFTER!"
-        assert (await right.receive()).payload == b"before" * 5000
+        for _ in range(filled):
+            await right.receive()
+        assert (await right.receive()).payload == b"b" * size
 
 
 # ----------------------------------------------------------------------
@@ -351,6 +356,22 @@ async def test_conformance_3_four_messages_in_one_write() -> None:
             assert got[3].type is MessageType.NORMAL_LEGACY
             with got[2] as c:
                 assert read_tags(c.handles) == [0, 1]
+
+
+async def test_conformance_5_smallest_legacy_message_and_legacy_fds() -> None:
+    # num_bytes = 8 with the legacy header: a valid, empty message.  And
+    # Example D with one fd: legacy headers count handles in bytes 4-5.
+    with raw_pair() as (endpoint, peer), pipe_tagged(1, first=7) as pipes:
+        async with open_channel(endpoint) as channel:
+            await peer.send(bytes.fromhex("08 00 00 00 00 00 00 00"))
+            empty = await channel.receive()
+            assert (empty.payload, empty.type) == (b"", MessageType.NORMAL_LEGACY)
+            legacy_with_fd = bytes.fromhex("0d 00 00 00 01 00 00 00 68 65 6c 6c 6f")
+            await peer.send(legacy_with_fd, [pipes[0].fileno()])
+            with await channel.receive() as message:
+                assert message.payload == b"hello"
+                assert message.type is MessageType.NORMAL_LEGACY
+                assert read_tags(message.handles) == [7]
 
 
 async def test_conformance_6_extra_header_is_skipped() -> None:

@@ -13,20 +13,11 @@ from __future__ import annotations
 import pytest
 import trio
 import trio.testing
-from _helpers import open_pair, pipe_tagged, read_tags
+from _helpers import FILLER, fill_until_queued, open_pair, pipe_tagged, read_tags
 
-from trio_mojo import Channel, Message
+from trio_mojo import Message
 
 BIG = b"B" * 65536
-
-
-async def fill_until_queued(channel: Channel) -> int:
-    sent = 0
-    while channel.statistics().send_queue_messages == 0:
-        await channel.send(Message(BIG))
-        sent += 1
-        await trio.testing.wait_all_tasks_blocked()
-    return sent
 
 
 async def test_send_cancelled_on_entry() -> None:
@@ -80,7 +71,7 @@ async def test_send_cancelled_while_waiting_for_room() -> None:
             nursery.start_soon(collect)
             await left.send(Message(b"next"))
         # The peer gets everything but the cancelled message, intact.
-        assert payloads == [BIG] * fillers + [b"queued", b"next"]
+        assert payloads == [FILLER] * fillers + [b"queued", b"next"]
         assert right.statistics().handles_received == 0
 
 
@@ -97,8 +88,17 @@ async def test_receive_cancelled_on_entry_loses_nothing() -> None:
 
 async def test_receive_cancelled_while_waiting_loses_nothing() -> None:
     async with open_pair() as (left, right):
-        with trio.move_on_after(0.01) as scope:
-            await right.receive()
+        scope = trio.CancelScope()
+
+        async def waiting_receive() -> None:
+            with scope:
+                await right.receive()
+                pytest.fail("received a message nobody sent")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiting_receive)
+            await trio.testing.wait_all_tasks_blocked()
+            scope.cancel()
         assert scope.cancelled_caught
         with pipe_tagged(1) as pipes:
             await left.send(Message(b"after", pipes))

@@ -9,21 +9,25 @@ single exception with its cause chained, never as an ``ExceptionGroup``.
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections.abc import Iterator
 
 import pytest
 import trio
 import trio.testing
-from _helpers import open_pair, pipe_tagged, raw_pair
+from _helpers import (
+    FILLER,
+    WatchedPipe,
+    fill_until_queued,
+    open_pair,
+    pipe_tagged,
+    raw_pair,
+    watched_pipe,
+)
 
 from trio_mojo import (
-    Channel,
     ChannelError,
     DisconnectedError,
     FlushTimeoutError,
-    Handle,
     MalformedMessageError,
     Message,
     channel_pair,
@@ -31,35 +35,11 @@ from trio_mojo import (
     open_channel,
 )
 
-BIG = b"b" * 65536
-
 
 @pytest.fixture
-def watched_pipe() -> Iterator[tuple[int, Handle]]:
-    """(r, handle of w): r reads EOF once every copy of w was closed."""
-    r, w = os.pipe()
-    os.set_blocking(r, False)
-    try:
-        yield r, Handle(w)
-    finally:
-        os.close(r)
-
-
-def all_write_ends_closed(r: int) -> bool:
-    try:
-        return os.read(r, 1) == b""
-    except BlockingIOError:
-        return False
-
-
-async def fill_until_queued(channel: Channel, payload: bytes = BIG) -> int:
-    """Send until the kernel is full and a message waits in the send queue."""
-    sent = 0
-    while channel.statistics().send_queue_messages == 0:
-        await channel.send(Message(payload))
-        sent += 1
-        await trio.testing.wait_all_tasks_blocked()
-    return sent
+def pipe() -> Iterator[WatchedPipe]:
+    with watched_pipe() as pipe:
+        yield pipe
 
 
 # ----------------------------------------------------------------------
@@ -88,13 +68,13 @@ async def test_leaving_normally_flushes_every_queued_message() -> None:
                 # The block is left: everything was written before it closed.
                 assert sender.statistics().send_queue_messages == 0
                 assert sender.statistics().messages_sent == sent + 100
-    assert received == [BIG] * sent + [i.to_bytes(2, "little") for i in range(100)]
+    assert received == [FILLER] * sent + [i.to_bytes(2, "little") for i in range(100)]
 
 
 async def test_flush_timeout_when_the_peer_never_reads(
-    autojump_clock: trio.testing.MockClock, watched_pipe: tuple[int, Handle]
+    autojump_clock: trio.testing.MockClock, pipe: WatchedPipe
 ) -> None:
-    r, w = watched_pipe
+    w = pipe.write_end
     with raw_pair() as (endpoint, peer):
         start = 0.0
 
@@ -111,16 +91,16 @@ async def test_flush_timeout_when_the_peer_never_reads(
         assert isinstance(info.value, trio.TooSlowError)
         assert info.value.__cause__ is not None
         # Dropped: the queued message's fd was closed, the socket too.
-        assert all_write_ends_closed(r)
+        assert pipe.all_writers_closed()
         assert await peer.at_eof()
 
 
 async def test_flush_that_loses_messages_raises(
-    watched_pipe: tuple[int, Handle],
+    pipe: WatchedPipe,
 ) -> None:
     # The peer vanishes while the flush is under way: aclose must not pretend
     # the queued messages were delivered.
-    r, w = watched_pipe
+    w = pipe.write_end
     with raw_pair() as (endpoint, peer):
         async with open_channel(endpoint) as channel:
             await fill_until_queued(channel)
@@ -136,7 +116,7 @@ async def test_flush_that_loses_messages_raises(
                 assert channel.statistics().send_queue_messages > 0
                 peer.close()
         # aclose() raised it, so leaving the block raised nothing more.
-        assert all_write_ends_closed(r)
+        assert pipe.all_writers_closed()
 
 
 # ----------------------------------------------------------------------
@@ -144,9 +124,9 @@ async def test_flush_that_loses_messages_raises(
 
 
 async def test_leaving_by_exception_aborts_at_once(
-    autojump_clock: trio.testing.MockClock, watched_pipe: tuple[int, Handle]
+    autojump_clock: trio.testing.MockClock, pipe: WatchedPipe
 ) -> None:
-    r, w = watched_pipe
+    w = pipe.write_end
     with raw_pair() as (endpoint, peer), trio.fail_after(60):
         start = 0.0
 
@@ -161,14 +141,14 @@ async def test_leaving_by_exception_aborts_at_once(
         with pytest.raises(KeyError, match="the body's own error"):
             await session()
         assert trio.current_time() == start  # no flush, no wait at all
-        assert all_write_ends_closed(r)
+        assert pipe.all_writers_closed()
         assert await peer.at_eof()
 
 
 async def test_cancellation_from_outside_aborts_at_once(
-    autojump_clock: trio.testing.MockClock, watched_pipe: tuple[int, Handle]
+    autojump_clock: trio.testing.MockClock, pipe: WatchedPipe
 ) -> None:
-    r, w = watched_pipe
+    w = pipe.write_end
     with raw_pair() as (endpoint, peer), trio.fail_after(60):
         with trio.CancelScope() as scope:
             async with open_channel(endpoint, flush_timeout=None) as channel:
@@ -177,46 +157,44 @@ async def test_cancellation_from_outside_aborts_at_once(
                 scope.cancel()
                 await trio.sleep_forever()
         assert scope.cancelled_caught
-        assert all_write_ends_closed(r)
+        assert pipe.all_writers_closed()
         assert await peer.at_eof()
 
 
 async def test_abort_closes_every_fd_the_channel_holds() -> None:
     # Received but never delivered, unclaimed, and queued outgoing fds: all
     # closed when the block is left by an error.
-    pipes = [os.pipe() for _ in range(3)]
-    for r, _ in pipes:
-        os.set_blocking(r, False)
-    try:
-        with raw_pair() as (endpoint, peer):
+    with (
+        watched_pipe() as undelivered,
+        watched_pipe() as unclaimed,
+        watched_pipe() as outgoing,
+        raw_pair() as (endpoint, peer),
+    ):
 
-            async def session() -> None:
-                async with open_channel(endpoint, strict_handles=False) as channel:
-                    # Undelivered: a complete message with its fd.
-                    claims_one = encode_message(b"1", num_handles=1)
-                    await peer.send(claims_one, [pipes[0][1]])
-                    # Unclaimed: a message whose second fd has not arrived.
-                    claims_two = encode_message(b"2", num_handles=2)
-                    await peer.send(claims_two, [pipes[1][1]])
-                    await trio.testing.wait_all_tasks_blocked()
-                    stats = channel.statistics()
-                    assert stats.receive_queue_messages == 1
-                    assert stats.unclaimed_handles == 1
-                    # Queued outgoing: behind a full socket.
-                    await fill_until_queued(channel)
-                    await channel.send(Message(b"3", (Handle(os.dup(pipes[2][1])),)))
-                    raise KeyError
+        async def session() -> None:
+            async with open_channel(endpoint, strict_handles=False) as channel:
+                # Undelivered: a complete message with its fd.
+                claims_one = encode_message(b"1", num_handles=1)
+                await peer.send(claims_one, [undelivered.write_end.fileno()])
+                # Unclaimed: a message whose second fd has not arrived.
+                claims_two = encode_message(b"2", num_handles=2)
+                await peer.send(claims_two, [unclaimed.write_end.fileno()])
+                await trio.testing.wait_all_tasks_blocked()
+                stats = channel.statistics()
+                assert stats.receive_queue_messages == 1
+                assert stats.unclaimed_handles == 1
+                # Queued outgoing: behind a full socket.
+                await fill_until_queued(channel)
+                await channel.send(Message(b"3", (outgoing.write_end,)))
+                raise KeyError
 
-            with pytest.raises(KeyError):
-                await session()
-        for _, w in pipes:
-            os.close(w)
-        assert all(all_write_ends_closed(r) for r, _ in pipes)
-    finally:
-        for r, w in pipes:
-            os.close(r)
-            with contextlib.suppress(OSError):
-                os.close(w)
+        with pytest.raises(KeyError):
+            await session()
+        undelivered.write_end.close()  # the copies the peer sent are gone too
+        unclaimed.write_end.close()
+        assert undelivered.all_writers_closed()
+        assert unclaimed.all_writers_closed()
+        assert outgoing.all_writers_closed()
 
 
 # ----------------------------------------------------------------------
@@ -241,9 +219,9 @@ async def test_aclose_is_idempotent_and_closes_the_api() -> None:
 
 
 async def test_aclose_when_already_cancelled_still_closes(
-    watched_pipe: tuple[int, Handle],
+    pipe: WatchedPipe,
 ) -> None:
-    r, w = watched_pipe
+    w = pipe.write_end
     with raw_pair() as (endpoint, peer):
         async with open_channel(endpoint, flush_timeout=None) as channel:
             await fill_until_queued(channel)
@@ -252,15 +230,15 @@ async def test_aclose_when_already_cancelled_still_closes(
                 scope.cancel()
                 await channel.aclose()
             assert scope.cancelled_caught
-            assert all_write_ends_closed(r)
+            assert pipe.all_writers_closed()
             assert await peer.at_eof()
             await channel.aclose()  # and again: a no-op
 
 
 async def test_aclose_cancelled_while_flushing_still_closes(
-    watched_pipe: tuple[int, Handle],
+    pipe: WatchedPipe,
 ) -> None:
-    r, w = watched_pipe
+    w = pipe.write_end
     with raw_pair() as (endpoint, peer):
         async with open_channel(endpoint, flush_timeout=None) as channel:
             await fill_until_queued(channel)
@@ -268,9 +246,9 @@ async def test_aclose_cancelled_while_flushing_still_closes(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(channel.aclose)
                 await trio.testing.wait_all_tasks_blocked()
-                assert not all_write_ends_closed(r)  # still flushing
+                assert not pipe.all_writers_closed()  # still flushing
                 nursery.cancel_scope.cancel()
-            assert all_write_ends_closed(r)
+            assert pipe.all_writers_closed()
             assert await peer.at_eof()
 
 
@@ -431,9 +409,9 @@ async def test_internal_bug_in_the_reader_is_one_chained_exception(
 
 
 async def test_internal_bug_in_the_writer_is_one_chained_exception(
-    monkeypatch: pytest.MonkeyPatch, watched_pipe: tuple[int, Handle]
+    monkeypatch: pytest.MonkeyPatch, pipe: WatchedPipe
 ) -> None:
-    r, w = watched_pipe
+    w = pipe.write_end
     with raw_pair() as (endpoint, peer):
         async with open_channel(endpoint) as channel:
             await fill_until_queued(channel)
@@ -450,7 +428,7 @@ async def test_internal_bug_in_the_writer_is_one_chained_exception(
                 await channel.send(Message(b"next"))
             assert type(info.value) is ChannelError
             assert isinstance(info.value.__cause__, ZeroDivisionError)
-            assert all_write_ends_closed(r)  # the queued message was dropped
+            assert pipe.all_writers_closed()  # the queued message was dropped
 
 
 # ----------------------------------------------------------------------
@@ -499,7 +477,7 @@ async def test_statistics_queue_depths() -> None:
         assert (stats.receive_queue_messages, stats.receive_queue_bytes) == (2, 5)
         await fill_until_queued(left)
         stats = left.statistics()
-        full = 16 + len(BIG)
+        full = 16 + len(FILLER)
         # Whole queued messages, the first perhaps partly written already.
         assert stats.send_queue_messages >= 1
         assert (stats.send_queue_messages - 1) * full < stats.send_queue_bytes

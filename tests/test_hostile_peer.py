@@ -10,7 +10,6 @@ autouse fixture checks ``/proc/self/fd``).
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
 import tracemalloc
@@ -20,7 +19,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from _helpers import RawPeer, raw_pair
+from _helpers import RawPeer, WatchedPipe, raw_pair, watched_pipe
 
 from trio_mojo import (
     ChannelError,
@@ -54,15 +53,10 @@ def ipcz_header(size: int, num_bytes: int, num_handles: int = 0) -> bytes:
 
 
 @pytest.fixture
-def pipe_w() -> Iterator[tuple[int, int]]:
-    """A pipe (r, w) whose w the peer passes; r reads EOF once all copies close."""
-    r, w = os.pipe()
-    os.set_blocking(r, False)
-    try:
-        yield r, w
-    finally:
-        os.close(r)
-        os.close(w)
+def pipe() -> Iterator[WatchedPipe]:
+    """A pipe whose write end the peer passes (any number of times)."""
+    with watched_pipe() as pipe:
+        yield pipe
 
 
 async def assert_cut_off(
@@ -116,11 +110,10 @@ def sends(data: bytes, nfds: int = 0) -> Attack:
     return attack
 
 
-def assert_fds_closed(pipe: tuple[int, int]) -> None:
-    r, w = pipe
-    os.close(w)
-    os.dup2(r, w)  # keep the fixture's numbers valid; w is now a read end
-    assert os.read(r, 1) == b"", "a write end the peer passed is still open"
+def assert_fds_closed(pipe: WatchedPipe) -> None:
+    """Every copy of the write end the peer passed was closed."""
+    pipe.write_end.close()  # our own
+    assert pipe.all_writers_closed(), "a write end the peer passed is still open"
 
 
 # ----------------------------------------------------------------------
@@ -145,9 +138,11 @@ MALFORMED_HEADERS = {
 
 
 @pytest.mark.parametrize("case", list(MALFORMED_HEADERS))
-async def test_malformed_header(case: str, pipe_w: tuple[int, int]) -> None:
+async def test_malformed_header(case: str, pipe: WatchedPipe) -> None:
     data, match = MALFORMED_HEADERS[case]
-    await assert_cut_off(sends(data), pipe_w[1], match=match, max_message_size=4096)
+    await assert_cut_off(
+        sends(data), pipe.write_end.fileno(), match=match, max_message_size=4096
+    )
 
 
 IPCZ_MALFORMED = {
@@ -160,11 +155,11 @@ IPCZ_MALFORMED = {
 
 
 @pytest.mark.parametrize("case", list(IPCZ_MALFORMED))
-async def test_malformed_ipcz_header(case: str, pipe_w: tuple[int, int]) -> None:
+async def test_malformed_ipcz_header(case: str, pipe: WatchedPipe) -> None:
     data, match = IPCZ_MALFORMED[case]
     await assert_cut_off(
         sends(data),
-        pipe_w[1],
+        pipe.write_end.fileno(),
         match=match,
         framing=Framing.IPCZ,
         max_message_size=4096,
@@ -172,7 +167,7 @@ async def test_malformed_ipcz_header(case: str, pipe_w: tuple[int, int]) -> None
 
 
 async def test_huge_declared_size_fails_before_any_allocation(
-    pipe_w: tuple[int, int],
+    pipe: WatchedPipe,
 ) -> None:
     # num_bytes = 0xFFFFFFFF with a 256 MiB limit: rejected from the first 8
     # bytes, without buffering or allocating anything like the claimed size.
@@ -180,7 +175,7 @@ async def test_huge_declared_size_fails_before_any_allocation(
     try:
         await assert_cut_off(
             sends(header(0xFFFFFFFF, 16, 1) + b"x" * 100),
-            pipe_w[1],
+            pipe.write_end.fileno(),
             match="num_bytes=4294967295 exceeds max_message_size=268435456",
         )
         _, peak = tracemalloc.get_traced_memory()
@@ -212,37 +207,37 @@ async def test_declared_size_below_the_limit_is_not_preallocated() -> None:
 # File-descriptor attacks
 
 
-async def test_truncated_control_data_msg_ctrunc(pipe_w: tuple[int, int]) -> None:
+async def test_truncated_control_data_msg_ctrunc(pipe: WatchedPipe) -> None:
     # 200 fds in one sendmsg: more than the 128 a conforming peer sends and
     # our control buffer holds; the kernel truncates and closes the rest.
     await assert_cut_off(
         sends(encode_message(b"x", num_handles=200), nfds=200),
-        pipe_w[1],
+        pipe.write_end.fileno(),
         match="MSG_CTRUNC",
         before_in_same_write=False,  # that read's bytes are lost with it
     )
-    assert_fds_closed(pipe_w)
+    assert_fds_closed(pipe)
 
 
-async def test_bytes_that_promise_fds_never_sent(pipe_w: tuple[int, int]) -> None:
+async def test_bytes_that_promise_fds_never_sent(pipe: WatchedPipe) -> None:
     await assert_cut_off(
         sends(encode_message(b"payload", num_handles=2)),
-        pipe_w[1],
+        pipe.write_end.fileno(),
         match="num_handles=2, received=0",
     )
 
 
-async def test_bytes_that_promise_more_fds_than_sent(pipe_w: tuple[int, int]) -> None:
+async def test_bytes_that_promise_more_fds_than_sent(pipe: WatchedPipe) -> None:
     await assert_cut_off(
         sends(encode_message(b"payload", num_handles=3), nfds=2),
-        pipe_w[1],
+        pipe.write_end.fileno(),
         match="num_handles=3, received=2",
     )
-    assert_fds_closed(pipe_w)
+    assert_fds_closed(pipe)
 
 
 async def test_promised_fds_missing_at_end_of_stream_non_strict(
-    pipe_w: tuple[int, int],
+    pipe: WatchedPipe,
 ) -> None:
     # Chromium's mode waits for missing fds; at EOF they never can come.
     async def attack(peer: RawPeer, fd: int, prefix: bytes) -> None:
@@ -250,26 +245,29 @@ async def test_promised_fds_missing_at_end_of_stream_non_strict(
         peer.sock.shutdown(socket.SHUT_WR)
 
     await assert_cut_off(
-        attack, pipe_w[1], match="file descriptors are missing", strict_handles=False
+        attack,
+        pipe.write_end.fileno(),
+        match="file descriptors are missing",
+        strict_handles=False,
     )
 
 
-async def test_unclaimed_fds_at_end_of_stream(pipe_w: tuple[int, int]) -> None:
+async def test_unclaimed_fds_at_end_of_stream(pipe: WatchedPipe) -> None:
     async def attack(peer: RawPeer, fd: int) -> None:
         await peer.send(encode_message(b"claims none"), [fd, fd])
         peer.sock.shutdown(socket.SHUT_WR)
 
     with raw_pair() as (endpoint, peer):
         async with open_channel(endpoint) as channel:
-            await attack(peer, pipe_w[1])
+            await attack(peer, pipe.write_end.fileno())
             assert (await channel.receive()).payload == b"claims none"
             with pytest.raises(MalformedMessageError, match="2 file descriptor"):
                 await channel.receive()
-    assert_fds_closed(pipe_w)
+    assert_fds_closed(pipe)
 
 
 async def test_surplus_fds_beyond_the_queued_handles_cap(
-    pipe_w: tuple[int, int],
+    pipe: WatchedPipe,
 ) -> None:
     # fds riding on messages that declare none pile up unclaimed; holding
     # more than max_queued_handles (2 x 253) of them fails the channel once
@@ -281,22 +279,22 @@ async def test_surplus_fds_beyond_the_queued_handles_cap(
     with raw_pair() as (endpoint, peer):
         async with open_channel(endpoint) as channel:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(attack, peer, pipe_w[1])
+                nursery.start_soon(attack, peer, pipe.write_end.fileno())
                 for _ in range(4):
                     assert (await channel.receive()).payload == b"claims none"
                 with pytest.raises(MalformedMessageError, match="max_queued_handles"):
                     await channel.receive()
             assert channel.statistics().unclaimed_handles == 0
-    assert_fds_closed(pipe_w)
+    assert_fds_closed(pipe)
 
 
-async def test_fds_sent_without_bytes_never_arrive(pipe_w: tuple[int, int]) -> None:
+async def test_fds_sent_without_bytes_never_arrive(pipe: WatchedPipe) -> None:
     # A zero-byte sendmsg with SCM_RIGHTS: Linux drops the fds (returns 0),
     # so they can never be attributed to the next message, which arrives
     # clean.  Nothing is leaked on either side.
     with raw_pair() as (endpoint, peer):
         async with open_channel(endpoint) as channel:
-            assert await peer.send(b"", [pipe_w[1]] * 10) == 0
+            assert await peer.send(b"", [pipe.write_end.fileno()] * 10) == 0
             await peer.send(encode_message(b"declares none"))
             message = await channel.receive()
             assert (message.payload, message.handles) == (b"declares none", ())
@@ -304,37 +302,39 @@ async def test_fds_sent_without_bytes_never_arrive(pipe_w: tuple[int, int]) -> N
             peer.sock.shutdown(socket.SHUT_WR)
             with pytest.raises(trio.EndOfChannel):
                 await channel.receive()
-    assert_fds_closed(pipe_w)
+    assert_fds_closed(pipe)
 
 
 @pytest.mark.parametrize("declared", [0, 1])
 async def test_fds_on_a_reject_handles_channel(
-    declared: int, pipe_w: tuple[int, int]
+    declared: int, pipe: WatchedPipe
 ) -> None:
     # RejectHandles, receiving side: an arriving fd fails the channel at
     # once, whether or not a header claims it, and no message is delivered.
     with raw_pair() as (endpoint, peer):
         async with open_channel(endpoint, handle_policy=HandlePolicy.REJECT) as ch:
-            await peer.send(encode_message(b"fd", num_handles=declared), [pipe_w[1]])
+            await peer.send(
+                encode_message(b"fd", num_handles=declared), [pipe.write_end.fileno()]
+            )
             with pytest.raises(MalformedMessageError, match="REJECT"):
                 await ch.receive()
             assert ch.statistics().messages_received == 0
             assert await peer.at_eof()
-    assert_fds_closed(pipe_w)
+    assert_fds_closed(pipe)
 
 
 async def test_declared_handles_on_a_reject_handles_channel(
-    pipe_w: tuple[int, int],
+    pipe: WatchedPipe,
 ) -> None:
     await assert_cut_off(
         sends(encode_message(b"x", num_handles=1)),
-        pipe_w[1],
+        pipe.write_end.fileno(),
         match="handle_policy is REJECT",
         handle_policy=HandlePolicy.REJECT,
     )
 
 
-async def test_flood_of_fds(pipe_w: tuple[int, int]) -> None:
+async def test_flood_of_fds(pipe: WatchedPipe) -> None:
     # The peer sends fds as fast as it can, one byte and 128 fds per write,
     # never completing a header.  The channel fails at the queued-handles
     # cap, cuts the peer off (its next write fails), and holds nothing.
@@ -352,16 +352,16 @@ async def test_flood_of_fds(pipe_w: tuple[int, int]) -> None:
     with raw_pair() as (endpoint, peer), trio.fail_after(10):
         async with open_channel(endpoint) as channel:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(flood, peer, pipe_w[1])
+                nursery.start_soon(flood, peer, pipe.write_end.fileno())
                 with pytest.raises(MalformedMessageError, match="max_queued_handles"):
                     await channel.receive()
             # The flood ended because the channel shut the socket down.
             assert writes >= 4
             assert channel.statistics().unclaimed_handles == 0
-    assert_fds_closed(pipe_w)
+    assert_fds_closed(pipe)
 
 
-async def test_foreign_control_message(pipe_w: tuple[int, int]) -> None:
+async def test_foreign_control_message(pipe: WatchedPipe) -> None:
     # Only SCM_RIGHTS may arrive.  SO_PASSCRED on our socket makes the kernel
     # add SCM_CREDENTIALS to every read: the fds next to them are closed.
     with raw_pair() as (endpoint, peer):
@@ -369,11 +369,13 @@ async def test_foreign_control_message(pipe_w: tuple[int, int]) -> None:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         probe.detach()
         async with open_channel(endpoint) as channel:
-            await peer.send(encode_message(b"x", num_handles=1), [pipe_w[1]])
+            await peer.send(
+                encode_message(b"x", num_handles=1), [pipe.write_end.fileno()]
+            )
             with pytest.raises(MalformedMessageError, match="unexpected control"):
                 await channel.receive()
             assert await peer.at_eof()
-    assert_fds_closed(pipe_w)
+    assert_fds_closed(pipe)
 
 
 # ----------------------------------------------------------------------
@@ -381,9 +383,7 @@ async def test_foreign_control_message(pipe_w: tuple[int, int]) -> None:
 
 
 @pytest.mark.parametrize("partial", [1, 7, 8, 15, 16, 20])
-async def test_end_of_stream_inside_a_message(
-    partial: int, pipe_w: tuple[int, int]
-) -> None:
+async def test_end_of_stream_inside_a_message(partial: int, pipe: WatchedPipe) -> None:
     # Conformance 12: EOF mid-message is DisconnectedError and the partial
     # message is never delivered.
     async def attack(peer: RawPeer, fd: int, prefix: bytes) -> None:
@@ -391,11 +391,14 @@ async def test_end_of_stream_inside_a_message(
         peer.sock.shutdown(socket.SHUT_WR)
 
     await assert_cut_off(
-        attack, pipe_w[1], match="end of stream inside", error=DisconnectedError
+        attack,
+        pipe.write_end.fileno(),
+        match="end of stream inside",
+        error=DisconnectedError,
     )
 
 
-async def test_connection_reset(pipe_w: tuple[int, int]) -> None:
+async def test_connection_reset(pipe: WatchedPipe) -> None:
     # The peer closes while our data sits unread in its buffer: ECONNRESET.
     with raw_pair() as (endpoint, peer):
         async with open_channel(endpoint) as channel:

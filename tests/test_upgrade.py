@@ -7,13 +7,12 @@ Chromium's ``ChannelPosix`` answers ``UPGRADE_OFFER`` with
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
 import trio
 import trio.testing
-from _helpers import raw_pair
+from _helpers import WatchedPipe, raw_pair, watched_pipe
 
 from trio_mojo import Message, MessageType, encode_message, open_channel
 
@@ -24,37 +23,23 @@ EXAMPLE_F = bytes.fromhex(
 
 
 @pytest.fixture
-def pipe() -> Iterator[tuple[int, int]]:
-    r, w = os.pipe()
-    os.set_blocking(r, False)
-    try:
-        yield r, w
-    finally:
-        os.close(r)
-        os.close(w)
-
-
-def writers_left(r: int) -> bool:
-    """False once every write end of the pipe (ours included) is closed."""
-    try:
-        return os.read(r, 1) != b""
-    except BlockingIOError:
-        return True
+def pipe() -> Iterator[WatchedPipe]:
+    with watched_pipe() as pipe:
+        yield pipe
 
 
 async def test_upgrade_offer_is_rejected_and_its_fds_closed(
-    pipe: tuple[int, int],
+    pipe: WatchedPipe,
 ) -> None:
-    r, w = pipe
+    w = pipe.write_end.fileno()
     with raw_pair() as (endpoint, peer):
         async with open_channel(endpoint) as channel:
             # Example F: version 1, 4 pages, two fds (here: the pipe's write end twice).
             await peer.send(EXAMPLE_F, [w, w])
             assert await peer.recv_exactly(16) == EXAMPLE_E
-            # Both fds the offer carried are closed: only our own w is left.
-            os.close(w)
-            os.dup2(r, w)  # keep the fixture's number valid
-            assert not writers_left(r)
+            # Both fds the offer carried are closed: only our own is left.
+            pipe.write_end.close()
+            assert pipe.all_writers_closed()
             # The channel carries on normally, both ways.
             await peer.send(encode_message(b"after"))
             assert (await channel.receive()).payload == b"after"
@@ -70,9 +55,9 @@ async def test_upgrade_offer_is_rejected_and_its_fds_closed(
     "mtype", [MessageType.UPGRADE_ACCEPT, MessageType.UPGRADE_REJECT]
 )
 async def test_stray_upgrade_answers_are_ignored(
-    mtype: MessageType, pipe: tuple[int, int]
+    mtype: MessageType, pipe: WatchedPipe
 ) -> None:
-    r, w = pipe
+    w = pipe.write_end.fileno()
     with raw_pair() as (endpoint, peer):
         async with open_channel(endpoint) as channel:
             await peer.send(encode_message(b"", type=mtype))
@@ -83,9 +68,8 @@ async def test_stray_upgrade_answers_are_ignored(
             # Nothing was written back, and the stray fd was closed.
             await trio.testing.wait_all_tasks_blocked()
             assert peer.nothing_pending()
-            os.close(w)
-            os.dup2(r, w)
-            assert not writers_left(r)
+            pipe.write_end.close()
+            assert pipe.all_writers_closed()
 
 
 async def test_offer_flood_from_a_peer_that_never_reads_stays_bounded() -> None:

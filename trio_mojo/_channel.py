@@ -36,8 +36,19 @@ before a failure (Chromium's ``PeerShutdownDuringRead``), then raises the
 failure as one exception with its cause chained.  A write error
 (``EPIPE``/``ECONNRESET``) stops writing but not reading, as in Chromium:
 ``send()`` raises it, while ``receive()`` goes on delivering what the peer
-sent before it vanished.  An error nobody saw is raised when the
-``async with`` block is left, so no failure is ever swallowed.
+sent before it vanished.  A malformed message fails both directions and
+shuts the socket down at once, so a hostile peer is cut off immediately.
+An error nobody saw is raised when the ``async with`` block is left (or by
+``aclose()``; a flush that fails counts), so no failure is ever swallowed;
+one the user was already handed is not raised again, and once a
+``DisconnectedError`` was handed over, the other direction's disconnect is
+the same news and is not raised again either.
+
+Bounds.  The send queue's bounds (messages and bytes) count everything
+accepted and not yet written, including what the writer has already moved
+into the encoder; the reader answers an ``UPGRADE_OFFER`` only when the
+send queue has room, and stops reading until it has, so no peer behaviour
+can grow a queue past its bound.
 
 Shutdown.  Leaving the block normally (or ``aclose()``) flushes the
 outgoing queue, bounded by ``flush_timeout``, half-closes the socket so the
