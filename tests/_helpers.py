@@ -102,15 +102,16 @@ class RawPeer:
         """True if the channel's end is shut down or closed (after draining).
 
         Reads and discards what is pending; returns once the stream ends
-        (``b""`` or ``ECONNRESET``).
+        (``b""`` or ``ECONNRESET``), or fails after 10 s rather than hang.
         """
-        while True:
-            try:
-                data = await self.sock.recv(65536)
-            except ConnectionResetError:
-                return True
-            if not data:
-                return True
+        with trio.fail_after(10):
+            while True:
+                try:
+                    data = await self.sock.recv(65536)
+                except ConnectionResetError:
+                    return True
+                if not data:
+                    return True
 
     def nothing_pending(self) -> bool:
         """True if no byte is waiting to be read right now."""

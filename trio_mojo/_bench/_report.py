@@ -337,10 +337,13 @@ def _render_extras(extras: dict[str, Any]) -> list[str]:
                 f'`python -I -c "import trio"` {base:.0f} ms '
                 f"({none / base:.2f}x; bare `python -I -c pass` {bare:.0f} ms)"
             )
-            if "default_median_ms" in spawn:
-                line += (
-                    f"; SandboxPolicy.default(): {spawn['default_median_ms']:.0f} ms"
-                )
+            for name in ("basic", "default"):
+                if f"{name}_median_ms" in spawn:
+                    line += (
+                        f"; SandboxPolicy.{name}(): {spawn[f'{name}_median_ms']:.0f} ms"
+                    )
+                elif f"{name}_error" in spawn:
+                    line += f"; SandboxPolicy.{name}(): unavailable here"
             out.append(line)
         else:
             error = spawn.get("error") or spawn.get("none_error")
