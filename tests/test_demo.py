@@ -39,7 +39,8 @@ def test_demo_hashes_the_installed_package_and_matches_hashlib() -> None:
     pids = {row[3] for row in rows}
     assert len(pids) <= 2
     assert "sandbox reports:" in result.stdout
-    assert result.stdout.count("policy=basic [ok]") == len(pids)
+    # Two workers start; one may have hashed every file before the other was ready.
+    assert result.stdout.count("policy=basic [ok]") == 2
 
 
 def test_demo_on_given_paths_with_one_worker(tmp_path: Path) -> None:
