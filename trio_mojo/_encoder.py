@@ -44,11 +44,20 @@ their message, and :meth:`close` closes them if the channel gives up.
 from __future__ import annotations
 
 import collections
+import struct
 from typing import Final, TypeAlias
 
 from ._handles import Handle, close_all
 from ._message import Message
-from ._wire import MAX_ATTACHED_HANDLES, MAX_SENDMSG_HANDLES, Framing, encode_header
+from ._wire import (
+    HEADER_SIZE,
+    MAX_ATTACHED_HANDLES,
+    MAX_MESSAGE_SIZE_LIMIT,
+    MAX_SENDMSG_HANDLES,
+    Framing,
+    MessageType,
+    encode_header,
+)
 
 Buffer: TypeAlias = bytes | memoryview
 """What a plan is made of: whole encoded messages or views into them."""
@@ -60,6 +69,11 @@ MAX_PLAN_BYTES: Final = 512 * 1024
 MAX_PLAN_BUFFERS: Final = 512
 """At most this many buffers per plan (Linux's IOV_MAX is 1024)."""
 _INLINE_PAYLOAD: Final = 16 * 1024
+_NORMAL_HEADER: Final = struct.Struct("<IHHH6x")
+"""Mojo's 16-byte ``Header`` (see ``_wire``), inlined for the common case."""
+_NORMAL: Final = MessageType.NORMAL
+_MOJO: Final = Framing.MOJO
+_FAST_MAX_PAYLOAD: Final = MAX_MESSAGE_SIZE_LIMIT - HEADER_SIZE
 """Payloads up to this size are copied next to their header (one buffer)."""
 
 
@@ -99,13 +113,22 @@ class OutgoingMessage:
         payload = message.payload
         if type(payload) is not bytes:
             payload = bytes(payload)  # a snapshot: the caller may mutate theirs
-        header = encode_header(
-            len(payload),
-            num_handles=len(message.handles),
-            type=message.type,
-            framing=framing,
-        )
-        if len(payload) <= _INLINE_PAYLOAD:
+        size = len(payload)
+        if framing is _MOJO and message.type is _NORMAL and size <= _FAST_MAX_PAYLOAD:
+            # The common case without encode_header's argument checks and its
+            # MessageType() call (the handle count was checked above, the type
+            # and the size just now).
+            header = _NORMAL_HEADER.pack(
+                HEADER_SIZE + size, HEADER_SIZE, _NORMAL, len(message.handles)
+            )
+        else:
+            header = encode_header(
+                size,
+                num_handles=len(message.handles),
+                type=message.type,
+                framing=framing,
+            )
+        if size <= _INLINE_PAYLOAD:
             return cls(header + payload, b"", message.handles)
         return cls(header, payload, message.handles)
 
