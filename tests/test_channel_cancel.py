@@ -121,17 +121,16 @@ async def test_many_cancellations_interleaved_with_traffic() -> None:
         async def produce() -> None:
             nonlocal kept
             for i in range(count):
-                with pipe_tagged(1, first=i) as pipes:
-                    with trio.CancelScope() as scope:
-                        if i % 3 == 0:
-                            scope.cancel()  # cancelled on entry
-                        elif i % 3 == 1:  # cancelled while waiting, if it waits
-                            scope.deadline = trio.current_time() + 0.001
-                        await left.send(Message(i.to_bytes(2, "little") + BIG[:i], pipes))
-                        kept += 1
-                        # Sent: the channel owns the handle now (it may still
-                        # be queued); it is not ours to close.
-                        pipes.clear()
+                with pipe_tagged(1, first=i) as pipes, trio.CancelScope() as scope:
+                    if i % 3 == 0:
+                        scope.cancel()  # cancelled on entry
+                    elif i % 3 == 1:  # cancelled while waiting, if it waits
+                        scope.deadline = trio.current_time() + 0.001
+                    await left.send(Message(i.to_bytes(2, "little") + BIG[:i], pipes))
+                    kept += 1
+                    # Sent: the channel owns the handle now (it may still be
+                    # queued); it is not ours to close.
+                    pipes.clear()
                 # Cancelled: still ours, and the with-block closes it.
             await left.send(Message(b"end"))
 
