@@ -60,7 +60,6 @@ closed before the block is left.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import math
 import socket
@@ -104,6 +103,9 @@ _READ_SIZE: Final = MAX_BATCH_READ_SIZE
 _DATA_TYPES: Final = frozenset((MessageType.NORMAL, MessageType.NORMAL_LEGACY))
 _REJECT_SIZE: Final = HEADER_SIZE
 """Wire size of the UPGRADE_REJECT we answer an offer with."""
+
+_Outbox = trio.MemorySendChannel["OutgoingMessage | None"]
+_OutboxReader = trio.MemoryReceiveChannel["OutgoingMessage | None"]
 
 
 @attrs.frozen
@@ -187,20 +189,21 @@ class Channel(trio.abc.Channel[Message]):
         self._flush_timeout = math.inf if flush_timeout is None else flush_timeout
         self._sock = sock
         self._encoder = MessageEncoder()
-        # The encoder *is* the send queue: send() pushes into it and wakes
-        # the writer task through this parking lot (no memory channel on the
-        # per-message path).  Its bounds are _pending/_pending_bytes.
-        self._writer_wakeup = trio.lowlevel.ParkingLot()
-        self._outbox_closed = False
+        # The send queue's bounds are enforced by _pending/_pending_bytes
+        # (which also count what the writer already moved into the encoder),
+        # not by the outbox's capacity: the outbox never holds more than
+        # send_queue_messages entries plus one wake-up (None), so
+        # send_nowait on it cannot block.
+        outbox, outbox_reader = trio.open_memory_channel["OutgoingMessage | None"](
+            send_queue_messages + 1
+        )
+        self._outbox: _Outbox = outbox
+        self._outbox_reader: _OutboxReader = outbox_reader
         self._send_queue_messages_limit = send_queue_messages
         self._send_queue_bytes_limit = send_queue_bytes
-        # Parsed messages waiting for receive(): a deque and a parking lot
-        # rather than a memory channel (no WouldBlock exception, no channel
-        # bookkeeping per message).  _inbox_done: the reader has finished.
-        self._inbox: collections.deque[Message] = collections.deque()
-        self._inbox_waiters = trio.lowlevel.ParkingLot()
-        self._inbox_done = False
-        self._receive_queue_messages_limit = receive_queue_messages
+        inbox, inbox_reader = trio.open_memory_channel[Message](receive_queue_messages)
+        self._inbox = inbox
+        self._inbox_reader = inbox_reader
         self._receive_queue_bytes_limit = receive_queue_bytes
         # Accounting: messages/bytes accepted by send() and not yet written.
         self._pending = 0
@@ -291,23 +294,27 @@ class Channel(trio.abc.Channel[Message]):
             trio.ClosedResourceError: this channel was closed.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
-        inbox = self._inbox
-        if inbox:
-            message = inbox.popleft()
-            self._took(message)
+        try:
+            message = self._inbox_reader.receive_nowait()
+        except trio.WouldBlock:
+            try:
+                message = await self._inbox_reader.receive()
+            except trio.EndOfChannel:
+                self._raise_end()
+            except trio.ClosedResourceError:
+                raise trio.ClosedResourceError("the channel was closed") from None
+            self._receive_streak = 0
+        except trio.EndOfChannel:
+            self._raise_end()
+        except trio.ClosedResourceError:
+            raise trio.ClosedResourceError("the channel was closed") from None
+        else:
             self._receive_streak += 1
             if self._receive_streak >= _YIELD_EVERY:
                 self._receive_streak = 0
+                self._took(message)
                 await trio.lowlevel.cancel_shielded_checkpoint()
-            return message
-        while not inbox:
-            if self._aborted:
-                raise trio.ClosedResourceError("the channel was closed")
-            if self._inbox_done:
-                self._raise_end()
-            await self._inbox_waiters.park()  # Cancelled: nothing taken
-        self._receive_streak = 0
-        message = inbox.popleft()
+                return message
         self._took(message)
         return message
 
@@ -342,7 +349,7 @@ class Channel(trio.abc.Channel[Message]):
             handles_received=self._handles_received,
             send_queue_messages=self._pending,
             send_queue_bytes=self._pending_bytes,
-            receive_queue_messages=len(self._inbox),
+            receive_queue_messages=self._inbox.statistics().current_buffer_used,
             receive_queue_bytes=self._inbox_bytes,
             read_buffer_bytes=self._decoder.buffered_bytes,
             unclaimed_handles=self._decoder.queued_handles,
@@ -424,15 +431,16 @@ class Channel(trio.abc.Channel[Message]):
             except BaseException:
                 close_all(message.handles)
                 raise
-        if self._outbox_closed:
-            close_all(message.handles)
-            self._check_sendable()
-            raise trio.ClosedResourceError("the channel was closed")
         self._pending += 1
         self._pending_bytes += size
-        self._encoder.push(entry)
-        if self._writer_wakeup:
-            self._writer_wakeup.unpark()
+        try:
+            self._outbox.send_nowait(entry)  # room: see __init__
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            self._pending -= 1
+            self._pending_bytes -= size
+            close_all(message.handles)
+            self._check_sendable()
+            raise trio.ClosedResourceError("the channel was closed") from None
 
     def _write_now(self, entry: OutgoingMessage) -> None:
         """Queue ``entry`` and write on the caller's task (nothing is pending)."""
@@ -441,7 +449,9 @@ class Channel(trio.abc.Channel[Message]):
         self._encoder.push(entry)
         if not self._flush_nowait():
             # The kernel took part of it; wake the writer task for the rest.
-            self._writer_wakeup.unpark()
+            # A full or closed outbox means the writer is awake anyway.
+            with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+                self._outbox.send_nowait(None)
 
     def _flush_nowait(self) -> bool:
         """Write queued bytes until done or EAGAIN.  True if all were written."""
@@ -488,8 +498,15 @@ class Channel(trio.abc.Channel[Message]):
 
     def _drop_outgoing(self) -> None:
         self._encoder.close()
-        self._outbox_closed = True
-        self._writer_wakeup.unpark_all()
+        reader = self._outbox_reader
+        while True:
+            try:
+                entry = reader.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            if entry is not None:
+                close_all(entry.handles[entry.handles_sent :])
+        reader.close()  # senders blocked in send() now get BrokenResourceError
         self._pending = 0
         self._pending_bytes = 0
 
@@ -512,14 +529,29 @@ class Channel(trio.abc.Channel[Message]):
 
     async def _write_loop(self) -> None:
         encoder = self._encoder
+        reader = self._outbox_reader
         while True:
             if not encoder:
-                self._corked = False
-                if self._outbox_closed:
-                    return  # closed and fully flushed
-                await self._writer_wakeup.park()
-                continue
+                try:
+                    item = reader.receive_nowait()
+                except trio.WouldBlock:
+                    self._corked = False
+                    try:
+                        item = await reader.receive()
+                    except trio.EndOfChannel:
+                        return  # closed and fully flushed
+                except trio.EndOfChannel:
+                    return
+                if item is not None:
+                    encoder.push(item)
             self._corked = False
+            while encoder.queued_bytes < _READ_SIZE:
+                try:
+                    item = reader.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                if item is not None:
+                    encoder.push(item)
             if not self._flush_nowait():
                 await trio.lowlevel.wait_writable(self._sock)
             if self._write_error is not None:
@@ -530,11 +562,7 @@ class Channel(trio.abc.Channel[Message]):
 
     def _took(self, message: Message) -> None:
         self._inbox_bytes -= len(message.payload)
-        if (
-            self._receive_space
-            and self._inbox_bytes <= self._receive_queue_bytes_limit
-            and len(self._inbox) < self._receive_queue_messages_limit
-        ):
+        if self._receive_space and self._inbox_bytes <= self._receive_queue_bytes_limit:
             self._receive_space.unpark_all()
 
     def _raise_end(self) -> None:
@@ -553,8 +581,7 @@ class Channel(trio.abc.Channel[Message]):
                 raise
             self._fail_reads(exc)
         finally:
-            self._inbox_done = True
-            self._inbox_waiters.unpark_all()
+            self._inbox.close()
             self._reader_done.set()
 
     def _fail_reads(self, exc: BaseException) -> None:
@@ -631,16 +658,16 @@ class Channel(trio.abc.Channel[Message]):
                         await self._send_space.park()
                 self._on_control(message)
                 continue
+            self._inbox_bytes += len(message.payload)
             try:
-                while len(inbox) >= self._receive_queue_messages_limit:
-                    await self._receive_space.park()
+                try:
+                    inbox.send_nowait(message)
+                except trio.WouldBlock:
+                    await inbox.send(message)
             except BaseException:
+                self._inbox_bytes -= len(message.payload)
                 message.close()
                 raise
-            self._inbox_bytes += len(message.payload)
-            inbox.append(message)
-            if self._inbox_waiters:
-                self._inbox_waiters.unpark()
             while self._inbox_bytes > self._receive_queue_bytes_limit:
                 await self._receive_space.park()
 
@@ -674,8 +701,7 @@ class Channel(trio.abc.Channel[Message]):
 
     async def _flush(self) -> None:
         """Let the writer drain the queue, then half-close the socket."""
-        self._outbox_closed = True
-        self._writer_wakeup.unpark_all()
+        self._outbox.close()
         if self._write_error is not None:
             return
         if self._started and not self._writer_done.is_set():
@@ -701,12 +727,16 @@ class Channel(trio.abc.Channel[Message]):
         self._aborted = True
         self._reader_scope.cancel()
         self._writer_scope.cancel()
+        self._outbox.close()
         self._drop_outgoing()
-        inbox = self._inbox
-        while inbox:
-            inbox.popleft().close()
-        self._inbox_done = True
-        self._inbox_waiters.unpark_all()
+        inbox_reader = self._inbox_reader
+        while True:
+            try:
+                inbox_reader.receive_nowait().close()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+        inbox_reader.close()
+        self._inbox.close()
         self._decoder.close()
         self._send_space.unpark_all()
         self._receive_space.unpark_all()
