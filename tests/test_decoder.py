@@ -835,7 +835,7 @@ def _feed_until_error(
         delivered.append(event)
 
 
-@pytest.mark.parametrize("row", _rows())
+@pytest.mark.parametrize("row", list(_rows()))
 def test_validation_row(row: Row, fds: FdFactory) -> None:
     decoder = MessageDecoder(**row.options)
     handles = fds.make(row.fds)
