@@ -91,7 +91,9 @@ async def test_slow_consumer_keeps_memory_and_queues_bounded() -> None:
 
 
 async def test_slow_consumer_bounds_queue_lengths_in_messages() -> None:
-    # Tiny messages: here the message-count bounds are the binding ones.
+    # Small messages: here the message-count bounds are the binding ones.
+    # (1 MB in all: far more than the kernel's buffers, which hold every
+    # byte of a smaller stream once the writer batches messages.)
     limit = 16
     count = 5000
     async with open_pair(send_queue_messages=limit, receive_queue_messages=limit) as (
@@ -99,7 +101,7 @@ async def test_slow_consumer_bounds_queue_lengths_in_messages() -> None:
         consumer,
     ):
         sent, received, waited = await run_slow_consumer(
-            producer, consumer, b"tiny", count
+            producer, consumer, b"t" * 200, count
         )
         assert consumer.statistics().messages_received == count
     assert 1 <= sent.send_messages <= limit

@@ -281,10 +281,10 @@ def test_partial_message_stays_buffered_across_feeds() -> None:
     assert decoder.buffered_bytes == 0
 
 
-def test_large_message_in_chunks_goes_through_the_growable_buffer() -> None:
-    # A partial message over 64 KiB switches the buffer to a bytearray; check
-    # that appending, consuming with an offset and compacting all keep the
-    # bytes intact.
+def test_large_message_in_chunks_is_collected_then_joined() -> None:
+    # A chunk ending inside a message whose header is in switches the decoder
+    # to collecting the missing bytes; check that collecting, joining and
+    # carrying the rest of the last chunk over keep the bytes intact.
     big = bytes(range(256)) * 400  # 102 400 bytes
     small = b"tail message"
     wire = encode_message(big) + encode_message(small) + encode_message(b"last")
@@ -1076,3 +1076,62 @@ def test_arbitrary_chunking_decodes_the_same_messages(
         (p, t) for (p, _), t in zip(payloads, types, strict=True)
     ]
     assert all(type(m.payload) is bytes for m in got)
+
+
+def test_partial_message_collects_exactly_the_missing_bytes() -> None:
+    payload = bytes(range(256)) * 1000
+    wire = encode_message(payload) + encode_message(b"next")
+    decoder = MessageDecoder()
+    decoder.receive_data(wire[:100])
+    assert decoder.next_message() is NEED_DATA
+    decoder.receive_data(wire[100:50_000])
+    assert decoder.next_message() is NEED_DATA
+    assert decoder.buffered_bytes == 50_000
+    decoder.receive_data(wire[50_000:])  # completes it, and carries "next"
+    assert decoder.buffered_bytes == len(wire) - 16  # its header is parsed and gone
+    messages, marker = drain(decoder)
+    assert [m.payload for m in messages] == [payload, b"next"]
+    assert marker is NEED_DATA
+    assert decoder.buffered_bytes == 0
+
+
+def test_partial_message_with_fds_after_its_bytes_in_lenient_mode(
+    fds: FdFactory,
+) -> None:
+    wire = encode_message(b"z" * 70_000, num_handles=2)
+    decoder = MessageDecoder(strict_handles=False)
+    decoder.receive_data(wire[:1000])
+    assert decoder.next_message() is NEED_DATA
+    decoder.receive_data(wire[1000:])
+    assert decoder.next_message() is NEED_DATA  # complete, but its fds are not in
+    handles = fds.make(2)
+    decoder.receive_handles(handles)
+    message = decoder.next_message()
+    assert isinstance(message, Message)
+    assert message.payload == b"z" * 70_000
+    assert message.handles == tuple(handles)
+    message.close()
+
+
+def test_partial_message_without_its_fds_is_malformed_in_strict_mode(
+    fds: FdFactory,
+) -> None:
+    wire = encode_message(b"z" * 70_000, num_handles=1)
+    decoder = MessageDecoder()
+    decoder.receive_data(wire[:1000])
+    assert decoder.next_message() is NEED_DATA
+    decoder.receive_data(wire[1000:])
+    with pytest.raises(MalformedMessageError, match="num_handles=1, received=0"):
+        decoder.next_message()
+    assert decoder.buffered_bytes == 0
+
+
+def test_end_of_stream_inside_a_partial_message_is_a_disconnect() -> None:
+    wire = encode_message(b"q" * 5000)
+    decoder = MessageDecoder()
+    decoder.receive_data(wire[:100])
+    assert decoder.next_message() is NEED_DATA
+    decoder.receive_data(wire[100:200])
+    decoder.receive_eof()
+    with pytest.raises(DisconnectedError, match="200 byte"):
+        decoder.next_message()

@@ -55,10 +55,17 @@ Hardening, each a constructor switch (the Chromium behaviour in brackets):
 ``handle_policy=REJECT`` fails as soon as an fd *arrives*, not only when a
 message claims one, so rejected fds are never held.
 
-Memory: the buffer holds only bytes that actually arrived, never the size a
-header announces.  A fully consumed chunk is dropped; a partial message is
-moved to the front of the buffer at most once per feed (CPython deletes a
-``bytearray`` prefix in O(1)), so decoding is linear in the bytes received.
+Memory and copies: the decoder holds only bytes that actually arrived,
+never the size a header announces.  Each received chunk is kept as it came
+(``bytes``) and messages are sliced out of it: one copy per payload.  When a
+chunk ends inside a message whose header has been read, the decoder knows
+how many bytes are missing; the following chunks are kept in a list until
+exactly that many arrived, then joined into the payload (one copy, however
+many chunks the message spans) and the rest of the last chunk becomes the
+buffer.  So decoding is linear in the bytes received, a 4 MiB message costs
+one copy after the kernel's, and a chunk is never copied just because a
+message straddles its start.  Only a chunk that ends inside a *header* (at
+most 15 bytes) is concatenated with the next one.
 """
 
 from __future__ import annotations
@@ -106,7 +113,6 @@ DecoderEvent: TypeAlias = "Literal[_Marker.NEED_DATA, _Marker.END_OF_STREAM] | M
 _FIRST8 = struct.Struct("<IHH")  # num_bytes, (num_handles|num_header_bytes), type
 _U16 = struct.Struct("<H")
 _IPCZ_FIRST8 = struct.Struct("<HHI")  # size, num_handles, num_bytes
-_COMPACT_AS_BYTES = 64 * 1024
 _TYPES = tuple(MessageType)
 _MAX_TYPE = len(_TYPES) - 1
 _NORMAL = MessageType.NORMAL
@@ -186,8 +192,17 @@ class MessageDecoder:
         self.ipcz_parse_threshold: Final = ipcz_parse_threshold
         self._ipcz = framing is Framing.IPCZ
         self._accept_handles = handle_policy is HandlePolicy.ACCEPT
-        self._buf: bytes | bytearray = b""
+        self._buf = b""
         self._pos = 0
+        # A message whose header was read but whose bytes are still arriving:
+        # its header fields, the later chunks received for it, and how many
+        # bytes it still needs.  _need == 0: no such message.
+        self._partial: tuple[int, int, MessageType, int] = (0, 0, _NORMAL, 0)
+        self._parts: list[bytes | memoryview] = []
+        self._parts_size = 0
+        self._need = 0
+        # Its payload once complete, waiting for its fds or for next_message.
+        self._complete: bytes | None = None
         self._handles: collections.deque[Handle] = collections.deque()
         self._eof = False
         self._failure: ChannelError | None = None
@@ -197,7 +212,8 @@ class MessageDecoder:
     @property
     def buffered_bytes(self) -> int:
         """Bytes received but not yet returned as part of a message."""
-        return len(self._buf) - self._pos
+        complete = 0 if self._complete is None else len(self._complete)
+        return len(self._buf) - self._pos + self._parts_size + complete
 
     @property
     def queued_handles(self) -> int:
@@ -223,26 +239,43 @@ class MessageDecoder:
             raise RuntimeError("receive_data() after receive_eof()")
         if not data:
             return
+        if type(data) is not bytes:
+            data = bytes(data)  # a snapshot: the caller may reuse its buffer
+        need = self._need
+        if need:
+            if len(data) < need:
+                self._parts.append(data)
+                self._parts_size += len(data)
+                self._need = need - len(data)
+                return
+            self._parts.append(memoryview(data)[:need])
+            self._finish_partial()
+            self._buf = data
+            self._pos = need
+            return
         buf = self._buf
         pos = self._pos
         if pos >= len(buf):
-            self._buf = data if type(data) is bytes else bytes(data)
-            self._pos = 0
-        elif type(buf) is bytes:
-            rest = len(buf) - pos
-            if rest <= _COMPACT_AS_BYTES:
-                self._buf = buf[pos:] + data
-            else:
-                grown = bytearray(memoryview(buf)[pos:])
-                grown += data
-                self._buf = grown
-            self._pos = 0
+            self._buf = data
         else:
-            assert isinstance(buf, bytearray)
-            if pos:
-                del buf[:pos]
-                self._pos = 0
-            buf += data
+            self._buf = buf[pos:] + data  # a header, or a caller that did not drain
+        self._pos = 0
+
+    def _finish_partial(self) -> None:
+        """Join the partial message's bytes into its payload (one copy)."""
+        header_size = self._partial[0]
+        with memoryview(self._buf) as view:
+            first = view[self._pos + header_size :]
+            self._complete = b"".join([first, *self._parts])
+            first.release()
+        for part in self._parts:
+            if isinstance(part, memoryview):
+                part.release()
+        self._parts = []
+        self._parts_size = 0
+        self._need = 0
+        self._buf = b""
+        self._pos = 0
 
     def receive_handles(self, handles: Iterable[Handle]) -> None:
         """Take ownership of fds received from the peer, in arrival order.
@@ -288,9 +321,13 @@ class MessageDecoder:
         """
         if self._failure is not None:
             self._raise_failed()
+        if self._complete is not None:
+            return self._complete_message()
         buf = self._buf
         pos = self._pos
         avail = len(buf) - pos
+        if self._need:
+            return self._short(avail + self._parts_size)
         if self._ipcz:
             if avail < self.ipcz_parse_threshold:
                 return self._short(avail)
@@ -338,26 +375,16 @@ class MessageDecoder:
                     "handle_policy is REJECT"
                 )
         if avail < num_bytes:
+            if avail >= header_size and not self._eof:
+                # Whole header in: collect the rest of the payload as it comes.
+                self._partial = (header_size, num_handles, mtype, num_bytes)
+                self._need = num_bytes - avail
             return self._short(avail)
-        handles: tuple[Handle, ...] = ()
-        if num_handles:
-            queued = self._handles
-            if len(queued) < num_handles:
-                if self.strict_handles or self._eof:
-                    self._fail(
-                        f"message complete but its file descriptors are missing: "
-                        f"num_handles={num_handles}, received={len(queued)}"
-                    )
-                return NEED_DATA
-            popleft = queued.popleft
-            handles = tuple([popleft() for _ in range(num_handles)])
-        start = pos + header_size
+        handles = self._claim_handles(num_handles)
+        if handles is None:
+            return NEED_DATA
         end = pos + num_bytes
-        if type(buf) is bytes:
-            payload = buf[start:end]
-        else:
-            with memoryview(buf) as view:
-                payload = view[start:end].tobytes()
+        payload = buf[pos + header_size : end]
         if end >= len(buf):
             self._buf = b""
             self._pos = 0
@@ -365,10 +392,39 @@ class MessageDecoder:
             self._pos = end
         return Message(payload, handles, mtype)
 
+    def _complete_message(self) -> DecoderEvent:
+        _, num_handles, mtype, _ = self._partial
+        handles = self._claim_handles(num_handles)
+        if handles is None:
+            return NEED_DATA
+        payload = self._complete
+        assert payload is not None
+        self._complete = None
+        return Message(payload, handles, mtype)
+
+    def _claim_handles(self, num_handles: int) -> tuple[Handle, ...] | None:
+        """The next ``num_handles`` fds, or None to wait for them (lenient mode)."""
+        if not num_handles:
+            return ()
+        queued = self._handles
+        if len(queued) < num_handles:
+            if self.strict_handles or self._eof:
+                self._fail(
+                    f"message complete but its file descriptors are missing: "
+                    f"num_handles={num_handles}, received={len(queued)}"
+                )
+            return None
+        popleft = queued.popleft
+        return tuple([popleft() for _ in range(num_handles)])
+
     def close(self) -> None:
         """Close every queued fd and drop buffered bytes.  Idempotent."""
         self._buf = b""
         self._pos = 0
+        self._parts = []
+        self._parts_size = 0
+        self._need = 0
+        self._complete = None
         handles = list(self._handles)
         self._handles.clear()
         close_all(handles)
