@@ -68,7 +68,7 @@ MAX_PLAN_BYTES: Final = 512 * 1024
 """Stop adding messages to a plan once it holds this many bytes."""
 MAX_PLAN_BUFFERS: Final = 512
 """At most this many buffers per plan (Linux's IOV_MAX is 1024)."""
-_INLINE_PAYLOAD: Final = 16 * 1024
+_INLINE_PAYLOAD: Final = 1024
 _NORMAL_HEADER: Final = struct.Struct("<IHHH6x")
 """Mojo's 16-byte ``Header`` (see ``_wire``), inlined for the common case."""
 _NORMAL: Final = MessageType.NORMAL
