@@ -28,7 +28,7 @@ from trio_mojo import (
     OutgoingMessage,
     encode_message,
 )
-from trio_mojo._encoder import MAX_PLAN_BUFFERS, MAX_PLAN_BYTES, Buffer
+from trio_mojo._encoder import INLINE_PAYLOAD, MAX_PLAN_BUFFERS, MAX_PLAN_BYTES, Buffer
 
 
 @pytest.fixture
@@ -102,15 +102,15 @@ def test_examples_coalesce_into_one_plan(fds: FdFactory) -> None:
 
 
 def test_small_payload_is_copied_next_to_its_header() -> None:
-    entry = OutgoingMessage.encode(Message(b"x" * 16384))
-    assert entry.head == encode_message(b"x" * 16384)
+    entry = OutgoingMessage.encode(Message(b"x" * INLINE_PAYLOAD))
+    assert entry.head == encode_message(b"x" * INLINE_PAYLOAD)
     assert entry.tail == b""
-    assert entry.size == 16 + 16384
+    assert entry.size == 16 + INLINE_PAYLOAD
     assert entry.unsent() == [entry.head]
 
 
 def test_large_payload_is_not_copied() -> None:
-    payload = b"y" * 16385
+    payload = b"y" * (INLINE_PAYLOAD + 1)
     entry = OutgoingMessage.encode(Message(payload))
     assert entry.head == encode_message(payload)[:16]
     assert entry.tail is payload

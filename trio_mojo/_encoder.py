@@ -68,13 +68,14 @@ MAX_PLAN_BYTES: Final = 512 * 1024
 """Stop adding messages to a plan once it holds this many bytes."""
 MAX_PLAN_BUFFERS: Final = 512
 """At most this many buffers per plan (Linux's IOV_MAX is 1024)."""
-_INLINE_PAYLOAD: Final = 1024
+INLINE_PAYLOAD: Final = 1024
+"""Payloads up to this size are copied next to their header (one buffer);
+larger ones are sent from the caller's ``bytes`` as a second buffer."""
 _NORMAL_HEADER: Final = struct.Struct("<IHHH6x")
 """Mojo's 16-byte ``Header`` (see ``_wire``), inlined for the common case."""
 _NORMAL: Final = MessageType.NORMAL
 _MOJO: Final = Framing.MOJO
 _FAST_MAX_PAYLOAD: Final = MAX_MESSAGE_SIZE_LIMIT - HEADER_SIZE
-"""Payloads up to this size are copied next to their header (one buffer)."""
 
 
 class OutgoingMessage:
@@ -128,7 +129,7 @@ class OutgoingMessage:
                 type=message.type,
                 framing=framing,
             )
-        if size <= _INLINE_PAYLOAD:
+        if size <= INLINE_PAYLOAD:
             return cls(header + payload, b"", message.handles)
         return cls(header, payload, message.handles)
 
