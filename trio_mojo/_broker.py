@@ -222,6 +222,8 @@ class FileBroker:
                 raise TypeError(f"file_access takes FileAccess rules, not {rule!r}")
         self.served = 0
         self.refused = 0
+        self.error: Exception | None = None
+        """Why the broker stopped early (the worker broke its protocol), if it did."""
 
     def _match(self, path: bytes, mode: str) -> tuple[str, bytes]:
         if not path.startswith(b"/"):

@@ -383,8 +383,15 @@ async def _explain(exc: BaseException, process: Process, tail: _Tail) -> BaseExc
 
 
 async def _serve_broker(broker: FileBroker, channel: Channel) -> None:
-    """Run the broker; a worker breaking its protocol only ends the broker."""
+    """Run the broker; its failure ends the broker, never the parent's block.
+
+    A worker that breaks the broker protocol (or any other failure) stops
+    the broker: the failure is kept in ``broker.error`` and logged, the
+    broker channel is closed, and the worker's further requests fail there.
+    """
     try:
         await broker.serve(channel)
-    except (ChannelError, trio.ClosedResourceError):
-        await channel.aclose()
+    except Exception as exc:
+        broker.error = exc
+        _log.warning("file broker of a worker stopped: %r", exc)
+        channel._abort()  # closes the socket and every fd it held; synchronous
