@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +17,28 @@ import pytest
 from _process_support import children
 
 from trio_mojo import (
+    FileAccess,
+    Message,
     Requirement,
     SandboxPolicy,
     SandboxReport,
     SandboxUnavailableError,
     WorkerError,
+    _landlock,
     open_worker,
 )
 from trio_mojo._sandbox import verify_report
+
+
+def _landlock_available() -> bool:
+    try:
+        _landlock.abi_version()
+    except OSError:
+        return False
+    return True
+
+
+LANDLOCK = _landlock_available()
 
 UNSANDBOXED = SandboxPolicy.none(i_understand_this_is_unsandboxed=True)
 
@@ -78,7 +93,6 @@ def no_spawning(monkeypatch: pytest.MonkeyPatch) -> None:
         (SandboxPolicy.strict(), "namespaces"),
         (SandboxPolicy.default(), "seccomp"),
         (None, "namespaces"),  # open_worker's default is strict()
-        (SandboxPolicy(seccomp="off", namespaces="off"), "landlock"),
     ],
 )
 async def test_unbuildable_layers_are_refused_before_spawning(
@@ -115,8 +129,12 @@ async def test_basic_applies_no_new_privs_and_rlimits() -> None:
     assert report.layers["no_new_privs"] == "applied"
     assert report.layers["rlimits"] == "applied"
     assert report.layers["fd_hygiene"] == "applied"
-    for layer in ("seccomp", "landlock", "namespaces"):
+    for layer in ("seccomp", "namespaces"):
         assert report.layers[layer].startswith("unavailable: "), report.layers
+    if LANDLOCK:
+        assert report.layers["landlock"] == "applied"
+    else:
+        assert report.layers["landlock"].startswith("unavailable: ")
     assert "basic" in report.describe()
     # Checked from outside, where the worker cannot lie.
     assert status["NoNewPrivs"] == "1"
@@ -314,3 +332,90 @@ def _with(**changes: Any) -> bytes:
 def test_malformed_reports_are_rejected(payload: bytes) -> None:
     with pytest.raises(ValueError, match="malformed sandbox report"):
         SandboxReport.from_bytes(payload)
+
+
+@pytest.mark.skipif(not LANDLOCK, reason="this kernel has no Landlock")
+async def test_landlock_takes_the_file_system_network_and_signals_away(
+    tmp_path: Path,
+) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"not for the worker")
+    policy = SandboxPolicy(seccomp="off", namespaces="off", landlock="required")
+    async with open_worker(
+        "trio_mojo._examples:attempt_escapes", sandbox=policy
+    ) as worker:
+        assert worker.sandbox_report.layers["landlock"] == "applied"
+        await worker.channel.send(Message(str(secret).encode()))
+        confined = json.loads((await worker.channel.receive()).payload)
+    assert confined == {
+        "open": "EACCES",
+        "create": "EACCES",
+        "listdir": "EACCES",
+        "exec": "EACCES",
+        "tcp": "EACCES",
+        "signal_parent": "EPERM",
+    }
+    assert not (tmp_path / "secret.new").exists()
+    # The control: the same attempts succeed (or fail otherwise) without it.
+    async with open_worker(
+        "trio_mojo._examples:attempt_escapes", sandbox=UNSANDBOXED
+    ) as worker:
+        await worker.channel.send(Message(str(secret).encode()))
+        free = json.loads((await worker.channel.receive()).payload)
+    assert (
+        free["open"] == free["create"] == free["listdir"] == free["exec"] == "ALLOWED"
+    )
+    assert free["signal_parent"] == "ALLOWED"
+    assert free["tcp"] != "EACCES"
+
+
+@pytest.mark.skipif(not LANDLOCK, reason="this kernel has no Landlock")
+async def test_a_landlocked_worker_still_reads_files_through_the_broker(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "data.txt").write_bytes(b"brokered bytes")
+    async with open_worker(
+        "trio_mojo._examples:broker_reader",
+        sandbox=SandboxPolicy.basic(),
+        file_access=[FileAccess.read_only(tmp_path)],
+    ) as worker:
+        assert worker.sandbox_report.layers["landlock"] == "applied"
+        await worker.channel.send(Message(f"r {tmp_path / 'data.txt'}".encode()))
+        assert (await worker.channel.receive()).payload == b"ok brokered bytes"
+
+
+async def test_required_landlock_missing_is_refused_before_spawning(
+    monkeypatch: pytest.MonkeyPatch, no_spawning: None
+) -> None:
+    def no_landlock() -> int:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(_landlock, "abi_version", no_landlock)
+    policy = SandboxPolicy(seccomp="off", namespaces="off", landlock="required")
+    with pytest.raises(SandboxUnavailableError) as caught:
+        async with open_worker("trio_mojo._examples:echo", sandbox=policy):
+            raise AssertionError("unreachable")
+    assert caught.value.layer == "landlock"
+    assert "Function not implemented" in caught.value.reason
+
+
+@pytest.mark.skipif(not LANDLOCK, reason="this kernel has no Landlock")
+def test_landlock_refuses_a_multithreaded_process() -> None:
+    # Below ABI 8 only the calling thread would be confined: refuse instead.
+    script = (
+        "import threading, trio_mojo._landlock as ll\n"
+        "e = threading.Event(); t = threading.Thread(target=e.wait); t.start()\n"
+        "try:\n"
+        "    ll.restrict_self()\n"
+        "except OSError as exc:\n"
+        "    print('refused:', exc)\n"
+        "finally:\n"
+        "    e.set(); t.join()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    assert (
+        "refused: landlock needs a single-threaded process (found 2 threads)"
+        in result.stdout
+    )

@@ -8,10 +8,14 @@ package.  Each one is a complete, honest worker; none is a stub.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import resource
 import socket
 import struct
+import subprocess
+from collections.abc import Callable
 
 import trio
 
@@ -20,7 +24,15 @@ from ._channel import Channel
 from ._errors import BrokerError
 from ._message import Message
 
-__all__ = ["broker_reader", "crash", "describe_self", "echo", "fail", "ignore_eof"]
+__all__ = [
+    "attempt_escapes",
+    "broker_reader",
+    "crash",
+    "describe_self",
+    "echo",
+    "fail",
+    "ignore_eof",
+]
 
 
 async def echo(channel: Channel) -> None:
@@ -75,13 +87,17 @@ async def describe_self(channel: Channel) -> None:
     async for message in channel:
         fds = {}
         creators = {}
-        for name in os.listdir("/proc/self/fd"):
+        # Probed with fstat rather than listed: under Landlock this process
+        # may not read the /proc/self/fd directory (readlink still works).
+        for fd in range(min(resource.getrlimit(resource.RLIMIT_NOFILE)[0], 1 << 16)):
             try:
-                fds[name] = os.readlink(f"/proc/self/fd/{name}")
+                os.fstat(fd)
             except OSError:
-                continue  # listdir's own fd, closed by now
+                continue
+            name = str(fd)
+            fds[name] = os.readlink(f"/proc/self/fd/{name}")
             if fds[name].startswith("socket:"):
-                creators[name] = _socket_creator(int(name))
+                creators[name] = _socket_creator(fd)
         received = []
         cloexec = []
         for handle in message.handles:
@@ -134,3 +150,42 @@ async def broker_reader(channel: Channel) -> None:
             else:
                 os.write(handle.fileno(), b"written by worker")
                 await channel.send(Message(b"ok"))
+
+
+def _attempt(action: Callable[[], object]) -> str:
+    try:
+        action()
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno or 0, str(exc))
+    return "ALLOWED"
+
+
+def _escape_attempts(path: str) -> dict[str, str]:
+    def tcp() -> None:
+        with socket.create_connection(("127.0.0.1", 9), timeout=1):
+            pass
+
+    return {
+        "open": _attempt(lambda: os.close(os.open(path, os.O_RDONLY))),
+        "create": _attempt(
+            lambda: os.close(os.open(path + ".new", os.O_WRONLY | os.O_CREAT, 0o600))
+        ),
+        "listdir": _attempt(lambda: os.listdir(os.path.dirname(path))),
+        "exec": _attempt(lambda: subprocess.run(["/bin/true"], check=False)),
+        "tcp": _attempt(tcp),
+        "signal_parent": _attempt(lambda: os.kill(os.getppid(), 0)),
+    }
+
+
+async def attempt_escapes(channel: Channel) -> None:
+    """For each message (a path), try what a sandbox should stop; report JSON.
+
+    Each key maps to ``"ALLOWED"`` or the errno name the attempt failed with:
+    ``open`` (read the path), ``create`` (create a file next to it),
+    ``listdir`` (its directory), ``exec`` (run ``/bin/true``), ``tcp``
+    (connect to 127.0.0.1:9), ``signal_parent`` (``kill(getppid(), 0)``).
+    """
+    async for message in channel:
+        message.close()
+        results = _escape_attempts(message.payload.decode())
+        await channel.send(Message(json.dumps(results).encode()))

@@ -51,6 +51,7 @@ from typing import Any, Final
 
 import attrs
 
+from . import _landlock
 from ._errors import SandboxUnavailableError
 
 __all__ = [
@@ -68,7 +69,7 @@ _UNBUILT_HINT: Final = (
     "; use a policy with this layer IF_AVAILABLE or OFF (SandboxPolicy.basic()), "
     "or SandboxPolicy.none(i_understand_this_is_unsandboxed=True)"
 )
-_UNBUILT_LAYERS: Final = ("namespaces", "landlock", "seccomp")
+_UNBUILT_LAYERS: Final = ("namespaces", "seccomp")
 MAX_REPORT_BYTES: Final = 64 * 1024
 """A longer first message is not a sandbox report (real ones are ~0.4 KiB)."""
 
@@ -196,6 +197,15 @@ class SandboxPolicy:
         for layer in _UNBUILT_LAYERS:
             if self._levels()[layer] is _R.REQUIRED:
                 raise SandboxUnavailableError(layer, _UNBUILT_REASON + _UNBUILT_HINT)
+        if self.landlock is _R.REQUIRED:
+            try:
+                _landlock.abi_version()
+            except OSError as exc:
+                raise SandboxUnavailableError(
+                    "landlock",
+                    f"landlock_create_ruleset -> {exc.strerror} (a kernel without "
+                    "CONFIG_SECURITY_LANDLOCK, or 'landlock' missing from lsm=)",
+                ) from None
 
     def to_json(self) -> str:
         """Serialise for the child's command line."""
@@ -352,11 +362,19 @@ def _apply_no_new_privs(policy: SandboxPolicy) -> None:
     _prctl(_PR_SET_NO_NEW_PRIVS, 1)
 
 
+def _apply_landlock(policy: SandboxPolicy) -> None:
+    _landlock.restrict_self()
+
+
 def _unbuilt(policy: SandboxPolicy) -> None:
     raise OSError(_UNBUILT_REASON)
 
 
-_APPLIERS: Final = {"rlimits": _apply_rlimits, "no_new_privs": _apply_no_new_privs}
+_APPLIERS: Final = {
+    "rlimits": _apply_rlimits,
+    "no_new_privs": _apply_no_new_privs,
+    "landlock": _apply_landlock,
+}
 
 
 def apply_policy(policy: SandboxPolicy) -> SandboxReport:
@@ -366,6 +384,7 @@ def apply_policy(policy: SandboxPolicy) -> SandboxReport:
     and the caller must not run target code.
     """
     layers: dict[str, str] = {"fd_hygiene": "applied"}
+    fds = tuple(sorted(_open_fds()))  # before Landlock takes /proc/self/fd away
     failed: str | None = None
     reason: str | None = None
     for layer, level in policy._levels().items():
@@ -387,7 +406,7 @@ def apply_policy(policy: SandboxPolicy) -> SandboxReport:
         pid=os.getpid(),
         uid=os.getuid(),
         layers=layers,
-        fds=tuple(sorted(_open_fds())),
+        fds=fds,
         failed=failed,
         reason=reason,
     )
