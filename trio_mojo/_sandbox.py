@@ -27,12 +27,14 @@ Layers in this release:
 * ``rlimits``: ``RLIMIT_NOFILE`` (also caps the fds a worker can be sent),
   ``RLIMIT_CORE = 0``, optionally ``RLIMIT_FSIZE`` and ``RLIMIT_AS``.
 * ``no_new_privs``: ``PR_SET_NO_NEW_PRIVS`` (no setuid elevation, ever).
-* ``seccomp``, ``landlock``, ``namespaces``: not built into this release.
-  Policies that require them (:meth:`SandboxPolicy.strict`,
-  :meth:`SandboxPolicy.default`) therefore raise
-  :class:`SandboxUnavailableError` before spawning, which is the honest
-  answer; a policy may ask for them ``IF_AVAILABLE`` and the report says
-  they were not applied.
+* ``landlock``: no file-system right at all, no TCP bind/connect, no
+  abstract unix sockets or signals outside the worker (``_landlock``).
+  The worker still uses every fd it holds or is sent.
+* ``seccomp``, ``namespaces``: not built into this release.  Policies that
+  require them (:meth:`SandboxPolicy.strict`, :meth:`SandboxPolicy.default`)
+  therefore raise :class:`SandboxUnavailableError` before spawning, which
+  is the honest answer; a policy may ask for them ``IF_AVAILABLE`` and the
+  report says they were not applied.
 
 Running a worker with no sandbox at all takes the explicit, named opt-out
 ``SandboxPolicy.none(i_understand_this_is_unsandboxed=True)``.
