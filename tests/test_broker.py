@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import stat
 import threading
@@ -458,7 +459,25 @@ async def test_a_worker_breaking_the_broker_protocol_only_stops_the_broker(
             # Requests never carry fds: this one is malformed on the parent's side.
             await worker_side.send(Message(b"OPEN\x00/x", (Handle(r),)))
             with trio.fail_after(5):
-                await _serve_broker(broker, parent_side)  # returns, does not raise
+                await _serve_broker(broker, parent_side, trio.CancelScope())  # no raise
         assert isinstance(broker.error, MalformedMessageError)
         with pytest.raises((trio.EndOfChannel, DisconnectedError)), trio.fail_after(5):
             await worker_side.receive()
+
+
+async def test_a_normal_exit_is_not_a_broker_failure(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "f").write_bytes(b"hello")
+    caplog.set_level(logging.WARNING, logger="trio_mojo")
+    async with open_worker(
+        "trio_mojo._examples:broker_reader",
+        sandbox=SandboxPolicy.none(i_understand_this_is_unsandboxed=True),
+        file_access=FileAccess.read_only(tmp_path),
+    ) as worker:
+        await worker.channel.send(Message(f"r {tmp_path / 'f'}".encode()))
+        assert (await worker.channel.receive()).payload == b"ok hello"
+    assert worker.broker is not None
+    assert worker.broker.error is None
+    assert worker.broker.served == 1
+    assert not [m for m in caplog.messages if "file broker" in m]

@@ -487,3 +487,24 @@ async def test_statistics_queue_depths() -> None:
             nursery.start_soon(left.aclose)
             async for _ in right:
                 pass
+
+
+async def test_body_error_during_an_outer_cancellation_is_not_swallowed() -> None:
+    # The body raises while an enclosing deadline cancels the block: the
+    # channel's tasks see the cancellation too, and their Cancelled must not
+    # replace the body's error.
+    left, right = channel_pair()
+
+    async def body() -> None:
+        with trio.move_on_after(0.05):
+            async with open_channel(left) as channel:
+                try:
+                    await channel.receive()
+                finally:
+                    raise KeyError("cleanup failed")
+
+    try:
+        with pytest.raises(KeyError, match="cleanup failed"):
+            await body()
+    finally:
+        right.close()

@@ -36,6 +36,7 @@ from trio_mojo import (
     MessageType,
     encode_message,
 )
+from trio_mojo._decoder import MAX_BUFFERED_WHILE_WAITING
 
 LEGACY = struct.Struct("<IHH")  # num_bytes, num_handles, type
 NORMAL = struct.Struct("<IHHH6x")  # num_bytes, num_header_bytes, type, num_handles
@@ -1135,3 +1136,21 @@ def test_end_of_stream_inside_a_partial_message_is_a_disconnect() -> None:
     decoder.receive_eof()
     with pytest.raises(DisconnectedError, match="200 byte"):
         decoder.next_message()
+
+
+def test_lenient_wait_for_fds_holds_a_bounded_amount_of_data() -> None:
+    # strict_handles=False waits for missing fds as Chromium does, but a peer
+    # that never sends them cannot make the decoder buffer its whole stream.
+    decoder = MessageDecoder(strict_handles=False)
+    decoder.receive_data(encode_message(b"wants an fd", num_handles=1))
+    assert decoder.next_message() is NEED_DATA
+    junk = encode_message(b"j" * 60_000)
+    fed = 0
+    while fed <= MAX_BUFFERED_WHILE_WAITING:
+        decoder.receive_data(junk)
+        fed += len(junk)
+        if fed <= MAX_BUFFERED_WHILE_WAITING:
+            assert decoder.next_message() is NEED_DATA
+    with pytest.raises(MalformedMessageError, match="while a message waits"):
+        decoder.next_message()
+    assert decoder.buffered_bytes == 0

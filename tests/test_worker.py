@@ -422,3 +422,16 @@ async def test_a_worker_outlives_trios_idle_thread_timeout() -> None:
         reply = await worker.channel.receive()
         assert reply.payload == b"still there?"
     assert worker.returncode == 0
+
+
+async def test_body_error_during_an_outer_cancellation_is_not_swallowed() -> None:
+    async def body() -> None:
+        with trio.move_on_after(1):
+            async with open_worker("trio_mojo._examples:echo", sandbox=NONE):
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    raise KeyError("cleanup failed")
+
+    with pytest.raises(KeyError, match="cleanup failed"):
+        await body()

@@ -873,6 +873,11 @@ async def open_channel(
                     await channel.aclose()
                 except BaseException as exc:
                     raised = exc
+    except BaseException:
+        # The tasks saw an outer cancellation too: the nursery raises a group
+        # of Cancelled that must not replace the body's own error.
+        if raised is None:
+            raise
     finally:
         channel._abort()
     if raised is not None:

@@ -47,7 +47,8 @@ Hardening, each a constructor switch (the Chromium behaviour in brackets):
     A complete message whose fds have not arrived is malformed (Chromium
     stalls the channel forever waiting for them), and fds left unclaimed at
     a clean end of stream are malformed (Chromium silently hands surplus fds
-    to the next message that claims some).
+    to the next message that claims some).  With ``False`` the decoder waits,
+    but holds at most :data:`MAX_BUFFERED_WHILE_WAITING` (1 MiB) meanwhile.
 ``ipcz_parse_threshold`` (8) [16]
     In IPCZ framing Chromium only parses once 16 bytes are buffered, which
     strands a final message with an 8-byte header and no data; we parse
@@ -109,6 +110,10 @@ END_OF_STREAM: Final = _Marker.END_OF_STREAM
 """Returned by :meth:`MessageDecoder.next_message` after a clean EOF."""
 
 DecoderEvent: TypeAlias = "Literal[_Marker.NEED_DATA, _Marker.END_OF_STREAM] | Message"
+
+MAX_BUFFERED_WHILE_WAITING: Final = 1024 * 1024
+"""With ``strict_handles=False``: bytes the decoder holds, at most, while a
+complete message waits for its fds (then the stream is malformed)."""
 
 _FIRST8 = struct.Struct("<IHH")  # num_bytes, (num_handles|num_header_bytes), type
 _U16 = struct.Struct("<H")
@@ -412,6 +417,14 @@ class MessageDecoder:
                 self._fail(
                     f"message complete but its file descriptors are missing: "
                     f"num_handles={num_handles}, received={len(queued)}"
+                )
+            if self.buffered_bytes > MAX_BUFFERED_WHILE_WAITING:
+                # Chromium would buffer without end; a peer that never sends
+                # the fds must not make us hold (and re-copy) its stream.
+                self._fail(
+                    f"{self.buffered_bytes} bytes buffered while a message waits for "
+                    f"its num_handles={num_handles} file descriptors (received "
+                    f"{len(queued)}; at most {MAX_BUFFERED_WHILE_WAITING} bytes wait)"
                 )
             return None
         popleft = queued.popleft

@@ -297,6 +297,7 @@ async def open_worker(
                         open_channel(local, **channel_options)
                     )
                     broker_channel: Channel | None = None
+                    broker_scope = trio.CancelScope()
                     if broker is not None and broker_local is not None:
                         broker_channel = await stack.enter_async_context(
                             open_channel(
@@ -308,7 +309,9 @@ async def open_worker(
                                 flush_timeout=1.0,
                             )
                         )
-                        nursery.start_soon(_serve_broker, broker, broker_channel)
+                        nursery.start_soon(
+                            _serve_broker, broker, broker_channel, broker_scope
+                        )
                     report = await _handshake(
                         channel, process, tail, policy, startup_timeout
                     )
@@ -317,19 +320,27 @@ async def open_worker(
                     try:
                         yield worker
                         await channel.aclose()
-                        if broker_channel is not None:
-                            await broker_channel.aclose()
                     except (ChannelError, trio.EndOfChannel) as exc:
                         error = await _explain(exc, process, tail)
                         if error is exc:
                             raise
                         raise error from exc
+                    # The broker serves until the worker has exited: a
+                    # target may still use it after its channel's EOF.
                     await _finish(process, tail, grace_period)
+                    broker_scope.cancel()
+                    if broker_channel is not None:
+                        await broker_channel.aclose()
             except BaseException as exc:
                 # Raised outside the nursery, so the caller gets it bare.
                 raised = exc
                 await kill(process)
             nursery.cancel_scope.cancel()
+    except BaseException:
+        # The helper tasks saw an outer cancellation too: the nursery raises
+        # a group of Cancelled that must not replace the body's own error.
+        if raised is None:
+            raise
     finally:
         if process.returncode is None:
             await kill(process)
@@ -382,7 +393,9 @@ async def _explain(exc: BaseException, process: Process, tail: _Tail) -> BaseExc
     return exc
 
 
-async def _serve_broker(broker: FileBroker, channel: Channel) -> None:
+async def _serve_broker(
+    broker: FileBroker, channel: Channel, scope: trio.CancelScope
+) -> None:
     """Run the broker; its failure ends the broker, never the parent's block.
 
     A worker that breaks the broker protocol (or any other failure) stops
@@ -390,7 +403,8 @@ async def _serve_broker(broker: FileBroker, channel: Channel) -> None:
     broker channel is closed, and the worker's further requests fail there.
     """
     try:
-        await broker.serve(channel)
+        with scope:  # cancelled once the worker has exited: a clean end
+            await broker.serve(channel)
     except Exception as exc:
         broker.error = exc
         _log.warning("file broker of a worker stopped: %r", exc)
