@@ -42,6 +42,7 @@ pipes) this needs.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -69,6 +70,7 @@ CHANNEL_SWITCH: Final = "--mojo-platform-channel-handle"
 _MIN_TARGET_FD: Final = 3
 _MAX_FD: Final = 2**31 - 1
 """An fd is a C int."""
+_log = logging.getLogger("trio_mojo")
 _KILL_WAIT: Final = 5.0
 """Seconds to wait for a SIGKILLed child to be reaped before giving up."""
 
@@ -319,7 +321,8 @@ async def reap(process: Process, *, grace_period: float) -> bool:
             _signal(process, sig)
             with trio.move_on_after(wait):
                 await process.wait()
-                break
+                return False
+    _warn_unreaped(process)
     return False
 
 
@@ -329,6 +332,18 @@ async def kill(process: Process) -> None:
         _signal(process, signal.SIGKILL)
         with trio.move_on_after(_KILL_WAIT):
             await process.wait()
+            return
+    _warn_unreaped(process)
+
+
+def _warn_unreaped(process: Process) -> None:
+    """Say so when a SIGKILLed child did not exit (stuck in the kernel)."""
+    _log.warning(
+        "child pid %d did not exit %.0f s after SIGKILL (uninterruptible sleep?); "
+        "it is left unreaped",
+        process.pid,
+        _KILL_WAIT,
+    )
 
 
 async def close_pipes(process: Process) -> None:
