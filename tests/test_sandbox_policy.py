@@ -27,6 +27,7 @@ from trio_mojo import (
     _landlock,
     open_worker,
 )
+from trio_mojo._namespaces import NAMESPACES, differing_namespaces
 from trio_mojo._sandbox import verify_report
 
 
@@ -90,9 +91,9 @@ def no_spawning(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     ("policy", "layer"),
     [
-        (SandboxPolicy.strict(), "namespaces"),
+        (SandboxPolicy.strict(), "seccomp"),
         (SandboxPolicy.default(), "seccomp"),
-        (None, "namespaces"),  # open_worker's default is strict()
+        (None, "seccomp"),  # open_worker's default is strict()
     ],
 )
 async def test_unbuildable_layers_are_refused_before_spawning(
@@ -125,12 +126,14 @@ async def test_basic_applies_no_new_privs_and_rlimits() -> None:
         status = _proc_status(worker.pid)
         files = _proc_limit(worker.pid, "Max open files")
         core = _proc_limit(worker.pid, "Max core file size")
+        separated = sorted(differing_namespaces(worker.pid))
     assert report.ok
     assert report.layers["no_new_privs"] == "applied"
     assert report.layers["rlimits"] == "applied"
     assert report.layers["fd_hygiene"] == "applied"
-    for layer in ("seccomp", "namespaces"):
-        assert report.layers[layer].startswith("unavailable: "), report.layers
+    assert report.layers["seccomp"].startswith("unavailable: "), report.layers
+    assert report.layers["namespaces"] == "applied", report.layers
+    assert separated == sorted(NAMESPACES)
     if LANDLOCK:
         assert report.layers["landlock"] == "applied"
     else:
@@ -419,3 +422,30 @@ def test_landlock_refuses_a_multithreaded_process() -> None:
         "refused: landlock needs a single-threaded process (found 2 threads)"
         in result.stdout
     )
+
+
+async def test_namespaces_cut_the_worker_off_the_network(tmp_path: Path) -> None:
+    policy = SandboxPolicy(seccomp="off", landlock="off", namespaces="required")
+    async with open_worker(
+        "trio_mojo._examples:attempt_escapes", sandbox=policy
+    ) as worker:
+        assert worker.sandbox_report.layers["namespaces"] == "applied"
+        assert sorted(differing_namespaces(worker.pid)) == sorted(NAMESPACES)
+        await worker.channel.send(Message(str(tmp_path / "x").encode()))
+        attempts = json.loads((await worker.channel.receive()).payload)
+    assert attempts["tcp"] == "ENETUNREACH"  # a network namespace with no interface up
+
+
+async def test_verify_report_catches_a_false_namespaces_claim() -> None:
+    # A worker that claims namespaces it did not enter is caught from /proc.
+    async with open_worker("trio_mojo._examples:echo", sandbox=UNSANDBOXED) as worker:
+        report = worker.sandbox_report
+        forged = SandboxReport(
+            policy="forged",
+            pid=report.pid,
+            uid=report.uid,
+            layers={**report.layers, "namespaces": "applied"},
+            fds=report.fds,
+        )
+        with pytest.raises(SandboxUnavailableError, match="parent's"):
+            verify_report(worker.pid, UNSANDBOXED, forged)

@@ -30,11 +30,14 @@ Layers in this release:
 * ``landlock``: no file-system right at all, no TCP bind/connect, no
   abstract unix sockets or signals outside the worker (``_landlock``).
   The worker still uses every fd it holds or is sent.
-* ``seccomp``, ``namespaces``: not built into this release.  Policies that
-  require them (:meth:`SandboxPolicy.strict`, :meth:`SandboxPolicy.default`)
-  therefore raise :class:`SandboxUnavailableError` before spawning, which
-  is the honest answer; a policy may ask for them ``IF_AVAILABLE`` and the
-  report says they were not applied.
+* ``namespaces``: new user (identity map of the worker's uid/gid), network
+  (no interface up), IPC, UTS and mount namespaces (``_namespaces``),
+  checked by the parent in ``/proc/<pid>/ns``.
+* ``seccomp``: not built into this release.  Policies that require it
+  (:meth:`SandboxPolicy.strict`, :meth:`SandboxPolicy.default`) therefore
+  raise :class:`SandboxUnavailableError` before spawning, which is the
+  honest answer; a policy may ask for it ``IF_AVAILABLE`` and the report
+  says it was not applied.
 
 Running a worker with no sandbox at all takes the explicit, named opt-out
 ``SandboxPolicy.none(i_understand_this_is_unsandboxed=True)``.
@@ -53,7 +56,7 @@ from typing import Any, Final
 
 import attrs
 
-from . import _landlock
+from . import _landlock, _namespaces
 from ._errors import SandboxUnavailableError
 
 __all__ = [
@@ -71,7 +74,7 @@ _UNBUILT_HINT: Final = (
     "; use a policy with this layer IF_AVAILABLE or OFF (SandboxPolicy.basic()), "
     "or SandboxPolicy.none(i_understand_this_is_unsandboxed=True)"
 )
-_UNBUILT_LAYERS: Final = ("namespaces", "seccomp")
+_UNBUILT_LAYERS: Final = ("seccomp",)
 MAX_REPORT_BYTES: Final = 64 * 1024
 """A longer first message is not a sandbox report (real ones are ~0.4 KiB)."""
 
@@ -142,10 +145,12 @@ class SandboxPolicy:
 
     @classmethod
     def basic(cls) -> SandboxPolicy:
-        """Only the layers this release builds: rlimits and no_new_privs, required.
+        """What this release builds: rlimits and no_new_privs required;
+        namespaces and Landlock applied when the machine allows, seccomp
+        recorded as not applied.
 
-        The others are recorded as not applied in the report.  This is a
-        real but *weak* sandbox: the worker can still open files and sockets.
+        Without seccomp the worker can still make system calls that no other
+        layer covers (create sockets, stat paths); see ``docs/workers.rst``.
         """
         return cls(
             name="basic",
@@ -364,6 +369,10 @@ def _apply_no_new_privs(policy: SandboxPolicy) -> None:
     _prctl(_PR_SET_NO_NEW_PRIVS, 1)
 
 
+def _apply_namespaces(policy: SandboxPolicy) -> None:
+    _namespaces.unshare()
+
+
 def _apply_landlock(policy: SandboxPolicy) -> None:
     _landlock.restrict_self()
 
@@ -375,6 +384,7 @@ def _unbuilt(policy: SandboxPolicy) -> None:
 _APPLIERS: Final = {
     "rlimits": _apply_rlimits,
     "no_new_privs": _apply_no_new_privs,
+    "namespaces": _apply_namespaces,
     "landlock": _apply_landlock,
 }
 
@@ -473,6 +483,13 @@ def verify_report(pid: int, policy: SandboxPolicy, report: SandboxReport) -> Non
             raise SandboxUnavailableError(
                 "no_new_privs",
                 f"claimed, but /proc/{pid}/status shows NoNewPrivs: {seen}",
+            )
+    if report.layers.get("namespaces") == "applied":
+        same = set(_namespaces.NAMESPACES) - set(_namespaces.differing_namespaces(pid))
+        if same:
+            raise SandboxUnavailableError(
+                "namespaces",
+                f"claimed, but /proc/{pid}/ns shows the parent's {sorted(same)} namespaces",
             )
     if report.layers.get("rlimits") == "applied" and policy.max_open_files is not None:
         seen = _proc_soft_limit(pid, "Max open files")
