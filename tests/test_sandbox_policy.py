@@ -8,6 +8,7 @@ every layer is applied in a child.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from _process_support import children
 
 from trio_mojo import (
     FileAccess,
+    Handle,
     Message,
     Requirement,
     SandboxPolicy,
@@ -25,6 +27,7 @@ from trio_mojo import (
     SandboxUnavailableError,
     WorkerError,
     _landlock,
+    _seccomp,
     open_worker,
 )
 from trio_mojo._namespaces import NAMESPACES, differing_namespaces
@@ -96,15 +99,20 @@ def no_spawning(monkeypatch: pytest.MonkeyPatch) -> None:
         (None, "seccomp"),  # open_worker's default is strict()
     ],
 )
-async def test_unbuildable_layers_are_refused_before_spawning(
-    no_spawning: None, policy: SandboxPolicy | None, layer: str
+async def test_unavailable_layers_are_refused_before_spawning(
+    no_spawning: None,
+    monkeypatch: pytest.MonkeyPatch,
+    policy: SandboxPolicy | None,
+    layer: str,
 ) -> None:
+    # As on a machine without a syscall table for seccomp (not x86_64).
+    monkeypatch.setattr(_seccomp, "SUPPORTED", False)
     before = children()
     with pytest.raises(SandboxUnavailableError) as info:
         async with open_worker("trio_mojo._examples:echo", sandbox=policy):
             pytest.fail("the block must not run")  # pragma: no cover
     assert info.value.layer == layer
-    assert "not built into this release" in info.value.reason
+    assert "no syscall table" in info.value.reason
     assert "SandboxPolicy.basic()" in str(info.value)  # the hint at a fix
     assert children() == before
 
@@ -131,7 +139,8 @@ async def test_basic_applies_no_new_privs_and_rlimits() -> None:
     assert report.layers["no_new_privs"] == "applied"
     assert report.layers["rlimits"] == "applied"
     assert report.layers["fd_hygiene"] == "applied"
-    assert report.layers["seccomp"].startswith("unavailable: "), report.layers
+    assert report.layers["seccomp"] == "applied", report.layers
+    assert status["Seccomp"] == "2"
     assert report.layers["namespaces"] == "applied", report.layers
     assert separated == sorted(NAMESPACES)
     if LANDLOCK:
@@ -449,3 +458,42 @@ async def test_verify_report_catches_a_false_namespaces_claim() -> None:
         )
         with pytest.raises(SandboxUnavailableError, match="parent's"):
             verify_report(worker.pid, UNSANDBOXED, forged)
+
+
+async def test_strict_runs_a_worker_with_every_layer() -> None:
+    # open_worker's default policy: every layer required, and all of them
+    # are available on this kind of machine.
+    async with open_worker("trio_mojo._examples:echo") as worker:
+        report = worker.sandbox_report
+        status = _proc_status(worker.pid)
+        r, w = os.pipe()
+        os.write(w, b"through the sandbox")
+        os.close(w)
+        await worker.channel.send(Message(b"ping", (Handle(r),)))
+        with await worker.channel.receive() as echoed:
+            assert echoed.payload == b"ping"
+            assert os.read(echoed.handles[0].fileno(), 64) == b"through the sandbox"
+    assert report.ok
+    assert report.policy == "strict"
+    assert {k: v for k, v in report.layers.items() if v != "applied"} == {}
+    assert status["Seccomp"] == "2"
+    assert status["NoNewPrivs"] == "1"
+
+
+async def test_seccomp_refuses_what_the_allowlist_does_not_name(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"x")
+    policy = SandboxPolicy(landlock="off", namespaces="off", seccomp="required")
+    async with open_worker(
+        "trio_mojo._examples:attempt_escapes", sandbox=policy
+    ) as worker:
+        await worker.channel.send(Message(str(secret).encode()))
+        attempts = json.loads((await worker.channel.receive()).payload)
+    assert attempts == {
+        "open": "EPERM",
+        "create": "EPERM",
+        "listdir": "EPERM",
+        "exec": "EPERM",
+        "tcp": "EPERM",
+        "signal_parent": "EPERM",
+    }

@@ -36,7 +36,9 @@ _CLONE_NEWUTS: Final = 0x04000000
 _CLONE_NEWIPC: Final = 0x08000000
 _CLONE_NEWUSER: Final = 0x10000000
 _CLONE_NEWNET: Final = 0x40000000
-_FLAGS: Final = _CLONE_NEWUSER | _CLONE_NEWNET | _CLONE_NEWIPC | _CLONE_NEWUTS | _CLONE_NEWNS
+_FLAGS: Final = (
+    _CLONE_NEWUSER | _CLONE_NEWNET | _CLONE_NEWIPC | _CLONE_NEWUTS | _CLONE_NEWNS
+)
 
 NAMESPACES: Final = ("user", "net", "ipc", "uts", "mnt")
 """The ``/proc/<pid>/ns`` entries :func:`unshare` replaces."""
@@ -59,7 +61,9 @@ def unshare() -> None:
     """
     threads = len(os.listdir("/proc/self/task"))
     if threads != 1:
-        raise OSError(f"namespaces need a single-threaded process (found {threads} threads)")
+        raise OSError(
+            f"namespaces need a single-threaded process (found {threads} threads)"
+        )
     uid, gid = os.getuid(), os.getgid()
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.unshare(_FLAGS) != 0:
@@ -75,5 +79,6 @@ def differing_namespaces(pid: int) -> list[str]:
     return [
         name
         for name in NAMESPACES
-        if os.stat(f"/proc/{pid}/ns/{name}").st_ino != os.stat(f"/proc/self/ns/{name}").st_ino
+        if os.stat(f"/proc/{pid}/ns/{name}").st_ino
+        != os.stat(f"/proc/self/ns/{name}").st_ino
     ]

@@ -33,11 +33,10 @@ Layers in this release:
 * ``namespaces``: new user (identity map of the worker's uid/gid), network
   (no interface up), IPC, UTS and mount namespaces (``_namespaces``),
   checked by the parent in ``/proc/<pid>/ns``.
-* ``seccomp``: not built into this release.  Policies that require it
-  (:meth:`SandboxPolicy.strict`, :meth:`SandboxPolicy.default`) therefore
-  raise :class:`SandboxUnavailableError` before spawning, which is the
-  honest answer; a policy may ask for it ``IF_AVAILABLE`` and the report
-  says it was not applied.
+* ``seccomp``: a system-call allowlist (``_seccomp``, x86_64); anything else
+  gets ``EPERM``.  Checked by the parent (``Seccomp: 2`` in
+  ``/proc/<pid>/status``).  On another architecture a policy that requires
+  it raises :class:`SandboxUnavailableError` before spawning.
 
 Running a worker with no sandbox at all takes the explicit, named opt-out
 ``SandboxPolicy.none(i_understand_this_is_unsandboxed=True)``.
@@ -49,6 +48,7 @@ import ctypes
 import enum
 import json
 import os
+import platform
 import resource
 import signal
 from collections.abc import Mapping
@@ -56,7 +56,7 @@ from typing import Any, Final
 
 import attrs
 
-from . import _landlock, _namespaces
+from . import _landlock, _namespaces, _seccomp
 from ._errors import SandboxUnavailableError
 
 __all__ = [
@@ -69,12 +69,10 @@ __all__ = [
 
 _PR_SET_PDEATHSIG: Final = 1
 _PR_SET_NO_NEW_PRIVS: Final = 38
-_UNBUILT_REASON: Final = "not built into this release of trio_mojo"
-_UNBUILT_HINT: Final = (
+_UNAVAILABLE_HINT: Final = (
     "; use a policy with this layer IF_AVAILABLE or OFF (SandboxPolicy.basic()), "
     "or SandboxPolicy.none(i_understand_this_is_unsandboxed=True)"
 )
-_UNBUILT_LAYERS: Final = ("seccomp",)
 MAX_REPORT_BYTES: Final = 64 * 1024
 """A longer first message is not a sandbox report (real ones are ~0.4 KiB)."""
 
@@ -145,12 +143,11 @@ class SandboxPolicy:
 
     @classmethod
     def basic(cls) -> SandboxPolicy:
-        """What this release builds: rlimits and no_new_privs required;
-        namespaces and Landlock applied when the machine allows, seccomp
-        recorded as not applied.
+        """rlimits and no_new_privs required; every other layer applied when
+        the machine allows it, and recorded as unavailable when not.
 
-        Without seccomp the worker can still make system calls that no other
-        layer covers (create sockets, stat paths); see ``docs/workers.rst``.
+        The portable choice: it runs wherever Linux does, and the report (and
+        ``/proc``) say what the worker actually got.
         """
         return cls(
             name="basic",
@@ -201,9 +198,12 @@ class SandboxPolicy:
         Raises:
             SandboxUnavailableError: naming the first such layer.
         """
-        for layer in _UNBUILT_LAYERS:
-            if self._levels()[layer] is _R.REQUIRED:
-                raise SandboxUnavailableError(layer, _UNBUILT_REASON + _UNBUILT_HINT)
+        if self.seccomp is _R.REQUIRED and not _seccomp.SUPPORTED:
+            raise SandboxUnavailableError(
+                "seccomp",
+                f"no syscall table for {platform.machine()} in this release"
+                + _UNAVAILABLE_HINT,
+            )
         if self.landlock is _R.REQUIRED:
             try:
                 _landlock.abi_version()
@@ -377,8 +377,9 @@ def _apply_landlock(policy: SandboxPolicy) -> None:
     _landlock.restrict_self()
 
 
-def _unbuilt(policy: SandboxPolicy) -> None:
-    raise OSError(_UNBUILT_REASON)
+def _apply_seccomp(policy: SandboxPolicy) -> None:
+    _prctl(_PR_SET_NO_NEW_PRIVS, 1)  # the kernel requires it (or CAP_SYS_ADMIN)
+    _seccomp.install(_seccomp.build_filter(os.getpid()))
 
 
 _APPLIERS: Final = {
@@ -386,6 +387,7 @@ _APPLIERS: Final = {
     "no_new_privs": _apply_no_new_privs,
     "namespaces": _apply_namespaces,
     "landlock": _apply_landlock,
+    "seccomp": _apply_seccomp,
 }
 
 
@@ -403,7 +405,7 @@ def apply_policy(policy: SandboxPolicy) -> SandboxReport:
         if level is _R.OFF:
             layers[layer] = "off"
             continue
-        applier = _APPLIERS.get(layer, _unbuilt)
+        applier = _APPLIERS[layer]
         try:
             applier(policy)
         except OSError as exc:
@@ -483,6 +485,12 @@ def verify_report(pid: int, policy: SandboxPolicy, report: SandboxReport) -> Non
             raise SandboxUnavailableError(
                 "no_new_privs",
                 f"claimed, but /proc/{pid}/status shows NoNewPrivs: {seen}",
+            )
+    if report.layers.get("seccomp") == "applied":
+        seen = _proc_status(pid).get("Seccomp")
+        if seen != "2":
+            raise SandboxUnavailableError(
+                "seccomp", f"claimed, but /proc/{pid}/status shows Seccomp: {seen}"
             )
     if report.layers.get("namespaces") == "applied":
         same = set(_namespaces.NAMESPACES) - set(_namespaces.differing_namespaces(pid))
