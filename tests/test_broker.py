@@ -481,3 +481,25 @@ async def test_a_normal_exit_is_not_a_broker_failure(
     assert worker.broker.error is None
     assert worker.broker.served == 1
     assert not [m for m in caplog.messages if "file broker" in m]
+
+
+async def test_write_access_under_a_policy_that_forbids_writing_is_refused_upfront(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ValueError, match="max_file_size=0"):
+        async with open_worker(
+            "trio_mojo._examples:broker_reader",
+            sandbox=SandboxPolicy.strict(),
+            file_access=[FileAccess.read_write(tmp_path)],
+        ):
+            pytest.fail("the block must not run")  # pragma: no cover
+    # The same policy with a size limit lets the worker write through the broker.
+    policy = attrs.evolve(SandboxPolicy.strict(), max_file_size=1 << 20)
+    async with open_worker(
+        "trio_mojo._examples:broker_reader",
+        sandbox=policy,
+        file_access=[FileAccess.read_write(tmp_path)],
+    ) as worker:
+        await worker.channel.send(Message(f"w {tmp_path / 'out'}".encode()))
+        assert (await worker.channel.receive()).payload == b"ok"
+    assert (tmp_path / "out").read_bytes() == b"written by worker"

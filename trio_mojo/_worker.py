@@ -240,7 +240,8 @@ async def open_worker(
             ``/proc`` show it missing; the worker is then killed).
         WorkerError: the worker failed to start, exited with a non-zero
             status, or its report was malformed.
-        ValueError: a bad ``target``.
+        ValueError: a bad ``target``, or a read-write ``file_access`` rule
+            with a policy whose ``max_file_size`` is 0 (``strict()``).
     """
     _check_target(target)
     policy = SandboxPolicy.strict() if sandbox is None else sandbox
@@ -253,6 +254,12 @@ async def open_worker(
         )
     rules = sequence_of_rules(file_access)
     broker = FileBroker(rules) if rules else None
+    if policy.max_file_size == 0 and any(rule.writable for rule in rules):
+        raise ValueError(
+            f"a read-write FileAccess rule, but the {policy.name!r} sandbox policy sets "
+            "max_file_size=0 (RLIMIT_FSIZE): every write would fail with EFBIG; use "
+            "attrs.evolve(policy, max_file_size=None) or a byte limit"
+        )
 
     local, remote = channel_pair()
     endpoints: dict[str, Endpoint] = {CHANNEL_SWITCH: remote}
