@@ -117,6 +117,12 @@ def test_argument_checked_calls() -> None:
     assert run(PROGRAM, nr("tgkill"), (PID, PID + 1, 10)) == RET_ALLOW
     assert run(PROGRAM, nr("tgkill"), (PID + 1, PID + 1, 10)) == EPERM
     assert run(PROGRAM, nr("tkill"), (PID,)) == EPERM
+    for command in (0, 1, 2, 3, 4, 1030):  # dup, get/set fd flags and status flags
+        assert run(PROGRAM, nr("fcntl"), (3, command)) == RET_ALLOW
+    for command in (8, 10, 15, 1024):  # F_SETOWN, F_SETSIG, F_SETOWN_EX, F_SETLEASE
+        assert (
+            run(PROGRAM, nr("fcntl"), (3, command)) == EPERM
+        )  # O_ASYNC could signal others
     assert run(PROGRAM, nr("prlimit64"), (0, 7, 0, 0x7FFF0000)) == RET_ALLOW  # get
     assert run(PROGRAM, nr("prlimit64"), (0, 7, 0x7FFF0000, 0)) == EPERM  # set
     assert run(PROGRAM, nr("prlimit64"), (0, 7, 1 << 40, 0)) == EPERM  # high half set

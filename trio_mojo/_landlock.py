@@ -41,7 +41,14 @@ _SYS_CREATE_RULESET: Final = 444  # asm-generic numbers: x86_64 and aarch64
 _SYS_RESTRICT_SELF: Final = 446
 _CREATE_RULESET_VERSION: Final = 1
 
-_FS_RIGHTS_BY_ABI: Final = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1}
+_FS_RIGHTS_BY_ABI: Final = {
+    1: (1 << 13) - 1,
+    2: (1 << 14) - 1,
+    3: (1 << 15) - 1,
+    4: (1 << 15) - 1,
+}
+"""REFER arrives with ABI 2, TRUNCATE with 3, IOCTL_DEV with 5 (the kernel
+refuses a right it does not know with EINVAL)."""
 _FS_ALL: Final = (1 << 16) - 1  # ABI >= 5 (IOCTL_DEV)
 _NET_BIND_AND_CONNECT_TCP: Final = 0b11  # ABI >= 4
 _SCOPE_ABSTRACT_UNIX_AND_SIGNAL: Final = 0b11  # ABI >= 6

@@ -499,7 +499,23 @@ def verify_report(pid: int, policy: SandboxPolicy, report: SandboxReport) -> Non
                 "namespaces",
                 f"claimed, but /proc/{pid}/ns shows the parent's {sorted(same)} namespaces",
             )
-    if report.layers.get("rlimits") == "applied" and policy.max_open_files is not None:
+    if report.layers.get("rlimits") == "applied":
+        _verify_rlimits(pid, policy)
+
+
+def _verify_rlimits(pid: int, policy: SandboxPolicy) -> None:
+    expected = {"Max core file size": 0}
+    if policy.max_file_size is not None:
+        expected["Max file size"] = policy.max_file_size
+    if policy.max_address_space is not None:
+        expected["Max address space"] = policy.max_address_space
+    for label, value in expected.items():
+        seen = _proc_soft_limit(pid, label)
+        if seen != str(value):
+            raise SandboxUnavailableError(
+                "rlimits", f"claimed {label}={value}, /proc/{pid}/limits shows {seen}"
+            )
+    if policy.max_open_files is not None:
         seen = _proc_soft_limit(pid, "Max open files")
         if seen != str(policy.max_open_files):
             raise SandboxUnavailableError(

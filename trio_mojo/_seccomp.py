@@ -16,7 +16,9 @@ other call with ``EPERM``.  In order:
    thread (``CLONE_THREAD`` set, no ``CLONE_NEW*`` flag); ``clone3`` gets
    ``ENOSYS`` so that glibc falls back to ``clone``, whose flags a filter
    can read; ``socketpair`` only for ``AF_UNIX``; ``ioctl`` only
-   ``FIONBIO``/``FIOCLEX``/``FIONCLEX``/``FIONREAD``/``TCGETS``; ``prctl``
+   ``FIONBIO``/``FIOCLEX``/``FIONCLEX``/``FIONREAD``/``TCGETS``; ``fcntl``
+   only to dup and get/set fd and status flags (no ``F_SETOWN``/``F_SETSIG``,
+   which would let ``O_ASYNC`` signal another process); ``prctl``
    only ``PR_SET_NAME``/``PR_GET_NAME``; ``kill``/``tgkill`` only to the
    worker itself (its pid is baked in); ``prlimit64`` only to read;
 3. the rest of the allowlist by number; everything else, including
@@ -96,8 +98,8 @@ SYSCALLS: Final = {
 }  # fmt: skip
 """x86_64 numbers of the calls the filter names (from ``asm/unistd_64.h``)."""
 
-_CHECKED: Final = ("clone", "clone3", "socketpair", "ioctl", "prctl", "kill", "tgkill",
-                   "prlimit64")  # fmt: skip
+_CHECKED: Final = ("clone", "clone3", "socketpair", "ioctl", "prctl", "fcntl", "kill",
+                   "tgkill", "prlimit64")  # fmt: skip
 ALLOWED: Final = tuple(
     name for name in SYSCALLS if name not in _CHECKED and name != "tkill"
 )
@@ -123,6 +125,10 @@ _IOCTLS: Final = (
     0x5401,
 )  # FIONBIO FIOCLEX FIONCLEX FIONREAD TCGETS
 _PRCTLS: Final = (15, 16)  # PR_SET_NAME, PR_GET_NAME
+_FCNTLS: Final = (0, 1, 2, 3, 4, 1030)
+"""F_DUPFD, F_GETFD, F_SETFD, F_GETFL, F_SETFL, F_DUPFD_CLOEXEC.  Not F_SETOWN /
+F_SETSIG / F_SETOWN_EX: with O_ASYNC they would make the kernel signal any
+process for us; not leases or locks."""
 
 Instruction = tuple[int, int, int, int]
 
@@ -177,7 +183,15 @@ def build_filter(
     asm.jump(_JEQ_K, _AUDIT_ARCH_X86_64, None, "kill")
     asm.load(_NR)
     asm.jump(_JGE_K, _X32_SYSCALL_BIT, "kill")
-    for name in ("clone", "clone3", "socketpair", "ioctl", "prctl", "prlimit64"):
+    for name in (
+        "clone",
+        "clone3",
+        "socketpair",
+        "ioctl",
+        "prctl",
+        "fcntl",
+        "prlimit64",
+    ):
         asm.jump(_JEQ_K, SYSCALLS[name], name)
     asm.jump(_JEQ_K, SYSCALLS["kill"], "signal")
     asm.jump(_JEQ_K, SYSCALLS["tgkill"], "signal")
@@ -198,6 +212,8 @@ def build_filter(
     _one_of(asm, _arg_low(1), _IOCTLS)
     asm.label("prctl")
     _one_of(asm, _arg_low(0), _PRCTLS)
+    asm.label("fcntl")
+    _one_of(asm, _arg_low(1), _FCNTLS)
     asm.label("signal")  # kill(pid, sig) / tgkill(tgid, tid, sig): only ourselves
     _one_of(asm, _arg_low(0), (own_pid,))
     asm.label("prlimit64")  # prlimit64(pid, resource, new, old): read only
