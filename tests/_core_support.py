@@ -156,14 +156,6 @@ def file_identity(fd: int) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def fd_is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
-
-
 def drain(decoder: MessageDecoder) -> tuple[list[Message], DecoderEvent]:
     """Return every message the decoder yields now, and the marker it stopped on."""
     messages: list[Message] = []

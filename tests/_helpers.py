@@ -17,6 +17,7 @@ from typing import Any
 
 import trio
 import trio.testing
+from _fds import fd_is_open, open_fds
 
 from trio_mojo import Channel, Endpoint, Handle, Message, channel_pair, open_channel
 
@@ -37,20 +38,6 @@ __all__ = [
 ]
 
 SCM_SPACE = socket.CMSG_SPACE(300 * 4)
-
-
-def fd_is_open(fd: int) -> bool:
-    """True if ``fd`` is open in this process."""
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
-
-
-def open_fds() -> set[int]:
-    """The fds open in this process (``/proc/self/fd`` minus listdir's own)."""
-    return {fd for fd in map(int, os.listdir("/proc/self/fd")) if fd_is_open(fd)}
 
 
 class RawPeer:

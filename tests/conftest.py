@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _fds import open_fds
 from hypothesis import HealthCheck, settings
 
 pytest_plugins = ["pytester"]
@@ -27,26 +28,6 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
-
-
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
-
-
-def open_fds() -> set[int]:
-    """Return the fds open in this process.
-
-    ``os.listdir`` reads ``/proc/self/fd`` through a directory fd of its own, and
-    that fd *is* in the listing (it was open while the directory was read); it is
-    closed by the time the list is returned, so dropping the numbers that are no
-    longer open removes it.  Its number changes whenever the lowest free fd
-    changes, so without this every leak would also report a phantom fd.
-    """
-    return {fd for fd in map(int, os.listdir("/proc/self/fd")) if _is_open(fd)}
 
 
 def _describe_fd(fd: int) -> str:

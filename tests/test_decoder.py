@@ -17,8 +17,8 @@ from _core_support import (
     FdFactory,
     WireExample,
     drain,
-    fd_is_open,
 )
+from _fds import fd_is_open
 from hypothesis import given
 from hypothesis import strategies as st
 

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import cast
 
 import pytest
-from _core_support import fd_is_open, file_identity
+from _core_support import file_identity
+from _fds import fd_is_open
 
 from trio_mojo import Handle
 from trio_mojo._handles import close_all

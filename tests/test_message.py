@@ -7,7 +7,8 @@ from collections.abc import Iterator
 
 import attrs
 import pytest
-from _core_support import FdFactory, fd_is_open
+from _core_support import FdFactory
+from _fds import fd_is_open
 
 from trio_mojo import Message, MessageType
 

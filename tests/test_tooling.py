@@ -6,22 +6,16 @@ import os
 from pathlib import Path
 
 import pytest
+from _fds import fd_is_open
 
 CONFTEST = Path(__file__).with_name("conftest.py")
+FDS_MODULE = Path(__file__).with_name("_fds.py")
 
 
 def proc_self_fd() -> set[int]:
     """Test-local reader of /proc/self/fd, dropping listdir's own (closed) fd."""
     listed = {int(name) for name in os.listdir("/proc/self/fd")}
     return {fd for fd in listed if fd_is_open(fd)}
-
-
-def fd_is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 def test_listdir_reports_its_own_closed_fd() -> None:
@@ -55,6 +49,7 @@ def test_open_fds_sees_a_pipe_open_and_close() -> None:
 
 def test_fd_leak_fixture_fails_a_leaking_test(pytester: pytest.Pytester) -> None:
     pytester.makeconftest(CONFTEST.read_text())
+    pytester.makepyfile(_fds=FDS_MODULE.read_text())
     pytester.makeini(
         """
         [pytest]
