@@ -15,7 +15,7 @@ PYPROJECT = nox.project.load_toml("pyproject.toml")
 
 # The pure sans-I/O core: 100% branch coverage is enforced on these files.
 CORE_MODULES = ("_wire.py", "_decoder.py", "_encoder.py")
-CORE_INCLUDE = ",".join(f"*/trio_mojo/{name}" for name in CORE_MODULES)
+CORE_INCLUDE = ",".join(f"*/trio_mojo/_core/{name}" for name in CORE_MODULES)
 
 # Tests run against the *installed* (non-editable) package. ``python -m`` and
 # ``coverage run -m`` would put the current directory first on sys.path, so the

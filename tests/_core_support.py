@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import Self
 
 from trio_mojo import Framing, Handle, Message, MessageDecoder, MessageType
-from trio_mojo._decoder import DecoderEvent
+from trio_mojo._core._decoder import DecoderEvent
 
 
 @dataclass(frozen=True)

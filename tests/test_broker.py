@@ -35,12 +35,12 @@ from trio_mojo import (
     Message,
     SandboxPolicy,
     WorkerError,
-    _broker,
     channel_pair,
     current_broker,
     open_channel,
     open_worker,
 )
+from trio_mojo._workers import _broker
 
 SECRET = b"outside every rule"
 ALLOWED = b"allowed content"
@@ -446,7 +446,7 @@ async def test_a_worker_without_file_access_has_no_broker(tree: Tree) -> None:
 async def test_a_worker_breaking_the_broker_protocol_only_stops_the_broker(
     tmp_path: Path,
 ) -> None:
-    from trio_mojo._worker import _serve_broker
+    from trio_mojo._workers._worker import _serve_broker
 
     broker = FileBroker([FileAccess.read_only(tmp_path)])
     parent_end, worker_end = channel_pair()

@@ -36,7 +36,7 @@ from trio_mojo import (
     MessageType,
     encode_message,
 )
-from trio_mojo._decoder import MAX_BUFFERED_WHILE_WAITING
+from trio_mojo._core._decoder import MAX_BUFFERED_WHILE_WAITING
 
 LEGACY = struct.Struct("<IHH")  # num_bytes, num_handles, type
 NORMAL = struct.Struct("<IHHH6x")  # num_bytes, num_header_bytes, type, num_handles

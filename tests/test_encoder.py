@@ -28,7 +28,12 @@ from trio_mojo import (
     OutgoingMessage,
     encode_message,
 )
-from trio_mojo._encoder import INLINE_PAYLOAD, MAX_PLAN_BUFFERS, MAX_PLAN_BYTES, Buffer
+from trio_mojo._core._encoder import (
+    INLINE_PAYLOAD,
+    MAX_PLAN_BUFFERS,
+    MAX_PLAN_BYTES,
+    Buffer,
+)
 
 
 @pytest.fixture

@@ -26,12 +26,11 @@ from trio_mojo import (
     SandboxReport,
     SandboxUnavailableError,
     WorkerError,
-    _landlock,
-    _seccomp,
     open_worker,
 )
-from trio_mojo._namespaces import NAMESPACES, differing_namespaces
-from trio_mojo._sandbox import verify_report
+from trio_mojo._sandbox import _landlock, _seccomp
+from trio_mojo._sandbox._namespaces import NAMESPACES, differing_namespaces
+from trio_mojo._sandbox._verify import verify_report
 
 
 def _landlock_available() -> bool:
@@ -415,7 +414,7 @@ async def test_required_landlock_missing_is_refused_before_spawning(
 def test_landlock_refuses_a_multithreaded_process() -> None:
     # Below ABI 8 only the calling thread would be confined: refuse instead.
     script = (
-        "import threading, trio_mojo._landlock as ll\n"
+        "import threading, trio_mojo._sandbox._landlock as ll\n"
         "e = threading.Event(); t = threading.Thread(target=e.wait); t.start()\n"
         "try:\n"
         "    ll.restrict_self()\n"

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from trio_mojo import _seccomp
-from trio_mojo._seccomp import (
+from trio_mojo._sandbox import _seccomp
+from trio_mojo._sandbox._seccomp import (
     ALLOWED,
     RET_ALLOW,
     RET_ERRNO,

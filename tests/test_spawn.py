@@ -33,7 +33,7 @@ from trio_mojo import (
     open_process_with_channel,
     recover_endpoint,
 )
-from trio_mojo._spawn import start_with_endpoints
+from trio_mojo._workers._spawn import start_with_endpoints
 
 # A child that knows nothing of trio_mojo.  It reads one framed message with
 # its fds, replies with a framed message that describes what it saw (as a

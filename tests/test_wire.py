@@ -17,10 +17,10 @@ from trio_mojo import (
     Framing,
     HandlePolicy,
     MessageType,
-    _wire,
     encode_header,
     encode_message,
 )
+from trio_mojo._core import _wire
 
 ENCODABLE = [pytest.param(e, id=e.name) for e in EXAMPLES if e.encodable]
 

@@ -1,6 +1,6 @@
 """open_worker: real worker processes running the targets of ``trio_mojo._examples``.
 
-Every test starts at least one ``python -I -m trio_mojo._bootstrap`` child
+Every test starts at least one ``python -I -m trio_mojo._workers._bootstrap`` child
 (about 0.12 s each).  The autouse fixture of ``conftest.py`` checks that no
 fd is left behind in this process; :func:`assert_reaped` and
 :func:`children` check that no process is.
@@ -134,7 +134,7 @@ async def test_bootstrap_closes_what_a_careless_launcher_leaks(tmp_path: Path) -
             sys.executable,
             "-I",
             "-m",
-            "trio_mojo._bootstrap",
+            "trio_mojo._workers._bootstrap",
             "--target=trio_mojo._examples:describe_self",
             f"--parent-pid={os.getpid()}",
             f"--sandbox={NONE.to_json()}",
@@ -159,7 +159,7 @@ async def test_bootstrap_closes_what_a_careless_launcher_leaks(tmp_path: Path) -
 
 async def test_bootstrap_without_arguments_prints_usage() -> None:
     result = await trio.run_process(
-        [sys.executable, "-I", "-m", "trio_mojo._bootstrap"],
+        [sys.executable, "-I", "-m", "trio_mojo._workers._bootstrap"],
         capture_stderr=True,
         check=False,
     )

@@ -8,18 +8,23 @@ such a channel.  See ``docs/`` for the design and a tutorial.
 
 from __future__ import annotations
 
-from ._broker import BrokerClient as BrokerClient
-from ._broker import FileAccess as FileAccess
-from ._broker import FileBroker as FileBroker
-from ._broker import current_broker as current_broker
 from ._channel import Channel as Channel
 from ._channel import ChannelStatistics as ChannelStatistics
 from ._channel import open_channel as open_channel
-from ._decoder import END_OF_STREAM as END_OF_STREAM
-from ._decoder import NEED_DATA as NEED_DATA
-from ._decoder import MessageDecoder as MessageDecoder
-from ._encoder import MessageEncoder as MessageEncoder
-from ._encoder import OutgoingMessage as OutgoingMessage
+from ._core._decoder import END_OF_STREAM as END_OF_STREAM
+from ._core._decoder import NEED_DATA as NEED_DATA
+from ._core._decoder import MessageDecoder as MessageDecoder
+from ._core._encoder import MessageEncoder as MessageEncoder
+from ._core._encoder import OutgoingMessage as OutgoingMessage
+from ._core._message import Message as Message
+from ._core._wire import DEFAULT_MAX_MESSAGE_SIZE as DEFAULT_MAX_MESSAGE_SIZE
+from ._core._wire import MAX_ATTACHED_HANDLES as MAX_ATTACHED_HANDLES
+from ._core._wire import MAX_SENDMSG_HANDLES as MAX_SENDMSG_HANDLES
+from ._core._wire import Framing as Framing
+from ._core._wire import HandlePolicy as HandlePolicy
+from ._core._wire import MessageType as MessageType
+from ._core._wire import encode_header as encode_header
+from ._core._wire import encode_message as encode_message
 from ._endpoint import Endpoint as Endpoint
 from ._endpoint import channel_pair as channel_pair
 from ._errors import BrokerError as BrokerError
@@ -30,25 +35,22 @@ from ._errors import MalformedMessageError as MalformedMessageError
 from ._errors import SandboxUnavailableError as SandboxUnavailableError
 from ._errors import WorkerError as WorkerError
 from ._handles import Handle as Handle
-from ._message import Message as Message
 from ._sandbox import Requirement as Requirement
 from ._sandbox import SandboxPolicy as SandboxPolicy
 from ._sandbox import SandboxReport as SandboxReport
-from ._spawn import CHANNEL_SWITCH as CHANNEL_SWITCH
-from ._spawn import ChildProcess as ChildProcess
-from ._spawn import Process as Process
-from ._spawn import open_process_with_channel as open_process_with_channel
-from ._spawn import recover_endpoint as recover_endpoint
-from ._wire import DEFAULT_MAX_MESSAGE_SIZE as DEFAULT_MAX_MESSAGE_SIZE
-from ._wire import MAX_ATTACHED_HANDLES as MAX_ATTACHED_HANDLES
-from ._wire import MAX_SENDMSG_HANDLES as MAX_SENDMSG_HANDLES
-from ._wire import Framing as Framing
-from ._wire import HandlePolicy as HandlePolicy
-from ._wire import MessageType as MessageType
-from ._wire import encode_header as encode_header
-from ._wire import encode_message as encode_message
-from ._worker import Worker as Worker
-from ._worker import open_worker as open_worker
+from ._workers._broker import BrokerClient as BrokerClient
+from ._workers._broker import FileAccess as FileAccess
+from ._workers._broker import FileBroker as FileBroker
+from ._workers._broker import current_broker as current_broker
+from ._workers._spawn import CHANNEL_SWITCH as CHANNEL_SWITCH
+from ._workers._spawn import ChildProcess as ChildProcess
+from ._workers._spawn import Process as Process
+from ._workers._spawn import (
+    open_process_with_channel as open_process_with_channel,
+)
+from ._workers._spawn import recover_endpoint as recover_endpoint
+from ._workers._worker import Worker as Worker
+from ._workers._worker import open_worker as open_worker
 
 __version__ = "0.1.0"
 

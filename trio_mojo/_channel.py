@@ -71,18 +71,10 @@ import attrs
 import trio
 
 from . import _fdpass
-from ._decoder import END_OF_STREAM, NEED_DATA, MessageDecoder
-from ._encoder import MessageEncoder, OutgoingMessage
-from ._endpoint import Endpoint
-from ._errors import (
-    ChannelError,
-    DisconnectedError,
-    FlushTimeoutError,
-    MalformedMessageError,
-)
-from ._handles import Handle, close_all
-from ._message import Message
-from ._wire import (
+from ._core._decoder import END_OF_STREAM, NEED_DATA, MessageDecoder
+from ._core._encoder import MessageEncoder, OutgoingMessage
+from ._core._message import Message
+from ._core._wire import (
     DEFAULT_MAX_MESSAGE_SIZE,
     HEADER_SIZE,
     IPCZ_HEADER_SIZE,
@@ -94,6 +86,14 @@ from ._wire import (
     HandlePolicy,
     MessageType,
 )
+from ._endpoint import Endpoint
+from ._errors import (
+    ChannelError,
+    DisconnectedError,
+    FlushTimeoutError,
+    MalformedMessageError,
+)
+from ._handles import Handle, close_all
 
 __all__ = ["Channel", "ChannelStatistics", "open_channel"]
 

@@ -29,10 +29,10 @@ import attrs
 import trio
 
 from ._channel import Channel
+from ._core._message import Message
 from ._handles import Handle
-from ._message import Message
 from ._sandbox import SandboxPolicy, SandboxReport
-from ._worker import open_worker
+from ._workers._worker import open_worker
 
 __all__ = ["hash_files", "main"]
 

@@ -19,10 +19,10 @@ from collections.abc import Callable
 
 import trio
 
-from ._broker import current_broker
 from ._channel import Channel
+from ._core._message import Message
 from ._errors import BrokerError
-from ._message import Message
+from ._workers._broker import current_broker
 
 __all__ = [
     "attempt_escapes",

@@ -20,7 +20,7 @@ child might not).
 Receiving asks for ``MSG_CMSG_CLOEXEC`` so an fd from the peer is never
 inherited by a process we spawn, even for the instant before we could set
 the flag ourselves.  The control buffer has room for
-:data:`~trio_mojo._wire.MAX_SENDMSG_HANDLES` fds, the most a conforming
+:data:`~trio_mojo._core._wire.MAX_SENDMSG_HANDLES` fds, the most a conforming
 peer sends per ``sendmsg``.  Every fd that arrives is wrapped in a
 :class:`Handle` before anything else happens, so no later error can leak it;
 if the kernel had to truncate the control data (``MSG_CTRUNC``: the peer
@@ -38,9 +38,9 @@ from typing import Final
 
 import trio
 
+from ._core._wire import MAX_SENDMSG_HANDLES
 from ._errors import ChannelError, DisconnectedError, MalformedMessageError
 from ._handles import Handle, close_all
-from ._wire import MAX_SENDMSG_HANDLES
 
 __all__ = ["RECV_CONTROL_SIZE", "receive", "send"]
 

@@ -7,7 +7,8 @@ from typing import Self
 
 import attrs
 
-from ._handles import Handle, close_all
+from trio_mojo._handles import Handle, close_all
+
 from ._wire import MessageType
 
 __all__ = ["Message"]

@@ -8,7 +8,7 @@ Theory of operation
 1. **Before spawning** it checks the :class:`SandboxPolicy` against what can
    be applied (a required layer that cannot be raises
    :class:`SandboxUnavailableError` here, before any process exists).
-2. It starts ``python -I -m trio_mojo._bootstrap`` (isolated mode: no
+2. It starts ``python -I -m trio_mojo._workers._bootstrap`` (isolated mode: no
    ``PYTHON*`` variables, no user site, no current directory on the path)
    with an environment built from an explicit allowlist, stdin from
    ``/dev/null``, a new session, stderr into a pipe whose tail we keep, and
@@ -45,6 +45,12 @@ from typing import Any, Final
 
 import trio
 
+from trio_mojo._channel import Channel, open_channel
+from trio_mojo._endpoint import Endpoint, channel_pair
+from trio_mojo._errors import ChannelError, WorkerError
+from trio_mojo._sandbox import SandboxPolicy, SandboxReport
+from trio_mojo._sandbox._verify import verify_report
+
 from ._broker import (
     BROKER_SWITCH,
     MAX_REQUEST_SIZE,
@@ -52,10 +58,6 @@ from ._broker import (
     FileBroker,
     sequence_of_rules,
 )
-from ._channel import Channel, open_channel
-from ._endpoint import Endpoint, channel_pair
-from ._errors import ChannelError, WorkerError
-from ._sandbox import SandboxPolicy, SandboxReport, verify_report
 from ._spawn import (
     CHANNEL_SWITCH,
     Process,
@@ -271,7 +273,7 @@ async def open_worker(
         os.fspath(python) if python is not None else sys.executable,
         "-I",
         "-m",
-        "trio_mojo._bootstrap",
+        "trio_mojo._workers._bootstrap",
         f"--target={target}",
         f"--parent-pid={os.getpid()}",
         f"--sandbox={policy.to_json()}",

@@ -77,8 +77,9 @@ import struct
 from collections.abc import Iterable
 from typing import Final, Literal, NoReturn, TypeAlias
 
-from ._errors import ChannelError, DisconnectedError, MalformedMessageError
-from ._handles import Handle, close_all
+from trio_mojo._errors import ChannelError, DisconnectedError, MalformedMessageError
+from trio_mojo._handles import Handle, close_all
+
 from ._message import Message
 from ._wire import (
     DEFAULT_MAX_MESSAGE_SIZE,

@@ -53,10 +53,10 @@ from typing import Final
 import attrs
 import trio
 
-from ._channel import Channel
-from ._errors import BrokerError
-from ._handles import Handle
-from ._message import Message
+from trio_mojo._channel import Channel
+from trio_mojo._core._message import Message
+from trio_mojo._errors import BrokerError
+from trio_mojo._handles import Handle
 
 __all__ = [
     "BROKER_SWITCH",

@@ -12,7 +12,7 @@ call, and reports back with :meth:`MessageEncoder.advance`.
 A plan coalesces the unsent bytes of as many queued messages as fit under
 :data:`MAX_PLAN_BYTES` and :data:`MAX_PLAN_BUFFERS` into one list of
 buffers (large payloads are memoryviews, never copied), plus at most
-:data:`~trio_mojo._wire.MAX_SENDMSG_HANDLES` fds.  The fd rules, which keep
+:data:`~trio_mojo._core._wire.MAX_SENDMSG_HANDLES` fds.  The fd rules, which keep
 the receiver's FIFO matching fds to messages:
 
 1. A message's fds ride on a ``sendmsg`` that carries at least one of its
@@ -47,7 +47,8 @@ import collections
 import struct
 from typing import Final, TypeAlias
 
-from ._handles import Handle, close_all
+from trio_mojo._handles import Handle, close_all
+
 from ._message import Message
 from ._wire import (
     HEADER_SIZE,

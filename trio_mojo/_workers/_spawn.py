@@ -53,8 +53,8 @@ from typing import Any, Final
 
 import trio
 
-from ._endpoint import Endpoint, channel_pair
-from ._handles import Handle
+from trio_mojo._endpoint import Endpoint, channel_pair
+from trio_mojo._handles import Handle
 
 __all__ = [
     "CHANNEL_SWITCH",

@@ -1,4 +1,4 @@
-"""The worker's entry point: ``python -I -m trio_mojo._bootstrap ...``.
+"""The worker's entry point: ``python -I -m trio_mojo._workers._bootstrap ...``.
 
 Theory of operation
 -------------------
@@ -18,7 +18,7 @@ and it does, in this order (each step needs the ones before it):
    policy; nothing of the target has run yet;
 5. under ``trio.run``: open the channel, send the sandbox report as the
    first message; if a required layer failed, exit with
-   :data:`~trio_mojo._worker.SANDBOX_FAILED_EXIT` without running the target;
+   :data:`~trio_mojo._workers._worker.SANDBOX_FAILED_EXIT` without running the target;
    otherwise call ``await target(channel)``.
 
 The exit status is 0 when the target returns, 1 (with a traceback on
@@ -37,23 +37,20 @@ from typing import Final
 
 import trio
 
+from trio_mojo._channel import Channel, open_channel
+from trio_mojo._core._message import Message
+from trio_mojo._endpoint import Endpoint
+from trio_mojo._sandbox import SandboxPolicy, SandboxReport
+from trio_mojo._sandbox._apply import apply_policy, set_parent_death_signal
+
 from ._broker import BROKER_SWITCH, BrokerClient, set_current_broker
-from ._channel import Channel, open_channel
-from ._endpoint import Endpoint
-from ._message import Message
-from ._sandbox import (
-    SandboxPolicy,
-    SandboxReport,
-    apply_policy,
-    set_parent_death_signal,
-)
 from ._spawn import CHANNEL_SWITCH, recover_endpoint
 from ._worker import SANDBOX_FAILED_EXIT
 
 Target = Callable[[Channel], Awaitable[object]]
 
 _USAGE: Final = (
-    "usage: python -I -m trio_mojo._bootstrap --target=MOD:FUNC --parent-pid=P "
+    "usage: python -I -m trio_mojo._workers._bootstrap --target=MOD:FUNC --parent-pid=P "
     "--sandbox=JSON --mojo-platform-channel-handle=N [--trio-mojo-broker-handle=M]\n"
     "This is the entry point of trio_mojo workers; start it with trio_mojo.open_worker()."
 )
