@@ -1,4 +1,4 @@
-"""The seccomp allowlist: every decision, evaluated in a BPF interpreter.
+"""The seccomp allowlist: every decision in a BPF interpreter, then real workers.
 
 A tiny classic-BPF interpreter runs the generated program on made-up
 ``seccomp_data`` for both architectures with a table (x86_64, aarch64):
@@ -7,26 +7,42 @@ and refused arguments, a foreign architecture and x32.  A miscounted jump
 or a wrong number fails here instead of crashing a worker.  The number
 tables are compared with the kernel headers installed on this machine.
 
-The end-to-end effect on a real worker is in ``test_sandbox_policy.py``.
+Then real workers: a hostile target under ``strict()`` tries each call the
+filter restricts by argument and gets ``EPERM``, while the same attempts
+succeed without a sandbox; and a worker whose filter kills on any call it
+does not allow runs a realistic workload, so a missing allow shows up as
+``SIGSYS``.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import signal
+import socket
 import struct
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from trio_mojo import (
+    FileAccess,
+    Handle,
+    Message,
+    SandboxPolicy,
+    WorkerError,
+    open_worker,
+)
+from trio_mojo._examples import SYSCALL_ATTEMPTS
 from trio_mojo._sandbox import _seccomp
 from trio_mojo._sandbox._seccomp import (
     AARCH64,
@@ -492,3 +508,206 @@ def test_install_needs_a_table(monkeypatch: pytest.MonkeyPatch) -> None:
         _seccomp.install(build_filter(PID, arch=X86_64))
     with pytest.raises(OSError, match="no syscall table"):
         build_filter(PID)
+
+
+# ----------------------------------------------------------------------
+# Real workers
+
+needs_seccomp = pytest.mark.skipif(
+    not _seccomp.SUPPORTED, reason="no seccomp table for this architecture"
+)
+
+SANDBOXED = {
+    "socketpair_dgram": "EPERM",
+    "socketpair_stream": "ALLOWED",
+    "socketpair_seqpacket": "ALLOWED",
+    "sendto_address": "EPERM",
+    "sendto_channel_address": "EPERM",
+    "sendmsg_name_stream": "EISCONN",  # the kernel: a stream socket takes no name
+    "sendmsg_name_seqpacket": "ALLOWED",  # the kernel drops the name: to the peer
+    "oob_channel": "EPERM",
+    "oob_sendto": "EPERM",
+    "oob_sendmsg": "EPERM",
+    "oob_sendmmsg": "EPERM",
+    "oob_recvfrom": "EPERM",
+    "oob_recvmsg": "EPERM",
+    "oob_recvmmsg": "EPERM",
+    "getcwd": "EPERM",
+    "clock_gettime_other_process": "EPERM",
+    "clock_getres_other_process": "EPERM",
+    "clock_nanosleep_other_process": "EPERM",
+    "clock_foreign_thread": "EINVAL",  # the kernel: not a thread of ours
+    "clock_own_process": "ALLOWED",
+    "clock_own_thread": "ALLOWED",
+    "clock_other_own_thread": "ALLOWED",
+    "clock_static": "ALLOWED",
+    "trio_thread": "ALLOWED",
+    "sched_getaffinity_other": "EPERM",
+    "sched_getparam_other": "EPERM",
+    "sched_getscheduler_other": "EPERM",
+    "sched_self": "ALLOWED",
+    "prlimit_other": "EPERM",
+    "prlimit_self": "ALLOWED",
+    "runtime": "ALLOWED",
+}
+"""What a worker under ``strict()`` measures (seccomp refuses with EPERM)."""
+
+UNSANDBOXED = {
+    **dict.fromkeys(SANDBOXED, "ALLOWED"),
+    "sendto_channel_address": "EISCONN",
+    "sendmsg_name_stream": "EISCONN",
+    "clock_foreign_thread": "EINVAL",
+}
+"""The same attempts without a sandbox: each refused one really works there."""
+
+
+class Listener:
+    """A bound ``AF_UNIX`` datagram socket: what a worker must not reach."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = str(directory / "dgram")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.setblocking(False)
+
+    def received(self) -> list[bytes]:
+        found = []
+        while True:
+            try:
+                found.append(self.sock.recv(256))
+            except BlockingIOError:
+                return found
+
+
+@pytest.fixture
+def listener(tmp_path: Path) -> Iterator[Listener]:
+    bound = Listener(tmp_path)
+    with bound.sock:
+        yield bound
+
+
+async def ask(
+    worker_channel: Any, listener: Listener, attempts: Sequence[str] | None = None
+) -> dict[str, str]:
+    """Send one request (with a datagram socket) and return the reply."""
+    request: dict[str, Any] = {"pid": os.getpid(), "listener": listener.path}
+    if attempts is not None:
+        request["attempts"] = list(attempts)
+    dgram = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    await worker_channel.send(
+        Message(json.dumps(request).encode(), (Handle(dgram.detach()),))
+    )
+    with await worker_channel.receive() as reply:
+        results: dict[str, str] = json.loads(reply.payload)
+    return results
+
+
+def test_the_expectations_name_every_attempt() -> None:
+    assert set(SANDBOXED) == set(SYSCALL_ATTEMPTS)
+
+
+@needs_seccomp
+async def test_a_strict_worker_gets_eperm_for_restricted_arguments(
+    listener: Listener,
+) -> None:
+    async with open_worker(
+        "trio_mojo._examples:attempt_syscall_escapes", sandbox=SandboxPolicy.strict()
+    ) as worker:
+        assert worker.sandbox_report.layers["seccomp"] == "applied"
+        results = await ask(worker.channel, listener)
+        # The channel still works after the attempts on it.
+        again = await ask(worker.channel, listener, ["socketpair_stream"])
+    assert results == SANDBOXED
+    assert again == {"socketpair_stream": "ALLOWED"}
+    assert listener.received() == []
+
+
+@needs_seccomp
+async def test_without_a_sandbox_each_attempt_really_works(listener: Listener) -> None:
+    unsandboxed = SandboxPolicy.none(i_understand_this_is_unsandboxed=True)
+    async with open_worker(
+        "trio_mojo._examples:attempt_syscall_escapes", sandbox=unsandboxed
+    ) as worker:
+        results = await ask(worker.channel, listener)
+    assert results == UNSANDBOXED
+    assert sorted(listener.received()) == [b"sendto_address", b"socketpair_dgram"]
+
+
+@pytest.fixture
+def kill_on_anything_else(tmp_path: Path) -> Path:
+    """An interpreter for ``open_worker(python=...)`` whose workers' filter
+    kills (``SIGSYS``) on any call it does not allow, instead of ``EPERM``."""
+    wrapper = tmp_path / "python-seccomp-kill"
+    wrapper.write_text(
+        f"#!{sys.executable}\n"
+        "import runpy, sys\n"
+        "from trio_mojo._sandbox import _seccomp\n"
+        "build = _seccomp.build_filter\n"
+        "_seccomp.build_filter = lambda pid, **options: build(\n"
+        "    pid, **options, default=_seccomp.RET_KILL_PROCESS\n"
+        ")\n"
+        "flags, module = sys.argv[1:3], sys.argv[3]\n"
+        "assert flags == ['-I', '-m'], sys.argv\n"
+        "sys.argv = [module, *sys.argv[4:]]\n"
+        "runpy.run_module(module, run_name='__main__', alter_sys=True)\n"
+    )
+    wrapper.chmod(0o700)
+    return wrapper
+
+
+@asynccontextmanager
+async def killing_worker(
+    python: Path, target: str, **options: Any
+) -> AsyncIterator[Any]:
+    async with open_worker(
+        target, sandbox=SandboxPolicy.strict(), python=python, **options
+    ) as worker:
+        assert worker.sandbox_report.layers["seccomp"] == "applied"
+        yield worker
+
+
+@needs_seccomp
+async def test_the_kill_mode_really_kills(
+    kill_on_anything_else: Path, listener: Listener
+) -> None:
+    with pytest.raises(WorkerError) as caught:
+        async with killing_worker(
+            kill_on_anything_else, "trio_mojo._examples:attempt_syscall_escapes"
+        ) as worker:
+            await ask(worker.channel, listener, ["getcwd"])
+    assert caught.value.returncode == -signal.SIGSYS
+
+
+@needs_seccomp
+async def test_a_realistic_worker_makes_no_call_outside_the_allowlist(
+    kill_on_anything_else: Path, listener: Listener, tmp_path: Path
+) -> None:
+    # Under KILL_PROCESS any call the filter does not allow is SIGSYS: the
+    # worker dies and open_worker raises WorkerError.
+    allowed = [name for name, result in SANDBOXED.items() if result != "EPERM"]
+    async with killing_worker(
+        kill_on_anything_else, "trio_mojo._examples:attempt_syscall_escapes"
+    ) as worker:
+        results = await ask(worker.channel, listener, allowed)
+        again = await ask(worker.channel, listener, allowed)
+    assert results == again == {name: SANDBOXED[name] for name in allowed}
+
+    (tmp_path / "data.txt").write_bytes(b"brokered bytes")
+    async with killing_worker(
+        kill_on_anything_else,
+        "trio_mojo._examples:broker_reader",
+        file_access=[FileAccess.read_only(tmp_path)],
+    ) as worker:
+        await worker.channel.send(Message(f"r {tmp_path / 'data.txt'}".encode()))
+        assert (await worker.channel.receive()).payload == b"ok brokered bytes"
+
+    async with killing_worker(
+        kill_on_anything_else, "trio_mojo._examples:describe_self"
+    ) as worker:
+        read_end, write_end = os.pipe()
+        os.write(write_end, b"through the filter")
+        os.close(write_end)
+        await worker.channel.send(Message(b"", (Handle(read_end),)))
+        with await worker.channel.receive() as reply:
+            described = json.loads(reply.payload)
+    assert described["received"] == ["through the filter"]
