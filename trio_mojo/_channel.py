@@ -111,7 +111,7 @@ _MAX_RECV_SIZE: Final = MAX_BATCH_READ_SIZE
 """Most bytes asked of one ``recvmsg`` for the rest of a large message
 (the decoder's ``read_size``: never more than already arrived of it, and
 never past the fairness cap in one call)."""
-_LEND_IDLE: Final = 0.002
+_LEND_IDLE: Final = 0.005
 """Seconds the read side stays lent while nobody borrows it."""
 _NORMAL: Final = MessageType.NORMAL
 _DATA_TYPES: Final = frozenset((MessageType.NORMAL, MessageType.NORMAL_LEGACY))
@@ -222,6 +222,9 @@ class Channel(trio.abc.Channel[Message]):
         self._sock = sock
         self._started = False
         self._closed = False  # aclose() began: send() refuses, flush may run
+        # send() refuses: not started, closed, send_eof() called, or writing
+        # failed (one flag for the hot path; _refuse() says which).
+        self._refusing = True
         self._aborted = False  # _abort() began: failures are no longer news
         self._unreported: list[BaseException] = []
         self._disconnect_reported = False
@@ -286,7 +289,7 @@ class Channel(trio.abc.Channel[Message]):
         self._stalled_offer = False
         # Read lending (see the module docstring).
         self._lent = False  # the read side belongs to receive() callers
-        self._borrower: trio.lowlevel.Task | None = None
+        self._borrowed = False  # a receive() call is reading
         self._borrows = 0  # borrows so far: shows the reader lending is in use
         self._reader_idle_scope: trio.CancelScope | None = None
         self._reader_lot = trio.lowlevel.ParkingLot()  # the reader, while lent
@@ -321,12 +324,31 @@ class Channel(trio.abc.Channel[Message]):
                 :class:`MalformedMessageError`), cause chained.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
-        size = self._validate(message)
-        if self._closed or self._eof_requested or self._write_error is not None:
+        if (
+            message.__class__ is Message
+            and message.type is _NORMAL
+            and not message.handles
+            and self._header_size + len(message.payload) <= self.max_message_size
+        ):
+            size = self._header_size + len(message.payload)  # the common case
+        else:
+            size = self._validate(message)
+        if self._refusing:
             self._refuse(message)
-        if not self._started:
-            raise RuntimeError("use the Channel inside 'async with open_channel(...)'")
-        if self._pending == 0 and not self._corked:
+        if self._pending:
+            batch = self._open_batch
+            if (
+                batch is not None
+                and self._pending < self._send_queue_messages_limit
+                and self._pending_bytes + size <= self._send_queue_bytes_limit
+                and batch.append(message, self.framing)
+            ):
+                # Packed behind the messages queued before it.
+                self._pending += 1
+                self._pending_bytes += size
+            else:
+                await self._enqueue(message, size)
+        elif not self._corked:
             # Mojo's fast path: the first message of a burst is written at
             # once.  The rest of the burst is corked: queued for the writer
             # task, which sends all of it with one sendmsg at the next
@@ -371,6 +393,7 @@ class Channel(trio.abc.Channel[Message]):
             raise RuntimeError("use the Channel inside 'async with open_channel(...)'")
         if not self._eof_requested:
             self._eof_requested = True
+            self._refusing = True
             self._open_batch = None
             if self._pending == 0:
                 self._shut_down_writing()
@@ -399,9 +422,13 @@ class Channel(trio.abc.Channel[Message]):
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         inbox = self._inbox
-        if inbox and not self._aborted:
+        if inbox:  # (_abort empties it)
             message = inbox.popleft()
-            self._took(message)
+            self._inbox_bytes -= len(message.payload)
+            if message.handles:
+                self._inbox_handles -= len(message.handles)
+            if self._room and self._reader_may_read():
+                self._room.unpark_all()
             self._receive_streak += 1
             if self._receive_streak >= _YIELD_EVERY:
                 self._receive_streak = 0
@@ -423,6 +450,7 @@ class Channel(trio.abc.Channel[Message]):
             await trio.lowlevel.checkpoint()
             return
         self._closed = True
+        self._refusing = True
         try:
             await self._flush()
         finally:
@@ -486,6 +514,8 @@ class Channel(trio.abc.Channel[Message]):
 
     def _refuse(self, message: Message) -> NoReturn:
         """Raise why ``send`` cannot take ``message``, closing its handles."""
+        if not self._started:
+            raise RuntimeError("use the Channel inside 'async with open_channel(...)'")
         close_all(message.handles)
         if self._write_error is not None and not self._closed:
             self._raise_write_error()
@@ -518,7 +548,7 @@ class Channel(trio.abc.Channel[Message]):
         """
         while self._send_queue_full(size):
             await self._send_space.park()  # Cancelled: nothing queued yet
-            if self._closed or self._eof_requested or self._write_error is not None:
+            if self._refusing:
                 self._refuse(message)
         batch = self._open_batch
         if batch is not None and batch.append(message, self.framing):
@@ -535,9 +565,25 @@ class Channel(trio.abc.Channel[Message]):
         self._open_batch = None if entry.tail else entry
 
     def _write_now(self, entry: OutgoingMessage) -> None:
-        """Queue ``entry`` and write on the caller's task (nothing is pending)."""
+        """Write ``entry`` on the caller's task (nothing is pending)."""
+        if not entry.handles:
+            # The request/response path: one sendmsg, no planning.
+            buffers: list[bytes | bytearray | memoryview] = [entry.head]
+            if entry.tail:
+                buffers.append(entry.tail)
+            try:
+                sent = _fdpass.send(self._sock, buffers, [])
+            except BaseException as exc:
+                self._fail_writes(exc)
+                return
+            if sent:
+                self._bytes_sent += sent
+                if sent == entry.size:
+                    self._messages_sent += 1
+                    return
+                entry.offset = sent
         self._pending += entry.count
-        self._pending_bytes += entry.size
+        self._pending_bytes += entry.size - entry.offset
         self._encoder.push(entry)
         if not self._flush_nowait():
             # The kernel took part of it; wake the writer task for the rest.
@@ -594,6 +640,7 @@ class Channel(trio.abc.Channel[Message]):
                 exc = wrapped
             self._write_error = exc
             self._unreported.append(exc)
+        self._refusing = True
         self._writer_scope.cancel()
         self._drop_outgoing()
         self._send_space.unpark_all()
@@ -712,12 +759,17 @@ class Channel(trio.abc.Channel[Message]):
                 allowance = self._receive_queue_bytes_limit - self._inbox_bytes
                 if room <= 0 or allowance < 0:
                     return _FULL
-                batch, payload_bytes, handles = decoder.next_batch(room, allowance)
+                batch, payload_bytes, handles, drained = decoder.next_batch(
+                    room, allowance
+                )
                 if batch:
                     inbox.extend(batch)
                     self._inbox_bytes += payload_bytes
                     self._inbox_handles += handles
                     self._messages_received += len(batch)
+                if drained:
+                    return _NEED_DATA
+                if batch:
                     continue
                 event = decoder.next_message()
                 if event is NEED_DATA:
@@ -841,7 +893,7 @@ class Channel(trio.abc.Channel[Message]):
                 return self._take_one()
             if self._reads_done:
                 self._raise_end()
-            if self._borrower is None:
+            if not self._borrowed:
                 scope = self._reader_idle_scope
                 if scope is not None:
                     # The reader waits for data that we are waiting for:
@@ -869,9 +921,10 @@ class Channel(trio.abc.Channel[Message]):
         The read side goes back to the reader task (``_hand_back``) as soon
         as a read brings anything but complete plain messages: an end of
         stream, a failure, a control message, a queue that must absorb a
-        burst, or a message that is still arriving.
+        burst, or a message that is still arriving.  Cancelled while it
+        waits, it leaves everything as it was: the bytes stay in the kernel.
         """
-        self._borrower = trio.lowlevel.current_task()
+        self._borrowed = True
         self._borrows += 1
         handed_back = False
         failure: BaseException | None = None
@@ -884,8 +937,7 @@ class Channel(trio.abc.Channel[Message]):
                     if self._reads_done or not self._lent:
                         return None
                 try:
-                    nbytes = self._read_once()
-                    if nbytes < 0:
+                    if self._read_once() < 0:
                         continue
                     status = self._pump(keep=1)
                 except Exception as exc:
@@ -901,7 +953,7 @@ class Channel(trio.abc.Channel[Message]):
             if not self._aborted:
                 raise
         finally:
-            self._borrower = None
+            self._borrowed = False
             if not handed_back and self._lent:
                 if self._receivers:
                     self._receivers.unpark()  # the next receiver borrows it
@@ -933,7 +985,7 @@ class Channel(trio.abc.Channel[Message]):
             with trio.move_on_after(_LEND_IDLE):
                 await self._reader_lot.park()
             # (Handed back meanwhile: _lent is False and the loop ends.)
-            if self._borrower is not None and self._lent:
+            if self._borrowed and self._lent:
                 # Someone waits on the socket: sleep until they leave, then
                 # give the next ones _LEND_IDLE again.  (Woken at most once
                 # per _LEND_IDLE, however many messages pass meanwhile.)
@@ -942,7 +994,7 @@ class Channel(trio.abc.Channel[Message]):
                     await self._reader_lot.park()
                 finally:
                     self._reader_untimed = False
-            elif self._borrows == borrows and self._borrower is None:
+            elif self._borrows == borrows and not self._borrowed:
                 self._lent = False  # take it back; parked receivers wait for us
 
     # ------------------------------------------------------------------
@@ -1013,6 +1065,7 @@ class Channel(trio.abc.Channel[Message]):
 
     def _start(self, nursery: trio.Nursery) -> None:
         self._started = True
+        self._refusing = self._closed
         nursery.start_soon(
             self._reader, name=f"trio_mojo reader fd={self._sock.fileno()}"
         )
@@ -1037,6 +1090,7 @@ class Channel(trio.abc.Channel[Message]):
                 )
                 self._write_error = error
                 self._unreported.append(error)
+                self._refusing = True
                 return
         if self._write_error is None:
             # Already disconnected? The reader reports it if it matters.
@@ -1047,6 +1101,7 @@ class Channel(trio.abc.Channel[Message]):
         """Stop both tasks and close the socket and every fd.  Idempotent."""
         self._closed = True
         self._aborted = True
+        self._refusing = True
         self._reader_scope.cancel()
         self._writer_scope.cancel()
         self._outbox.close()

@@ -408,7 +408,7 @@ class MessageDecoder:
 
     def next_batch(
         self, max_messages: int, max_bytes: int
-    ) -> tuple[list[Message], int, int]:
+    ) -> tuple[list[Message], int, int, bool]:
         """Parse the plain messages at the front of the buffer, many at once.
 
         A plain message is a complete ``NORMAL`` message with the 16-byte
@@ -422,9 +422,12 @@ class MessageDecoder:
         messages it returns are gone.
 
         Returns:
-            ``(messages, payload_bytes, handles)``: the messages (their
-            handles now belong to the caller), their total payload size and
-            their total number of handles.
+            ``(messages, payload_bytes, handles, drained)``: the messages
+            (their handles now belong to the caller), their total payload
+            size, their total number of handles, and whether the buffer is
+            now empty with nothing else to report, so that
+            :meth:`next_message` would return :data:`NEED_DATA` (then the
+            caller may skip it).
         """
         messages: list[Message] = []
         if (
@@ -433,7 +436,7 @@ class MessageDecoder:
             or self._complete is not None
             or self._failure is not None
         ):
-            return messages, 0, 0
+            return messages, 0, 0, False
         buf = self._buf
         pos = self._pos
         end = len(buf)
@@ -475,12 +478,15 @@ class MessageDecoder:
             _set_handles(message, handles)
             _set_type(message, _NORMAL)
             append(message)
-        if pos >= end:
-            self._buf = b""
-            self._pos = 0
-        else:
+        if pos < end:
             self._pos = pos
-        return messages, payload_bytes, handles_taken
+            return messages, payload_bytes, handles_taken, False
+        self._buf = b""
+        self._pos = 0
+        # The checks next_message() would make on an empty buffer (_short).
+        queue_limit = self.max_queued_handles
+        drained = not self._eof and (queue_limit is None or len(queued) <= queue_limit)
+        return messages, payload_bytes, handles_taken, drained
 
     def read_size(self, default: int, maximum: int) -> int:
         """How many bytes the next read should ask for.

@@ -177,16 +177,21 @@ class OutgoingMessage:
         """
         payload = message.payload
         handles = message.handles
-        size = len(payload) + HEADER_SIZE
+        size = len(payload)
         if (
             self.tail
             or self.offset
-            or len(payload) > INLINE_PAYLOAD
-            or self.size + size > MAX_BATCH_BYTES
+            or size > INLINE_PAYLOAD
+            or self.size + size + HEADER_SIZE > MAX_BATCH_BYTES
             or (handles and len(self.handles) + len(handles) > MAX_SENDMSG_HANDLES)
         ):
             return False
-        header = _header(message, framing)
+        if framing is _MOJO and message.type is _NORMAL:
+            header = _NORMAL_HEADER.pack(
+                HEADER_SIZE + size, HEADER_SIZE, _NORMAL, len(handles)
+            )
+        else:
+            header = _header(message, framing)
         head = self.head
         if head.__class__ is not bytearray:
             head = self.head = bytearray(head)
@@ -197,7 +202,7 @@ class OutgoingMessage:
             if not isinstance(batch, list):
                 batch = self.handles = list(batch)
             batch.extend(handles)
-        self.size += len(header) + len(payload)
+        self.size += len(header) + size
         self.count += 1
         return True
 
