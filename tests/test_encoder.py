@@ -491,18 +491,19 @@ def _round_trip(
         sender.update({h.fileno(): h for h in handles})
         message = Message(spec.payload, handles, spec.type)
         # Sometimes pack it into the previous entry, as the channel does.
-        last = entries[-1] if entries else None
-        before = len(last.head) if last is not None else 0
+        previous = entries[-1] if entries else None
+        before = len(previous.head) if previous is not None else 0
+        wire: bytes
         if (
-            last is not None
+            previous is not None
             and data.draw(st.booleans(), label="batch")
-            and last.append(message, framing)
+            and previous.append(message, framing)
         ):
-            wire = bytes(last.head[before:])
+            wire = bytes(previous.head[before:])
         else:
             entry = OutgoingMessage.encode(message, framing)
             entries.append(entry)
-            wire = entry.head + entry.tail
+            wire = bytes(entry.head) + entry.tail
         expected_stream.append(wire)
         starts.append(stream_size)
         stream_size += len(wire)
