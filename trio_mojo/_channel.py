@@ -934,8 +934,6 @@ class Channel(trio.abc.Channel[Message]):
                     await trio.lowlevel.wait_readable(self._sock)
                     self._corked = False  # the peer answered: a new burst may begin
                     self._receive_streak = 0
-                    if self._reads_done or not self._lent:
-                        return None
                 try:
                     if self._read_once() < 0:
                         continue
