@@ -46,7 +46,9 @@ Workloads (full counts; --quick uses about 1/10 to 1/50 of them):
 
 Systems: trio_mojo; mp (multiprocessing.connection + reduction.sendfds,
 the reference of the "vs mp" ratios); raw (blocking sockets, batched: about
-the fastest Python can go); and when installed anyio_trio, anyio_asyncio
+the fastest Python can go); trio_floor (W4 only: one Trio task on a plain
+socket, the least any Trio program pays per round trip); and when
+installed anyio_trio, anyio_asyncio
 (anyio UNIX streams), asyncio, uvloop (asyncio streams; no fd API, so no
 W5/W5x8).
 

@@ -115,11 +115,15 @@ class System:
     """It implements W4c10 (many requests in flight on one connection)."""
     workers: bool = False
     """It can start a sandboxed worker (W4w)."""
+    only: tuple[str, ...] = ()
+    """If set, the only workloads it runs."""
 
     def available(self) -> bool:
         return all(importlib.util.find_spec(name) is not None for name in self.requires)
 
     def runs(self, workload: Workload) -> bool:
+        if self.only:
+            return workload.name in self.only
         if workload.worker:
             return self.workers
         if workload.concurrency > 1 and not self.concurrent:
@@ -148,6 +152,13 @@ SYSTEMS: Final = (
     System("anyio_trio", "anyio UNIX stream on trio", "_sys_anyio", True, ("anyio",)),
     System(
         "anyio_asyncio", "anyio UNIX stream on asyncio", "_sys_anyio", True, ("anyio",)
+    ),
+    System(
+        "trio_floor",
+        "one Trio task on a plain socket (the Trio floor)",
+        "_sys_trio_floor",
+        False,
+        only=("W4",),
     ),
     System("asyncio", "asyncio streams", "_sys_asyncio", False, concurrent=True),
     System(
