@@ -6,29 +6,49 @@ Theory of operation
 :func:`open_channel` consumes an :class:`Endpoint` and opens a nursery with
 two tasks around a non-blocking ``AF_UNIX`` stream socket:
 
-* The **reader** calls ``recvmsg`` (through ``_fdpass``) until the socket
-  would block, feeding bytes and fds into a :class:`MessageDecoder` and the
-  parsed messages into a bounded Trio memory channel that ``receive()``
-  drains.  It only awaits ``wait_readable`` when the socket is empty, and
-  takes a checkpoint after 256 KiB (Mojo's per-wake-up fairness cap).  When
-  the receive queue is full (in messages or in bytes) the reader stops
+* The **reader** owns the socket's read side.  It calls ``recvmsg``
+  (through ``_fdpass``) until the socket would block, feeding bytes and fds
+  into a :class:`MessageDecoder` and the parsed messages into the receive
+  queue (a deque) that ``receive()`` drains, and awaits ``wait_readable``
+  only when the socket is empty.  It takes a checkpoint after 256 KiB
+  (Mojo's per-wake-up fairness cap), answers upgrade offers and sees the
+  end of the stream.  When the receive queue is full (in messages, bytes,
+  or fds: the queue's plus those received ahead of their message) it stops
   reading: the kernel buffer fills and the peer's sends wait.  That is the
   end-to-end backpressure.
-* The **writer** drains a bounded memory channel of encoded messages into a
-  :class:`MessageEncoder`, and writes everything queued with as few
+* The **writer** drains a bounded Trio memory channel of outgoing entries
+  into a :class:`MessageEncoder`, and writes everything queued with as few
   ``sendmsg`` calls as the planner allows, resuming partial writes at the
   exact byte and handle.  It awaits ``wait_writable`` only on ``EAGAIN``.
 
 The per-message path is free of scheduler passes.  ``send()`` checks for
 cancellation without yielding and then, when nothing is queued, writes on
 the caller's task at once (Mojo's ``Write`` fast path), leaving only what the
-kernel did not take to the writer; otherwise it uses ``send_nowait`` on the
-queue.  ``receive()`` takes from the queue with ``receive_nowait``.  Both
-only block when they must, and yield once every
+kernel did not take to the writer; otherwise it queues, packing a small
+message into the last queued entry while the writer has not taken it yet
+(one buffer and one ``sendmsg`` for a burst).  ``receive()`` pops the
+receive queue.  Both only block when they must, and yield once every
 :data:`_YIELD_EVERY` non-blocking calls so a busy producer or consumer
-cannot starve other tasks.  Batching falls out: while the peer keeps up, a
-message costs one ``sendmsg``; once it falls behind, messages queue up and
-leave many per ``sendmsg``, and the reader parses many per ``recvmsg``.
+cannot starve other tasks.
+
+Read lending.  A reader task that hands each message to a consumer task
+costs a second task step per message: Trio runs a task woken during a
+scheduler pass only in the next one.  So when ``receive()`` finds the
+queue empty and the reader idles in ``wait_readable``, the receiver takes
+the read side over: it cancels the reader's wait (its epoll registration is
+dropped at once) and waits, reads and parses on its own task, one task step
+per message.  The reader, meanwhile "lent", sleeps.  Only one receiver (the
+*borrower*) reads at a time; other receivers park, and a borrower that
+leaves (with its message, or cancelled while it waited: the bytes stay in
+the kernel, nothing is lost) wakes the next one.  Messages a read brings
+beyond the borrower's go into the queue and wake that many parked
+receivers.  The read side goes back to the reader as soon as a read brings
+anything but complete plain messages (the end of the stream, a failure, a
+control message, a message still arriving, a queue that must absorb a
+burst), and when nobody has borrowed it for :data:`_LEND_IDLE` seconds, so
+that reading ahead, backpressure and the end of the stream stay the
+reader's.  While a borrower waits on the socket the reader sleeps without a
+timer: an idle channel costs nothing.
 
 Errors.  The tasks never raise into the nursery; they record the failure
 and wake whoever waits.  ``receive()`` first delivers every message parsed
@@ -50,9 +70,12 @@ into the encoder; the reader answers an ``UPGRADE_OFFER`` only when the
 send queue has room, and stops reading until it has, so no peer behaviour
 can grow a queue past its bound.
 
-Shutdown.  Leaving the block normally (or ``aclose()``) flushes the
-outgoing queue, bounded by ``flush_timeout``, half-closes the socket so the
-peer reads a clean end of stream, then cancels both tasks.  Leaving by an
+Shutdown.  ``send_eof()`` closes only the sending side: the writer (or the
+caller, if nothing is queued) shuts the socket down for writing once the
+queue has drained, and the reader goes on.  Leaving the block normally (or
+``aclose()``) flushes the outgoing queue, bounded by ``flush_timeout``,
+half-closes the socket so the peer reads a clean end of stream, then
+cancels both tasks.  Leaving by an
 exception or cancellation aborts at once.  Either way every fd the channel
 still holds (queued outgoing, received but undelivered, unclaimed) is
 closed before the block is left.
