@@ -16,13 +16,14 @@ import tracemalloc
 import pytest
 import trio
 import trio.testing
-from _helpers import RawPeer, open_pair, raw_pair
+from _helpers import FILLER, RawPeer, open_pair, raw_pair
 
 from trio_mojo import (
     MAX_ATTACHED_HANDLES,
     MAX_SENDMSG_HANDLES,
     Channel,
     ChannelStatistics,
+    Handle,
     Message,
     encode_message,
     open_channel,
@@ -193,3 +194,45 @@ async def test_a_flood_of_fd_laden_messages_stops_at_the_handle_bound(
     finally:
         os.close(r)
         os.close(w)
+
+
+async def test_send_waits_once_the_queued_fds_reach_their_bound() -> None:
+    # A producer of fd-laden messages faster than the peer reads must not
+    # run its own process out of fds: send() waits at send_queue_handles
+    # (the full run of the bench hit EMFILE without it: 4,096 queued
+    # messages of 8 fds are more than RLIMIT_NOFILE here).
+    bound = 64
+    r, w = os.pipe()
+    sent = 0
+    try:
+        with raw_pair() as (endpoint, peer), trio.fail_after(20):
+            async with open_channel(endpoint, send_queue_handles=bound) as channel:
+                baseline = fds_open()
+
+                async def produce() -> None:
+                    nonlocal sent
+                    while True:
+                        handles = [Handle.dup(w) for _ in range(8)]
+                        try:
+                            await channel.send(Message(FILLER, handles))
+                        except BaseException:
+                            for handle in handles:  # cancelled: still ours
+                                handle.close()
+                            raise
+                        sent += 1
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(produce)
+                    await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+                    stats = channel.statistics()
+                    assert bound - 8 < stats.send_queue_handles <= bound
+                    # The queued fds, plus the 8 of the send() that waits.
+                    assert fds_open() - baseline <= bound + 8
+                    nursery.cancel_scope.cancel()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(peer.at_eof)  # drain; fds are dropped
+                    await channel.aclose()  # flushes, then half-closes
+    finally:
+        os.close(r)
+        os.close(w)
+    assert sent > 0

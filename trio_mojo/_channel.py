@@ -186,6 +186,7 @@ class ChannelStatistics:
     read_buffer_bytes: int
     unclaimed_handles: int
     receive_queue_handles: int = 0
+    send_queue_handles: int = 0
 
 
 class Channel(trio.abc.Channel[Message]):
@@ -211,6 +212,7 @@ class Channel(trio.abc.Channel[Message]):
         fail_on_truncated_handles: bool,
         send_queue_messages: int,
         send_queue_bytes: int,
+        send_queue_handles: int,
         receive_queue_messages: int,
         receive_queue_bytes: int,
         receive_queue_handles: int,
@@ -228,6 +230,7 @@ class Channel(trio.abc.Channel[Message]):
         for name, value in (
             ("send_queue_messages", send_queue_messages),
             ("send_queue_bytes", send_queue_bytes),
+            ("send_queue_handles", send_queue_handles),
             ("receive_queue_messages", receive_queue_messages),
             ("receive_queue_bytes", receive_queue_bytes),
             ("receive_queue_handles", receive_queue_handles),
@@ -251,12 +254,14 @@ class Channel(trio.abc.Channel[Message]):
         self._aborted = False  # _abort() began: failures are no longer news
         self._unreported: list[BaseException] = []
         self._disconnect_reported = False
-        self._init_sending(send_queue_messages, send_queue_bytes)
+        self._init_sending(send_queue_messages, send_queue_bytes, send_queue_handles)
         self._init_receiving(
             receive_queue_messages, receive_queue_bytes, receive_queue_handles
         )
 
-    def _init_sending(self, queue_messages: int, queue_bytes: int) -> None:
+    def _init_sending(
+        self, queue_messages: int, queue_bytes: int, queue_handles: int
+    ) -> None:
         self._encoder = MessageEncoder()
         # The send queue's bounds are enforced by _pending/_pending_bytes
         # (which also count what the writer already moved into the encoder),
@@ -273,9 +278,11 @@ class Channel(trio.abc.Channel[Message]):
         self._open_batch: OutgoingMessage | None = None
         self._send_queue_messages_limit = queue_messages
         self._send_queue_bytes_limit = queue_bytes
-        # Messages/bytes accepted by send() and not yet written.
+        self._send_queue_handles_limit = queue_handles
+        # Messages/bytes/fds accepted by send() and not yet written.
         self._pending = 0
         self._pending_bytes = 0
+        self._pending_handles = 0
         self._send_space = trio.lowlevel.ParkingLot()
         self._send_streak = 0
         # An inline write happened and neither the writer nor a wake-up by
@@ -362,13 +369,13 @@ class Channel(trio.abc.Channel[Message]):
             batch = self._open_batch
             if (
                 batch is not None
-                and self._pending < self._send_queue_messages_limit
-                and self._pending_bytes + size <= self._send_queue_bytes_limit
+                and not self._send_queue_full(size, len(message.handles))
                 and batch.append(message, self.framing)
             ):
                 # Packed behind the messages queued before it.
                 self._pending += 1
                 self._pending_bytes += size
+                self._pending_handles += len(message.handles)
             else:
                 await self._enqueue(message, size)
         elif not self._corked:
@@ -491,6 +498,7 @@ class Channel(trio.abc.Channel[Message]):
             handles_received=self._handles_received,
             send_queue_messages=self._pending,
             send_queue_bytes=self._pending_bytes,
+            send_queue_handles=self._pending_handles,
             receive_queue_messages=len(self._inbox),
             receive_queue_bytes=self._inbox_bytes,
             read_buffer_bytes=self._decoder.buffered_bytes,
@@ -548,15 +556,17 @@ class Channel(trio.abc.Channel[Message]):
             )
         raise trio.ClosedResourceError("the channel was closed")
 
-    def _send_queue_full(self, size: int) -> bool:
-        """True if queuing ``size`` more bytes would pass a send-queue bound.
+    def _send_queue_full(self, size: int, handles: int = 0) -> bool:
+        """True if queuing ``size`` bytes and ``handles`` fds would pass a bound.
 
         An empty queue always has room, so a message larger than
-        ``send_queue_bytes`` can still be sent.
+        ``send_queue_bytes`` (or with more fds than ``send_queue_handles``)
+        can still be sent.
         """
         return bool(self._pending) and (
             self._pending >= self._send_queue_messages_limit
             or self._pending_bytes + size > self._send_queue_bytes_limit
+            or self._pending_handles + handles > self._send_queue_handles_limit
         )
 
     async def _enqueue(self, message: Message, size: int) -> None:
@@ -569,7 +579,7 @@ class Channel(trio.abc.Channel[Message]):
         outbox's capacity alone let the writer's read-ahead of up to 256 KiB
         exceed ``send_queue_messages`` many times over.)
         """
-        while self._send_queue_full(size):
+        while self._send_queue_full(size, len(message.handles)):
             await self._send_space.park()  # Cancelled: nothing queued yet
             if self._refusing:
                 self._refuse(message)
@@ -577,6 +587,7 @@ class Channel(trio.abc.Channel[Message]):
         if batch is not None and batch.append(message, self.framing):
             self._pending += 1
             self._pending_bytes += size
+            self._pending_handles += len(message.handles)
             return
         entry = OutgoingMessage.encode(message, self.framing)
         try:
@@ -585,6 +596,7 @@ class Channel(trio.abc.Channel[Message]):
             self._refuse(message)
         self._pending += 1
         self._pending_bytes += size
+        self._pending_handles += len(message.handles)
         self._open_batch = None if entry.tail else entry
 
     def _write_now(self, entry: OutgoingMessage) -> None:
@@ -607,6 +619,7 @@ class Channel(trio.abc.Channel[Message]):
                 entry.offset = sent
         self._pending += entry.count
         self._pending_bytes += entry.size - entry.offset
+        self._pending_handles += len(entry.handles)
         self._encoder.push(entry)
         if not self._flush_nowait():
             # The kernel took part of it; wake the writer task for the rest.
@@ -631,6 +644,7 @@ class Channel(trio.abc.Channel[Message]):
                 self._bytes_sent += sent
                 if sent and fds:
                     self._handles_sent += len(fds)
+                    self._pending_handles -= len(fds)
             if self._eof_requested and not self._pending:
                 self._shut_down_writing()
         except BaseException as exc:
@@ -682,6 +696,7 @@ class Channel(trio.abc.Channel[Message]):
         reader.close()  # senders blocked in send() now get BrokenResourceError
         self._pending = 0
         self._pending_bytes = 0
+        self._pending_handles = 0
 
     def _raise_write_error(self) -> NoReturn:
         error = self._write_error
@@ -1190,6 +1205,7 @@ async def open_channel(
     fail_on_truncated_handles: bool = True,
     send_queue_messages: int = 4096,
     send_queue_bytes: int = 8 * 1024 * 1024,
+    send_queue_handles: int = 1024,
     receive_queue_messages: int = 4096,
     receive_queue_bytes: int = 8 * 1024 * 1024,
     receive_queue_handles: int = 2 * MAX_ATTACHED_HANDLES,
@@ -1219,9 +1235,11 @@ async def open_channel(
             :class:`MessageDecoder`.
         fail_on_truncated_handles: fail on ``MSG_CTRUNC`` (default) rather
             than carry on without the lost fds as Chromium does.
-        send_queue_messages, send_queue_bytes: bound on what ``send`` queues
-            before it waits (a single message larger than the byte bound is
-            still accepted when the queue is empty).
+        send_queue_messages, send_queue_bytes, send_queue_handles: bound on
+            what ``send`` queues before it waits, in messages, bytes and fds
+            (default 1024: a fast producer of fd-laden messages must not run
+            its own process out of fds); a single message over a bound is
+            still accepted when the queue is empty.
         receive_queue_messages, receive_queue_bytes: bound on what the
             reader parses ahead of ``receive``; beyond it the reader stops
             reading and the peer's sends wait.
@@ -1251,6 +1269,7 @@ async def open_channel(
             fail_on_truncated_handles=fail_on_truncated_handles,
             send_queue_messages=send_queue_messages,
             send_queue_bytes=send_queue_bytes,
+            send_queue_handles=send_queue_handles,
             receive_queue_messages=receive_queue_messages,
             receive_queue_bytes=receive_queue_bytes,
             receive_queue_handles=receive_queue_handles,
