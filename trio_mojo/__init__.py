@@ -97,3 +97,22 @@ __all__ = [
     "open_worker",
     "recover_endpoint",
 ]
+
+
+def _present_as_public() -> None:
+    """Make every public class and function report ``trio_mojo`` as its module.
+
+    They live in private modules; without this a traceback names
+    ``trio_mojo._errors.WorkerError`` and ``help()`` points at
+    ``trio_mojo._channel``.  (Trio does the same with
+    ``fixup_module_metadata``.)  Pickling by reference still works:
+    ``trio_mojo.<name>`` exists.
+    """
+    namespace = globals()
+    for name in __all__:
+        obj = namespace[name]
+        if isinstance(obj, type) or callable(obj):
+            obj.__module__ = __name__
+
+
+_present_as_public()
