@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import attrs
 import pytest
 import trio
 from _process_support import assert_reaped, children, inheritable_fds
@@ -35,10 +36,21 @@ from trio_mojo import (
     open_channel,
     open_worker,
 )
+from trio_mojo._workers._handshake import go_ahead
 
 NONE = SandboxPolicy.none(i_understand_this_is_unsandboxed=True)
 BASIC = SandboxPolicy.basic()
 POLICIES = [pytest.param(BASIC, id="basic"), pytest.param(NONE, id="none")]
+WITH_PROC = attrs.evolve(BASIC, name="basic-with-proc", rootfs="off")
+"""``basic()`` but with the host's root, so ``describe_self`` can read /proc."""
+
+
+def _own_pid(host_pid: int) -> int:
+    """The pid process ``host_pid`` sees itself as (the last ``NSpid``)."""
+    for line in Path(f"/proc/{host_pid}/status").read_text().splitlines():
+        if line.startswith("NSpid:"):
+            return int(line.split()[-1])
+    raise AssertionError(f"no NSpid in /proc/{host_pid}/status")
 
 
 def _pipe_with(data: bytes) -> Handle:
@@ -66,7 +78,7 @@ async def _describe(worker_channel: Channel, *handles: Handle) -> dict[str, Any]
 async def test_worker_exchanges_framed_messages_with_fds(policy: SandboxPolicy) -> None:
     async with open_worker("trio_mojo._examples:echo", sandbox=policy) as worker:
         assert worker.sandbox_report.policy == policy.name
-        assert worker.sandbox_report.pid == worker.pid
+        assert worker.sandbox_report.pid == _own_pid(worker.pid)
         await worker.channel.send(Message(b"ping", (_pipe_with(b"parent's pipe"),)))
         reply = await worker.channel.receive()
         with reply:
@@ -80,13 +92,15 @@ async def test_worker_exchanges_framed_messages_with_fds(policy: SandboxPolicy) 
     assert_reaped(worker.pid)
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize(
+    "policy", [pytest.param(WITH_PROC, id="basic"), pytest.param(NONE, id="none")]
+)
 async def test_worker_receives_fds_close_on_exec(policy: SandboxPolicy) -> None:
     async with open_worker(
         "trio_mojo._examples:describe_self", sandbox=policy
     ) as worker:
         info = await _describe(worker.channel, _pipe_with(b"one"), _pipe_with(b"two"))
-    assert info["pid"] == worker.pid
+        assert info["pid"] == _own_pid(worker.pid)
     assert info["received"] == ["one", "two"]
     assert info["cloexec"] == [True, True]
 
@@ -98,7 +112,7 @@ async def test_worker_receives_fds_close_on_exec(policy: SandboxPolicy) -> None:
 async def test_worker_fd_table_is_stdio_and_the_channel(tmp_path: Path) -> None:
     with inheritable_fds(tmp_path) as leaky:
         async with open_worker(
-            "trio_mojo._examples:describe_self", sandbox=BASIC
+            "trio_mojo._examples:describe_self", sandbox=WITH_PROC
         ) as worker:
             info = await _describe(worker.channel)
     # Before trio.run: taken by the bootstrap just before the target's loop.
@@ -108,9 +122,10 @@ async def test_worker_fd_table_is_stdio_and_the_channel(tmp_path: Path) -> None:
     channel_fd = fds[3]
     table = {int(fd): target for fd, target in info["fds"].items()}
     creators = {int(fd): pid for fd, pid in info["socket_creators"].items()}
-    # The channel is the socket pair end the parent (this process) made.
+    # The channel is the socket pair end the parent (this process) made:
+    # outside the worker's PID namespace, so its pid shows as 0 there.
     assert table[channel_fd].startswith("socket:")
-    assert creators[channel_fd] == os.getpid()
+    assert creators[channel_fd] == 0
     assert table[0] == "/dev/null"
     assert table[2].startswith("pipe:")
     # Everything else was made inside the worker after the report, by
@@ -121,7 +136,7 @@ async def test_worker_fd_table_is_stdio_and_the_channel(tmp_path: Path) -> None:
     assert len(epolls) == 1
     own_sockets = {fd for fd in extra if fd not in epolls}
     assert own_sockets, "Trio makes wakeup socket pairs"
-    assert {creators.get(fd) for fd in own_sockets} == {worker.pid}
+    assert {creators.get(fd) for fd in own_sockets} == {info["pid"]}
     assert not set(leaky.values()) & set(table.values())
 
 
@@ -148,6 +163,7 @@ async def test_bootstrap_closes_what_a_careless_launcher_leaks(tmp_path: Path) -
             async with open_channel(local) as channel:
                 first = await channel.receive()
                 report = SandboxReport.from_bytes(first.payload)
+                await channel.send(go_ahead(report))
                 info = await _describe(channel)
         finally:
             with trio.fail_after(10):

@@ -11,24 +11,28 @@ Theory of operation
 and it does, in this order (each step needs the ones before it):
 
 1. close every fd except 0, 1, 2 and the channel(s) (defence in depth: the
-   launcher should already have done so);
+   launcher should already have done so; the target's import-time code
+   sees nothing else either);
 2. ``PR_SET_PDEATHSIG(SIGKILL)``, then exit if the parent is already gone;
 3. import the target, *before* the sandbox (imports need the file system);
-4. adopt the channel fds (validated, close-on-exec) and apply the sandbox
-   policy; nothing of the target has run yet;
+4. adopt the channel fds (validated, close-on-exec) and lock down
+   (``_sandbox._apply.lock_down``: every layer of the policy, in order;
+   with a PID namespace this process becomes the worker's supervisor and
+   the rest runs in the worker process proper);
 5. under ``trio.run``: open the channel, send the sandbox report as the
    first message; if a required layer failed, exit with
-   :data:`~trio_mojo._workers._worker.SANDBOX_FAILED_EXIT` without running the target;
-   otherwise call ``await target(channel)``.
+   :data:`~trio_mojo._workers._handshake.SANDBOX_FAILED_EXIT`; otherwise
+   wait for the parent's go-ahead (``_handshake``) and only then call
+   ``await target(channel)``.
 
 The exit status is 0 when the target returns, 1 (with a traceback on
-stderr, which the parent keeps) when it raises.
+stderr, which the parent keeps) when it raises, and
+:data:`~trio_mojo._workers._handshake.NO_GO_AHEAD_EXIT` when no go-ahead came.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
@@ -41,11 +45,20 @@ from trio_mojo._channel import Channel, open_channel
 from trio_mojo._core._message import Message
 from trio_mojo._endpoint import Endpoint
 from trio_mojo._sandbox import SandboxPolicy, SandboxReport
-from trio_mojo._sandbox._apply import apply_policy, set_parent_death_signal
+from trio_mojo._sandbox._apply import (
+    close_other_fds,
+    lock_down,
+    set_parent_death_signal,
+)
 
 from ._broker import BROKER_SWITCH, BrokerClient, set_current_broker
+from ._handshake import (
+    NO_GO_AHEAD_EXIT,
+    SANDBOX_FAILED_EXIT,
+    wait_for_go_ahead,
+    with_nonce,
+)
 from ._spawn import CHANNEL_SWITCH, recover_endpoint
-from ._worker import SANDBOX_FAILED_EXIT
 
 Target = Callable[[Channel], Awaitable[object]]
 
@@ -67,18 +80,6 @@ def _option(argv: Sequence[str], name: str) -> str | None:
 def _fd_of(argv: Sequence[str], switch: str) -> int | None:
     value = _option(argv, switch.removeprefix("--"))
     return int(value) if value is not None and value.isdigit() else None
-
-
-_FD_CEILING: Final = 2**31 - 1
-"""Above any fd number: ``closerange`` uses ``close_range(2)``, so this is cheap."""
-
-
-def _close_other_fds(keep: set[int]) -> None:
-    low = 3
-    for fd in sorted(keep | {_FD_CEILING}):
-        if fd >= low:
-            os.closerange(low, fd)
-            low = fd + 1
 
 
 def _load_target(spec: str) -> Target:
@@ -104,6 +105,8 @@ async def _run(
         await channel.send(Message(report.to_bytes()))
         if not report.ok:
             return SANDBOX_FAILED_EXIT
+        if not await wait_for_go_ahead(channel, report):
+            return NO_GO_AHEAD_EXIT
         await target(channel)
     return 0
 
@@ -118,7 +121,8 @@ def main(argv: Sequence[str]) -> int:
     if spec is None or parent is None or policy_json is None or channel_fd is None:
         print(_USAGE, file=sys.stderr)
         return 2
-    _close_other_fds({channel_fd} | ({broker_fd} if broker_fd is not None else set()))
+    keep = {channel_fd} | ({broker_fd} if broker_fd is not None else set())
+    close_other_fds(keep)
     set_parent_death_signal(int(parent))
     target = _load_target(spec)
     policy = SandboxPolicy.from_json(policy_json)
@@ -126,7 +130,7 @@ def main(argv: Sequence[str]) -> int:
     broker_ep = (
         recover_endpoint(argv, switch=BROKER_SWITCH) if broker_fd is not None else None
     )
-    report = apply_policy(policy)
+    report = with_nonce(lock_down(policy, keep))
     return trio.run(_run, target, report, channel_ep, broker_ep)
 
 
