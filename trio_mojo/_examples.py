@@ -22,7 +22,7 @@ import trio
 from ._channel import Channel
 from ._core._message import Message
 from ._errors import BrokerError
-from ._workers._broker import current_broker
+from ._workers._broker import current_broker, encode_request
 
 __all__ = [
     "attempt_escapes",
@@ -31,7 +31,9 @@ __all__ = [
     "describe_self",
     "echo",
     "fail",
+    "flood_broker",
     "ignore_eof",
+    "terminal_escapes",
 ]
 
 
@@ -189,3 +191,42 @@ async def attempt_escapes(channel: Channel) -> None:
         message.close()
         results = _escape_attempts(message.payload.decode())
         await channel.send(Message(json.dumps(results).encode()))
+
+
+async def flood_broker(channel: Channel) -> None:
+    """A hostile worker that floods the file broker and never reads its replies.
+
+    The first message names a file the broker serves.  The target then
+    sends open requests for it on the broker channel as fast as the channel
+    takes them (bypassing :class:`BrokerClient`, which waits for each
+    reply), and answers ``b"count"`` with how many it has sent so far;
+    ``b"stop"`` ends it (with the replies still unread).
+    """
+    first = await channel.receive()
+    first.close()
+    request = encode_request(first.payload.decode(), "r")
+    broker_channel = current_broker()._channel
+    sent = 0
+
+    async def flood() -> None:
+        nonlocal sent
+        while True:
+            await broker_channel.send(Message(request))
+            sent += 1
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flood)
+        async for message in channel:
+            message.close()
+            if message.payload == b"stop":
+                break
+            await channel.send(Message(b"%d" % sent))
+        nursery.cancel_scope.cancel()
+
+
+async def terminal_escapes(channel: Channel) -> None:
+    """Write terminal escapes (ESC, CR, the C1 CSI) and bidi controls to
+    stderr, then exit with status 3."""
+    text = "\x1b[2J\x1b[31mred alert\x1b[0m\rrewritten\x9b1m \u202eevil\u2066\n"
+    os.write(2, text.encode())
+    os._exit(3)

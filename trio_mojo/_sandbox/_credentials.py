@@ -49,6 +49,7 @@ __all__ = [
     "drop_bounding_set",
     "drop_capabilities",
     "drop_identity",
+    "effective_capabilities",
     "is_dumpable",
     "set_dumpable",
 ]
@@ -112,6 +113,16 @@ def drop_capabilities() -> None:
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()  # two 32-bit halves, all zero
     _libc.call("capset", ctypes.byref(header), data)
+
+
+def effective_capabilities() -> int:
+    """This process's effective capability set, as a bit mask (``capget``)."""
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _libc.call("capget", ctypes.byref(header), data)
+    low: int = data[0].effective
+    high: int = data[1].effective
+    return low | high << 32
 
 
 def is_dumpable() -> bool:

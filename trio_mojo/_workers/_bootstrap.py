@@ -6,7 +6,8 @@ Theory of operation
 :func:`open_worker` starts this module with::
 
     --target=package.module:function --parent-pid=P --sandbox=<policy JSON>
-    --mojo-platform-channel-handle=N [--trio-mojo-broker-handle=M]
+    [--startup-timeout=S] --mojo-platform-channel-handle=N
+    [--trio-mojo-broker-handle=M]
 
 and it does, in this order (each step needs the ones before it):
 
@@ -22,8 +23,8 @@ and it does, in this order (each step needs the ones before it):
 5. under ``trio.run``: open the channel, send the sandbox report as the
    first message; if a required layer failed, exit with
    :data:`~trio_mojo._workers._handshake.SANDBOX_FAILED_EXIT`; otherwise
-   wait for the parent's go-ahead (``_handshake``) and only then call
-   ``await target(channel)``.
+   wait for the parent's go-ahead (``_handshake``; at most ``S`` seconds)
+   and only then call ``await target(channel)``.
 
 The exit status is 0 when the target returns, 1 (with a traceback on
 stderr, which the parent keeps) when it raises, and
@@ -53,6 +54,7 @@ from trio_mojo._sandbox._apply import (
 
 from ._broker import BROKER_SWITCH, BrokerClient, set_current_broker
 from ._handshake import (
+    GO_AHEAD_TIMEOUT,
     NO_GO_AHEAD_EXIT,
     SANDBOX_FAILED_EXIT,
     wait_for_go_ahead,
@@ -64,7 +66,8 @@ Target = Callable[[Channel], Awaitable[object]]
 
 _USAGE: Final = (
     "usage: python -I -m trio_mojo._workers._bootstrap --target=MOD:FUNC --parent-pid=P "
-    "--sandbox=JSON --mojo-platform-channel-handle=N [--trio-mojo-broker-handle=M]\n"
+    "--sandbox=JSON [--startup-timeout=S] --mojo-platform-channel-handle=N "
+    "[--trio-mojo-broker-handle=M]\n"
     "This is the entry point of trio_mojo workers; start it with trio_mojo.open_worker()."
 )
 
@@ -96,6 +99,7 @@ async def _run(
     report: SandboxReport,
     channel_ep: Endpoint,
     broker_ep: Endpoint | None,
+    startup_timeout: float,
 ) -> int:
     async with AsyncExitStack() as stack:
         channel = await stack.enter_async_context(open_channel(channel_ep))
@@ -105,7 +109,7 @@ async def _run(
         await channel.send(Message(report.to_bytes()))
         if not report.ok:
             return SANDBOX_FAILED_EXIT
-        if not await wait_for_go_ahead(channel, report):
+        if not await wait_for_go_ahead(channel, report, startup_timeout):
             return NO_GO_AHEAD_EXIT
         await target(channel)
     return 0
@@ -130,8 +134,9 @@ def main(argv: Sequence[str]) -> int:
     broker_ep = (
         recover_endpoint(argv, switch=BROKER_SWITCH) if broker_fd is not None else None
     )
+    timeout = float(_option(argv, "startup-timeout") or GO_AHEAD_TIMEOUT)
     report = with_nonce(lock_down(policy, keep))
-    return trio.run(_run, target, report, channel_ep, broker_ep)
+    return trio.run(_run, target, report, channel_ep, broker_ep, timeout)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ message:
 
 1. the locked-down worker sends its :class:`SandboxReport`, which carries a
    fresh random ``nonce`` (:func:`with_nonce`);
-2. it then waits, at most :data:`GO_AHEAD_TIMEOUT` seconds, for exactly one
+2. it then waits, at most the parent's ``startup_timeout`` (passed on its
+   command line; :data:`GO_AHEAD_TIMEOUT` when absent), for exactly one
    message: the go-ahead, whose payload is :data:`GO_AHEAD_PREFIX` followed
    by that nonce, with no handle (:func:`wait_for_go_ahead`);
 3. the parent receives the report (within its ``startup_timeout``), checks
@@ -24,8 +25,8 @@ Application data cannot pass for the go-ahead: it cannot come first, and
 it would have to repeat the nonce of this worker's own report.  A worker
 that gets anything else (another payload, a handle, end of channel, or
 nothing in time) exits with :data:`NO_GO_AHEAD_EXIT` without calling its
-target.  Both waits are bounded: the parent's by ``startup_timeout``, the
-worker's by :data:`GO_AHEAD_TIMEOUT`; the parent's send of a small message
+target.  Both waits are bounded by ``startup_timeout``: past it, the parent
+has given up on the worker anyway.  The parent's send of a small message
 on a fresh channel never waits.
 
 A forked worker (a zygote's child) runs exactly this handshake too.
@@ -54,8 +55,9 @@ __all__ = [
 ]
 
 GO_AHEAD_PREFIX: Final = b"trio-mojo go-ahead "
-GO_AHEAD_TIMEOUT: Final = 60.0
-"""Seconds a worker waits for its go-ahead before it gives up."""
+GO_AHEAD_TIMEOUT: Final = 30.0
+"""Seconds a worker waits for its go-ahead when not told (``open_worker``'s
+default ``startup_timeout``)."""
 SANDBOX_FAILED_EXIT: Final = 71
 """The worker's exit status when a required sandbox layer failed."""
 NO_GO_AHEAD_EXIT: Final = 72
@@ -72,10 +74,15 @@ def go_ahead(report: SandboxReport) -> Message:
     return Message(GO_AHEAD_PREFIX + report.nonce.encode())
 
 
-async def wait_for_go_ahead(channel: Channel, report: SandboxReport) -> bool:
-    """Wait for the go-ahead matching ``report`` (worker side); True if it came."""
+async def wait_for_go_ahead(
+    channel: Channel, report: SandboxReport, limit: float = GO_AHEAD_TIMEOUT
+) -> bool:
+    """Wait for the go-ahead matching ``report`` (worker side); True if it came.
+
+    Gives up after ``limit`` seconds.
+    """
     expected = go_ahead(report).payload
-    with trio.move_on_after(GO_AHEAD_TIMEOUT):
+    with trio.move_on_after(limit):
         try:
             message = await channel.receive()
         except trio.EndOfChannel:

@@ -287,7 +287,8 @@ async def open_worker(
         cwd: the worker's working directory.
         stdout: where the worker's stdout goes (default ``/dev/null``;
             ``None`` inherits the parent's).
-        startup_timeout: seconds to wait for the worker's sandbox report.
+        startup_timeout: seconds to wait for the worker's sandbox report (and
+            the longest the worker waits for its go-ahead after sending it).
         grace_period: seconds a normal exit waits for the worker to finish
             before ``SIGTERM`` (and as long again before ``SIGKILL``).
         channel_options: passed to :func:`open_channel` for the main channel.
@@ -333,6 +334,7 @@ async def open_worker(
         f"--target={target}",
         f"--parent-pid={os.getpid()}",
         f"--sandbox={policy.to_json()}",
+        f"--startup-timeout={startup_timeout}",
     ]
     try:
         process = await start_with_endpoints(
