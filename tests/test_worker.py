@@ -37,6 +37,7 @@ from trio_mojo import (
     open_worker,
 )
 from trio_mojo._workers._handshake import go_ahead
+from trio_mojo._workers._worker import escape_controls
 
 NONE = SandboxPolicy.none(i_understand_this_is_unsandboxed=True)
 BASIC = SandboxPolicy.basic()
@@ -451,3 +452,34 @@ async def test_body_error_during_an_outer_cancellation_is_not_swallowed() -> Non
 
     with pytest.raises(KeyError, match="cleanup failed"):
         await body()
+
+
+# ----------------------------------------------------------------------
+# The stderr tail is hostile text
+
+
+async def test_terminal_escapes_in_the_stderr_tail_are_escaped() -> None:
+    async def body(worker: Worker) -> None:
+        await worker.channel.receive()
+
+    worker, error = await _failing_worker(
+        WorkerError, "trio_mojo._examples:terminal_escapes", body
+    )
+    text = str(error)
+    assert error.returncode == 3
+    for raw in ("\x1b", "\r", "\x9b", "\u202e", "\u2066"):
+        assert raw not in text
+        assert raw not in worker.stderr_tail
+    assert (
+        "\\x1b[2J\\x1b[31mred alert\\x1b[0m\\rrewritten\\x9b1m \\u202eevil\\u2066\n"
+        in text
+    )
+    assert "--- worker stderr (tail) ---\n" in text  # newlines stay newlines
+
+
+def test_escape_controls_keeps_newlines_tabs_and_printable_text() -> None:
+    text = "tab\there\nnext line: naïve ünïcödé, 漢字, emoji 🐍\n"
+    assert escape_controls(text) == text
+    assert escape_controls("\x00\x07\x7f\u0085\u00ad\u200b\u2028\ufeff") == (
+        "\\x00\\x07\\x7f\\x85\\xad\\u200b\\u2028\\ufeff"
+    )

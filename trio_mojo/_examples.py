@@ -15,14 +15,16 @@ import resource
 import socket
 import struct
 import subprocess
+import sys
 from collections.abc import Callable
 
 import trio
 
 from ._channel import Channel
 from ._core._message import Message
+from ._core._wire import encode_message
 from ._errors import BrokerError
-from ._workers._broker import current_broker, encode_request
+from ._workers._broker import BROKER_SWITCH, current_broker, encode_request
 
 __all__ = [
     "attempt_escapes",
@@ -194,24 +196,33 @@ async def attempt_escapes(channel: Channel) -> None:
 
 
 async def flood_broker(channel: Channel) -> None:
-    """A hostile worker that floods the file broker and never reads its replies.
+    """A hostile worker that floods the file broker and never reads a reply.
 
-    The first message names a file the broker serves.  The target then
-    sends open requests for it on the broker channel as fast as the channel
-    takes them (bypassing :class:`BrokerClient`, which waits for each
-    reply), and answers ``b"count"`` with how many it has sent so far;
-    ``b"stop"`` ends it (with the replies still unread).
+    The first message names a file the broker serves.  The target takes the
+    broker socket for itself (a duplicate of the fd named by
+    ``--trio-mojo-broker-handle``; its broker channel is closed, cancelled,
+    so nothing reads from the socket any more and no end of stream is sent),
+    then writes open requests for that file as fast as the socket takes
+    them.  It answers ``b"count"`` with how many it has sent, and on
+    ``b"stop"`` exits at once (status 0), with every reply unread.
     """
     first = await channel.receive()
     first.close()
-    request = encode_request(first.payload.decode(), "r")
-    broker_channel = current_broker()._channel
+    request = encode_message(encode_request(first.payload.decode(), "r"))
+    switch = BROKER_SWITCH + "="
+    (fd,) = (int(arg[len(switch) :]) for arg in sys.argv if arg.startswith(switch))
+    raw = trio.socket.from_stdlib_socket(socket.socket(fileno=os.dup(fd)))
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await current_broker()._channel.aclose()  # cancelled: no flush, no EOF
     sent = 0
 
     async def flood() -> None:
         nonlocal sent
         while True:
-            await broker_channel.send(Message(request))
+            view = memoryview(request)
+            while view:
+                view = view[await raw.send(view) :]
             sent += 1
 
     async with trio.open_nursery() as nursery:
@@ -219,9 +230,8 @@ async def flood_broker(channel: Channel) -> None:
         async for message in channel:
             message.close()
             if message.payload == b"stop":
-                break
+                os._exit(0)
             await channel.send(Message(b"%d" % sent))
-        nursery.cancel_scope.cancel()
 
 
 async def terminal_escapes(channel: Channel) -> None:
