@@ -59,6 +59,7 @@ NOBODY: Final = 65534
 
 _PR_GET_DUMPABLE: Final = 3
 _PR_SET_DUMPABLE: Final = 4
+_PR_CAPBSET_READ: Final = 23
 _PR_CAPBSET_DROP: Final = 24
 _PR_CAP_AMBIENT: Final = 47
 _PR_CAP_AMBIENT_CLEAR_ALL: Final = 4
@@ -92,10 +93,12 @@ def drop_identity(uid: int, gid: int) -> None:
 
 
 def drop_bounding_set() -> None:
-    """Drop every capability from the bounding set (needs ``CAP_SETPCAP``)."""
+    """Drop every capability still in the bounding set (needs ``CAP_SETPCAP``
+    if there is one)."""
     for capability in range(_MAX_CAPABILITIES):
         try:
-            _libc.prctl(_PR_CAPBSET_DROP, capability)
+            if _libc.prctl(_PR_CAPBSET_READ, capability):
+                _libc.prctl(_PR_CAPBSET_DROP, capability)
         except OSError as exc:
             if exc.errno == errno.EINVAL:  # past the kernel's last capability
                 return
