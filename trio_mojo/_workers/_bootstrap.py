@@ -16,17 +16,20 @@ and it does, in this order (each step needs the ones before it):
    sees nothing else either);
 2. ``PR_SET_PDEATHSIG(SIGKILL)``, then exit if the parent is already gone;
 3. import the target, *before* the sandbox (imports need the file system);
-4. adopt the channel fds (validated, close-on-exec) and lock down
-   (``_sandbox._apply.lock_down``: every layer of the policy, in order;
-   with a PID namespace this process becomes the worker's supervisor and
-   the rest runs in the worker process proper);
+4. adopt the channel fds (validated, close-on-exec) and, in
+   :func:`lock_down_and_run`, lock down (``_sandbox._apply.lock_down``:
+   every layer of the policy, in order; with a PID namespace this process
+   becomes the worker's supervisor and the rest runs in the worker process
+   proper);
 5. under ``trio.run``: open the channel, send the sandbox report as the
    first message; if a required layer failed, exit with
    :data:`~trio_mojo._workers._handshake.SANDBOX_FAILED_EXIT`; otherwise
    wait for the parent's go-ahead (``_handshake``; at most ``S`` seconds)
    and only then call ``await target(channel)``.
 
-The exit status is 0 when the target returns, 1 (with a traceback on
+Steps 4 and 5 are :func:`lock_down_and_run`, which a child forked from a
+pre-imported process (a zygote) calls the same way.  The exit status is 0
+when the target returns, 1 (with a traceback on
 stderr, which the parent keeps) when it raises, and
 :data:`~trio_mojo._workers._handshake.NO_GO_AHEAD_EXIT` when no go-ahead came.
 """
@@ -115,6 +118,27 @@ async def _run(
     return 0
 
 
+def lock_down_and_run(
+    target: Target,
+    policy: SandboxPolicy,
+    channel_ep: Endpoint,
+    broker_ep: Endpoint | None = None,
+    startup_timeout: float = GO_AHEAD_TIMEOUT,
+) -> int:
+    """All a worker does after its imports: lock down, report, await the
+    go-ahead, run the target.  Returns the exit status.
+
+    It assumes nothing about how the process started: this bootstrap calls
+    it after ``exec``, and a child forked from a pre-imported process (a
+    zygote) calls it alike.  The process must be single-threaded.
+    """
+    keep = {channel_ep.fileno()}
+    if broker_ep is not None:
+        keep.add(broker_ep.fileno())
+    report = with_nonce(lock_down(policy, keep))
+    return trio.run(_run, target, report, channel_ep, broker_ep, startup_timeout)
+
+
 def main(argv: Sequence[str]) -> int:
     """Run a worker; returns the process exit status."""
     spec = _option(argv, "target")
@@ -135,8 +159,7 @@ def main(argv: Sequence[str]) -> int:
         recover_endpoint(argv, switch=BROKER_SWITCH) if broker_fd is not None else None
     )
     timeout = float(_option(argv, "startup-timeout") or GO_AHEAD_TIMEOUT)
-    report = with_nonce(lock_down(policy, keep))
-    return trio.run(_run, target, report, channel_ep, broker_ep, timeout)
+    return lock_down_and_run(target, policy, channel_ep, broker_ep, timeout)
 
 
 if __name__ == "__main__":
