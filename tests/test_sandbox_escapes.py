@@ -13,8 +13,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ import pytest
 import trio
 from _process_support import assert_reaped
 
-from trio_mojo import Handle, Message, SandboxPolicy, WorkerError, open_worker
+from trio_mojo import Message, SandboxPolicy, WorkerError, open_worker
 from trio_mojo._sandbox._namespaces import HOSTNAME
 
 STRICT = SandboxPolicy.strict()
@@ -180,45 +178,6 @@ async def test_the_worker_s_own_exit_status_reaches_the_parent(sig: int) -> None
     assert _gone(worker)
     assert _gone(init)  # no zombie left in the namespace
     assert_reaped(supervisor)
-
-
-ORPHAN_MAKER = r"""
-import os, sys, trio, trio_mojo
-
-async def main():
-    async with trio_mojo.open_worker(
-        "trio_mojo._examples:ignore_eof", sandbox=trio_mojo.SandboxPolicy.strict()
-    ) as worker:
-        await worker.channel.receive()
-        init = open(f"/proc/{worker.pid}/stat").read().rpartition(")")[2].split()[1]
-        print(worker.pid, init, worker._process.pid, flush=True)
-        await trio.sleep_forever()
-
-trio.run(main)
-"""
-
-
-async def test_killing_the_parent_kills_supervisor_init_and_worker() -> None:
-    parent = await trio.lowlevel.open_process(
-        [sys.executable, "-I", "-c", ORPHAN_MAKER],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-    )
-    try:
-        assert parent.stdout is not None
-        with trio.fail_after(30):
-            line = await parent.stdout.receive_some()
-        pidfds = [Handle(os.pidfd_open(int(pid))) for pid in line.split()]
-    finally:
-        parent.kill()
-        await parent.wait()
-        if parent.stdout is not None:
-            await parent.stdout.aclose()
-    for pidfd in pidfds:
-        with pidfd:
-            with trio.fail_after(10):  # readable once that process has exited
-                await trio.lowlevel.wait_readable(pidfd.fileno())
-            trio.lowlevel.notify_closing(pidfd.fileno())
 
 
 # ----------------------------------------------------------------------

@@ -394,8 +394,13 @@ async def main():
         "trio_mojo._examples:ignore_eof", sandbox=trio_mojo.SandboxPolicy.basic()
     ) as worker:
         await worker.channel.receive()
-        sys.stdout.write(f"{worker.pid}\n")
-        sys.stdout.flush()
+        # The worker, its init (in a PID namespace) and its supervisor.
+        stat = open(f"/proc/{worker.pid}/stat").read()
+        init = int(stat.rpartition(")")[2].split()[1])
+        pids = {worker.pid, worker._process.pid}
+        if worker.pid != worker._process.pid:
+            pids.add(init)
+        print(*pids, flush=True)
         await trio.sleep_forever()
 
 trio.run(main)
@@ -403,7 +408,8 @@ trio.run(main)
 
 
 async def test_a_worker_dies_with_its_parent() -> None:
-    """PR_SET_PDEATHSIG: a parent killed outright leaves no orphan."""
+    """PR_SET_PDEATHSIG: a parent killed outright leaves no orphan: not the
+    worker, nor its init and supervisor in a PID namespace."""
     parent = await trio.lowlevel.open_process(
         [sys.executable, "-I", "-c", ORPHAN_MAKER],
         stdin=subprocess.DEVNULL,
@@ -413,17 +419,18 @@ async def test_a_worker_dies_with_its_parent() -> None:
         assert parent.stdout is not None
         with trio.fail_after(30):
             line = await parent.stdout.receive_some()
-        worker_pid = int(line)
-        pidfd = Handle(os.pidfd_open(worker_pid))
+        pidfds = [Handle(os.pidfd_open(int(pid))) for pid in line.split()]
     finally:
         parent.kill()
         await parent.wait()
         if parent.stdout is not None:
             await parent.stdout.aclose()
-    with pidfd:
-        with trio.fail_after(10):  # readable once the worker has exited
-            await trio.lowlevel.wait_readable(pidfd.fileno())
-        trio.lowlevel.notify_closing(pidfd.fileno())
+    assert len(pidfds) == 3  # basic() gets a PID namespace on this machine
+    for pidfd in pidfds:
+        with pidfd:
+            with trio.fail_after(10):  # readable once that process has exited
+                await trio.lowlevel.wait_readable(pidfd.fileno())
+            trio.lowlevel.notify_closing(pidfd.fileno())
 
 
 @pytest.mark.slow

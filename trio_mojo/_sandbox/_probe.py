@@ -33,6 +33,7 @@ import ctypes
 import errno
 import os
 import platform
+from collections.abc import Callable
 from typing import Final
 
 from . import _landlock, _libc, _rootfs, _seccomp
@@ -51,9 +52,14 @@ _USERNS_SWITCHES: Final = (
 )
 
 
-def _failure(what: str, exc: OSError) -> str:
-    name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-    return f"{what} -> {name}"
+def _refused(what: str, hint: str, call: Callable[[], object]) -> str | None:
+    """``None`` if ``call()`` works, else why (its errno name and ``hint``)."""
+    try:
+        call()
+    except OSError as exc:
+        name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        return f"{what} -> {name} ({hint})"
+    return None
 
 
 def _sysctl(path: str) -> str | None:
@@ -68,34 +74,33 @@ def _seccomp_missing() -> str | None:
     if not _seccomp.SUPPORTED:
         return f"no syscall table for {platform.machine()} in this release"
     action = ctypes.c_uint32(_SECCOMP_RET_KILL_PROCESS)
-    try:
-        _libc.syscall("seccomp", _SECCOMP_GET_ACTION_AVAIL, 0, ctypes.byref(action))
-    except OSError as exc:
-        return _failure("seccomp(SECCOMP_GET_ACTION_AVAIL)", exc) + (
-            " (a kernel without CONFIG_SECCOMP_FILTER, or a seccomp filter "
-            "this process runs under)"
-        )
-    return None
+    return _refused(
+        "seccomp(SECCOMP_GET_ACTION_AVAIL)",
+        "a kernel without CONFIG_SECCOMP_FILTER, or a seccomp filter this "
+        "process runs under",
+        lambda: _libc.syscall(
+            "seccomp", _SECCOMP_GET_ACTION_AVAIL, 0, ctypes.byref(action)
+        ),
+    )
 
 
 def _landlock_missing() -> str | None:
-    try:
-        _landlock.abi_version()
-    except OSError as exc:
-        return _failure("landlock_create_ruleset", exc) + (
-            " (a kernel without CONFIG_SECURITY_LANDLOCK, 'landlock' missing "
-            "from lsm=, or a seccomp filter this process runs under)"
-        )
-    return None
+    return _refused(
+        "landlock_create_ruleset",
+        "a kernel without CONFIG_SECURITY_LANDLOCK, 'landlock' missing from "
+        "lsm=, or a seccomp filter this process runs under",
+        _landlock.abi_version,
+    )
 
 
 def _namespaces_missing() -> str | None:
-    try:
-        _libc.call("unshare", 0)
-    except OSError as exc:
-        return _failure("unshare", exc) + (
-            " (a seccomp filter this process runs under, e.g. a container's)"
-        )
+    refused = _refused(
+        "unshare",
+        "a seccomp filter this process runs under, e.g. a container's",
+        lambda: _libc.call("unshare", 0),
+    )
+    if refused is not None:
+        return refused
     if _sysctl("/proc/sys/user/max_user_namespaces") == "0":
         return "user namespaces are disabled (user.max_user_namespaces = 0)"
     if os.geteuid() != 0:
