@@ -53,6 +53,13 @@ def _limits(pid: int) -> str:
     return Path(f"/proc/{pid}/limits").read_text()
 
 
+def _children(pid: int) -> list[int]:
+    return [
+        int(child)
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    ]
+
+
 def _status(pid: int) -> dict[str, str]:
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -143,17 +150,19 @@ async def test_a_worker_sees_no_host_process_and_its_own_host_name() -> None:
 async def test_the_worker_pid_is_its_host_pid_in_a_pid_namespace() -> None:
     async with open_worker("trio_mojo._examples:echo", sandbox=STRICT) as worker:
         status = _status(worker.pid)
-        init = int(status["PPid"])
-        supervisor = int(_status(init)["PPid"])
+        supervisor = int(status["PPid"])
+        (init,) = set(_children(supervisor)) - {worker.pid}
+        init_status = _status(init)
         hostname = os.readlink(f"/proc/{worker.pid}/ns/uts")
     assert status["NSpid"].split() == [str(worker.pid), "2"]
+    assert init_status["NSpid"].split() == [str(init), "1"]
     assert worker.sandbox_report.pid == 2
     assert supervisor == worker._process.pid
     assert hostname != os.readlink("/proc/self/ns/uts")
     assert HOSTNAME == "trio-mojo-worker"
     assert_reaped(supervisor)
-    assert _gone(worker.pid)  # reaped by the init
-    assert _gone(init)  # reaped by the supervisor
+    assert _gone(worker.pid)  # reaped by the supervisor
+    assert _gone(init)  # killed and reaped by the supervisor
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGSEGV])
@@ -165,8 +174,9 @@ async def test_the_worker_s_own_exit_status_reaches_the_parent(sig: int) -> None
             "trio_mojo._examples:ignore_eof", sandbox=STRICT
         ) as worker:
             assert (await worker.channel.receive()).payload == b"ready"
-            pids.extend((worker.pid, int(_status(worker.pid)["PPid"])))
-            pids.append(worker._process.pid)
+            supervisor = worker._process.pid
+            (init,) = set(_children(supervisor)) - {worker.pid}
+            pids.extend((worker.pid, init, supervisor))
             os.kill(worker.pid, sig)
             with trio.fail_after(10):
                 await worker.channel.receive()

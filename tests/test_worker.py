@@ -394,13 +394,10 @@ async def main():
         "trio_mojo._examples:ignore_eof", sandbox=trio_mojo.SandboxPolicy.basic()
     ) as worker:
         await worker.channel.receive()
-        # The worker, its init (in a PID namespace) and its supervisor.
-        stat = open(f"/proc/{worker.pid}/stat").read()
-        init = int(stat.rpartition(")")[2].split()[1])
-        pids = {worker.pid, worker._process.pid}
-        if worker.pid != worker._process.pid:
-            pids.add(init)
-        print(*pids, flush=True)
+        # The worker, and in a PID namespace its supervisor and init.
+        supervisor = worker._process.pid
+        children = open(f"/proc/{supervisor}/task/{supervisor}/children").read()
+        print(supervisor, *children.split(), flush=True)
         await trio.sleep_forever()
 
 trio.run(main)

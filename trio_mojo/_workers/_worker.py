@@ -17,8 +17,8 @@ Theory of operation
    the file broker (``_broker``).
 3. The child bootstrap (``_bootstrap``) closes every other fd, arms
    ``PR_SET_PDEATHSIG``, imports the target, locks down (with a PID
-   namespace the child becomes a supervisor and the worker runs two
-   levels below it, ``_sandbox._pidns``), and sends its
+   namespace the child becomes a supervisor and the worker is its child,
+   beside the namespace's init: ``_sandbox._pidns``), and sends its
    :class:`SandboxReport` as its first message.  We receive it (bounded by
    ``startup_timeout``), find the worker's host pid, check the report's
    claims in ``/proc/<pid>``, and only then send the go-ahead
@@ -126,9 +126,9 @@ class Worker:
     def pid(self) -> int:
         """The host process id of the process that runs the target.
 
-        In a PID namespace (the ``namespaces`` layer) that process is two
-        levels below the one ``open_worker`` started (its supervisor), and
-        sees itself as pid 2 (``sandbox_report.pid``).
+        In a PID namespace (the ``namespaces`` layer) that process is a
+        child of the one ``open_worker`` started (its supervisor), and sees
+        itself as pid 2 (``sandbox_report.pid``).
         """
         return self._pid
 
