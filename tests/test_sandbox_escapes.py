@@ -227,8 +227,10 @@ async def test_a_thread_bomb_stops_at_rlimit_nproc_and_spares_the_others() -> No
         with await bomb.channel.receive() as reply:
             held = json.loads(reply.payload)
         # The kernel counts the tasks of the worker's user namespace: its
-        # supervisor, its init, its main thread and the threads it started.
-        assert held == {"started": 64 - 3, "error": "can't start new thread"}
+        # supervisor, its init, its main thread and the threads it started
+        # (61 today; fewer if Trio or the channel ever start one of theirs).
+        assert held["error"] == "can't start new thread"
+        assert 48 <= held["started"] <= 64 - 3
         assert "Max processes             64                   64" in limits
         # Another worker, same uid, while the bomb holds every thread it got:
         # its thread pool works (each worker counts in its own namespace).

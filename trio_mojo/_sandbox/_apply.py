@@ -49,7 +49,7 @@ from ._libc import prctl
 from ._policy import Requirement, SandboxPolicy
 from ._report import SandboxReport
 
-__all__ = ["close_other_fds", "lock_down", "set_parent_death_signal"]
+__all__ = ["close_other_fds", "lock_down", "rlimits_of", "set_parent_death_signal"]
 
 _R = Requirement
 _PR_SET_PDEATHSIG: Final = 1

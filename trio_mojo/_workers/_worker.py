@@ -82,7 +82,7 @@ from ._spawn import (
     start_with_endpoints,
 )
 
-__all__ = ["ENV_ALLOWLIST", "Worker", "open_worker"]
+__all__ = ["ENV_ALLOWLIST", "Worker", "escape_controls", "open_worker"]
 
 ENV_ALLOWLIST: Final = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
 """Variables a worker inherits from the parent when ``env`` is not given."""
