@@ -29,10 +29,11 @@ import trio
 
 from ._channel import Channel
 from ._core._message import Message
+from ._core._wire import encode_message
 from ._errors import BrokerError
 from ._handles import Handle
 from ._sandbox import _seccomp
-from ._workers._broker import current_broker
+from ._workers._broker import BROKER_SWITCH, current_broker, encode_request
 from ._workers._spawn import CHANNEL_SWITCH
 
 __all__ = [
@@ -44,7 +45,9 @@ __all__ = [
     "describe_self",
     "echo",
     "fail",
+    "flood_broker",
     "ignore_eof",
+    "terminal_escapes",
 ]
 
 
@@ -555,3 +558,50 @@ async def attempt_syscall_escapes(channel: Channel) -> None:
                 else:
                     results[name] = _attempt(action)
         await channel.send(Message(json.dumps(results).encode()))
+
+
+async def flood_broker(channel: Channel) -> None:
+    """A hostile worker that floods the file broker and never reads a reply.
+
+    The first message names a file the broker serves.  The target takes the
+    broker socket for itself (a duplicate of the fd named by
+    ``--trio-mojo-broker-handle``; its broker channel is closed, cancelled,
+    so nothing reads from the socket any more and no end of stream is sent),
+    then writes open requests for that file as fast as the socket takes
+    them.  It answers ``b"count"`` with how many it has sent, and on
+    ``b"stop"`` exits at once (status 0), with every reply unread.
+    """
+    first = await channel.receive()
+    first.close()
+    request = encode_message(encode_request(first.payload.decode(), "r"))
+    switch = BROKER_SWITCH + "="
+    (fd,) = (int(arg[len(switch) :]) for arg in sys.argv if arg.startswith(switch))
+    raw = trio.socket.from_stdlib_socket(socket.socket(fileno=os.dup(fd)))
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await current_broker()._channel.aclose()  # cancelled: no flush, no EOF
+    sent = 0
+
+    async def flood() -> None:
+        nonlocal sent
+        while True:
+            view = memoryview(request)
+            while view:
+                view = view[await raw.send(view) :]
+            sent += 1
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flood)
+        async for message in channel:
+            message.close()
+            if message.payload == b"stop":
+                os._exit(0)
+            await channel.send(Message(b"%d" % sent))
+
+
+async def terminal_escapes(channel: Channel) -> None:
+    """Write terminal escapes (ESC, CR, the C1 CSI) and bidi controls to
+    stderr, then exit with status 3."""
+    text = "\x1b[2J\x1b[31mred alert\x1b[0m\rrewritten\x9b1m \u202eevil\u2066\n"
+    os.write(2, text.encode())
+    os._exit(3)
