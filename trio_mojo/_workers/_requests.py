@@ -1,0 +1,271 @@
+"""Requests of a worker pool: a one-shot reply slot, and the pool's bounded queue.
+
+Theory of operation
+-------------------
+
+A :class:`Request` carries one :class:`Message` to a worker and brings its
+reply (or an error) back to whoever waits for it::
+
+    QUEUED ──sent──> SENT ──reply──> DONE ──result()──┐
+      │                │               │              v
+      └──── cancel ────┴──── cancel ───┴──────> CANCELLED
+
+* ``QUEUED``: in the pool's :class:`RequestQueue` or in one worker's
+  outbox (its *holder*); the request owns the message's handles.
+  Cancelling takes it out of its holder and closes them: a request not yet
+  sent is simply dropped.
+* ``SENT``: the channel owns the handles.  A worker answers every request,
+  in order, so the reply is still coming: cancelling only marks the
+  request, and the reply is closed when it arrives.
+* ``DONE``: the reply (or the error) waits for the waiter, who takes it
+  with :meth:`Request.result`; cancelling closes an untaken reply.
+  ``CANCELLED`` is also where a request ends once its result was taken:
+  nothing is left in it.
+
+Cancelling is synchronous and idempotent.  :meth:`Request.cancel` with
+``unlink=False`` only marks the request and closes what it owns, without
+touching its holder or waking any task, so it is safe from a finalizer;
+holders skip cancelled requests when they take the next one.
+
+The waiter parks with :func:`trio.lowlevel.wait_task_rescheduled`: a reply
+costs one reschedule, with no ``Event`` or memory channel per request.
+Every request gets its own error instance, so no traceback is shared.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+import trio
+
+from trio_mojo._core._message import Message
+
+__all__ = ["Request", "RequestQueue", "RequestState", "fail_all"]
+
+
+class RequestState(enum.Enum):
+    """Where a :class:`Request` is in its life."""
+
+    QUEUED = "queued"
+    SENT = "sent"
+    DONE = "done"
+    CANCELLED = "cancelled"
+
+
+_QUEUED = RequestState.QUEUED
+_SENT = RequestState.SENT
+_DONE = RequestState.DONE
+_CANCELLED = RequestState.CANCELLED
+
+
+class _Holder(Protocol):
+    """A queue that holds requests not yet sent."""
+
+    def discard(self, request: Request) -> None: ...
+
+
+class Request:
+    """One request to a worker and, later, its reply or error."""
+
+    __slots__ = ("_error", "_reply", "_waiter", "holder", "message", "state")
+
+    def __init__(self, message: Message) -> None:
+        self.message: Message | None = message
+        self.state = _QUEUED
+        self.holder: _Holder | None = None
+        self._reply: Message | None = None
+        self._error: BaseException | None = None
+        self._waiter: trio.lowlevel.Task | None = None
+
+    # ------------------------------------------------------------------
+    # The pool's side
+
+    def take_message(self) -> Message:
+        """``QUEUED`` -> ``SENT``: the caller sends the message (and its handles)."""
+        message = self.message
+        assert message is not None
+        self.message = None
+        self.holder = None
+        self.state = _SENT
+        return message
+
+    def resolve(self, reply: Message) -> None:
+        """The worker answered: hand over the reply, or close it if unwanted."""
+        if self.state is not _SENT:
+            reply.close()
+            return
+        self.state = _DONE
+        self._reply = reply
+        self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        """The request will never be answered: hand ``error`` to the waiter."""
+        if self.state is _CANCELLED or self.state is _DONE:
+            return
+        if self.message is not None:
+            self.message.close()
+            self.message = None
+        self.holder = None
+        self.state = _DONE
+        self._error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None:
+            trio.lowlevel.reschedule(self._waiter)
+            self._waiter = None
+
+    # ------------------------------------------------------------------
+    # The waiter's side
+
+    @property
+    def done(self) -> bool:
+        """True once the reply or an error is there to take."""
+        return self.state is _DONE
+
+    async def wait(self, *, cancel_on_abort: bool) -> None:
+        """Park until the request is done.
+
+        If the wait is cancelled, the request is cancelled too when
+        ``cancel_on_abort`` is true; otherwise it stays pending and can be
+        waited for again.
+        """
+        if self.state is _DONE:
+            return
+        assert self._waiter is None, "one waiter per request"
+        self._waiter = trio.lowlevel.current_task()
+        abort = self._abort_and_cancel if cancel_on_abort else self._abort
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def _abort(self, raise_cancel: object) -> trio.lowlevel.Abort:
+        self._waiter = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def _abort_and_cancel(self, raise_cancel: object) -> trio.lowlevel.Abort:
+        self._waiter = None
+        self.cancel()
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def result(self) -> Message:
+        """Take the reply (the caller owns its handles), or raise the error."""
+        assert self.state is _DONE
+        self.state = _CANCELLED  # nothing is left in it
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+        reply, self._reply = self._reply, None
+        assert reply is not None
+        return reply
+
+    def cancel(self, *, unlink: bool = True) -> None:
+        """Drop the request, or discard its reply.  Synchronous, idempotent.
+
+        With ``unlink=False`` a queued request stays in its holder (marked,
+        its handles closed) and no task is woken: safe from a finalizer.
+        """
+        state = self.state
+        self.state = _CANCELLED
+        if state is _QUEUED:
+            holder, self.holder = self.holder, None
+            if unlink and holder is not None:
+                holder.discard(self)
+            if self.message is not None:
+                self.message.close()
+                self.message = None
+        elif state is _DONE:
+            self._error = None
+            if self._reply is not None:
+                self._reply.close()
+                self._reply = None
+
+
+def fail_all(
+    requests: Iterable[Request], make_error: Callable[[], BaseException]
+) -> None:
+    """Fail every request, each with an error of its own."""
+    for request in requests:
+        request.fail(make_error())
+
+
+class RequestQueue:
+    """Requests accepted by the pool and not yet given to a worker; bounded.
+
+    Producers check :attr:`has_room` and :meth:`append`, or wait with
+    :meth:`wait_for_room`; after :meth:`close` every waiting producer is
+    woken (and must check why).  Cancelled requests are taken out at once by
+    :meth:`discard`, or skipped by :meth:`take` if they were only marked.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.closed = False
+        self._items: collections.deque[Request] = collections.deque()
+        self._space = trio.lowlevel.ParkingLot()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def has_room(self) -> bool:
+        """True when one more request fits."""
+        return len(self._items) < self.capacity
+
+    @property
+    def waiting(self) -> int:
+        """How many producers wait for room."""
+        return len(self._space)
+
+    def append(self, request: Request) -> None:
+        """Queue ``request`` at the end (the caller checked :attr:`has_room`)."""
+        request.holder = self
+        self._items.append(request)
+
+    def push_front(self, requests: Iterable[Request]) -> None:
+        """Queue requests ahead of the others, in order: they were accepted
+        earlier and given to a worker that died before sending them."""
+        pending = [request for request in requests if request.state is _QUEUED]
+        for request in reversed(pending):
+            request.holder = self
+            self._items.appendleft(request)
+
+    async def wait_for_room(self) -> None:
+        """Park until a request was taken out or the queue was closed."""
+        if not self.closed and len(self._items) >= self.capacity:
+            await self._space.park()
+        else:
+            await trio.lowlevel.checkpoint()
+
+    def take(self, count: int) -> list[Request]:
+        """Up to ``count`` of the oldest live requests."""
+        items = self._items
+        taken: list[Request] = []
+        while items and len(taken) < count:
+            request = items.popleft()
+            if request.state is _QUEUED:
+                request.holder = None
+                taken.append(request)
+        self._made_room()
+        return taken
+
+    def discard(self, request: Request) -> None:
+        """Take out a cancelled request."""
+        self._items.remove(request)
+        self._made_room()
+
+    def _made_room(self) -> None:
+        room = self.capacity - len(self._items)
+        if room > 0 and self._space:
+            self._space.unpark(count=room)
+
+    def close(self) -> None:
+        """Accept nothing more; wake every producer that waits for room."""
+        self.closed = True
+        self._space.unpark_all()
+
+    def fail_all(self, make_error: Callable[[], BaseException]) -> None:
+        """Fail and remove every queued request."""
+        items, self._items = self._items, collections.deque()
+        fail_all(items, make_error)
