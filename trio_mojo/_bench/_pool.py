@@ -284,9 +284,12 @@ def summarise(records: list[dict[str, Any]], systems: Sequence[str]) -> dict[str
 
 def render(table: dict[str, Any], count: int, workers: int, size: float) -> str:
     """The results as a text table."""
+    title = (
+        f"JSON job: {count:,} documents of {size / 1000:.1f} KB mean, {workers} "
+        "workers, a summary back per document (median of the repetitions)"
+    )
     lines = [
-        f"JSON job: {count:,} documents of {size / 1000:.1f} KB mean, "
-        + f"{workers} workers, a summary back per document (median of the repetitions)",
+        title,
         "",
         f"{'system':<14} {'docs/s':>10} {'parent CPU us/doc':>18} {'trio_mojo / system':>19}",
     ]

@@ -331,7 +331,7 @@ class WorkerPool:
         request.holder = lane
         lane.outbox.append(request)
         lane.assigned += 1
-        if self._max_requests is not None and lane.assigned >= self._max_requests:
+        if lane.assigned == self._max_requests:
             self._retire(lane)
             self._recycled += 1
             self._start_replacement()
@@ -339,6 +339,8 @@ class WorkerPool:
     def _refill(self, lane: _Lane) -> None:
         """Give ``lane`` queued requests while it has room."""
         room = self._max_in_flight - lane.load
+        if self._max_requests is not None:
+            room = min(room, self._max_requests - lane.assigned)
         if room > 0 and self._queue and not lane.retired:
             for request in self._queue.take(room):
                 self._assign(lane, request)

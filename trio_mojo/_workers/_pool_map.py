@@ -6,9 +6,12 @@ Theory of operation
 A :class:`WorkerPoolMap` has no task of its own: each ``__anext__`` tops
 up the window (takes messages from the source and hands them to the pool
 while fewer than ``window`` are outstanding and the pool has room), then
-returns the oldest request's reply, waiting for it if needed.  So the
-workers always have up to ``window`` requests ahead of the consumer, and
-nothing runs once the consumer stops asking.
+returns the oldest request's reply.  While it waits for that reply it
+also wakes when the pool makes room, and tops up again, so a slow request
+at the head does not leave the other workers idle.  So the workers have
+up to ``window`` requests ahead of the consumer, and nothing more is sent
+once the consumer stops asking.  The source is read in the consumer's
+task: an async source that blocks delays the replies.
 
 Order: replies come back in the order of the messages.  A request that
 failed raises its error at its position; the map stays usable (call
@@ -35,7 +38,7 @@ import trio
 
 from trio_mojo._core._message import Message
 
-from ._requests import Request
+from ._requests import Request, Waker
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -119,9 +122,25 @@ class WorkerPoolMap:
                 await trio.lowlevel.cancel_shielded_checkpoint()
         else:
             self._streak = 0
-            await head.wait(cancel_on_abort=False)
+            while not head.done:
+                await self._wait(head)
+                await self._top_up()
         pending.popleft()
         return head.result()
+
+    async def _wait(self, head: Request) -> None:
+        """Park until ``head`` is done, or the pool has room for what we hold."""
+        if self._held is None:
+            await head.wait(cancel_on_abort=False)
+            return
+        queue = self._pool._queue
+        waker = head.waker = Waker()
+        queue.wake_on_room(waker)
+        try:
+            await waker.park()
+        finally:
+            head.waker = None
+            queue.forget(waker)
 
     async def _top_up(self) -> None:
         """Hand messages to the pool while the window and the pool have room."""

@@ -27,8 +27,10 @@ Cancelling is synchronous and idempotent.  :meth:`Request.cancel` with
 touching its holder or waking any task, so it is safe from a finalizer;
 holders skip cancelled requests when they take the next one.
 
-The waiter parks with :func:`trio.lowlevel.wait_task_rescheduled`: a reply
-costs one reschedule, with no ``Event`` or memory channel per request.
+The waiter parks on a :class:`Waker` (:func:`trio.lowlevel.wait_task_rescheduled`):
+a reply costs one reschedule, with no ``Event`` or memory channel per
+request.  A waker is fired at most once, so one task can wait for two
+things at once (a map waits for its oldest reply *or* room in the queue).
 Every request gets its own error instance, so no traceback is shared.
 """
 
@@ -43,7 +45,7 @@ import trio
 
 from trio_mojo._core._message import Message
 
-__all__ = ["Request", "RequestQueue", "RequestState", "fail_all"]
+__all__ = ["Request", "RequestQueue", "RequestState", "Waker", "fail_all"]
 
 
 class RequestState(enum.Enum):
@@ -61,6 +63,30 @@ _DONE = RequestState.DONE
 _CANCELLED = RequestState.CANCELLED
 
 
+class Waker:
+    """One parked task, woken at most once, by whichever event comes first."""
+
+    __slots__ = ("_task",)
+
+    def __init__(self) -> None:
+        self._task: trio.lowlevel.Task | None = None
+
+    async def park(self) -> None:
+        """Wait until :meth:`fire` (or a cancellation)."""
+        self._task = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(self._abort)
+
+    def fire(self) -> None:
+        """Wake the parked task, if it still waits."""
+        task, self._task = self._task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+    def _abort(self, raise_cancel: object) -> trio.lowlevel.Abort:
+        self._task = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+
 class _Holder(Protocol):
     """A queue that holds requests not yet sent."""
 
@@ -70,7 +96,7 @@ class _Holder(Protocol):
 class Request:
     """One request to a worker and, later, its reply or error."""
 
-    __slots__ = ("_error", "_reply", "_waiter", "holder", "message", "state")
+    __slots__ = ("_error", "_reply", "holder", "message", "state", "waker")
 
     def __init__(self, message: Message) -> None:
         self.message: Message | None = message
@@ -78,7 +104,7 @@ class Request:
         self.holder: _Holder | None = None
         self._reply: Message | None = None
         self._error: BaseException | None = None
-        self._waiter: trio.lowlevel.Task | None = None
+        self.waker: Waker | None = None  # fired once the request is done
 
     # ------------------------------------------------------------------
     # The pool's side
@@ -114,9 +140,8 @@ class Request:
         self._wake()
 
     def _wake(self) -> None:
-        if self._waiter is not None:
-            trio.lowlevel.reschedule(self._waiter)
-            self._waiter = None
+        if self.waker is not None:
+            self.waker.fire()
 
     # ------------------------------------------------------------------
     # The waiter's side
@@ -135,19 +160,15 @@ class Request:
         """
         if self.state is _DONE:
             return
-        assert self._waiter is None, "one waiter per request"
-        self._waiter = trio.lowlevel.current_task()
-        abort = self._abort_and_cancel if cancel_on_abort else self._abort
-        await trio.lowlevel.wait_task_rescheduled(abort)
-
-    def _abort(self, raise_cancel: object) -> trio.lowlevel.Abort:
-        self._waiter = None
-        return trio.lowlevel.Abort.SUCCEEDED
-
-    def _abort_and_cancel(self, raise_cancel: object) -> trio.lowlevel.Abort:
-        self._waiter = None
-        self.cancel()
-        return trio.lowlevel.Abort.SUCCEEDED
+        waker = self.waker = Waker()
+        try:
+            await waker.park()
+        except BaseException:
+            if cancel_on_abort:
+                self.cancel()
+            raise
+        finally:
+            self.waker = None
 
     def result(self) -> Message:
         """Take the reply (the caller owns its handles), or raise the error."""
@@ -204,6 +225,7 @@ class RequestQueue:
         self.closed = False
         self._items: collections.deque[Request] = collections.deque()
         self._space = trio.lowlevel.ParkingLot()
+        self._room_wakers: list[Waker] = []
 
     def __len__(self) -> int:
         return len(self._items)
@@ -255,15 +277,32 @@ class RequestQueue:
         self._items.remove(request)
         self._made_room()
 
+    def wake_on_room(self, waker: Waker) -> None:
+        """Fire ``waker`` when room is made (or the queue is closed)."""
+        self._room_wakers.append(waker)
+
+    def forget(self, waker: Waker) -> None:
+        """Undo :meth:`wake_on_room` (the waker may have fired already)."""
+        if waker in self._room_wakers:
+            self._room_wakers.remove(waker)
+
     def _made_room(self) -> None:
         room = self.capacity - len(self._items)
-        if room > 0 and self._space:
-            self._space.unpark(count=room)
+        if room > 0:
+            if self._space:
+                self._space.unpark(count=room)
+            self._fire_room_wakers()
+
+    def _fire_room_wakers(self) -> None:
+        wakers, self._room_wakers = self._room_wakers, []
+        for waker in wakers:
+            waker.fire()
 
     def close(self) -> None:
         """Accept nothing more; wake every producer that waits for room."""
         self.closed = True
         self._space.unpark_all()
+        self._fire_room_wakers()
 
     def fail_all(self, make_error: Callable[[], BaseException]) -> None:
         """Fail and remove every queued request."""
