@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import trio
@@ -576,3 +577,30 @@ def test_killing_the_parent_kills_its_workers() -> None:
     finally:
         _set_subreaper(False)
     assert children() == {}
+
+
+def _pool_example() -> str:
+    """The first code block of the "Worker pools" section of docs/workers.rst."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "workers.rst").read_text()
+    section = text[text.index("Worker pools\n------------") :]
+    block = section[section.index(".. code-block:: python\n") :].split("\n")[2:]
+    lines = []
+    for line in block:
+        if line and not line.startswith("   "):
+            break
+        lines.append(line[3:])
+    return "\n".join(lines)
+
+
+def test_the_documented_pool_example_runs() -> None:
+    example = _pool_example()
+    assert "open_worker_pool" in example
+    result = subprocess.run(
+        [sys.executable, "-c", example],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["b'HELLO'", "b'ONE'", "b'TWO'", "b'THREE'"]

@@ -43,6 +43,9 @@ the reference of every ratio); raw (blocking sockets, batched); and when
 installed anyio_trio, anyio_asyncio (anyio UNIX streams), asyncio, uvloop
 (asyncio streams; no fd API, so no W5/W5x8).
 
+`python -m trio_mojo bench pool --help`: the JSON job through a worker pool
+vs multiprocessing.Pool, trio-parallel and anyio.to_process.
+
 Also measured: CPU us per message (both processes, getrusage), the
 receiver's peak RSS, the CPU of an idle open channel, worker spawn time vs
 `python -I -c "import trio"`, and the memory bounds of issue #5 item 4
@@ -148,6 +151,10 @@ def _progress(text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns 0 when every honesty check passed."""
+    if argv and argv[0] == "pool":  # the JSON job through worker pools: _pool.py
+        from ._pool import main as pool_main
+
+        return pool_main(argv[1:])
     args = _parse(argv)
     quick = args.quick
     reps = args.reps if args.reps is not None else (2 if quick else 3)

@@ -6,7 +6,8 @@ systems, each in a fresh interpreter per repetition, workers started and
 warmed up before the clock starts:
 
 * ``trio_mojo``: ``open_worker_pool`` (``SandboxPolicy.strict()``) and
-  ``pool.map``;
+  ``pool.map``; ``trio_mojo_64`` the same with ``max_in_flight=64`` (each
+  worker holds up to 64 documents, as ``chunksize=64`` gives one 64);
 * ``mp_chunk1``, ``mp_chunk64``: ``multiprocessing.Pool(4).imap`` with
   ``chunksize`` 1 and 64;
 * ``trio_parallel``: ``trio_parallel.run_sync`` from 4 tasks (limiter 4);
@@ -41,7 +42,7 @@ import trio
 
 from trio_mojo._channel import Channel
 from trio_mojo._core._message import Message
-from trio_mojo._workers._pool import open_worker_pool
+from trio_mojo._workers._pool import DEFAULT_MAX_IN_FLIGHT, open_worker_pool
 from trio_mojo._workers._serve import serve
 
 __all__ = ["main", "make_documents", "serve_summaries", "summarize"]
@@ -117,10 +118,14 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _run_trio_mojo(documents: list[bytes], workers: int) -> Timed:
+def _run_trio_mojo(
+    documents: list[bytes], workers: int, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+) -> Timed:
     async def job() -> Timed:
         async with open_worker_pool(
-            "trio_mojo._bench._pool:serve_summaries", workers=workers
+            "trio_mojo._bench._pool:serve_summaries",
+            workers=workers,
+            max_in_flight=max_in_flight,
         ) as pool:
             async for reply in pool.map(Message(d) for d in documents[:_WARM_UP]):
                 reply.close()
@@ -197,6 +202,7 @@ def _run_anyio(documents: list[bytes], workers: int) -> Timed:
 
 SYSTEMS: Final[dict[str, Callable[[list[bytes], int], Timed]]] = {
     "trio_mojo": _run_trio_mojo,
+    "trio_mojo_64": lambda documents, workers: _run_trio_mojo(documents, workers, 64),
     "mp_chunk1": lambda documents, workers: _run_mp(documents, workers, 1),
     "mp_chunk64": lambda documents, workers: _run_mp(documents, workers, 64),
     "trio_parallel": _run_trio_parallel,

@@ -86,7 +86,7 @@ __all__ = ["WorkerPool", "WorkerPoolStatistics", "open_worker_pool"]
 
 _log = logging.getLogger("trio_mojo")
 
-DEFAULT_MAX_IN_FLIGHT: Final = 8
+DEFAULT_MAX_IN_FLIGHT: Final = 32
 """Requests one worker holds (sent or about to be) by default."""
 
 _QUEUED = RequestState.QUEUED
@@ -631,7 +631,7 @@ async def open_worker_pool(
             new sandbox) takes its place.  ``None`` (default): never.
         max_in_flight: requests one worker holds at a time.  More lets
             requests and replies travel several per ``sendmsg``; fewer
-            fail fewer requests when a worker dies.  Default 8.
+            fail fewer requests when a worker dies.  Default 32.
         queue_size: requests the pool queues when every worker is full,
             before ``run`` waits (default ``workers * max_in_flight``).
         request_timeout: seconds a worker may take over its oldest
