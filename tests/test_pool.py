@@ -495,6 +495,7 @@ async def test_error_exit_kills_the_workers_and_fails_waiting_requests() -> None
             f"{TARGETS}:gated", workers=1, sandbox=BASIC
         ) as pool:
             outer.start_soon(call, pool, Message(b"held", [gate_end]))
+            await trio.testing.wait_all_tasks_blocked()
             outer.start_soon(call, pool, Message(b"behind"))
             await trio.testing.wait_all_tasks_blocked()
             pids.update(_pids(pool))
