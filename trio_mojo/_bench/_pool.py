@@ -162,7 +162,7 @@ async def _fan_out(
 
 
 def _run_trio_parallel(documents: list[bytes], workers: int) -> Timed:
-    import trio_parallel  # type: ignore[import-untyped]
+    import trio_parallel  # type: ignore[import-untyped, import-not-found, unused-ignore]
 
     limiter = trio.CapacityLimiter(workers)
 
@@ -182,13 +182,16 @@ def _run_trio_parallel(documents: list[bytes], workers: int) -> Timed:
 
 
 def _run_anyio(documents: list[bytes], workers: int) -> Timed:
-    import anyio
-    import anyio.to_process
+    import anyio  # type: ignore[import-not-found, unused-ignore]
+    import anyio.to_process  # type: ignore[import-not-found, unused-ignore]
 
     limiter = anyio.CapacityLimiter(workers)
 
     async def call(document: bytes) -> bytes:
-        return await anyio.to_process.run_sync(summarize, document, limiter=limiter)
+        result: bytes = await anyio.to_process.run_sync(
+            summarize, document, limiter=limiter
+        )
+        return result
 
     async def job() -> Timed:
         await _fan_out(documents[:_WARM_UP], workers, call)
