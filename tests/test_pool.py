@@ -449,6 +449,28 @@ async def test_recycling_under_load_fails_no_request() -> None:
     assert stats.failed == 0
 
 
+async def test_a_recycled_worker_that_dies_is_not_replaced_twice() -> None:
+    async with open_worker_pool(
+        f"{TARGETS}:faulty", workers=1, max_requests=2, sandbox=BASIC
+    ) as pool:
+        replies = pool.map([Message(b"a"), Message(b"crash 4")])
+        assert (await replies.__anext__()).payload == b"a"
+        with pytest.raises(WorkerError, match="died before answering this request"):
+            await replies.__anext__()
+        assert (await pool.run(Message(b"b"))).payload == b"b"
+    stats = pool.statistics()
+    assert (stats.workers_started, stats.workers_recycled) == (2, 1)
+
+
+async def test_a_worker_that_floods_before_any_request_fails_the_pool() -> None:
+    with pytest.raises(WorkerError, match=r"nobody asked for .* before it answered any"):
+        async with open_worker_pool(
+            f"{TARGETS}:flood_at_once", workers=1, sandbox=BASIC
+        ):
+            await trio.sleep_forever()
+    assert children() == {}
+
+
 # ----------------------------------------------------------------------
 # Leaving the block
 
@@ -477,6 +499,43 @@ async def test_normal_exit_answers_what_was_accepted() -> None:
             # Left while four requests were held: all were answered first.
             assert sorted(answered) == [b"0", b"1", b"2", b"3"]
             assert pool.statistics().workers == 0
+
+
+async def test_normal_exit_drains_a_queue_behind_full_workers() -> None:
+    answered: list[bytes] = []
+
+    async def call(pool: WorkerPool, message: Message) -> None:
+        answered.append((await pool.run(message)).payload)
+
+    async def open_one_by_one(*openers: int) -> None:
+        for opener in openers:
+            await trio.sleep(0.2)
+            os.write(opener, b"!")
+
+    with gate() as (gate_a, opener_a), gate() as (gate_b, opener_b):
+        with trio.fail_after(30):
+            async with trio.open_nursery() as outer:
+                async with open_worker_pool(
+                    f"{TARGETS}:gated",
+                    workers=2,
+                    max_in_flight=2,
+                    queue_size=4,
+                    sandbox=BASIC,
+                ) as pool:
+                    for held in (gate_a, gate_b):
+                        outer.start_soon(call, pool, Message(b"held", [held]))
+                        await trio.testing.wait_all_tasks_blocked()
+                    for i in range(6):
+                        outer.start_soon(call, pool, Message(b"%d" % i))
+                    await trio.testing.wait_all_tasks_blocked()
+                    stats = pool.statistics()
+                    assert (stats.in_flight, stats.queued) == (4, 4)
+                    outer.start_soon(open_one_by_one, opener_a, opener_b)
+                # Both workers were full and requests were queued when the
+                # block was left: every one was answered, then the workers
+                # were closed.
+                assert len(answered) == 8
+                assert pool.statistics().workers == 0
 
 
 async def test_error_exit_kills_the_workers_and_fails_waiting_requests() -> None:

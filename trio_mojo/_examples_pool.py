@@ -18,7 +18,15 @@ from ._channel import Channel
 from ._core._message import Message
 from ._workers._serve import serve
 
-__all__ = ["echo", "faulty", "gated", "never_serves", "upper", "whoami"]
+__all__ = [
+    "echo",
+    "faulty",
+    "flood_at_once",
+    "gated",
+    "never_serves",
+    "upper",
+    "whoami",
+]
 
 
 async def upper(channel: Channel) -> None:
@@ -90,3 +98,9 @@ async def faulty(channel: Channel) -> None:
 async def never_serves(channel: Channel) -> None:
     """Close the channel and return: a target that does not serve requests."""
     await channel.aclose()
+
+
+async def flood_at_once(channel: Channel) -> None:
+    """Send a reply before any request, then serve like :func:`upper`."""
+    await channel.send(Message(b"unsolicited"))
+    await upper(channel)

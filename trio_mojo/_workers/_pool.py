@@ -145,6 +145,7 @@ class _Lane:
         "finished",
         "in_flight",
         "outbox",
+        "recycled",
         "retired",
         "scope",
         "timer",
@@ -162,6 +163,7 @@ class _Lane:
         self.assigned = 0
         self.answered = 0
         self.retired = False  # takes no more requests
+        self.recycled = False  # retired after max_requests: replaced already
         self.done_sending = False
         self.finished = False  # answered all it was given and was closed normally
         self.error: Exception | None = None
@@ -312,6 +314,8 @@ class WorkerPool:
                 return False
             self._refill(lane)
             lane.wakeup.unpark()
+            if not queue.has_room:
+                return False
         queue.append(request)
         return True
 
@@ -333,6 +337,7 @@ class WorkerPool:
         lane.assigned += 1
         if lane.assigned == self._max_requests:
             self._retire(lane)
+            lane.recycled = True
             self._recycled += 1
             self._start_replacement()
 
@@ -475,6 +480,8 @@ class WorkerPool:
                 if lane.done_sending:
                     lane.scope.cancel()
                     return
+                if self._state is not _State.OPEN:
+                    lane.wakeup.unpark()  # draining: the sender may be done
             if queue and len(in_flight) <= low_water:
                 lane.wakeup.unpark()
 
@@ -511,11 +518,7 @@ class WorkerPool:
         lane.in_flight.clear()
         self._queue.push_front(lane.outbox)
         lane.outbox.clear()
-        if (
-            not sent
-            and not lane.answered
-            and not isinstance(exc, _UnsolicitedReplyError)
-        ):
+        if not sent and not lane.answered:
             self._fail(
                 _worker_error(worker, f"{what} before it answered any request", exc)
             )
@@ -527,7 +530,8 @@ class WorkerPool:
         )
         _log.warning("worker pid %d %s; replacing it", worker.pid, what)
         self._replaced += 1
-        self._start_replacement()
+        if not lane.recycled:  # a recycled one was replaced already
+            self._start_replacement()
         for other in self._lanes:  # requeued requests: let idle lanes see them
             other.wakeup.unpark()
 
