@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from trio_mojo._bench import main
-from trio_mojo._bench._pool import make_documents, summarize
+from trio_mojo._bench._pool import make_documents, profile_pool, summarize
 
 
 def test_documents_are_about_3_6_kb_and_summaries_small() -> None:
@@ -47,3 +47,10 @@ def test_pool_bench_runs_and_checks_every_summary(
     assert summary["mp_chunk64"]["docs_per_s"] > 0
     assert "mp_chunk64" in report
     assert "trio_mojo / system" in report
+
+
+def test_the_profile_splits_a_request_by_layer() -> None:
+    text = profile_pool(200, 1)
+    for layer in ("pool:", "channel:", "trio:", "kernel:"):
+        assert layer in text
+    assert "us/request" in text

@@ -463,7 +463,9 @@ async def test_a_recycled_worker_that_dies_is_not_replaced_twice() -> None:
 
 
 async def test_a_worker_that_floods_before_any_request_fails_the_pool() -> None:
-    with pytest.raises(WorkerError, match=r"nobody asked for .* before it answered any"):
+    with pytest.raises(
+        WorkerError, match=r"nobody asked for .* before it answered any"
+    ):
         async with open_worker_pool(
             f"{TARGETS}:flood_at_once", workers=1, sandbox=BASIC
         ):
