@@ -4,8 +4,9 @@ Theory of operation
 -------------------
 
 :func:`open_worker_pool` starts ``workers`` workers with
-:func:`open_worker` (all in :meth:`WorkerPool._start_worker`, the one place
-a worker process is started) and yields a :class:`WorkerPool`.  A worker's
+:func:`open_worker` (through its local ``start_worker()``, the one place a
+worker process is started, where a zygote can be plugged in) and yields a
+:class:`WorkerPool`.  A worker's
 target answers each request with exactly one message, in order
 (:func:`serve` is that loop), so the pool matches replies to requests by
 position: no request id travels on the wire.
@@ -19,11 +20,14 @@ when callers outpace the workers (the channel corks a burst of sends into
 one write) and replies come back batched the same way, while a worker's
 death costs at most ``max_in_flight`` requests.
 
-Dispatch.  :meth:`WorkerPool.run` gives its request to the least-loaded
-lane that has room; when none has, the request waits in the pool's
-:class:`RequestQueue` (``queue_size``); when that is full, ``run`` waits:
-back-pressure.  A lane that frees room takes from the queue, oldest
-first.  So the pool holds at most ``workers * max_in_flight + queue_size``
+Dispatch.  :meth:`WorkerPool.run` gives its request straight to the
+least-loaded lane if that holds fewer than half of ``max_in_flight``;
+otherwise the request waits in the pool's :class:`RequestQueue`
+(``queue_size``), and when that is full, ``run`` waits: back-pressure.  A
+lane takes from the queue (oldest first, up to ``max_in_flight``) once it
+holds half or fewer, so requests leave in batches rather than one per
+reply; a full queue lets a lane above its half take more before ``run``
+waits.  So the pool holds at most ``workers * max_in_flight + queue_size``
 requests, whatever the number of callers.
 
 Faults.  A lane whose worker dies (the channel ends or breaks), sends no
