@@ -245,6 +245,36 @@ async def test_stopping_a_map_early_cancels_what_it_sent_ahead() -> None:
     # Every handle of every message taken was sent or closed: conftest checks.
 
 
+async def test_a_map_waiting_in_another_task_ends_when_the_pool_closes() -> None:
+    outcome: list[BaseException] = []
+
+    async def consume(pool: WorkerPool, gate_end: Handle) -> None:
+        replies = pool.map([Message(b"held", [gate_end]), Message(b"next")])
+        try:
+            await replies.__anext__()
+        except trio.ClosedResourceError as exc:
+            outcome.append(exc)
+
+    async def open_soon(opener: int) -> None:
+        await trio.sleep(0.3)
+        assert len(outcome) == 1  # woken as soon as the block was left
+        os.write(opener, b"!")
+
+    with gate() as (gate_end, opener), trio.fail_after(30):
+        async with (
+            trio.open_nursery() as outer,
+            open_worker_pool(f"{TARGETS}:gated", workers=1, sandbox=BASIC) as pool,
+        ):
+            outer.start_soon(consume, pool, gate_end)
+            await trio.testing.wait_all_tasks_blocked()
+            outer.start_soon(open_soon, opener)
+            # Leaving the block cancelled the map's requests and woke its
+            # consumer; the held request was still answered (and discarded)
+            # before the worker was closed.
+    assert len(outcome) == 1
+    assert "closed while waiting" in str(outcome[0])
+
+
 # ----------------------------------------------------------------------
 # Cancellation
 

@@ -98,6 +98,8 @@ class WorkerPoolMap:
 
         Raises:
             StopAsyncIteration: every reply was returned, or the map was closed.
+            trio.ClosedResourceError: the map was closed (by another task, or
+                by the pool's block ending) while this call waited.
             WorkerError, ValueError: that request failed (see
                 :meth:`WorkerPool.run`); the map goes on.
             trio.ClosedResourceError: the pool is closed.
@@ -124,6 +126,10 @@ class WorkerPoolMap:
             self._streak = 0
             while not head.done:
                 await self._wait(head)
+                if self._closed:
+                    raise trio.ClosedResourceError(
+                        "the map was closed while waiting for a reply"
+                    )
                 await self._top_up()
         pending.popleft()
         return head.result()

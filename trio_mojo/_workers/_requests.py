@@ -152,7 +152,7 @@ class Request:
         return self.state is _DONE
 
     async def wait(self, *, cancel_on_abort: bool) -> None:
-        """Park until the request is done.
+        """Park until the request is done (or cancelled by someone else).
 
         If the wait is cancelled, the request is cancelled too when
         ``cancel_on_abort`` is true; otherwise it stays pending and can be
@@ -201,6 +201,7 @@ class Request:
             if self._reply is not None:
                 self._reply.close()
                 self._reply = None
+        self._wake()  # a waiter other than the canceller must see it
 
 
 def fail_all(
