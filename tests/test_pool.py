@@ -23,9 +23,11 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from _fds import open_fds
 from _process_support import assert_reaped, children
 
 from trio_mojo import (
+    MAX_ATTACHED_HANDLES,
     Handle,
     Message,
     SandboxPolicy,
@@ -33,6 +35,7 @@ from trio_mojo import (
     WorkerPool,
     open_worker_pool,
 )
+from trio_mojo._workers._pool import HELD_REPLY_HANDLES
 
 BASIC = SandboxPolicy.basic()
 TARGETS = "trio_mojo._examples_pool"
@@ -446,6 +449,24 @@ async def test_a_target_that_does_not_serve_fails_the_pool() -> None:
         ):
             await trio.sleep_forever()
     assert children() == {}
+
+
+async def test_a_worker_cannot_make_the_parent_hold_fds_past_the_bounds() -> None:
+    # Hostile: each reply carries 100 fds; the consumer takes one reply and
+    # stops.  The pool stops reading from the worker once the replies nobody
+    # took hold more than HELD_REPLY_HANDLES fds, so what this process holds
+    # is that bound and one reply, plus what the channel itself may queue
+    # (one message here, and fds ahead of their message), not window x 100.
+    async with open_worker_pool(
+        f"{TARGETS}:fd_hoarder", workers=1, sandbox=BASIC, receive_queue_messages=1
+    ) as pool:
+        before = len(open_fds())
+        async with pool.map([Message(b"100") for _ in range(40)], window=40) as replies:
+            (await replies.__anext__()).close()
+            await trio.sleep(1.0)
+            held = len(open_fds()) - before
+    channel_bound = 100 + 2 * MAX_ATTACHED_HANDLES
+    assert held <= HELD_REPLY_HANDLES + 100 + channel_bound < 40 * 100, held
 
 
 # ----------------------------------------------------------------------

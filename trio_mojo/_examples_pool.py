@@ -16,11 +16,13 @@ import trio
 
 from ._channel import Channel
 from ._core._message import Message
+from ._handles import Handle
 from ._workers._serve import serve
 
 __all__ = [
     "echo",
     "faulty",
+    "fd_hoarder",
     "flood_at_once",
     "gated",
     "never_serves",
@@ -104,3 +106,18 @@ async def flood_at_once(channel: Channel) -> None:
     """Send a reply before any request, then serve like :func:`upper`."""
     await channel.send(Message(b"unsolicited"))
     await upper(channel)
+
+
+async def fd_hoarder(channel: Channel) -> None:
+    """Hostile: answer each request with many fds (the payload says how many;
+    copies of stdin), to make the parent hold them."""
+
+    async def handle(request: Message) -> Message:
+        # Give the parent time to take the last reply's fds out of the
+        # socket: fds in flight count against this process's RLIMIT_NOFILE
+        # (ETOOMANYREFS), which would end the attack early.
+        await trio.sleep(0.01)
+        count = int(request.payload)
+        return Message(b"fds", [Handle(os.dup(0)) for _ in range(count)])
+
+    await serve(channel, handle)

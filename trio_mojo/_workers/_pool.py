@@ -30,6 +30,14 @@ reply; a full queue lets a lane above its half take more before ``run``
 waits.  So the pool holds at most ``workers * max_in_flight + queue_size``
 requests, whatever the number of callers.
 
+Held replies.  A reply waits in its request until the caller takes it (a
+map's consumer may be behind).  Each lane counts the payload bytes and
+fds of such replies, and stops reading from its worker while they exceed
+:data:`HELD_REPLY_BYTES` or :data:`HELD_REPLY_HANDLES` (the channel's own
+receive-queue bounds), so a worker cannot make this process hold more
+than that, plus one reply and what its channel queues, however large the
+window: the kernel then holds the rest, charged to the worker.
+
 Faults.  A lane whose worker dies (the channel ends or breaks), sends no
 reply within ``request_timeout`` (the worker is killed), or sends a reply
 nobody asked for (killed) is replaced by a fresh worker.  The requests it
@@ -78,6 +86,7 @@ import attrs
 import trio
 
 from trio_mojo._core._message import Message
+from trio_mojo._core._wire import MAX_ATTACHED_HANDLES
 from trio_mojo._errors import WorkerError
 from trio_mojo._sandbox import SandboxPolicy
 
@@ -92,6 +101,11 @@ _log = logging.getLogger("trio_mojo")
 
 DEFAULT_MAX_IN_FLIGHT: Final = 32
 """Requests one worker holds (sent or about to be) by default."""
+HELD_REPLY_BYTES: Final = 8 * 1024 * 1024
+HELD_REPLY_HANDLES: Final = 2 * MAX_ATTACHED_HANDLES
+"""Per worker: payload bytes and fds of replies it sent that nobody has
+taken yet, beyond which the pool stops reading from it (the channel's own
+receive-queue bounds, kept end to end)."""
 
 _QUEUED = RequestState.QUEUED
 _SENT = RequestState.SENT
@@ -147,10 +161,13 @@ class _Lane:
         "done_sending",
         "error",
         "finished",
+        "held_bytes",
+        "held_handles",
         "in_flight",
         "outbox",
         "recycled",
         "retired",
+        "room",
         "scope",
         "timer",
         "wakeup",
@@ -171,10 +188,30 @@ class _Lane:
         self.done_sending = False
         self.finished = False  # answered all it was given and was closed normally
         self.error: Exception | None = None
+        # Replies handed to requests and not yet taken (see HELD_REPLY_*).
+        self.held_bytes = 0
+        self.held_handles = 0
+        self.room = trio.lowlevel.ParkingLot()
 
     @property
     def load(self) -> int:
         return len(self.outbox) + len(self.in_flight)
+
+    @property
+    def holds_too_much(self) -> bool:
+        return (
+            self.held_bytes > HELD_REPLY_BYTES or self.held_handles > HELD_REPLY_HANDLES
+        )
+
+    def hold(self, reply: Message) -> None:
+        self.held_bytes += len(reply.payload)
+        self.held_handles += len(reply.handles)
+
+    def release(self, reply: Message) -> None:
+        self.held_bytes -= len(reply.payload)
+        self.held_handles -= len(reply.handles)
+        if self.room and not self.holds_too_much:
+            self.room.unpark_all()
 
     def discard(self, request: Request) -> None:
         self.outbox.remove(request)
@@ -473,7 +510,10 @@ class WorkerPool:
             if not in_flight:
                 reply.close()
                 raise _UnsolicitedReplyError
-            in_flight.popleft().resolve(reply)
+            if in_flight.popleft().resolve(reply, lane.release):
+                lane.hold(reply)
+                if lane.holds_too_much:
+                    await self._wait_for_takers(lane)
             lane.answered += 1
             self._answered += 1
             if in_flight:
@@ -488,6 +528,20 @@ class WorkerPool:
                     lane.wakeup.unpark()  # draining: the sender may be done
             if queue and len(in_flight) <= low_water:
                 lane.wakeup.unpark()
+
+    async def _wait_for_takers(self, lane: _Lane) -> None:
+        """Stop reading from ``lane`` until its untaken replies fit again.
+
+        A worker that answers with large replies, or many fds, faster than
+        the callers take them would otherwise make this process hold any
+        amount; the request timer is suspended meanwhile (the worker is
+        not late, the callers are).
+        """
+        deadline, lane.timer.deadline = lane.timer.deadline, math.inf
+        while lane.holds_too_much:
+            await lane.room.park()
+        if lane.in_flight and self._timeout != math.inf:
+            lane.timer.deadline = max(deadline, trio.current_time() + self._timeout)
 
     def _retire(self, lane: _Lane) -> None:
         """``lane`` takes no more requests."""

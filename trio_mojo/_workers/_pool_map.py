@@ -79,6 +79,7 @@ class WorkerPoolMap:
         self._source_error: BaseException | None = None
         self._closed = False
         self._streak = 0
+        self._token = trio.lowlevel.current_trio_token()
         self._async_source: AsyncIterator[Message] | None = None
         self._source: Iterator[Message] | None = None
         if isinstance(messages, AsyncIterable):
@@ -228,6 +229,12 @@ class WorkerPoolMap:
         await self.aclose()
 
     def __del__(self) -> None:
-        # Dropped without close(): only mark and close, wake no task (this
-        # may run inside the scheduler); the pool skips what is marked.
-        self._cancel(unlink=False)
+        # Dropped without close(): a finalizer may run inside the scheduler,
+        # so the close that wakes tasks is scheduled on the run loop.  After
+        # the run, nothing is left to wake: only mark and close.
+        if self._closed and not self._pending and self._held is None:
+            return
+        try:
+            self._token.run_sync_soon(self.close)
+        except trio.RunFinishedError:
+            self._cancel(unlink=False)

@@ -96,13 +96,14 @@ class _Holder(Protocol):
 class Request:
     """One request to a worker and, later, its reply or error."""
 
-    __slots__ = ("_error", "_reply", "holder", "message", "state", "waker")
+    __slots__ = ("_error", "_release", "_reply", "holder", "message", "state", "waker")
 
     def __init__(self, message: Message) -> None:
         self.message: Message | None = message
         self.state = _QUEUED
         self.holder: _Holder | None = None
         self._reply: Message | None = None
+        self._release: Callable[[Message], None] | None = None
         self._error: BaseException | None = None
         self.waker: Waker | None = None  # fired once the request is done
 
@@ -118,14 +119,29 @@ class Request:
         self.state = _SENT
         return message
 
-    def resolve(self, reply: Message) -> None:
-        """The worker answered: hand over the reply, or close it if unwanted."""
+    def resolve(self, reply: Message, release: Callable[[Message], None]) -> bool:
+        """The worker answered: keep the reply for the waiter, or close it.
+
+        Returns True if it was kept; ``release(reply)`` is called when the
+        waiter takes it or it is discarded, so the pool can count what its
+        workers have handed over and nobody has taken yet.
+        """
         if self.state is not _SENT:
             reply.close()
-            return
+            return False
         self.state = _DONE
         self._reply = reply
+        self._release = release
         self._wake()
+        return True
+
+    def _let_go(self) -> Message | None:
+        """Take the reply out (released, not closed), if there is one."""
+        reply, self._reply = self._reply, None
+        release, self._release = self._release, None
+        if reply is not None and release is not None:
+            release(reply)
+        return reply
 
     def fail(self, error: BaseException) -> None:
         """The request will never be answered: hand ``error`` to the waiter."""
@@ -177,7 +193,7 @@ class Request:
         error, self._error = self._error, None
         if error is not None:
             raise error
-        reply, self._reply = self._reply, None
+        reply = self._let_go()
         assert reply is not None
         return reply
 
@@ -198,9 +214,9 @@ class Request:
                 self.message = None
         elif state is _DONE:
             self._error = None
-            if self._reply is not None:
-                self._reply.close()
-                self._reply = None
+            reply = self._let_go()
+            if reply is not None:
+                reply.close()
         self._wake()  # a waiter other than the canceller must see it
 
 
