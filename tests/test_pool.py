@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -457,8 +458,11 @@ async def test_a_worker_cannot_make_the_parent_hold_fds_past_the_bounds() -> Non
     # took hold more than HELD_REPLY_HANDLES fds, so what this process holds
     # is that bound and one reply, plus what the channel itself may queue
     # (one message here, and fds ahead of their message), not window x 100.
+    # fds in flight count against the sender's RLIMIT_NOFILE (ETOOMANYREFS):
+    # a high one lets the attack go on as long as this test needs.
+    roomy = attrs.evolve(BASIC, max_open_files=8192)
     async with open_worker_pool(
-        f"{TARGETS}:fd_hoarder", workers=1, sandbox=BASIC, receive_queue_messages=1
+        f"{TARGETS}:fd_hoarder", workers=1, sandbox=roomy, receive_queue_messages=1
     ) as pool:
         before = len(open_fds())
         async with pool.map([Message(b"100") for _ in range(40)], window=40) as replies:

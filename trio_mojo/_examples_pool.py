@@ -113,10 +113,10 @@ async def fd_hoarder(channel: Channel) -> None:
     copies of stdin), to make the parent hold them."""
 
     async def handle(request: Message) -> Message:
-        # Give the parent time to take the last reply's fds out of the
-        # socket: fds in flight count against this process's RLIMIT_NOFILE
-        # (ETOOMANYREFS), which would end the attack early.
-        await trio.sleep(0.01)
+        # Let the writer send the last reply (and close this process's
+        # copies) before making more.  fds in flight count against this
+        # process's RLIMIT_NOFILE (ETOOMANYREFS): give it a high one.
+        await trio.sleep(0.001)
         count = int(request.payload)
         return Message(b"fds", [Handle(os.dup(0)) for _ in range(count)])
 
