@@ -102,3 +102,16 @@ async def test_serve_returns_at_end_of_channel() -> None:
                 nursery.start_soon(serve, worker, handle)
                 assert (await client.receive()).payload == b"last"
                 await client.aclose()
+
+
+async def test_a_reply_the_channel_refuses_is_closed() -> None:
+    with watched_pipe() as pipe:
+
+        async def too_big(request: Message) -> Message:
+            return Message(b"x" * 4096, [pipe.write_end])
+
+        async with open_pair(max_message_size=1024) as (client, worker):
+            await client.send(Message(b"go"))
+            with pytest.raises(ValueError, match="1024"):
+                await serve(worker, too_big)
+        assert pipe.all_writers_closed()

@@ -203,10 +203,6 @@ class _Lane:
             self.held_bytes > HELD_REPLY_BYTES or self.held_handles > HELD_REPLY_HANDLES
         )
 
-    def hold(self, reply: Message) -> None:
-        self.held_bytes += len(reply.payload)
-        self.held_handles += len(reply.handles)
-
     def release(self, reply: Message) -> None:
         self.held_bytes -= len(reply.payload)
         self.held_handles -= len(reply.handles)
@@ -505,13 +501,15 @@ class WorkerPool:
         timer = lane.timer
         timeout = self._timeout
         low_water = self._low_water
+        release = lane.release
         while True:
             reply = await channel.receive()
             if not in_flight:
                 reply.close()
                 raise _UnsolicitedReplyError
-            if in_flight.popleft().resolve(reply, lane.release):
-                lane.hold(reply)
+            if in_flight.popleft().resolve(reply, release):
+                lane.held_bytes += len(reply.payload)
+                lane.held_handles += len(reply.handles)
                 if lane.holds_too_much:
                     await self._wait_for_takers(lane)
             lane.answered += 1

@@ -158,9 +158,12 @@ class WorkerPoolMap:
             if request is None:
                 if self._source_done:
                     return
-                if self._async_source is not None and pending and pending[0].done:
+                if self._source is not None:
+                    message = self._next_of(self._source)
+                elif pending and pending[0].done:
                     return  # a reply is ready: do not wait on the source first
-                message = await self._next_message()
+                else:
+                    message = await self._next_message()
                 if message is None:
                     return
                 request = Request(message)
@@ -174,29 +177,46 @@ class WorkerPoolMap:
 
     async def _next_message(self) -> Message | None:
         """The source's next message; ``None`` once it ended or failed."""
-        message: object
+        if self._source is not None:
+            return self._next_of(self._source)
+        assert self._async_source is not None
         try:
-            if self._source is not None:
-                message = next(self._source)
-            else:
-                assert self._async_source is not None
-                message = await anext(self._async_source)
-        except (StopIteration, StopAsyncIteration):
-            self._source_done = True
+            message = await anext(self._async_source)
+        except StopAsyncIteration:
+            self._ended(None)
             return None
         except Exception as exc:
-            self._source_done = True
-            self._source_error = exc
+            self._ended(exc)
             return None
+        return self._checked(message)
+
+    def _next_of(self, source: Iterator[Message]) -> Message | None:
+        try:
+            message = next(source)
+        except StopIteration:
+            self._ended(None)
+            return None
+        except Exception as exc:
+            self._ended(exc)
+            return None
+        return self._checked(message)
+
+    def _checked(self, message: object) -> Message | None:
         if not isinstance(message, Message):
-            self._source_done = True
-            self._source_error = TypeError(
-                f"map(): item {self._taken} of the messages is "
-                f"{type(message).__name__}, not a trio_mojo.Message"
+            self._ended(
+                TypeError(
+                    f"map(): item {self._taken} of the messages is "
+                    f"{type(message).__name__}, not a trio_mojo.Message"
+                )
             )
             return None
         self._taken += 1
         return message
+
+    def _ended(self, error: Exception | None) -> None:
+        """The source is done; ``error`` is raised after the replies before it."""
+        self._source_done = True
+        self._source_error = error
 
     def close(self) -> None:
         """Cancel what is outstanding; the map returns nothing more.  Idempotent."""

@@ -58,17 +58,22 @@ async def serve(channel: Channel, handler: Handler) -> None:
             request = await receive()
         except trio.EndOfChannel:
             return
-        if not request.handles:  # the common case: nothing to close
-            await send(_as_message(await handler(request)))
+        if not request.handles:  # the common case: only the reply to care for
+            reply = _as_message(await handler(request))
+            try:
+                await send(reply)
+            except BaseException:
+                reply.close()  # refused or cancelled: the handles are still ours
+                raise
             continue
-        reply: Message | None = None
+        kept: Message | None = None
         sent = False
         try:
-            reply = _as_message(await handler(request))
-            await send(reply)
+            kept = _as_message(await handler(request))
+            await send(kept)
             sent = True
         finally:
-            _close_leftovers(request, reply, sent=sent)
+            _close_leftovers(request, kept, sent=sent)
 
 
 def _as_message(reply: object) -> Message:
