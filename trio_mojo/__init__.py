@@ -42,6 +42,11 @@ from ._workers._broker import BrokerClient as BrokerClient
 from ._workers._broker import FileAccess as FileAccess
 from ._workers._broker import FileBroker as FileBroker
 from ._workers._broker import current_broker as current_broker
+from ._workers._pool import WorkerPool as WorkerPool
+from ._workers._pool import WorkerPoolStatistics as WorkerPoolStatistics
+from ._workers._pool import open_worker_pool as open_worker_pool
+from ._workers._pool_map import WorkerPoolMap as WorkerPoolMap
+from ._workers._serve import serve as serve
 from ._workers._spawn import CHANNEL_SWITCH as CHANNEL_SWITCH
 from ._workers._spawn import ChildProcess as ChildProcess
 from ._workers._spawn import Process as Process
@@ -88,6 +93,9 @@ __all__ = [
     "SandboxUnavailableError",
     "Worker",
     "WorkerError",
+    "WorkerPool",
+    "WorkerPoolMap",
+    "WorkerPoolStatistics",
     "channel_pair",
     "current_broker",
     "encode_header",
@@ -95,7 +103,9 @@ __all__ = [
     "open_channel",
     "open_process_with_channel",
     "open_worker",
+    "open_worker_pool",
     "recover_endpoint",
+    "serve",
 ]
 
 

@@ -52,6 +52,9 @@ installed anyio_trio, anyio_asyncio
 (anyio UNIX streams), asyncio, uvloop (asyncio streams; no fd API, so no
 W5/W5x8).
 
+`python -m trio_mojo bench pool --help`: the JSON job through a worker pool
+vs multiprocessing.Pool, trio-parallel and anyio.to_process.
+
 The report ends with trio_mojo's speed relative to each peer.  Also
 measured: CPU us per message (both processes, getrusage), the receiver's
 peak RSS, the CPU of an idle open channel, worker start-up time against
@@ -166,6 +169,10 @@ def _progress(text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns 0 when every honesty check passed."""
+    if argv and argv[0] == "pool":  # the JSON job through worker pools: _pool.py
+        from ._pool import main as pool_main
+
+        return pool_main(argv[1:])
     args = _parse(argv)
     quick = args.quick
     reps = args.reps if args.reps is not None else (2 if quick else 3)
