@@ -11,7 +11,9 @@
   for the order of members.  ``_teach_analyzer`` copies what the analyzer
   finds in each defining module into its entry for ``trio_mojo``.
 * After the build, every name of ``__all__`` must be in the objects
-  inventory (``trio_mojo.<name>``), else the build fails.
+  inventory (``trio_mojo.<name>``), and every entry of the local intersphinx
+  inventories must be linked from some page (they list exactly the names
+  the docs use), else the build fails.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import functools
 import importlib
 import importlib.util
 import inspect
+import re
+import zlib
 from pathlib import Path
 
 from docutils import nodes
@@ -123,7 +127,20 @@ def _teach_analyzer(app: Sphinx) -> None:
                 public.tagorder[qualname] = order
 
 
-def _check_inventory(app: Sphinx, exception: BaseException | None) -> None:
+def _inventory_urls(app: Sphinx) -> dict[str, str]:
+    """Each URL the local intersphinx inventories list, with its name."""
+    urls = {}
+    # intersphinx normalises each entry to (name, (base, (inventory, ...))).
+    for _, (base, (path, *_)) in app.config.intersphinx_mapping.values():
+        data = Path(path).read_bytes()
+        body = zlib.decompress(data.split(b"\n", 4)[4]).decode()
+        for line in body.splitlines():
+            name, _, _, uri, _ = line.split(" ", 4)
+            urls[f"{base.rstrip('/')}/{uri.replace('$', name)}"] = name
+    return urls
+
+
+def _check_build(app: Sphinx, exception: BaseException | None) -> None:
     if exception is not None or app.builder.name != "html":
         return
     documented = app.env.domains["py"].objects
@@ -132,10 +149,19 @@ def _check_inventory(app: Sphinx, exception: BaseException | None) -> None:
     ]
     if missing:
         raise ExtensionError(f"public names missing from the reference: {missing}")
+    linked = set()
+    for page in Path(app.outdir).rglob("*.html"):
+        linked.update(re.findall(r'href="(https://[^"]+)"', page.read_text()))
+    unused = sorted(n for url, n in _inventory_urls(app).items() if url not in linked)
+    if unused:
+        raise ExtensionError(
+            f"no page links to {unused}: remove them from "
+            "docs/inventories/make_inventories.py and run it"
+        )
 
 
 def setup(app: Sphinx) -> dict[str, object]:
     app.add_directive("trio-mojo-remaining-names", RemainingNames)
     app.connect("builder-inited", _teach_analyzer)
-    app.connect("build-finished", _check_inventory)
+    app.connect("build-finished", _check_build)
     return {"parallel_read_safe": False, "parallel_write_safe": True}
