@@ -11,9 +11,9 @@
   for the order of members.  ``_teach_analyzer`` copies what the analyzer
   finds in each defining module into its entry for ``trio_mojo``.
 * After the build, every name of ``__all__`` must be in the objects
-  inventory (``trio_mojo.<name>``), and every entry of the local intersphinx
-  inventories must be linked from some page (they list exactly the names
-  the docs use), else the build fails.
+  inventory (``trio_mojo.<name>``), else the build fails; an entry of the
+  local intersphinx inventories that no page links to is reported (they
+  should list exactly the names the docs use).
 """
 
 from __future__ import annotations
@@ -32,10 +32,13 @@ from docutils.statemachine import StringList
 from sphinx.application import Sphinx
 from sphinx.errors import ExtensionError
 from sphinx.pycode import ModuleAnalyzer
+from sphinx.util import logging
 from sphinx.util.docutils import SphinxDirective
 from sphinx.util.nodes import nested_parse_with_titles
 
 import trio_mojo
+
+logger = logging.getLogger(__name__)
 
 
 def _imports(module: str) -> dict[str, str]:
@@ -76,15 +79,37 @@ def _defining_modules() -> dict[str, str]:
 
 
 def autodoc_directive(name: str) -> str:
-    """The autodoc directive that documents ``trio_mojo.<name>``."""
+    """The autodoc directive that documents ``trio_mojo.<name>`` in the
+    "Other public names" section.
+
+    A class there is shown without its constructor's arguments: most public
+    classes are made by the library (``open_worker`` makes a ``Worker``), and
+    their constructors take private types.  Give the name a section of its
+    own to show them.
+    """
     obj = getattr(trio_mojo, name)
     if isinstance(obj, type) and issubclass(obj, BaseException):
         return f".. autoexception:: trio_mojo.{name}\n   :members:"
     if isinstance(obj, type):
-        return f".. autoclass:: trio_mojo.{name}\n   :members:"
+        return f".. autoclass:: trio_mojo.{name}()\n   :members:"
     if callable(obj):
         return f".. autofunction:: trio_mojo.{name}"
     return f".. autodata:: trio_mojo.{name}"
+
+
+def _public_bases(
+    app: Sphinx, name: str, obj: object, options: object, bases: list[type]
+) -> None:
+    """Show only public base classes: a private helper base is an
+    implementation detail (and has no page to link to)."""
+    bases[:] = [
+        base
+        for base in bases
+        if not (
+            base.__module__.startswith("trio_mojo.")
+            and getattr(trio_mojo, base.__name__, None) is not base
+        )
+    ]
 
 
 class RemainingNames(SphinxDirective):
@@ -154,14 +179,18 @@ def _check_build(app: Sphinx, exception: BaseException | None) -> None:
         linked.update(re.findall(r'href="(https://[^"]+)"', page.read_text()))
     unused = sorted(n for url, n in _inventory_urls(app).items() if url not in linked)
     if unused:
-        raise ExtensionError(
-            f"no page links to {unused}: remove them from "
-            "docs/inventories/make_inventories.py and run it"
+        # Not an error: an unused entry is harmless, and a docstring changed
+        # on another branch must not break the build.  Tidy up when seen.
+        logger.info(
+            "note: no page links to %s; remove them from "
+            "docs/inventories/make_inventories.py and run it",
+            unused,
         )
 
 
 def setup(app: Sphinx) -> dict[str, object]:
     app.add_directive("trio-mojo-remaining-names", RemainingNames)
     app.connect("builder-inited", _teach_analyzer)
+    app.connect("autodoc-process-bases", _public_bases)
     app.connect("build-finished", _check_build)
     return {"parallel_read_safe": False, "parallel_write_safe": True}
