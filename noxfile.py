@@ -1,6 +1,7 @@
 """Developer and CI task runner: ``nox`` runs lint, typing and tests.
 
-Extra sessions (not run by default): ``nox -s slow`` and ``nox -s bench``.
+Extra sessions (not run by default): ``nox -s slow``, ``nox -s bench`` and
+``nox -s fuzz -- --minutes N``.
 """
 
 from __future__ import annotations
@@ -68,4 +69,26 @@ def bench(session: nox.Session) -> None:
     session.install(".", *_group("bench"))
     session.run(
         "python", "-m", "trio_mojo", "bench", *session.posargs, env=INSTALLED_ENV
+    )
+
+
+@nox.session
+def fuzz(session: nox.Session) -> None:
+    """Fuzz the parsers with atheris, bounded by time: ``nox -s fuzz -- --minutes N``.
+
+    The time is split over the targets in ``tests/fuzz/``; per target it
+    prints executions and new corpus entries, then the branch coverage of
+    ``trio_mojo/_core`` that the corpora reach.  Any finding fails the
+    session.  ``-- --merge`` adds new coverage to ``tests/corpus/``; see
+    ``tests/fuzz/run.py --help`` for the rest.
+    """
+    session.install(".", *_group("fuzz"))
+    workdir = session.create_tmp()
+    session.run(
+        "python",
+        "tests/fuzz/run.py",
+        "--workdir",
+        workdir,
+        *session.posargs,
+        env=INSTALLED_ENV,
     )
