@@ -14,10 +14,8 @@ import contextlib
 import os
 import stat
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 import pytest
 import trio
@@ -35,6 +33,7 @@ __all__ = [
     "peer_command",
     "same_file",
     "send_owned",
+    "source_pipes",
 ]
 
 PEER = Path(__file__).with_name("_chaos_peer.py")
@@ -119,11 +118,12 @@ class SourcePipes:
 
     ``handles([0, 2])`` makes dups of sources 0 and 2 (the caller gives
     them to ``send``); ``matches(received, [0, 2])`` checks that fds that
-    came back name those sources, in that order.
+    came back name those sources, in that order.  Use it through
+    :func:`source_pipes`, which closes the pipes.
     """
 
-    def __init__(self, count: int) -> None:
-        self._pipes = [os.pipe() for _ in range(count)]
+    def __init__(self, pipes: list[tuple[int, int]]) -> None:
+        self._pipes = pipes
 
     def handles(self, indices: Sequence[int]) -> list[Handle]:
         return [Handle.dup(self._pipes[i][0]) for i in indices]
@@ -134,18 +134,15 @@ class SourcePipes:
             for handle, i in zip(handles, indices, strict=True)
         )
 
-    def close(self) -> None:
-        for read_end, write_end in self._pipes:
+
+@contextlib.contextmanager
+def source_pipes(count: int) -> Iterator[SourcePipes]:
+    """``count`` source pipes, closed on exit."""
+    pipes: list[tuple[int, int]] = []
+    try:
+        pipes.extend(os.pipe() for _ in range(count))
+        yield SourcePipes(pipes)
+    finally:
+        for read_end, write_end in pipes:
             os.close(read_end)
             os.close(write_end)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -17,7 +17,13 @@ import random
 
 import pytest
 import trio
-from _chaos_support import SourcePipes, chaos_seeds, nothing_left_behind, send_owned
+from _chaos_support import (
+    SourcePipes,
+    chaos_seeds,
+    nothing_left_behind,
+    send_owned,
+    source_pipes,
+)
 from _helpers import open_pair
 
 from trio_mojo import (
@@ -112,7 +118,7 @@ async def test_cancellation_at_random_awaits_on_both_sides(seed: int) -> None:
                     assert sources.matches(message.handles, fds), f"seed={seed}: fds"
                     delivered.append(index)
 
-    with SourcePipes(SOURCES) as sources:
+    with source_pipes(SOURCES) as sources:
         async with nothing_left_behind(seed):
             with trio.fail_after(60):
                 async with (
@@ -144,7 +150,7 @@ async def test_traffic_both_ways_cancelled_at_a_random_moment(seed: int) -> None
             async for message in channel:
                 message.close()
 
-    with SourcePipes(SOURCES) as sources:
+    with source_pipes(SOURCES) as sources:
         async with nothing_left_behind(seed):
             with trio.move_on_after(deadline) as scope:
                 # A small send queue: it is not bounded in fds (see
@@ -205,7 +211,7 @@ async def test_both_sides_close_at_once(seed: int) -> None:
             await event.wait()
         go.set()
 
-    with SourcePipes(SOURCES) as sources:
+    with source_pipes(SOURCES) as sources:
         async with nothing_left_behind(seed):
             with trio.fail_after(30), ends[0], ends[1]:
                 async with trio.open_nursery() as nursery:

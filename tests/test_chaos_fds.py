@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from _chaos_support import SourcePipes, assert_no_children, peer_command
+from _chaos_support import assert_no_children, peer_command, source_pipes
 from _helpers import open_pair
 
 from trio_mojo import (
@@ -54,7 +54,7 @@ async def test_a_receiver_out_of_fds_fails_clearly_and_keeps_nothing(
     chromium: bool, reason: str
 ) -> None:
     argv = peer_command("nofile", str(LIMIT), *(["chromium"] if chromium else []))
-    with SourcePipes(1) as sources, trio.fail_after(30):
+    with source_pipes(1) as sources, trio.fail_after(30):
         async with open_process_with_channel(argv, stdout=subprocess.PIPE) as child:
             assert child.process.stdout is not None
             async with open_channel(child.endpoint) as channel:

@@ -24,6 +24,7 @@ from _chaos_support import (
     nothing_left_behind,
     peer_command,
     send_owned,
+    source_pipes,
 )
 from _process_support import assert_reaped
 
@@ -110,7 +111,7 @@ async def test_peer_killed_at_a_random_point_of_an_exchange_with_fds(
         except DisconnectedError:
             ends.append("receive: disconnected")
 
-    with SourcePipes(SOURCES) as sources:
+    with source_pipes(SOURCES) as sources:
         async with nothing_left_behind(seed):
             with trio.fail_after(60):
                 async with open_process_with_channel(peer_command("echo")) as child:

@@ -16,7 +16,13 @@ import socket
 import pytest
 import trio
 import trio.lowlevel
-from _chaos_support import SourcePipes, chaos_seeds, nothing_left_behind, send_owned
+from _chaos_support import (
+    SourcePipes,
+    chaos_seeds,
+    nothing_left_behind,
+    send_owned,
+    source_pipes,
+)
 
 from trio_mojo import (
     Channel,
@@ -137,7 +143,7 @@ async def test_a_hundred_channels_with_half_torn_down_mid_traffic(seed: int) -> 
             pairs[index].tear_down(how)
             await trio.lowlevel.checkpoint()  # traffic goes on between two teardowns
 
-    with SourcePipes(2) as sources:
+    with source_pipes(2) as sources:
         async with nothing_left_behind(seed):
             with trio.fail_after(60):
                 async with trio.open_nursery() as nursery:
