@@ -4,7 +4,9 @@ Input layout (read with :class:`~fuzz._input.FuzzInput`)::
 
     u8  flags      bit 0 IPCZ framing, bit 1 HandlePolicy.REJECT,
                    bit 2 lenient handles (strict_handles=False),
-                   bit 3 ipcz_parse_threshold=16, bit 4 end of stream at the end
+                   bit 3 ipcz_parse_threshold=16, bit 4 end of stream at
+                   the end, bit 5 each read is a bytearray that is
+                   overwritten once fed (the decoder must keep a copy)
     u8  limits     bits 0-2 max_message_size, bits 3-4
                    max_handles_per_message, bits 5-6 max_queued_handles
                    (indexes into the tables below)
@@ -101,6 +103,7 @@ class DecoderCase:
     strict_handles: bool = True
     ipcz_parse_threshold: int = 8
     eof: bool = False
+    reused_buffers: bool = False
     size_index: int = 0
     handles_index: int = 0
     queued_index: int = 0
@@ -134,6 +137,7 @@ class DecoderCase:
             strict_handles=not flags & 4,
             ipcz_parse_threshold=16 if flags & 8 else 8,
             eof=bool(flags & 16),
+            reused_buffers=bool(flags & 32),
             size_index=limits & 7,
             handles_index=(limits >> 3) & 3,
             queued_index=(limits >> 5) & 3,
@@ -148,6 +152,7 @@ class DecoderCase:
             | (not self.strict_handles) << 2
             | (self.ipcz_parse_threshold == 16) << 3
             | self.eof << 4
+            | self.reused_buffers << 5
         )
         limits = self.size_index | self.handles_index << 3 | self.queued_index << 5
         writer = InputWriter().u8(flags).u8(limits).u8(len(self.chunks))
@@ -227,7 +232,7 @@ class _Run:
         self.delivered: list[Message] = []
         self.events: list[Event] = []
 
-    def run(self, payloads: list[bytes]) -> None:
+    def run(self, payloads: list[bytes | bytearray]) -> None:
         decoder = self.decoder
         try:
             for chunk, payload in zip(self.case.chunks, payloads, strict=True):
@@ -237,6 +242,9 @@ class _Run:
                     self.fed.append(handle)
                 decoder.receive_handles(handles)
                 decoder.receive_data(payload)
+                if isinstance(payload, bytearray) and payload:
+                    payload.reverse()  # the reader reuses its buffer (in
+                    payload[0] ^= 0xFF  # place: no allocation to count)
                 self._drain()
             if self.case.eof:
                 decoder.receive_eof()
@@ -301,7 +309,9 @@ def _raises(kind: type[Exception], call: Callable[[], object]) -> bool:
 def check(case: DecoderCase, devnull: int) -> None:
     """Run ``case`` through the decoder and the reference; check the rule."""
     expected, reference = reference_events(case)
-    payloads = [chunk.payload for chunk in case.chunks]
+    payloads: list[bytes | bytearray] = [chunk.payload for chunk in case.chunks]
+    if case.reused_buffers:
+        payloads = [bytearray(payload) for payload in payloads]
     fed_bytes = sum(map(len, payloads))
     fds_before = len(open_fds())
     run = _Run(case, devnull)

@@ -11,7 +11,9 @@ Input layout (read with :class:`~fuzz._input.FuzzInput`)::
                     memoryview, which the caller then overwrites),
                     u8 size class, u16 size, u8 handles, u8 handles2
                     (then up to 255 payload bytes for size class 0)
-    sendmsg:        u8 how much the kernel takes, u16 a fraction of the plan
+    sendmsg:        u8 how much the kernel takes (% 6: nothing, one byte,
+                    all, a fraction, half, or first advance() by more than
+                    the plan and by -1, which must raise), u16 the fraction
 
 Each "sendmsg" plans, checks the plan's invariants, pretends the kernel
 took ``sent`` bytes (``dup`` of each planned fd, as the kernel takes its own
@@ -151,12 +153,13 @@ class _Harness:
         buffers, fds = self.encoder.plan()
         planned = self._check_plan(buffers, fds)
         if how == 5:
-            try:
-                self.encoder.advance(planned + 1)
-            except ValueError:
-                how = 2  # nothing was recorded: the full plan goes now
-            else:
-                raise AssertionError("advance() accepted more than was planned")
+            for wrong in (planned + 1, -1):
+                try:
+                    self.encoder.advance(wrong)
+                except ValueError:
+                    continue  # nothing was recorded
+                raise AssertionError(f"advance({wrong}) with {planned} planned")
+            how = 2  # the full plan goes now
         sent = {0: 0, 1: 1, 2: planned, 3: 1 + fraction % planned}.get(
             how, planned // 2
         )

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import os
 import re
 import shutil
@@ -168,7 +169,18 @@ def core_coverage(workdir: Path, names: list[str]) -> str:
         text=True,
         check=True,
     )
-    return report.stdout
+    summary = subprocess.run(
+        [*coverage, "json", rcfile, f"--data-file={data}", f"--include={CORE}", "-o-"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    totals = json.loads(summary.stdout)["totals"]
+    return (
+        f"{report.stdout}\nstatements {totals['covered_lines']}/"
+        f"{totals['num_statements']}, branches {totals['covered_branches']}/"
+        f"{totals['num_branches']}\n"
+    )
 
 
 def _fuzz_worker(name: str, workdir: Path, libfuzzer_args: list[str]) -> None:

@@ -133,9 +133,15 @@ def decoder_seeds() -> Iterator[bytes]:
     ).to_bytes()
     # Large messages straddling many reads (the collected-chunks path).
     large = encode_message(bytes(range(256)) * 300, framing=mojo)
-    yield DecoderCase(
-        eof=True, chunks=_split(large, [5, 17, 4000, 40000, 60000], {})
-    ).to_bytes()
+    for reused in (False, True):  # True: the reader overwrites its buffers
+        yield DecoderCase(
+            eof=True,
+            reused_buffers=reused,
+            chunks=_split(large, [5, 17, 4000, 40000, 60000], {}),
+        ).to_bytes()
+        yield DecoderCase(
+            eof=True, reused_buffers=reused, chunks=_split(three, [19], {0: 2})
+        ).to_bytes()
     large_ipcz = encode_message(b"z" * 70000, framing=ipcz, timestamp_us=1)
     yield DecoderCase(
         framing=ipcz, eof=True, chunks=_split(large_ipcz, [9, 16, 65535], {})
