@@ -1,5 +1,7 @@
 """Chaos: cancellation at random awaits on both sides; both sides closing at once.
 
+Also a worker with a file broker cancelled at a random moment of its life.
+
 Each run is seeded (the seed is in the test id; ``TRIO_MOJO_CHAOS_SEED=N``
 replays one); the scheduler's own order is not, so a seed fixes the plan,
 not every interleaving.  What must hold whatever the interleaving:
@@ -14,6 +16,7 @@ not every interleaving.  What must hold whatever the interleaving:
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import trio
@@ -29,10 +32,13 @@ from _helpers import open_pair
 from trio_mojo import (
     Channel,
     DisconnectedError,
+    FileAccess,
     FlushTimeoutError,
     Message,
+    SandboxPolicy,
     channel_pair,
     open_channel,
+    open_worker,
 )
 from trio_mojo._handles import close_all
 
@@ -219,3 +225,24 @@ async def test_both_sides_close_at_once(seed: int) -> None:
                     nursery.start_soon(side, 1, sources)
                     nursery.start_soon(release)
     assert set(outcomes) == {0, 1}, f"seed={seed}: {outcomes}"
+
+
+@pytest.mark.parametrize("seed", chaos_seeds(default=2, slow=10))
+async def test_worker_cancelled_at_a_random_moment_of_its_life(
+    seed: int, tmp_path: Path
+) -> None:
+    # From its start (spawn, sandbox report, broker channel) to its traffic.
+    delay = random.Random(seed).uniform(0, 0.6)
+    (tmp_path / "file.txt").write_bytes(b"content")
+    request = Message(f"r {tmp_path}/file.txt".encode())
+    async with nothing_left_behind(seed):
+        with trio.move_on_after(delay):
+            async with open_worker(
+                "trio_mojo._examples:broker_reader",
+                sandbox=SandboxPolicy.basic(),
+                file_access=FileAccess.read_only(tmp_path),
+            ) as worker:
+                while True:
+                    await worker.channel.send(request)
+                    with await worker.channel.receive() as reply:
+                        assert reply.payload == b"ok content", f"seed={seed}"

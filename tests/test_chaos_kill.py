@@ -1,4 +1,4 @@
-"""Chaos: the peer process SIGKILLed mid-exchange; a worker killed mid-broker.
+"""Chaos: the peer process SIGKILLed mid-exchange; a worker killed any time.
 
 Each run is seeded (the seed is in the test id; ``TRIO_MOJO_CHAOS_SEED=N``
 replays one).  The peer is a real child process; it is killed at a random
@@ -26,7 +26,7 @@ from _chaos_support import (
     send_owned,
     source_pipes,
 )
-from _process_support import assert_reaped
+from _process_support import assert_reaped, children
 
 from trio_mojo import (
     Channel,
@@ -201,3 +201,31 @@ async def test_worker_killed_while_its_broker_serves(seed: int, tmp_path: Path) 
     answered = worker.broker.served + worker.broker.refused
     assert replies <= answered <= len(requests), f"seed={seed}: {replies}, {answered}"
     assert_reaped(worker.pid)
+
+
+@pytest.mark.parametrize("seed", chaos_seeds(default=2, slow=10))
+async def test_worker_killed_at_a_random_moment_of_its_life(seed: int) -> None:
+    # From its start (before its sandbox report) to its traffic.
+    delay = random.Random(seed).uniform(0, 0.6)
+
+    async def kill_our_children_later() -> None:
+        await trio.sleep(delay)
+        for pid in children():
+            os.kill(pid, signal.SIGKILL)
+
+    async def run() -> None:
+        async with open_worker(
+            "trio_mojo._examples:echo", sandbox=SandboxPolicy.basic()
+        ) as worker:
+            while True:
+                await worker.channel.send(Message(b"ping"))
+                with await worker.channel.receive() as reply:
+                    assert reply.payload == b"ping"
+
+    async with nothing_left_behind(seed):
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(kill_our_children_later)
+                with pytest.raises(WorkerError) as info:
+                    await run()
+    assert info.value.returncode == -signal.SIGKILL, f"seed={seed}: {info.value}"
