@@ -41,13 +41,13 @@ async def test_a_handle_still_queued_in_an_earlier_message_is_refused() -> None:
     handle = Handle(read_end)
     others = [Handle.dup(handle) for _ in range(127)]
     with raw_pair() as (endpoint, peer), trio.fail_after(10):
-        async with open_channel(endpoint) as channel, trio.open_nursery() as nursery:
+        async with trio.open_nursery() as nursery, open_channel(endpoint) as channel:
             # 4 MiB the peer has not read yet: what follows stays queued.
             await channel.send(Message(bytes(4 << 20)))
             # 128 fds: the next message's fd cannot join its sendmsg.
             await channel.send(Message(b"one", [handle, *others]))
             try:
-                with pytest.raises(ValueError, match="(?i)handle"):
+                with pytest.raises(ValueError, match=r"(?i)handle"):
                     await channel.send(Message(b"two", [handle]))
             finally:
                 nursery.start_soon(peer.at_eof)  # now read everything
