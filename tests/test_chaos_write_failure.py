@@ -44,7 +44,7 @@ async def test_a_write_failure_never_leaves_the_peer_waiting_for_a_half_sent_mes
         await left.send(Message(b"one", [handle]))
         handle.close()  # a mistake (send took it): planning it now fails
         received = 0
-        with trio.move_on_after(2) as waited:
+        with trio.move_on_after(1) as waited:
             try:
                 while received < 2:
                     (await right.receive()).close()
