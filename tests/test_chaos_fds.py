@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from _chaos_support import assert_no_children, peer_command, source_pipes
+from _chaos_support import nothing_left_behind, peer_command, source_pipes
 from _helpers import open_pair
 
 from trio_mojo import (
@@ -54,21 +54,21 @@ async def test_a_receiver_out_of_fds_fails_clearly_and_keeps_nothing(
     chromium: bool, reason: str
 ) -> None:
     argv = peer_command("nofile", str(LIMIT), *(["chromium"] if chromium else []))
-    with source_pipes(1) as sources, trio.fail_after(30):
-        async with open_process_with_channel(argv, stdout=subprocess.PIPE) as child:
-            assert child.process.stdout is not None
-            async with open_channel(child.endpoint) as channel:
-                with await channel.receive() as ready:
-                    assert ready.payload == b"ready"
-                for _ in range(3):  # these fit
-                    await channel.send(Message(b"two", sources.handles([0, 0])))
-                # 100 fds in one sendmsg: the kernel can install ~20 of them.
-                await channel.send(Message(b"too many", sources.handles([0] * 100)))
-                with pytest.raises((trio.EndOfChannel, ChannelError)):
-                    await channel.receive()  # the child cut us off
-            output = await child.process.stdout.receive_some(1 << 16)
-        assert child.returncode == 0
-    assert_no_children(0)
+    async with nothing_left_behind(0):
+        with source_pipes(1) as sources, trio.fail_after(30):
+            async with open_process_with_channel(argv, stdout=subprocess.PIPE) as child:
+                assert child.process.stdout is not None
+                async with open_channel(child.endpoint) as channel:
+                    with await channel.receive() as ready:
+                        assert ready.payload == b"ready"
+                    for _ in range(3):  # these fit
+                        await channel.send(Message(b"two", sources.handles([0, 0])))
+                    # 100 fds in one sendmsg: the kernel can install ~20 of them.
+                    await channel.send(Message(b"too many", sources.handles([0] * 100)))
+                    with pytest.raises((trio.EndOfChannel, ChannelError)):
+                        await channel.receive()  # the child cut us off
+                output = await child.process.stdout.receive_some(1 << 16)
+            assert child.returncode == 0
     result = json.loads(output)
     # Messages read before the truncated read are delivered; those in the
     # same read (the writer may coalesce them) are lost with it.
@@ -184,20 +184,20 @@ async def test_every_kind_of_fd_arrives_owned_close_on_exec_and_working(
     route: str, tmp_path: Path
 ) -> None:
     opened = _in_process() if route == "in-process" else _through_a_child()
-    with every_kind_of_fd(tmp_path) as kinds, trio.fail_after(20):
-        async with opened as (sender, receiver):
-            handles = [Handle.dup(fd) for fd, _ in kinds.values()]
-            await sender.send(Message(b"every kind", handles))
-            with await receiver.receive() as message:
-                assert message.payload == b"every kind"
-                assert len(message.handles) == len(kinds)
-                for (kind, (_, check)), handle in zip(
-                    kinds.items(), message.handles, strict=True
-                ):
-                    assert isinstance(handle, Handle), kind
-                    assert not handle.closed, kind
-                    flags = fcntl.fcntl(handle.fileno(), fcntl.F_GETFD)
-                    assert flags & fcntl.FD_CLOEXEC, f"{kind} is not close-on-exec"
-                    check(handle.fileno())
-            assert all(handle.closed for handle in message.handles)
-    assert_no_children(0)
+    async with nothing_left_behind(0):
+        with every_kind_of_fd(tmp_path) as kinds, trio.fail_after(20):
+            async with opened as (sender, receiver):
+                handles = [Handle.dup(fd) for fd, _ in kinds.values()]
+                await sender.send(Message(b"every kind", handles))
+                with await receiver.receive() as message:
+                    assert message.payload == b"every kind"
+                    assert len(message.handles) == len(kinds)
+                    for (kind, (_, check)), handle in zip(
+                        kinds.items(), message.handles, strict=True
+                    ):
+                        assert isinstance(handle, Handle), kind
+                        assert not handle.closed, kind
+                        flags = fcntl.fcntl(handle.fileno(), fcntl.F_GETFD)
+                        assert flags & fcntl.FD_CLOEXEC, f"{kind} is not close-on-exec"
+                        check(handle.fileno())
+                assert all(handle.closed for handle in message.handles)
