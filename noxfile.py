@@ -1,7 +1,7 @@
 """Developer and CI task runner: ``nox`` runs lint, typing and tests.
 
 Extra sessions (not run by default): ``nox -s slow``, ``nox -s bench`` and
-``nox -s docs``.
+``nox -s docs`` and ``nox -s fuzz -- --minutes N``.
 """
 
 from __future__ import annotations
@@ -91,4 +91,26 @@ def docs(session: nox.Session) -> None:
         "docs",
         "docs/_build/html",
         *session.posargs,
+    )
+
+
+@nox.session
+def fuzz(session: nox.Session) -> None:
+    """Fuzz the parsers with atheris, bounded by time: ``nox -s fuzz -- --minutes N``.
+
+    The time is split over the targets in ``tests/fuzz/``; per target it
+    prints executions and new corpus entries, then the branch coverage of
+    ``trio_mojo/_core`` that the corpora reach.  Any finding fails the
+    session.  ``-- --merge`` adds new coverage to ``tests/corpus/``; see
+    ``tests/fuzz/run.py --help`` for the rest.
+    """
+    session.install(".", *_group("fuzz"))
+    workdir = session.create_tmp()
+    session.run(
+        "python",
+        "tests/fuzz/run.py",
+        "--workdir",
+        workdir,
+        *session.posargs,
+        env=INSTALLED_ENV,
     )
