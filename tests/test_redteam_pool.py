@@ -1,0 +1,72 @@
+"""Red team: hostile workers of a pool (``open_worker_pool``).
+
+Each test runs a target of ``trio_mojo._hostile`` in a ``strict()`` pool;
+findings are marked with the harm (``_redteam_support.finding``).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import trio
+from _process_support import children
+from _redteam_support import STRICT, finding
+
+from trio_mojo import Message, WorkerError, open_worker_pool
+
+LINGER: Final = "trio_mojo._hostile:linger"
+REPLY_AFTER: Final = "trio_mojo._hostile:reply_after"
+
+
+def _live_children() -> int:
+    return sum(1 for state in children().values() if state != "Z")
+
+
+@finding(
+    "a worker recycled after max_requests is closed normally (EOF, grace_period, "
+    "SIGTERM, grace_period, SIGKILL) while its replacement starts at once: "
+    "workers that ignore EOF and SIGTERM pile up, each for 2 x grace_period; "
+    "measured 21 live worker processes for a pool of workers=1 after 20 requests"
+)
+async def test_recycled_workers_that_will_not_exit_do_not_pile_up() -> None:
+    workers = 1
+    with trio.CancelScope() as scope:  # leave by cancelling: kill at once
+        async with open_worker_pool(
+            LINGER, workers=workers, max_requests=1, sandbox=STRICT, grace_period=3.0
+        ) as pool:
+            for _ in range(8):
+                (await pool.run(Message(b"work"))).close()
+            alive = _live_children()
+            scope.cancel()
+    assert alive <= 2 * workers, f"{alive} worker processes for a pool of {workers}"
+
+
+@finding(
+    "request_timeout restarts at every reply: a worker that answers each request "
+    "just under the timeout is never killed, and the last of max_in_flight "
+    "requests waits max_in_flight x request_timeout (32x by default) for its reply"
+)
+async def test_request_timeout_bounds_how_long_a_request_waits_for_its_worker() -> None:
+    outcomes: list[str] = []
+    async with open_worker_pool(
+        REPLY_AFTER,
+        workers=1,
+        max_in_flight=8,
+        request_timeout=1.2,
+        sandbox=STRICT,
+    ) as pool:
+
+        async def one() -> None:
+            try:
+                (await pool.run(Message(b"0.3"))).close()
+            except WorkerError:
+                outcomes.append("failed")
+            else:
+                outcomes.append("answered")
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+                nursery.start_soon(one)
+    # Sent at once and answered 0.3 s apart, the last ones are answered
+    # 2.1-2.4 s after they were sent, far past the timeout.
+    assert outcomes.count("failed") >= 3, f"every request was answered: {outcomes}"
