@@ -301,7 +301,39 @@ def _flood_stderr(args: Args) -> dict[str, int]:
     return {"written_mib": written // _MIB}
 
 
+@_probe
+def _write_stdout(args: Args) -> dict[str, int]:
+    """Write ``kib`` KiB to stdout (blocking: a pipe nobody reads stops us),
+    as a chatty target does."""
+    data = b"o" * (args["kib"] * 1024)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(1, view) :]
+    return {"written_kib": args["kib"]}
+
+
 # ---------------------------------------------------------------- processes
+
+_PTRACE_SEIZE: Final = 0x4206
+
+
+@_probe
+def _attack_init(args: Args) -> dict[str, str]:
+    """What a worker can do to the init of its PID namespace (pid 1, which
+    runs outside seccomp): signal it, trace it."""
+
+    def trace() -> None:
+        if _libc.ptrace(_PTRACE_SEIZE, 1, None, None) < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    return {
+        "SIGTERM": _outcome(lambda: os.kill(1, signal.SIGTERM)),
+        "SIGKILL": _outcome(lambda: os.kill(1, signal.SIGKILL)),
+        "SIGSTOP": _outcome(lambda: os.kill(1, signal.SIGSTOP)),
+        "ptrace": _outcome(trace),
+        "getppid": str(os.getppid()),
+    }
 
 
 @_probe
