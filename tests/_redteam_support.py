@@ -23,13 +23,14 @@ import attrs
 import pytest
 import trio
 
-from trio_mojo import Message, SandboxPolicy, Worker
+from trio_mojo import Message, SandboxPolicy, Worker, open_worker
 
 __all__ = [
     "PROBE",
     "STRICT",
     "ControlError",
     "ask",
+    "ask_once",
     "finding",
     "own_uid_policy",
     "request",
@@ -80,6 +81,12 @@ async def request(worker: Worker, payload: dict[str, Any]) -> Any:
 async def ask(worker: Worker, probe: str, **args: Any) -> Any:
     """Run ``probe`` (of ``trio_mojo._hostile.PROBES``) in ``worker``."""
     return await request(worker, {"probe": probe, "args": args})
+
+
+async def ask_once(policy: SandboxPolicy, probe: str, **args: Any) -> Any:
+    """Run ``probe`` in a fresh worker of :data:`PROBE` under ``policy``."""
+    async with open_worker(PROBE, sandbox=policy) as worker:
+        return await ask(worker, probe, **args)
 
 
 def own_uid_policy(policy: SandboxPolicy = STRICT) -> SandboxPolicy:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import Final
 
 import trio
-from _redteam_support import PROBE, STRICT, ask, finding, require
+from _redteam_support import PROBE, STRICT, ask, ask_once, finding, require
 
 from trio_mojo import (
     ChannelError,
@@ -35,12 +35,11 @@ HAND_BACK: Final = "trio_mojo._hostile:hand_back_channel_and_die"
 @finding(
     "the parent drains a worker's stderr as fast as the worker writes and keeps "
     "only its last 8 KiB: a worker makes the parent read gigabytes per second "
-    "(measured 2.9 GB/s, 0.6 s of the parent's CPU per second) for as long as "
+    "(measured 2.1-2.9 GiB/s, 0.6 s of the parent's CPU per second) for as long as "
     "it likes"
 )
 async def test_a_worker_cannot_make_the_parent_read_its_stderr_without_bound() -> None:
-    async with open_worker(PROBE, sandbox=STRICT) as worker:
-        result = await ask(worker, "flood_stderr", seconds=1.0)
+    result = await ask_once(STRICT, "flood_stderr", seconds=1.0)
     assert result["written_mib"] <= 16, f"the parent read {result} in 1 s"
 
 

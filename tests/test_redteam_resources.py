@@ -8,7 +8,9 @@ covered.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Final
 
@@ -18,12 +20,13 @@ from _redteam_support import (
     PROBE,
     STRICT,
     ask,
+    ask_once,
     finding,
     own_uid_policy,
     require,
 )
 
-from trio_mojo import open_worker
+from trio_mojo import Worker, open_worker
 from trio_mojo._sandbox._policy import DEFAULT_MAX_DATA
 
 pytestmark = pytest.mark.skipif(
@@ -59,8 +62,7 @@ async def test_rlimit_data_bounds_every_anonymous_mapping() -> None:
 
 
 async def test_no_file_of_shared_memory_can_be_made() -> None:
-    async with open_worker(PROBE, sandbox=STRICT) as worker:
-        result = await ask(worker, "shared_memory_files")
+    result = await ask_once(STRICT, "shared_memory_files")
     assert result == {"memfd_create": "EPERM", "/dev/shm": "EPERM"}
 
 
@@ -70,14 +72,13 @@ async def test_no_file_of_shared_memory_can_be_made() -> None:
     "kernel memory in their buffers (8 MiB each way), not counted by RLIMIT_DATA"
 )
 async def test_socket_buffers_hold_less_than_the_memory_limit() -> None:
-    async with open_worker(PROBE, sandbox=SMALL_DATA) as worker:
-        result = await ask(
-            worker,
-            "park_in_socket_buffers",
-            mib=2 * LIMIT_MIB,
-            pairs=120,
-            sndbuf=64 * 1024 * 1024,
-        )
+    result = await ask_once(
+        SMALL_DATA,
+        "park_in_socket_buffers",
+        mib=2 * LIMIT_MIB,
+        pairs=120,
+        sndbuf=64 * MIB,
+    )
     assert result["parked_mib"] < LIMIT_MIB, result
 
 
@@ -92,13 +93,24 @@ async def test_socket_buffers_hold_less_than_the_memory_limit() -> None:
     "SOL_SOCKET/SO_PEEK_OFF"
 )
 async def test_socket_options_give_no_kernel_surface_and_no_parent_pidfd() -> None:
-    async with open_worker(PROBE, sandbox=STRICT) as worker:
-        result = await ask(worker, "socket_options")
+    result = await ask_once(STRICT, "socket_options")
     assert "ALLOWED" not in result.values(), result
 
 
 # ----------------------------------------------------------------------
 # Counts the kernel keeps per uid: shared by every worker of that uid
+
+
+@contextlib.asynccontextmanager
+async def _two_workers_of_one_uid() -> AsyncIterator[tuple[Worker, Worker]]:
+    """A hostile worker and another, both of one uid (not ``nobody``: the
+    attack would reach every ``nobody`` process of the machine)."""
+    policy = own_uid_policy()
+    async with (
+        open_worker(PROBE, sandbox=policy) as hostile,
+        open_worker(PROBE, sandbox=policy) as other,
+    ):
+        yield hostile, other
 
 
 @finding(
@@ -108,11 +120,7 @@ async def test_socket_options_give_no_kernel_surface_and_no_parent_pidfd() -> No
     "all run as nobody by default) fail to pass any fd, ETOOMANYREFS"
 )
 async def test_one_worker_cannot_stop_another_from_passing_fds() -> None:
-    policy = own_uid_policy()
-    async with (
-        open_worker(PROBE, sandbox=policy) as hostile,
-        open_worker(PROBE, sandbox=policy) as other,
-    ):
+    async with _two_workers_of_one_uid() as (hostile, other):
         before = await ask(other, "pass_an_fd")
         require(before["outcome"] == "ALLOWED", f"no fd passed at all: {before}")
         hoard = await ask(hostile, "hoard_fds_in_flight", count=1000)
@@ -134,11 +142,7 @@ def _queued_signals(pid: int) -> int:
     "signals of every other process of its uid be dropped"
 )
 async def test_one_worker_cannot_use_up_the_signal_queue_of_another() -> None:
-    policy = own_uid_policy()
-    async with (
-        open_worker(PROBE, sandbox=policy) as hostile,
-        open_worker(PROBE, sandbox=policy) as other,
-    ):
+    async with _two_workers_of_one_uid() as (hostile, other):
         await ask(other, "queue_signals", count=5)
         require(_queued_signals(other.pid) == 5, "signals are not queued")
         await ask(hostile, "queue_signals", count=200_000)
