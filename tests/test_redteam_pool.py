@@ -9,13 +9,15 @@ from __future__ import annotations
 from typing import Final
 
 import trio
+from _fds import open_fds
 from _process_support import children
-from _redteam_support import STRICT, finding
+from _redteam_support import STRICT, finding, own_uid_policy
 
 from trio_mojo import Message, WorkerError, open_worker_pool
 
 LINGER: Final = "trio_mojo._hostile:linger"
 REPLY_AFTER: Final = "trio_mojo._hostile:reply_after"
+FD_HOARDER: Final = "trio_mojo._examples_pool:fd_hoarder"
 
 
 def _live_children() -> int:
@@ -70,3 +72,23 @@ async def test_request_timeout_bounds_how_long_a_request_waits_for_its_worker() 
     # Sent at once and answered 0.3 s apart, the last ones are answered
     # 2.1-2.4 s after they were sent, far past the timeout.
     assert outcomes.count("failed") >= 3, f"every request was answered: {outcomes}"
+
+
+@finding(
+    "one pool worker can make the parent hold its channel's receive-queue bound "
+    "(506 + 128 fds) plus the pool's held replies (506 + one reply): measured "
+    "1,204 fds from one strict() worker whose replies a map's consumer has not "
+    "taken yet, more than the soft RLIMIT_NOFILE most users get (1024): the "
+    "parent's every open, accept and spawn then fails with EMFILE"
+)
+async def test_one_pool_worker_holds_well_under_a_default_fd_limit() -> None:
+    before = len(open_fds())
+    async with open_worker_pool(
+        FD_HOARDER, workers=1, sandbox=own_uid_policy()
+    ) as pool:
+        messages = [Message(b"120") for _ in range(40)]
+        async with pool.map(messages, window=40) as replies:
+            (await replies.__anext__()).close()  # then a slow consumer
+            await trio.sleep(1.5)
+            held = len(open_fds()) - before
+    assert held <= 512, f"one worker made this process hold {held} fds"
