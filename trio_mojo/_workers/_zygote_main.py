@@ -1,0 +1,304 @@
+"""The zygote's entry point: ``python -I -m trio_mojo._workers._zygote_main ...``.
+
+Theory of operation
+-------------------
+
+:func:`~trio_mojo.open_zygote` starts this module with::
+
+    --parent-pid=P --preload=pkg.a,pkg.b --mojo-platform-channel-handle=N
+
+The zygote closes every fd but 0, 1, 2 and its control channel, arms
+``PR_SET_PDEATHSIG`` against the parent, imports Trio, trio_mojo and the
+preloads, says ``ready``, and from then on only forks workers when the
+parent asks (``_zygote_protocol``).  Starting a worker costs a ``fork``
+instead of an interpreter start and its imports.
+
+The zygote never forks from inside ``trio.run``: a process forked from
+inside a run cannot start a run of its own.  (It runs Trio once at start,
+to completion, so that workers inherit warmed-up code: :func:`_warm_up`.)
+It serves the control channel with a small blocking loop instead: ``poll`` on the channel and on a wakeup pipe that
+the ``SIGCHLD`` handler writes to (:func:`signal.set_wakeup_fd`), the
+sans-I/O :class:`MessageDecoder` and :func:`encode_message` for the framing,
+and ``_fdpass`` for ``recvmsg``/``sendmsg`` with ``SCM_RIGHTS``.  On
+``SIGCHLD`` it reaps with ``waitpid(-1, WNOHANG)`` and reports each exit
+status; the parent's end of the channel closing (the parent is done, or
+dead) ends the zygote, and its ``PR_SET_PDEATHSIG`` kills every worker it
+forked.  It stays single-threaded: before each fork it counts
+``/proc/self/task`` and refuses the request if a preload started a thread
+(a fork copies only the forking thread; locks other threads held stay
+locked in the child).
+
+The forked child (:func:`_become_worker`) never returns into this loop.
+It resets the signal handling it inherited, arms ``PR_SET_PDEATHSIG``
+against the zygote (exiting if the zygote is already gone), starts a new
+session, puts its fds where a worker's go (0 ``/dev/null``, 1 stdout or
+``/dev/null``, 2 its stderr pipe, 3 its channel, 4 its broker channel) and
+closes every other one, the zygote's control socket included, so a worker
+shares nothing with the zygote.  Then it runs exactly what a spawned
+worker's bootstrap runs: import the target (a no-op when preloaded), apply
+the sandbox (namespaces are created here, in the child), send the report,
+call the target; it leaves with ``os._exit``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import gc
+import importlib
+import os
+import select
+import signal
+import socket
+import sys
+import traceback
+from collections.abc import Mapping, Sequence
+from typing import Final, NoReturn
+
+import trio
+
+from trio_mojo import _fdpass
+from trio_mojo._channel import open_channel
+from trio_mojo._core._decoder import MessageDecoder
+from trio_mojo._core._message import Message
+from trio_mojo._core._wire import encode_message
+from trio_mojo._endpoint import Endpoint, channel_pair
+from trio_mojo._handles import Handle, close_all
+from trio_mojo._sandbox import SandboxPolicy
+from trio_mojo._sandbox._apply import apply_policy, set_parent_death_signal
+
+from . import _zygote_protocol as protocol
+from ._bootstrap import _close_other_fds, _fd_of, _load_target, _option, _run
+from ._spawn import CHANNEL_SWITCH, recover_endpoint
+
+__all__ = ["WORKER_FDS", "main"]
+
+WORKER_FDS: Final = {"stdout": 1, "stderr": 2, "channel": 3, "broker": 4}
+"""Where each fd of a spawn request goes in the forked worker."""
+_ABOVE_WORKER_FDS: Final = 5
+_READ_SIZE: Final = 64 * 1024
+_MAX_ERROR: Final = 1000
+"""Longest error text the zygote sends (a traceback line, not a traceback)."""
+
+_USAGE: Final = (
+    "usage: python -I -m trio_mojo._workers._zygote_main --parent-pid=P "
+    "[--preload=MOD,...] --mojo-platform-channel-handle=N\n"
+    "This is trio_mojo's zygote; start it with trio_mojo.open_zygote()."
+)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:_MAX_ERROR]
+
+
+def _on_sigchld(signum: int, frame: object) -> None:
+    """Nothing to do here: the wakeup fd tells the loop to reap."""
+
+
+class _Zygote:
+    """The blocking control loop: requests in, forks, replies and exits out."""
+
+    def __init__(self, sock: socket.socket, parent_pid: int) -> None:
+        self._sock = sock
+        self._parent_pid = parent_pid
+        self._decoder = MessageDecoder(
+            max_message_size=protocol.MAX_CONTROL_MESSAGE,
+            max_handles_per_message=protocol.MAX_SPAWN_FDS,
+            max_queued_handles=protocol.MAX_SPAWN_FDS,
+        )
+        self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.signal(signal.SIGCHLD, _on_sigchld)
+        signal.set_wakeup_fd(self._wake_write, warn_on_full_buffer=False)
+
+    def send(self, reply: protocol.Reply, fds: Sequence[int] = ()) -> None:
+        """Send one reply, blocking until the kernel took all of it."""
+        data = memoryview(encode_message(protocol.encode(reply), num_handles=len(fds)))
+        pending = list(fds)
+        while data:
+            sent = _fdpass.send(self._sock, [data], pending)
+            if sent is None:
+                select.select([], [self._sock], [])
+                continue
+            pending = []  # the fds went with the first bytes
+            data = data[sent:]
+
+    def serve(self) -> int:
+        """Serve until the parent closes its end; returns the exit status."""
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN)
+        poller.register(self._wake_read, select.POLLIN)
+        while True:
+            for fd, _ in poller.poll():
+                if fd == self._wake_read:
+                    self._reap()
+                elif not self._receive():
+                    return 0
+
+    def _receive(self) -> bool:
+        """Read once and handle every complete request; False at end of stream."""
+        received = _fdpass.receive(self._sock, _READ_SIZE)
+        if received is None:
+            return True
+        data, handles = received
+        self._decoder.receive_handles(handles)
+        if not data:
+            return False
+        self._decoder.receive_data(data)
+        while isinstance(message := self._decoder.next_message(), Message):
+            self._handle(message)
+        return True
+
+    def _handle(self, message: Message) -> None:
+        handles = list(message.handles)
+        try:
+            request = protocol.parse_request(message.payload, len(handles))
+        except ValueError:
+            close_all(handles)
+            raise  # a parent that breaks the protocol is a bug: stop loudly
+        try:
+            pid = self._fork(request, dict(zip(request.fds, handles, strict=True)))
+        except OSError as exc:
+            self.send(protocol.Refused(id=request.id, error=_describe(exc)))
+            return
+        finally:
+            close_all(handles)
+        pidfd = os.pidfd_open(pid)  # unreaped until _reap(): names this child
+        try:
+            self.send(protocol.Spawned(id=request.id, pid=pid), [pidfd])
+        finally:
+            os.close(pidfd)
+
+    def _fork(self, request: protocol.SpawnRequest, fds: Mapping[str, Handle]) -> int:
+        threads = len(os.listdir("/proc/self/task"))
+        if threads != 1:
+            raise OSError(
+                f"the zygote has {threads} threads (a preloaded module started "
+                "one); it forks only while single-threaded"
+            )
+        zygote = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            self._sock.detach()  # the child closes the fd; the object must not
+            _become_worker(
+                request, {role: h.detach() for role, h in fds.items()}, zygote
+            )
+        return pid
+
+    def _reap(self) -> None:
+        try:
+            while os.read(self._wake_read, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            returncode = os.waitstatus_to_exitcode(status)
+            self.send(protocol.Exited(pid=pid, returncode=returncode))
+
+
+def _install_fds(fds: Mapping[str, int]) -> None:
+    """Put each fd at its place in :data:`WORKER_FDS`; close every other fd >= 3."""
+    # First move them all above the targets, so that no dup2 overwrites one.
+    moved = {
+        role: fcntl.fcntl(fd, fcntl.F_DUPFD, _ABOVE_WORKER_FDS)
+        for role, fd in fds.items()
+    }
+    for role, fd in moved.items():
+        os.dup2(fd, WORKER_FDS[role], inheritable=False)
+    _close_other_fds({WORKER_FDS[role] for role in fds})
+
+
+def _become_worker(
+    request: protocol.SpawnRequest, fds: Mapping[str, int], zygote: int
+) -> NoReturn:
+    """The forked child: become a worker, exactly as the bootstrap does."""
+    status = 1
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        set_parent_death_signal(zygote)
+        os.setsid()
+        _install_fds(fds)
+        if request.cwd is not None:
+            os.chdir(request.cwd)
+        target = _load_target(request.target)
+        policy = SandboxPolicy.from_json(request.sandbox)
+        channel = Endpoint.from_fd(WORKER_FDS["channel"])
+        broker = Endpoint.from_fd(WORKER_FDS["broker"]) if "broker" in fds else None
+        report = apply_policy(policy)
+        status = trio.run(_run, target, report, channel, broker)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(status)  # never back into the zygote's loop
+
+
+async def _exchange_one_message() -> None:
+    left, right = channel_pair()
+    async with open_channel(left) as sender, open_channel(right) as receiver:
+        await sender.send(Message(b"warm-up"))
+        message = await receiver.receive()
+        message.close()
+
+
+def _warm_up() -> None:
+    """Run once, here, what every worker runs first: ``trio.run`` and a channel.
+
+    A forked worker inherits this interpreter's state, so code that already
+    ran here is specialised (the adaptive interpreter) and its lazy imports
+    are done: about 1.5 ms less per worker.  The run is over before the
+    first fork and leaves no thread behind (checked before each fork), so no
+    worker is ever forked from inside a run.
+    """
+    trio.run(_exchange_one_message)
+
+
+def _preload(modules: Sequence[str]) -> protocol.PreloadFailed | None:
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except BaseException as exc:  # SystemExit at import time too
+            return protocol.PreloadFailed(module=module, error=_describe(exc))
+    return None
+
+
+def main(argv: Sequence[str]) -> int:
+    """Run the zygote; returns its exit status."""
+    parent = _option(argv, "parent-pid")
+    preload = _option(argv, "preload") or ""
+    channel_fd = _fd_of(argv, CHANNEL_SWITCH)
+    if parent is None or not parent.isdigit() or channel_fd is None:
+        print(_USAGE, file=sys.stderr)
+        return 2
+    _close_other_fds({channel_fd})
+    set_parent_death_signal(int(parent))
+    sock = socket.socket(fileno=recover_endpoint(argv).detach())
+    zygote = _Zygote(sock, int(parent))
+    modules = [name for name in preload.split(",") if name]
+    failed = _preload(modules)
+    if failed is not None:
+        zygote.send(failed)
+        return 1
+    _warm_up()
+    # Objects that exist now are never freed: keep the collector away from
+    # them, so that forked workers do not copy their pages just to scan them.
+    gc.freeze()
+    zygote.send(protocol.Ready(pid=os.getpid(), preloaded=tuple(modules)))
+    return zygote.serve()
+
+
+if __name__ == "__main__":
+    try:
+        status = main(sys.argv[1:])
+    except BaseException:
+        traceback.print_exc()
+        status = 1
+    sys.exit(status)
