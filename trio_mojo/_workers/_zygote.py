@@ -214,7 +214,8 @@ class Zygote:
 
     Pass it to ``open_worker(target, zygote=z)``.  Attributes: ``pid`` (the
     zygote process), ``preloaded`` (the modules it imported), ``sandbox``
-    (the policy of its workers when ``open_worker`` names none).
+    (the policy of its workers when ``open_worker`` names none), ``forked``
+    (how many workers it has forked) and ``running_workers``.
     """
 
     def __init__(
@@ -237,6 +238,8 @@ class Zygote:
         self._pending: dict[int, _Pending] = {}
         self._processes: dict[int, ForkedProcess] = {}
         self._error: WorkerError | None = None
+        self.forked = 0
+        """How many workers this zygote has forked so far."""
 
     @property
     def pid(self) -> int:
@@ -372,7 +375,8 @@ class Zygote:
                 return  # the block is being left
             except (ChannelError, protocol.ProtocolError) as exc:
                 reason = f"broke its control channel: {exc}"
-                _log.warning("zygote pid %d %s", self.pid, reason)
+                _log.warning("zygote pid %d %s; killing it", self.pid, reason)
+                self._process.kill()  # forks nothing more; its workers die too
             with trio.move_on_after(_DEAD_ZYGOTE_WAIT):
                 await self._process.wait()
             await self._tail.settle()
@@ -413,6 +417,7 @@ class Zygote:
         pidfd = Handle(message.handles[0].detach())
         process = ForkedProcess(reply.pid, pidfd, stderr, pending.target)
         self._processes[reply.pid] = process
+        self.forked += 1
         pending.process = process
         if pending.abandoned:
             _orphan(process)

@@ -98,9 +98,10 @@ def _on_sigchld(signum: int, frame: object) -> None:
 class _Zygote:
     """The blocking control loop: requests in, forks, replies and exits out."""
 
-    def __init__(self, sock: socket.socket, parent_pid: int) -> None:
+    def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
-        self._parent_pid = parent_pid
+        self._announced: set[int] = set()
+        """Workers the parent was told about (only their exits are reported)."""
         self._decoder = MessageDecoder(
             max_message_size=protocol.MAX_CONTROL_MESSAGE,
             max_handles_per_message=protocol.MAX_SPAWN_FDS,
@@ -162,8 +163,14 @@ class _Zygote:
             return
         finally:
             close_all(handles)
-        pidfd = os.pidfd_open(pid)  # unreaped until _reap(): names this child
         try:
+            pidfd = os.pidfd_open(pid)  # unreaped until _reap(): names this child
+        except OSError as exc:
+            os.kill(pid, signal.SIGKILL)  # unreaped, so still this child
+            self.send(protocol.Refused(id=request.id, error=_describe(exc)))
+            return
+        try:
+            self._announced.add(pid)
             self.send(protocol.Spawned(id=request.id, pid=pid), [pidfd])
         finally:
             os.close(pidfd)
@@ -197,8 +204,10 @@ class _Zygote:
                 return
             if pid == 0:
                 return
-            returncode = os.waitstatus_to_exitcode(status)
-            self.send(protocol.Exited(pid=pid, returncode=returncode))
+            if pid in self._announced:
+                self._announced.remove(pid)
+                returncode = os.waitstatus_to_exitcode(status)
+                self.send(protocol.Exited(pid=pid, returncode=returncode))
 
 
 def _install_fds(fds: Mapping[str, int]) -> None:
@@ -281,7 +290,7 @@ def main(argv: Sequence[str]) -> int:
     _close_other_fds({channel_fd})
     set_parent_death_signal(int(parent))
     sock = socket.socket(fileno=recover_endpoint(argv).detach())
-    zygote = _Zygote(sock, int(parent))
+    zygote = _Zygote(sock)
     modules = [name for name in preload.split(",") if name]
     failed = _preload(modules)
     if failed is not None:

@@ -1,0 +1,500 @@
+"""The zygote: real zygote processes forking real, fully sandboxed workers.
+
+Each test starts a zygote (about 0.15 s) and forks workers from it (a few
+ms each).  The autouse fixture of ``conftest.py`` checks that no fd is left
+in this process; :func:`children` that no process is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+from _process_support import children
+from _zygote_support import forked_worker, interpreter
+
+from trio_mojo import (
+    CHANNEL_SWITCH,
+    Handle,
+    Message,
+    SandboxPolicy,
+    WorkerError,
+    channel_pair,
+)
+from trio_mojo._sandbox import _namespaces
+from trio_mojo._workers._worker import ENV_ALLOWLIST
+from trio_mojo._workers._zygote import Zygote, open_zygote
+
+STRICT = SandboxPolicy.strict()
+NONE = SandboxPolicy.none(i_understand_this_is_unsandboxed=True)
+EXAMPLES = "trio_mojo._examples"
+
+
+def _pipe_with(data: bytes) -> Handle:
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, data)
+    finally:
+        os.close(write_end)
+    return Handle(read_end)
+
+
+def _status(pid: int) -> dict[str, str]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+def _gone(pid: int) -> bool:
+    """``pid`` has exited (a zombie waiting for init counts as gone)."""
+    try:
+        return _status(pid)["State"].startswith("Z")
+    except FileNotFoundError:
+        return True
+
+
+async def _wait_gone(pid: int) -> None:
+    """Wait (at most 10 s) until ``pid`` has exited."""
+    try:
+        pidfd = Handle(os.pidfd_open(pid))
+    except ProcessLookupError:
+        return
+    with pidfd, trio.fail_after(10):  # readable once the process has exited
+        await trio.lowlevel.wait_readable(pidfd.fileno())
+        trio.lowlevel.notify_closing(pidfd.fileno())
+
+
+def _environment_names(pid: int) -> set[str]:
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return {entry.partition(b"=")[0].decode() for entry in environ if entry}
+
+
+def _fd_targets(pid: int) -> set[str]:
+    """The sockets and pipes among the fds of ``pid`` (read as root)."""
+    targets = set()
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+        except FileNotFoundError:
+            continue
+        if target.startswith(("socket:", "pipe:")):
+            targets.add(target)
+    return targets
+
+
+# ----------------------------------------------------------------------
+# A forked worker is a worker
+
+
+async def test_a_strict_worker_exchanges_messages_and_fds_both_ways() -> None:
+    async with (
+        open_zygote(preload=[EXAMPLES]) as zygote,
+        forked_worker(zygote, f"{EXAMPLES}:echo") as worker,
+    ):
+        await worker.channel.send(Message(b"ping", (_pipe_with(b"parent's pipe"),)))
+        reply = await worker.channel.receive()
+        with reply:
+            assert reply.payload == b"ping"
+            (handle,) = reply.handles
+            assert not os.get_inheritable(handle.fileno())
+            assert os.read(handle.fileno(), 100) == b"parent's pipe"
+    assert worker.process.returncode == 0
+
+
+async def test_the_report_and_proc_show_the_full_sandbox() -> None:
+    async with (
+        open_zygote(preload=[EXAMPLES]) as zygote,
+        forked_worker(zygote, f"{EXAMPLES}:echo") as worker,
+    ):
+        pid = worker.process.pid
+        report = worker.report
+        assert report.ok
+        assert report.policy == "strict"
+        assert report.pid == pid  # the real (host) pid
+        assert set(report.layers.values()) == {"applied"}
+        # Stdin, stdout, its stderr pipe and its channel: nothing else.
+        assert report.fds == (0, 1, 2, 3)
+        status = _status(pid)
+        assert status["PPid"] == str(zygote.pid)  # the zygote is its parent
+        assert status["NoNewPrivs"] == "1"
+        assert status["Seccomp"] == "2"
+        # Its own namespaces, created after the fork: not the parent's,
+        # and not the zygote's either.
+        assert sorted(_namespaces.differing_namespaces(pid)) == sorted(
+            _namespaces.NAMESPACES
+        )
+        for name in _namespaces.NAMESPACES:
+            ours = os.stat(f"/proc/{pid}/ns/{name}").st_ino
+            assert ours != os.stat(f"/proc/{zygote.pid}/ns/{name}").st_ino
+        # A session of its own, as a spawned worker has.
+        assert os.getsid(pid) == pid
+
+
+async def test_a_target_that_was_not_preloaded_is_imported_after_the_fork() -> None:
+    async with (
+        open_zygote() as zygote,
+        forked_worker(zygote, f"{EXAMPLES}:echo") as worker,
+    ):
+        assert zygote.preloaded == ()
+        await worker.channel.send(Message(b"imported late"))
+        reply = await worker.channel.receive()
+        assert reply.payload == b"imported late"
+
+
+async def test_a_target_that_cannot_be_imported_fails_with_its_traceback() -> None:
+    async with open_zygote() as zygote:
+        local, remote = channel_pair()
+        with local:
+            process = await zygote._start_worker(
+                "trio_mojo_no_such_module:main", NONE, {CHANNEL_SWITCH: remote}
+            )
+            assert await process.wait() == 1
+            assert process.stderr is not None
+            tail = b""
+            async for chunk in process.stderr:
+                tail += chunk
+            await process.stderr.aclose()
+    assert b"ModuleNotFoundError: No module named 'trio_mojo_no_such_module'" in tail
+
+
+# ----------------------------------------------------------------------
+# Real pid, exit status, stderr
+
+
+@pytest.mark.parametrize("status", [0, 3, 77])
+async def test_the_exit_status_is_relayed(status: int) -> None:
+    async with open_zygote(preload=[EXAMPLES]) as zygote:
+        async with forked_worker(zygote, f"{EXAMPLES}:crash") as worker:
+            await worker.channel.send(Message(str(status).encode()))
+            assert await worker.process.wait() == status
+        with pytest.raises(FileNotFoundError):  # reaped by the zygote
+            _status(worker.process.pid)
+        assert zygote.running_workers == 0
+    if status:
+        assert f"crash: exiting with status {status}" in worker.tail.text()
+
+
+async def test_a_signal_is_relayed_and_sent_through_the_pidfd() -> None:
+    async with (
+        open_zygote(preload=[EXAMPLES]) as zygote,
+        forked_worker(zygote, f"{EXAMPLES}:echo") as worker,
+    ):
+        worker.process.terminate()
+        assert await worker.process.wait() == -signal.SIGTERM
+        # Reaped: later signals go nowhere (no pid reuse can be hit).
+        worker.process.kill()
+        assert worker.process.returncode == -signal.SIGTERM
+
+
+async def test_a_target_that_raises_leaves_its_traceback_in_the_tail() -> None:
+    async with (
+        open_zygote(preload=[EXAMPLES]) as zygote,
+        forked_worker(zygote, f"{EXAMPLES}:fail") as worker,
+    ):
+        await worker.channel.send(Message(b"broken on purpose"))
+        assert await worker.process.wait() == 1
+    assert "RuntimeError: broken on purpose" in worker.tail.text()
+
+
+async def test_stdout_goes_where_it_is_asked_and_cwd_is_set(tmp_path: Path) -> None:
+    read_end, write_end = os.pipe()
+    with Handle(read_end) as out, Handle(write_end) as into:
+        async with open_zygote(
+            python=interpreter(tmp_path), preload=["zygote_targets"]
+        ) as zygote:
+            async with forked_worker(
+                zygote, "zygote_targets:print_to_stdout", stdout=into.fileno()
+            ) as worker:
+                assert (await worker.channel.receive()).payload == b"done"
+            async with forked_worker(
+                zygote, "zygote_targets:report_cwd", policy=NONE, cwd=tmp_path
+            ) as worker:
+                assert (await worker.channel.receive()).payload == bytes(tmp_path)
+        into.close()
+        assert os.read(out.fileno(), 100) == b"a line on the worker's stdout\n"
+
+
+# ----------------------------------------------------------------------
+# Many at once
+
+
+async def test_twenty_concurrent_spawns() -> None:
+    replies: dict[int, bytes] = {}
+
+    async def one(zygote: Zygote, index: int) -> None:
+        async with forked_worker(zygote, f"{EXAMPLES}:echo") as worker:
+            await worker.channel.send(Message(b"%d" % index))
+            reply = await worker.channel.receive()
+            replies[worker.process.pid] = reply.payload
+        assert worker.process.returncode == 0
+
+    async with open_zygote(preload=[EXAMPLES]) as zygote:
+        async with trio.open_nursery() as nursery:
+            for index in range(20):
+                nursery.start_soon(one, zygote, index)
+        assert zygote.running_workers == 0
+    assert sorted(replies.values()) == sorted(b"%d" % i for i in range(20))
+    assert children() == {}
+
+
+# ----------------------------------------------------------------------
+# The zygote itself
+
+
+async def test_the_zygote_is_launched_like_a_worker() -> None:
+    async with open_zygote() as zygote:
+        status = _status(zygote.pid)
+        assert status["PPid"] == str(os.getpid())
+        assert status["Threads"] == "1"
+        assert os.getsid(zygote.pid) == zygote.pid
+        assert _environment_names(zygote.pid) <= set(ENV_ALLOWLIST)
+        fds = os.listdir(f"/proc/{zygote.pid}/fd")
+        # stdio, its control socket, the two ends of its SIGCHLD wakeup pipe.
+        assert len(fds) == 6
+        assert os.readlink(f"/proc/{zygote.pid}/fd/0") == "/dev/null"
+    assert zygote.returncode == 0
+    assert children() == {}
+
+
+async def test_a_preload_that_is_not_installed_fails_in_one_line() -> None:
+    with pytest.raises(WorkerError) as info:
+        async with open_zygote(preload=["trio_mojo_no_such_module"]):
+            pytest.fail("the zygote must not start")
+    text = str(info.value)
+    assert "\n" not in text
+    assert "'trio_mojo_no_such_module'" in text
+    assert "ModuleNotFoundError" in text
+    assert "installed" in text
+    assert children() == {}
+
+
+async def test_a_preload_that_raises_names_its_error(tmp_path: Path) -> None:
+    with pytest.raises(WorkerError, match="this preload is broken on purpose"):
+        async with open_zygote(
+            python=interpreter(tmp_path), preload=["zygote_broken_preload"]
+        ):
+            pytest.fail("the zygote must not start")
+
+
+@pytest.mark.parametrize(
+    ("preload", "error"),
+    [
+        (["not a module"], ValueError),
+        (["pkg..mod"], ValueError),
+        ("trio_mojo._examples", TypeError),
+    ],
+)
+async def test_bad_preload_names_are_refused_before_starting(
+    preload: list[str], error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        async with open_zygote(preload=preload):
+            pytest.fail("the zygote must not start")
+    assert children() == {}
+
+
+async def test_a_zygote_with_a_thread_refuses_to_fork(tmp_path: Path) -> None:
+    async with open_zygote(
+        python=interpreter(tmp_path), preload=["zygote_thread_preload"]
+    ) as zygote:
+        local, remote = channel_pair()
+        with local, pytest.raises(WorkerError, match="threads") as info:
+            await zygote._start_worker(
+                f"{EXAMPLES}:echo", STRICT, {CHANNEL_SWITCH: remote}
+            )
+        assert "refused" in str(info.value)
+        assert zygote.running_workers == 0
+
+
+async def test_a_zygote_that_breaks_the_protocol_fails_the_request(
+    tmp_path: Path,
+) -> None:
+    async with open_zygote(python=interpreter(tmp_path, "zygote_fake")) as zygote:
+        local, remote = channel_pair()
+        with local, pytest.raises(WorkerError, match="broke its control channel"):
+            await zygote._start_worker(
+                f"{EXAMPLES}:echo", STRICT, {CHANNEL_SWITCH: remote}
+            )
+        local, remote = channel_pair()
+        with local, pytest.raises(WorkerError, match="broke its control channel"):
+            await zygote._start_worker(
+                f"{EXAMPLES}:echo", STRICT, {CHANNEL_SWITCH: remote}
+            )
+
+
+# ----------------------------------------------------------------------
+# Hostile workers
+
+
+async def test_a_worker_finds_nothing_of_the_zygote() -> None:
+    async with open_zygote(preload=[EXAMPLES]) as zygote:
+        # The worker holds none of the zygote's sockets and pipes...
+        zygote_fds = _fd_targets(zygote.pid)
+        async with forked_worker(zygote, f"{EXAMPLES}:echo") as worker:
+            assert _fd_targets(worker.process.pid).isdisjoint(zygote_fds)
+            assert _fd_targets(zygote.pid) == zygote_fds
+
+
+async def test_a_hostile_worker_cannot_reach_the_zygote(tmp_path: Path) -> None:
+    async with open_zygote(
+        python=interpreter(tmp_path), preload=["zygote_targets"]
+    ) as zygote:
+        zygote_fds = _fd_targets(zygote.pid)
+        async with forked_worker(zygote, "zygote_targets:probe_zygote") as worker:
+            await worker.channel.send(Message(b"%d kill" % zygote.pid))
+            reply = await worker.channel.receive()
+        seen = json.loads(reply.payload)
+        # What it finds in its own fd table (Trio's fds included) is its own.
+        assert zygote_fds.isdisjoint(seen["fds"].values())
+        assert seen["fds"]["3"].startswith("socket:")
+        assert seen["signal_zygote"] == "EPERM"
+        assert seen["kill_zygote"] == "EPERM"
+        assert seen["open_zygote_mem"] in ("EPERM", "EACCES")
+        assert seen["list_zygote_fds"] in ("EPERM", "EACCES")
+        # Still serving:
+        async with forked_worker(zygote, "zygote_targets:report_cwd") as worker:
+            assert (await worker.channel.receive()).payload
+
+
+async def test_the_same_probe_unsandboxed_does_reach_the_zygote(tmp_path: Path) -> None:
+    """Control: the probe's attempts do work when nothing stops them."""
+    async with open_zygote(
+        python=interpreter(tmp_path), preload=["zygote_targets"]
+    ) as zygote:
+        async with forked_worker(
+            zygote, "zygote_targets:probe_zygote", policy=NONE
+        ) as worker:
+            await worker.channel.send(Message(b"%d" % zygote.pid))
+            reply = await worker.channel.receive()
+        seen = json.loads(reply.payload)
+        assert seen["signal_zygote"] == "ALLOWED"
+        assert seen["open_zygote_mem"] == "ALLOWED"
+        assert seen["list_zygote_fds"] == "ALLOWED"
+
+
+# ----------------------------------------------------------------------
+# Deaths: the zygote's, the parent's
+
+
+async def test_killing_the_zygote_kills_its_workers_and_fails_new_requests() -> None:
+    async with open_zygote(preload=[EXAMPLES]) as zygote:
+        async with forked_worker(zygote, f"{EXAMPLES}:echo") as worker:
+            os.kill(zygote.pid, signal.SIGKILL)
+            with trio.fail_after(10):
+                assert await worker.process.wait() == -signal.SIGKILL
+            await _wait_gone(worker.process.pid)
+        local, remote = channel_pair()
+        with local, pytest.raises(WorkerError, match="zygote") as info:
+            await zygote._start_worker(
+                f"{EXAMPLES}:echo", STRICT, {CHANNEL_SWITCH: remote}
+            )
+        assert f"exited with status {-signal.SIGKILL}" in str(info.value)
+    assert children() == {}
+
+
+async def test_a_pending_request_fails_when_the_zygote_dies() -> None:
+    async with open_zygote(preload=[EXAMPLES]) as zygote:
+        os.kill(zygote.pid, signal.SIGSTOP)  # it will never answer
+        local, remote = channel_pair()
+
+        async def kill_soon() -> None:
+            await trio.sleep(0.2)
+            os.kill(zygote.pid, signal.SIGKILL)
+
+        async def request() -> None:
+            with local, pytest.raises(WorkerError, match="zygote"):
+                await zygote._start_worker(
+                    f"{EXAMPLES}:echo", STRICT, {CHANNEL_SWITCH: remote}
+                )
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kill_soon)
+            nursery.start_soon(request)
+    assert children() == {}
+
+
+async def test_a_request_cancelled_before_its_reply_leaves_nothing() -> None:
+    async with open_zygote(preload=[EXAMPLES]) as zygote:
+        os.kill(zygote.pid, signal.SIGSTOP)  # holds the reply back
+        local, remote = channel_pair()
+        with local, trio.move_on_after(0.2) as scope:
+            # ignore_eof: only a signal ends this one.
+            await zygote._start_worker(
+                f"{EXAMPLES}:ignore_eof", STRICT, {CHANNEL_SWITCH: remote}
+            )
+        assert scope.cancelled_caught
+        os.kill(zygote.pid, signal.SIGCONT)
+        async with forked_worker(zygote, f"{EXAMPLES}:echo") as worker:
+            await worker.channel.send(Message(b"still serving"))
+            assert (await worker.channel.receive()).payload == b"still serving"
+            assert zygote.forked == 2  # the cancelled request forked first
+            # ... and that worker is killed and reaped.  Its state is in the
+            # zygote (another process): nothing here to wait on but the count.
+            with trio.fail_after(10):
+                while zygote.running_workers > 1:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+
+
+async def test_leaving_the_block_kills_a_worker_still_running() -> None:
+    async with open_zygote(preload=[EXAMPLES]) as zygote:
+        local, remote = channel_pair()
+        with local:
+            process = await zygote._start_worker(
+                f"{EXAMPLES}:ignore_eof", NONE, {CHANNEL_SWITCH: remote}
+            )
+    assert process.returncode == -signal.SIGKILL
+    assert process.stderr is None
+    await _wait_gone(process.pid)
+
+
+ORPHAN_MAKER = r"""
+import sys, trio, trio_mojo
+from trio_mojo._workers._zygote import open_zygote
+
+async def main():
+    async with open_zygote(preload=["trio_mojo._examples"]) as zygote:
+        pids = [zygote.pid]
+        for _ in range(3):
+            local, remote = trio_mojo.channel_pair()
+            process = await zygote._start_worker(
+                "trio_mojo._examples:ignore_eof",
+                zygote.sandbox,
+                {trio_mojo.CHANNEL_SWITCH: remote},
+            )
+            pids.append(process.pid)
+        sys.stdout.write(" ".join(map(str, pids)) + "\n")
+        sys.stdout.flush()
+        await trio.sleep_forever()
+
+trio.run(main)
+"""
+
+
+async def test_killing_the_parent_leaves_no_zygote_and_no_worker() -> None:
+    parent = await trio.lowlevel.open_process(
+        [sys.executable, "-I", "-c", ORPHAN_MAKER],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert parent.stdout is not None
+        with trio.fail_after(30):
+            line = await parent.stdout.receive_some()
+        zygote_pid, *worker_pids = map(int, line.split())
+        assert len(worker_pids) == 3
+        assert _status(worker_pids[0])["PPid"] == str(zygote_pid)
+    finally:
+        parent.kill()
+        await parent.wait()
+        if parent.stdout is not None:
+            await parent.stdout.aclose()
+    for pid in (zygote_pid, *worker_pids):
+        await _wait_gone(pid)

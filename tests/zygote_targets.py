@@ -1,0 +1,74 @@
+"""Worker targets and preloads for the zygote tests (not part of the package).
+
+A zygote runs ``python -I``, which ignores ``PYTHONPATH``; the tests start
+theirs through :func:`_zygote_support.interpreter`, a wrapper that puts this
+directory on ``sys.path`` first, so that these modules can be preloaded and
+named as targets.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+from collections.abc import Callable
+
+from trio_mojo import Channel, Message
+
+__all__ = ["print_to_stdout", "probe_zygote", "report_cwd"]
+
+
+def _attempt(action: Callable[[], object]) -> str:
+    try:
+        action()
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno or 0, str(exc))
+    return "ALLOWED"
+
+
+def _open_and_close(path: str) -> None:
+    os.close(os.open(path, os.O_RDONLY))
+
+
+async def probe_zygote(channel: Channel) -> None:
+    """Hostile after the fork: look for any way back to the zygote.
+
+    The first message is ``b"<zygote pid>"``, or ``b"<zygote pid> kill"``
+    to also try ``SIGKILL`` on it.  Replies with JSON: this process's fds
+    (``/proc/self/fd`` targets, probed one by one), and what signalling the
+    zygote and opening its ``/proc`` entries gave (``"ALLOWED"`` or the
+    errno name).
+    """
+    message = await channel.receive()
+    message.close()
+    zygote, _, kill = message.payload.decode().partition(" ")
+    pid = int(zygote)
+    fds = {}
+    for fd in range(256):
+        try:
+            os.fstat(fd)
+        except OSError:
+            continue
+        fds[str(fd)] = os.readlink(f"/proc/self/fd/{fd}")
+    result: dict[str, object] = {
+        "fds": fds,
+        "ppid": os.getppid(),
+        "signal_zygote": _attempt(lambda: os.kill(pid, 0)),
+        "open_zygote_mem": _attempt(lambda: _open_and_close(f"/proc/{pid}/mem")),
+        "list_zygote_fds": _attempt(lambda: os.listdir(f"/proc/{pid}/fd")),
+    }
+    if kill:
+        result["kill_zygote"] = _attempt(lambda: os.kill(pid, signal.SIGKILL))
+    await channel.send(Message(json.dumps(result).encode()))
+
+
+async def report_cwd(channel: Channel) -> None:
+    """Reply once with the worker's working directory."""
+    await channel.send(Message(os.getcwd().encode()))
+
+
+async def print_to_stdout(channel: Channel) -> None:
+    """Write a line to fd 1, then say ``b"done"``."""
+    os.write(1, b"a line on the worker's stdout\n")
+    await channel.send(Message(b"done"))
