@@ -49,6 +49,9 @@ receiver's peak RSS, the CPU of an idle open channel, worker spawn time vs
 (a 10x slower consumer; a header announcing max_message_size followed by a
 trickle).  Each figure is the median of the repetitions; spread is
 (max - min) / median.  Timing asserts nothing: compare ratios within a run.
+
+`python -m trio_mojo bench spawn --help`: worker start-up (zygote, spawn,
+multiprocessing) on its own.
 """
 
 
@@ -148,6 +151,11 @@ def _progress(text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns 0 when every honesty check passed."""
+    given = sys.argv[1:] if argv is None else argv
+    if given[:1] == ["spawn"]:  # the worker start-up benchmark, on its own
+        from ._spawn import main as spawn_main
+
+        return spawn_main(given[1:])
     args = _parse(argv)
     quick = args.quick
     reps = args.reps if args.reps is not None else (2 if quick else 3)

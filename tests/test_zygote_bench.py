@@ -1,0 +1,58 @@
+"""``python -m trio_mojo bench spawn`` runs end to end (tiny counts); no timing is asserted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from trio_mojo._bench import main
+
+
+def test_spawn_help_names_what_it_measures(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["spawn", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for words in ("Spawn-to-first-message", "forkserver", "--concurrent", "--reps"):
+        assert words in text
+
+
+def test_spawn_refuses_zero_repetitions(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["spawn", "--reps", "0"])
+    assert exit_info.value.code == 2
+    assert "at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_spawn_bench_runs_end_to_end(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "spawn.json"
+    status = main(["spawn", "--reps", "2", "--concurrent", "3", "--json", str(out)])
+    report = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert status == 0
+    for key in ("zygote", "spawned", "mp_forkserver", "mp_spawn"):
+        assert result[key]["n"] == 2
+        assert result[key]["median_ms"] > 0
+    assert result["zygote_concurrent_s"] > 0
+    assert result["spawned_concurrent_s"] > 0
+    assert set(result["zygote_steps"]) == {
+        "request to pid",
+        "sandbox and report",
+        "/proc checks",
+        "first round trip",
+    }
+    layers = {name for name in result["child_steps"] if name.startswith("sandbox: ")}
+    assert layers == {
+        "sandbox: rlimits",
+        "sandbox: no_new_privs",
+        "sandbox: namespaces",
+        "sandbox: landlock",
+        "sandbox: seccomp",
+    }
+    assert "3 strict() workers started at once" in report
+    assert "targets (issue #11)" in report

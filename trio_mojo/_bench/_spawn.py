@@ -1,0 +1,464 @@
+"""``python -m trio_mojo bench spawn``: how fast a sandboxed worker starts.
+
+Measured in one run, each figure the median of ``--reps`` repetitions:
+
+* **Spawn-to-first-message**: from the call that starts a worker until the
+  first reply of its target has arrived (the worker echoes one short
+  message), for a ``strict()`` worker forked by a zygote (started
+  beforehand, not counted), a ``strict()`` worker started by
+  ``open_worker`` (an interpreter start and its imports), and a
+  ``multiprocessing`` child echoing over a ``Pipe`` with the ``forkserver``
+  (server started and this module preloaded beforehand) and ``spawn``
+  start methods.  The ``multiprocessing`` children are not sandboxed.
+* **Concurrent start**: ``--concurrent`` (100) ``strict()`` workers started
+  at once, from a zygote and spawned; the time until every one of them has
+  answered one message.  All of them stay alive until the last answered.
+* **Where the milliseconds go** on the zygote path: the parent's view (the
+  request until the pid is back, the worker's sandbox and report, the
+  parent's ``/proc`` checks, the first round trip), and the forked child's
+  own steps, timed by a profiling process that imports and warms up
+  exactly as a zygote does and then runs the same functions in the same
+  order (fork, fd layout, each sandbox layer, the start of ``trio.run``,
+  the channel, the report).
+
+Timings on a shared 2-core machine are noisy: compare the figures of one
+run with each other.  Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, Final, NoReturn
+
+import trio
+
+from trio_mojo._channel import open_channel
+from trio_mojo._core._message import Message
+from trio_mojo._endpoint import channel_pair
+from trio_mojo._sandbox import SandboxPolicy, SandboxReport
+from trio_mojo._sandbox._verify import verify_report
+from trio_mojo._workers._spawn import CHANNEL_SWITCH
+from trio_mojo._workers._worker import open_worker
+from trio_mojo._workers._zygote import Zygote, open_zygote
+
+__all__ = ["main"]
+
+TARGET: Final = "trio_mojo._examples:echo"
+_PROBE: Final = b"first"
+_ZYGOTE_STEPS: Final = ("request to pid", "sandbox and report", "/proc checks",
+                        "first round trip")  # fmt: skip
+
+
+def _ms(seconds: float) -> float:
+    return seconds * 1000
+
+
+def _summary(samples: Sequence[float]) -> dict[str, Any]:
+    return {
+        "median_ms": _ms(statistics.median(samples)),
+        "min_ms": _ms(min(samples)),
+        "max_ms": _ms(max(samples)),
+        "n": len(samples),
+    }
+
+
+# ---------------------------------------------------------------- trio_mojo
+
+
+async def _echo_once(channel_send: Callable[[Message], Awaitable[None]],
+                     channel_receive: Callable[[], Awaitable[Message]]) -> None:  # fmt: skip
+    await channel_send(Message(_PROBE))
+    reply = await channel_receive()
+    reply.close()
+    if reply.payload != _PROBE:
+        raise RuntimeError(f"the worker echoed {reply.payload!r}")
+
+
+async def _forked_first_message(
+    zygote: Zygote, steps: dict[str, list[float]] | None = None
+) -> float:
+    """One strict() worker forked by ``zygote``: seconds to its first reply."""
+    policy = zygote.sandbox
+    t0 = time.perf_counter()
+    local, remote = channel_pair()
+    process = await zygote._start_worker(TARGET, policy, {CHANNEL_SWITCH: remote})
+    t1 = time.perf_counter()
+    try:
+        async with open_channel(local) as channel:
+            first = await channel.receive()
+            t2 = time.perf_counter()
+            with first:
+                report = SandboxReport.from_bytes(first.payload)
+            verify_report(process.pid, policy, report)
+            t3 = time.perf_counter()
+            await _echo_once(channel.send, channel.receive)
+            t4 = time.perf_counter()
+        await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        if process.stderr is not None:
+            await process.stderr.aclose()
+    if steps is not None:
+        for name, (start, end) in zip(
+            _ZYGOTE_STEPS, [(t0, t1), (t1, t2), (t2, t3), (t3, t4)], strict=True
+        ):
+            steps.setdefault(name, []).append(end - start)
+    return t4 - t0
+
+
+async def _spawned_first_message(policy: SandboxPolicy) -> float:
+    t0 = time.perf_counter()
+    async with open_worker(TARGET, sandbox=policy) as worker:
+        await _echo_once(worker.channel.send, worker.channel.receive)
+        return time.perf_counter() - t0
+
+
+async def _concurrent(count: int, start_one: Callable[[trio.Event], Awaitable[None]]) -> float:  # fmt: skip
+    """Start ``count`` workers at once; seconds until all answered once.
+
+    ``start_one`` starts a worker, has it answer, sets its event and then
+    waits (the worker stays alive) until it is cancelled, once all answered.
+    """
+    answered = 0
+    all_answered = trio.Event()
+    elapsed = 0.0
+    t0 = time.perf_counter()
+
+    async def one() -> None:
+        nonlocal answered, elapsed
+        done = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(start_one, done)
+            await done.wait()
+            answered += 1
+            if answered == count:
+                elapsed = time.perf_counter() - t0
+                all_answered.set()
+            await all_answered.wait()
+            nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(count):
+            nursery.start_soon(one)
+    return elapsed
+
+
+async def _measure_trio_mojo(reps: int, concurrent: int, spawned_concurrent: bool) -> dict[str, Any]:  # fmt: skip
+    policy = SandboxPolicy.strict()
+    result: dict[str, Any] = {}
+    steps: dict[str, list[float]] = {}
+    _progress(f"[spawn] zygote: {reps} x strict() spawn-to-first-message")
+    async with open_zygote(preload=[TARGET], sandbox=policy) as zygote:
+        await _forked_first_message(zygote)  # warm up this process's side
+        samples = [await _forked_first_message(zygote, steps) for _ in range(reps)]
+        result["zygote"] = _summary(samples)
+        result["zygote_steps"] = {name: _summary(v) for name, v in steps.items()}
+        _progress(f"[spawn] zygote: {concurrent} strict() workers at once")
+
+        async def forked(done: trio.Event) -> None:
+            local, remote = channel_pair()
+            process = await zygote._start_worker(
+                TARGET, policy, {CHANNEL_SWITCH: remote}
+            )
+            try:
+                async with open_channel(local) as channel:
+                    first = await channel.receive()
+                    with first:
+                        report = SandboxReport.from_bytes(first.payload)
+                    verify_report(process.pid, policy, report)
+                    await _echo_once(channel.send, channel.receive)
+                    done.set()
+                    await trio.sleep_forever()
+            finally:
+                with trio.CancelScope(shield=True):
+                    process.kill()
+                    await process.wait()
+                    if process.stderr is not None:
+                        await process.stderr.aclose()
+
+        result["zygote_concurrent_s"] = await _concurrent(concurrent, forked)
+    _progress(f"[spawn] open_worker: {reps} x strict() spawn-to-first-message")
+    await _spawned_first_message(policy)
+    samples = [await _spawned_first_message(policy) for _ in range(reps)]
+    result["spawned"] = _summary(samples)
+    if spawned_concurrent:
+        _progress(f"[spawn] open_worker: {concurrent} strict() workers at once")
+
+        async def spawned(done: trio.Event) -> None:
+            async with open_worker(TARGET, sandbox=policy) as worker:
+                await _echo_once(worker.channel.send, worker.channel.receive)
+                done.set()
+                await trio.sleep_forever()
+
+        result["spawned_concurrent_s"] = await _concurrent(concurrent, spawned)
+    return result
+
+
+# ---------------------------------------------------------------- multiprocessing
+
+_MP_ECHO: Final = "connection.send_bytes(connection.recv_bytes())"
+"""The multiprocessing child's whole job.  Run with ``exec`` (a builtin, so
+the child imports nothing but multiprocessing itself: the fairest reference)."""
+
+
+def _mp_first_message(context: Any) -> float:
+    parent_end, child_end = context.Pipe()
+    process = context.Process(target=exec, args=(_MP_ECHO, {"connection": child_end}))
+    t0 = time.perf_counter()
+    process.start()
+    parent_end.send_bytes(_PROBE)
+    reply = parent_end.recv_bytes()
+    elapsed = time.perf_counter() - t0
+    child_end.close()
+    parent_end.close()
+    process.join()
+    if reply != _PROBE or process.exitcode != 0:
+        raise RuntimeError(f"multiprocessing child: {reply!r}, exit {process.exitcode}")
+    return elapsed
+
+
+def _measure_multiprocessing(reps: int) -> dict[str, Any]:
+    from multiprocessing import forkserver, resource_tracker
+
+    result = {}
+    try:
+        for method in ("forkserver", "spawn"):
+            _progress(f"[spawn] multiprocessing {method}: {reps} x spawn-to-first-message")  # fmt: skip
+            context = multiprocessing.get_context(method)
+            _mp_first_message(context)  # starts the fork server; warms up
+            samples = [_mp_first_message(context) for _ in range(reps)]
+            result[f"mp_{method}"] = _summary(samples)
+    finally:
+        # Leave no process or fd behind (the bench may run inside a test):
+        # the stdlib's own tests stop these two the same way.
+        forkserver._forkserver._stop()  # type: ignore[attr-defined]
+        resource_tracker._resource_tracker._stop()  # type: ignore[attr-defined]
+    return result
+
+
+# ---------------------------------------------------------------- the child's steps
+
+
+class _Stamps:
+    """``(step, time.monotonic())`` pairs: one clock for every process."""
+
+    def __init__(self) -> None:
+        self.stamps: list[tuple[str, float]] = []
+
+    def __call__(self, step: str) -> None:
+        self.stamps.append((step, time.monotonic()))
+
+
+def _profiled_child(channel_fd: int, stderr_fd: int) -> NoReturn:
+    """A forked child that runs the zygote child's steps and stamps each."""
+    from trio_mojo._endpoint import Endpoint
+    from trio_mojo._sandbox import _apply
+    from trio_mojo._sandbox._apply import set_parent_death_signal
+    from trio_mojo._workers import _zygote_main
+    from trio_mojo._workers._bootstrap import _load_target
+
+    stamp = _Stamps()
+    stamp("fork")
+    policy = SandboxPolicy.strict()
+    set_parent_death_signal(os.getppid())
+    stamp("parent-death signal")
+    os.setsid()
+    _zygote_main._install_fds({"channel": channel_fd, "stderr": stderr_fd})
+    stamp("session and fds")
+    _load_target(TARGET)
+    stamp("import target (preloaded)")
+    channel = Endpoint.from_fd(_zygote_main.WORKER_FDS["channel"])
+    for layer, applier in _apply._APPLIERS.items():
+        applier(policy)
+        stamp(f"sandbox: {layer}")
+
+    async def report() -> None:
+        stamp("trio.run start")
+        async with open_channel(channel) as opened:
+            stamp("open_channel")
+            await opened.send(Message(b"a report"))
+            stamp("send the report")
+            await opened.send(Message(json.dumps(stamp.stamps).encode()))
+
+    trio.run(report)
+    os._exit(0)
+
+
+def _profile_children(count: int) -> dict[str, list[float]]:
+    """Fork ``count`` strict() workers step by step, as the zygote's child does.
+
+    Runs in a process of its own, prepared exactly as a zygote is (the same
+    imports, the same warm-up, ``gc.freeze``), and never inside ``trio.run``.
+    Each child stamps its steps (:class:`_Stamps`) and sends the stamps
+    after its report; a step's time is from the previous stamp (the first:
+    from just before ``fork()`` in this process).
+    """
+    import gc
+
+    from trio_mojo._workers import _zygote_main
+    from trio_mojo._workers._bootstrap import _load_target
+
+    _load_target(TARGET)
+    _zygote_main._warm_up()
+    gc.freeze()
+    steps: dict[str, list[float]] = {}
+    for _ in range(count):
+        local, remote = channel_pair()
+        err_read, err_write = os.pipe()
+        before = time.monotonic()
+        pid = os.fork()
+        if pid == 0:
+            _profiled_child(remote.detach(), err_write)
+        os.close(err_write)
+        remote.close()
+        with _blocking_socket(local.detach()) as sock, sock.makefile("rb") as stream:
+            _read_message(stream)  # the report
+            stamps = json.loads(_read_message(stream))
+        os.waitpid(pid, 0)
+        os.close(err_read)
+        previous = before
+        for name, when in stamps:
+            steps.setdefault(name, []).append(when - previous)
+            previous = when
+    return steps
+
+
+def _blocking_socket(fd: int) -> socket.socket:
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(True)
+    return sock
+
+
+def _read_message(stream: Any) -> bytes:
+    from trio_mojo._core._wire import HEADER_SIZE
+
+    header = stream.read(HEADER_SIZE)
+    size = int.from_bytes(header[:4], "little")
+    payload: bytes = stream.read(size - HEADER_SIZE)
+    return payload
+
+
+def _measure_child_steps(count: int) -> dict[str, Any]:
+    _progress(f"[spawn] the forked child's steps, {count} children")
+    output = subprocess.run(
+        [sys.executable, "-I", "-m", __name__, f"--profile-children={count}"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    steps = json.loads(output)
+    return {name: _summary(samples) for name, samples in steps.items()}
+
+
+# ---------------------------------------------------------------- report
+
+
+def _progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _row(label: str, cell: dict[str, Any], note: str = "") -> str:
+    return (
+        f"  {label:<34} {cell['median_ms']:8.1f} ms   "
+        f"[{cell['min_ms']:.1f} .. {cell['max_ms']:.1f}, n={cell['n']}]{note}"
+    )
+
+
+def render(result: dict[str, Any]) -> str:
+    """The text report of one run."""
+    meta = result["meta"]
+    lines = [
+        f"Worker start-up ({meta['environment']})",
+        "",
+        "spawn-to-first-message, median [min .. max]:",
+        _row("zygote, strict()", result["zygote"]),
+        _row("open_worker, strict()", result["spawned"]),
+    ]
+    for method in ("forkserver", "spawn"):
+        key = f"mp_{method}"
+        if key in result:
+            lines.append(
+                _row(f"multiprocessing {method}", result[key], "  unsandboxed")
+            )
+    count = meta["concurrent"]
+    lines += ["", f"{count} strict() workers started at once, until all answered:"]
+    lines.append(f"  zygote       {result['zygote_concurrent_s']:8.3f} s")
+    if "spawned_concurrent_s" in result:
+        lines.append(f"  open_worker  {result['spawned_concurrent_s']:8.3f} s")
+    lines += ["", "zygote path, the parent's view (median):"]
+    lines += [_row(name, cell) for name, cell in result["zygote_steps"].items()]
+    if "child_steps" in result:
+        lines += ["", "the forked child's steps (median; fork: parent's fork() to child's first line):"]  # fmt: skip
+        lines += [_row(name, cell) for name, cell in result["child_steps"].items()]
+    targets = [
+        ("zygote spawn-to-first-message <= 10 ms", result["zygote"]["median_ms"] <= 10),
+        (f"{count} workers ready in < 1 s", result["zygote_concurrent_s"] < 1.0),
+    ]
+    lines += ["", "targets (issue #11):"]
+    lines += [f"  [{'met' if ok else 'MISSED'}] {text}" for text, ok in targets]
+    return "\n".join(lines) + "\n"
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m trio_mojo bench spawn",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--reps", type=int, default=20, help="repetitions (default 20)")
+    parser.add_argument("--concurrent", type=int, default=100,
+                        help="workers started at once (default 100)")  # fmt: skip
+    parser.add_argument("--no-spawned-concurrent", action="store_true",
+                        help="skip starting --concurrent workers without a zygote "
+                        "(about 0.1 s each)")  # fmt: skip
+    parser.add_argument("--no-multiprocessing", action="store_true",
+                        help="skip the multiprocessing references")  # fmt: skip
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = parser.parse_args(argv)
+    if args.reps < 1 or args.concurrent < 1:
+        parser.error("--reps and --concurrent must be at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the spawn benchmark; returns the exit status."""
+    from ._cli import _environment
+
+    args = _parse(argv)
+    started = time.monotonic()
+    result: dict[str, Any] = trio.run(
+        _measure_trio_mojo, args.reps, args.concurrent, not args.no_spawned_concurrent
+    )
+    result["child_steps"] = _measure_child_steps(args.reps)
+    if not args.no_multiprocessing:
+        result.update(_measure_multiprocessing(args.reps))
+    result["meta"] = {
+        "environment": _environment(),
+        "reps": args.reps,
+        "concurrent": args.concurrent,
+        "seconds": time.monotonic() - started,
+    }
+    print(render(result), end="")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    (option,) = sys.argv[1:]
+    name, _, value = option.partition("=")
+    if name != "--profile-children":
+        sys.exit(f"usage: python -I -m {__spec__.name} --profile-children=N")
+    print(json.dumps(_profile_children(int(value))))
