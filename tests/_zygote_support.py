@@ -1,9 +1,10 @@
 """Helpers for the zygote tests: an interpreter wrapper and a forked worker.
 
 ``interpreter(tmp_path)`` writes a shell script to pass as ``python=`` to
-:func:`open_zygote`: it runs the real interpreter in isolated mode with this
-tests directory first on ``sys.path``, so that a zygote can preload (and
-fork targets from) the test-only modules next to this file.
+:func:`open_zygote` (or ``open_worker``): it runs the real interpreter in
+isolated mode with this tests directory first on ``sys.path``, so that a
+zygote can preload (and fork targets from) the test-only modules next to
+this file.
 
 ``forked_worker`` forks a worker from a zygote and does what ``open_worker``
 does around it: receive the sandbox report, verify it in ``/proc``, and on
@@ -38,27 +39,28 @@ from trio_mojo._workers._zygote import ForkedProcess, Zygote
 __all__ = ["Forked", "forked_worker", "interpreter"]
 
 TESTS = Path(__file__).resolve().parent
-_ZYGOTE_ARGS = ("-I", "-m", "trio_mojo._workers._zygote_main")
 
 
-def interpreter(
-    directory: Path, module: str = "trio_mojo._workers._zygote_main"
-) -> str:
-    """A ``python=`` for open_zygote that also finds the test modules.
+def interpreter(directory: Path, module: str | None = None) -> str:
+    """A ``python=`` for open_zygote or open_worker that finds the test modules.
 
-    ``module`` is what it runs instead of the zygote's entry point (a fake).
+    It is called as ``python -I -m MODULE ARGS...`` and runs ``MODULE`` (or
+    ``module``, a fake, in its place) with this directory first on
+    ``sys.path``.
     """
     script = directory / "python-with-test-modules"
     code = (
         "import runpy, sys; "
         f"sys.path.insert(0, {str(TESTS)!r}); "
-        f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
+        "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)"
     )
+    chosen = '"$3"' if module is None else repr(module)
     script.write_text(
         "#!/bin/sh\n"
-        f'[ "$1 $2 $3" = "{" ".join(_ZYGOTE_ARGS)}" ] || exit 64\n'
+        '[ "$1 $2" = "-I -m" ] || exit 64\n'
+        f"module={chosen}\n"
         "shift 3\n"
-        f'exec {sys.executable} -I -c "{code}" "$@"\n'
+        f'exec {sys.executable} -I -c "{code}" "$module" "$@"\n'
     )
     script.chmod(0o755)
     return str(script)

@@ -19,6 +19,7 @@ import trio
 from _process_support import children
 from _zygote_support import forked_worker, interpreter
 
+import trio_mojo
 from trio_mojo import (
     CHANNEL_SWITCH,
     Handle,
@@ -26,6 +27,7 @@ from trio_mojo import (
     SandboxPolicy,
     WorkerError,
     channel_pair,
+    open_worker,
 )
 from trio_mojo._sandbox import _namespaces
 from trio_mojo._workers._worker import ENV_ALLOWLIST
@@ -213,10 +215,12 @@ async def test_stdout_goes_where_it_is_asked_and_cwd_is_set(tmp_path: Path) -> N
             async with forked_worker(
                 zygote, "zygote_targets:print_to_stdout", stdout=into.fileno()
             ) as worker:
+                await worker.channel.send(Message(b"print"))
                 assert (await worker.channel.receive()).payload == b"done"
             async with forked_worker(
                 zygote, "zygote_targets:report_cwd", policy=NONE, cwd=tmp_path
             ) as worker:
+                await worker.channel.send(Message(b"where?"))
                 assert (await worker.channel.receive()).payload == bytes(tmp_path)
         into.close()
         assert os.read(out.fileno(), 100) == b"a line on the worker's stdout\n"
@@ -314,20 +318,85 @@ async def test_a_zygote_with_a_thread_refuses_to_fork(tmp_path: Path) -> None:
         assert zygote.running_workers == 0
 
 
-async def test_a_zygote_that_breaks_the_protocol_fails_the_request(
-    tmp_path: Path,
+@pytest.mark.parametrize("fault", ["unknown-exit", "second-ready", "wrong-id"])
+async def test_a_zygote_that_breaks_the_protocol_is_killed(
+    tmp_path: Path, fault: str
 ) -> None:
-    async with open_zygote(python=interpreter(tmp_path, "zygote_fake")) as zygote:
-        local, remote = channel_pair()
-        with local, pytest.raises(WorkerError, match="broke its control channel"):
-            await zygote._start_worker(
-                f"{EXAMPLES}:echo", STRICT, {CHANNEL_SWITCH: remote}
-            )
-        local, remote = channel_pair()
-        with local, pytest.raises(WorkerError, match="broke its control channel"):
-            await zygote._start_worker(
-                f"{EXAMPLES}:echo", STRICT, {CHANNEL_SWITCH: remote}
-            )
+    async with open_zygote(
+        python=interpreter(tmp_path, "zygote_fake"), env={"ZYGOTE_FAKE": fault}
+    ) as zygote:
+        for _ in range(2):  # the request that broke it, and any later one
+            local, remote = channel_pair()
+            with local, pytest.raises(WorkerError, match="broke its control channel"):
+                await zygote._start_worker(
+                    f"{EXAMPLES}:echo", STRICT, {CHANNEL_SWITCH: remote}
+                )
+        await _wait_gone(zygote.pid)
+        assert zygote.returncode == -signal.SIGKILL
+    assert children() == {}
+
+
+@pytest.mark.parametrize(
+    ("fault", "error"),
+    [
+        ("garbage", "not JSON"),
+        ("refused-first", "sent Refused"),
+        ("silent", "not ready within 0.5 s"),
+    ],
+)
+async def test_a_zygote_that_never_says_ready_fails_the_start(
+    tmp_path: Path, fault: str, error: str
+) -> None:
+    with pytest.raises(WorkerError, match=error):
+        async with open_zygote(
+            python=interpreter(tmp_path, "zygote_fake"),
+            env={"ZYGOTE_FAKE": fault},
+            startup_timeout=0.5,
+        ):
+            pytest.fail("the zygote must not start")
+    assert children() == {}
+
+
+async def test_a_deadline_during_startup_leaves_no_process() -> None:
+    with trio.move_on_after(0.05) as scope:
+        async with open_zygote():
+            pytest.fail("the zygote cannot be ready this soon")
+    assert scope.cancelled_caught
+    assert children() == {}
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"max_pending": 0}, ValueError),
+        ({"sandbox": "strict"}, TypeError),
+    ],
+)
+async def test_bad_options_are_refused_before_starting(
+    options: dict[str, object], error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        async with open_zygote(**options):  # type: ignore[arg-type]
+            pytest.fail("the zygote must not start")
+    assert children() == {}
+
+
+async def test_one_pending_request_at_a_time_still_serves_everyone() -> None:
+    served = 0
+
+    async def one(zygote: Zygote) -> None:
+        nonlocal served
+        async with forked_worker(zygote, f"{EXAMPLES}:echo", policy=NONE) as worker:
+            await worker.channel.send(Message(b"hi"))
+            assert (await worker.channel.receive()).payload == b"hi"
+        served += 1
+
+    async with open_zygote(preload=[EXAMPLES], max_pending=1) as zygote:
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(one, zygote)
+        assert zygote.forked == 5
+    assert served == 5
 
 
 # ----------------------------------------------------------------------
@@ -361,6 +430,7 @@ async def test_a_hostile_worker_cannot_reach_the_zygote(tmp_path: Path) -> None:
         assert seen["list_zygote_fds"] in ("EPERM", "EACCES")
         # Still serving:
         async with forked_worker(zygote, "zygote_targets:report_cwd") as worker:
+            await worker.channel.send(Message(b"where?"))
             assert (await worker.channel.receive()).payload
 
 
@@ -380,23 +450,57 @@ async def test_the_same_probe_unsandboxed_does_reach_the_zygote(tmp_path: Path) 
         assert seen["list_zygote_fds"] == "ALLOWED"
 
 
+async def _layout(worker_channel: trio_mojo.Channel) -> dict[str, int]:
+    await worker_channel.send(Message(b"layout?"))
+    reply = await worker_channel.receive()
+    with reply:
+        layout: dict[str, int] = json.loads(reply.payload)
+    return layout
+
+
+async def test_forked_workers_share_the_zygotes_layout_spawned_ones_do_not(
+    tmp_path: Path,
+) -> None:
+    """What docs/security.rst says: ASLR and the hash secret are per exec."""
+    python = interpreter(tmp_path)
+    async with open_zygote(python=python, preload=["zygote_targets"]) as zygote:
+        forked = []
+        for _ in range(2):
+            async with forked_worker(zygote, "zygote_targets:report_layout") as worker:
+                forked.append(await _layout(worker.channel))
+    spawned = []
+    for _ in range(2):
+        async with open_worker(
+            "zygote_targets:report_layout", sandbox=STRICT, python=python
+        ) as spawned_worker:
+            spawned.append(await _layout(spawned_worker.channel))
+    assert forked[0] == forked[1]
+    for key in ("os", "libc", "hash"):
+        assert spawned[0][key] != spawned[1][key]
+
+
 # ----------------------------------------------------------------------
 # Deaths: the zygote's, the parent's
 
 
 async def test_killing_the_zygote_kills_its_workers_and_fails_new_requests() -> None:
-    async with open_zygote(preload=[EXAMPLES]) as zygote:
-        async with forked_worker(zygote, f"{EXAMPLES}:echo") as worker:
-            os.kill(zygote.pid, signal.SIGKILL)
-            with trio.fail_after(10):
-                assert await worker.process.wait() == -signal.SIGKILL
-            await _wait_gone(worker.process.pid)
+    async with (
+        open_zygote(preload=[EXAMPLES]) as zygote,
+        forked_worker(zygote, f"{EXAMPLES}:echo") as first,
+        forked_worker(zygote, f"{EXAMPLES}:echo") as second,
+    ):
+        os.kill(zygote.pid, signal.SIGKILL)
+        with trio.fail_after(10):
+            assert await first.process.wait() == -signal.SIGKILL
         local, remote = channel_pair()
         with local, pytest.raises(WorkerError, match="zygote") as info:
             await zygote._start_worker(
                 f"{EXAMPLES}:echo", STRICT, {CHANNEL_SWITCH: remote}
             )
         assert f"exited with status {-signal.SIGKILL}" in str(info.value)
+        # Without waiting: the pidfd says it is gone.
+        await _wait_gone(second.process.pid)
+        assert second.process.returncode == -signal.SIGKILL
     assert children() == {}
 
 

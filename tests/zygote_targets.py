@@ -8,6 +8,7 @@ named as targets.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -16,7 +17,7 @@ from collections.abc import Callable
 
 from trio_mojo import Channel, Message
 
-__all__ = ["print_to_stdout", "probe_zygote", "report_cwd"]
+__all__ = ["print_to_stdout", "probe_zygote", "report_cwd", "report_layout"]
 
 
 def _attempt(action: Callable[[], object]) -> str:
@@ -64,11 +65,27 @@ async def probe_zygote(channel: Channel) -> None:
 
 
 async def report_cwd(channel: Channel) -> None:
-    """Reply once with the worker's working directory."""
+    """Reply to the first message with the worker's working directory."""
+    (await channel.receive()).close()
     await channel.send(Message(os.getcwd().encode()))
 
 
 async def print_to_stdout(channel: Channel) -> None:
-    """Write a line to fd 1, then say ``b"done"``."""
+    """On the first message, write a line to fd 1, then say ``b"done"``."""
+    (await channel.receive()).close()
     os.write(1, b"a line on the worker's stdout\n")
     await channel.send(Message(b"done"))
+
+
+async def report_layout(channel: Channel) -> None:
+    """Reply to the first message with what ASLR and hash randomisation
+    would make differ.
+
+    JSON: the address of the ``os`` module object (heap), of libc's
+    ``getpid`` (shared libraries), and ``hash()`` of a string (the hash
+    secret).
+    """
+    (await channel.receive()).close()
+    libc_getpid = ctypes.cast(ctypes.CDLL(None).getpid, ctypes.c_void_p).value
+    layout = {"os": id(os), "libc": libc_getpid, "hash": hash("trio_mojo")}
+    await channel.send(Message(json.dumps(layout).encode()))
