@@ -1,8 +1,9 @@
 """Helpers for the tests that start real child processes.
 
-Shared by ``test_spawn``, ``test_worker``, ``test_broker`` and
-``test_sandbox_policy``: deliberately inheritable fds in the parent, and
-checks that a child was reaped and that no child process is left over.
+Shared by ``test_spawn``, ``test_worker``, ``test_broker``,
+``test_sandbox_policy`` and ``test_zygote``: deliberately inheritable fds in
+the parent, checks that a child was reaped and that no child process is
+left over, a pipe holding some bytes, and a parent process to kill.
 """
 
 from __future__ import annotations
@@ -10,16 +11,58 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Iterator
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import trio
+
+from trio_mojo import Handle
 
 __all__ = [
     "assert_reaped",
     "children",
     "inheritable_fds",
+    "pids_from_a_parent",
+    "pipe_with",
 ]
+
+
+def pipe_with(data: bytes) -> Handle:
+    """The read end of a pipe that holds ``data`` (its write end is closed)."""
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, data)
+    finally:
+        os.close(write_end)
+    return Handle(read_end)
+
+
+@contextlib.asynccontextmanager
+async def pids_from_a_parent(script: str) -> AsyncIterator[list[int]]:
+    """Run ``script`` as a parent process; yield the pids of its first line.
+
+    The parent is ``SIGKILL``ed (and reaped) when the block is left: what
+    the block then checks is what that leaves behind.
+    """
+    parent = await trio.lowlevel.open_process(
+        [sys.executable, "-I", "-c", script],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert parent.stdout is not None
+        with trio.fail_after(30):
+            line = await parent.stdout.receive_some()
+        pids = [int(pid) for pid in line.split()]
+    finally:
+        parent.kill()
+        await parent.wait()
+        if parent.stdout is not None:
+            await parent.stdout.aclose()
+    yield pids
 
 
 @contextlib.contextmanager

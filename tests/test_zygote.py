@@ -10,13 +10,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import trio
-from _process_support import children
+from _process_support import children, pids_from_a_parent, pipe_with
 from _zygote_support import forked_worker, interpreter
 
 import trio_mojo
@@ -36,15 +34,6 @@ from trio_mojo._workers._zygote import Zygote, open_zygote
 STRICT = SandboxPolicy.strict()
 NONE = SandboxPolicy.none(i_understand_this_is_unsandboxed=True)
 EXAMPLES = "trio_mojo._examples"
-
-
-def _pipe_with(data: bytes) -> Handle:
-    read_end, write_end = os.pipe()
-    try:
-        os.write(write_end, data)
-    finally:
-        os.close(write_end)
-    return Handle(read_end)
 
 
 def _status(pid: int) -> dict[str, str]:
@@ -101,7 +90,7 @@ async def test_a_strict_worker_exchanges_messages_and_fds_both_ways() -> None:
         open_zygote(preload=[EXAMPLES]) as zygote,
         forked_worker(zygote, f"{EXAMPLES}:echo") as worker,
     ):
-        await worker.channel.send(Message(b"ping", (_pipe_with(b"parent's pipe"),)))
+        await worker.channel.send(Message(b"ping", (pipe_with(b"parent's pipe"),)))
         reply = await worker.channel.receive()
         with reply:
             assert reply.payload == b"ping"
@@ -337,21 +326,21 @@ async def test_a_zygote_that_breaks_the_protocol_is_killed(
 
 
 @pytest.mark.parametrize(
-    ("fault", "error"),
+    ("fault", "startup", "error"),
     [
-        ("garbage", "not JSON"),
-        ("refused-first", "sent Refused"),
-        ("silent", "not ready within 0.5 s"),
+        ("garbage", 30, "not JSON"),
+        ("refused-first", 30, "sent Refused"),
+        ("silent", 0.5, "not ready within 0.5 s"),
     ],
 )
 async def test_a_zygote_that_never_says_ready_fails_the_start(
-    tmp_path: Path, fault: str, error: str
+    tmp_path: Path, fault: str, startup: float, error: str
 ) -> None:
     with pytest.raises(WorkerError, match=error):
         async with open_zygote(
             python=interpreter(tmp_path, "zygote_fake"),
             env={"ZYGOTE_FAKE": fault},
-            startup_timeout=0.5,
+            startup_timeout=startup,
         ):
             pytest.fail("the zygote must not start")
     assert children() == {}
@@ -583,22 +572,8 @@ trio.run(main)
 
 
 async def test_killing_the_parent_leaves_no_zygote_and_no_worker() -> None:
-    parent = await trio.lowlevel.open_process(
-        [sys.executable, "-I", "-c", ORPHAN_MAKER],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-    )
-    try:
-        assert parent.stdout is not None
-        with trio.fail_after(30):
-            line = await parent.stdout.receive_some()
-        zygote_pid, *worker_pids = map(int, line.split())
-        assert len(worker_pids) == 3
-        assert _status(worker_pids[0])["PPid"] == str(zygote_pid)
-    finally:
-        parent.kill()
-        await parent.wait()
-        if parent.stdout is not None:
-            await parent.stdout.aclose()
+    async with pids_from_a_parent(ORPHAN_MAKER) as pids:
+        zygote_pid, *worker_pids = pids
+    assert len(worker_pids) == 3
     for pid in (zygote_pid, *worker_pids):
         await _wait_gone(pid)

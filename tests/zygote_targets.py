@@ -9,23 +9,14 @@ named as targets.
 from __future__ import annotations
 
 import ctypes
-import errno
 import json
 import os
 import signal
-from collections.abc import Callable
 
 from trio_mojo import Channel, Message
+from trio_mojo._examples import _attempt
 
 __all__ = ["print_to_stdout", "probe_zygote", "report_cwd", "report_layout"]
-
-
-def _attempt(action: Callable[[], object]) -> str:
-    try:
-        action()
-    except OSError as exc:
-        return errno.errorcode.get(exc.errno or 0, str(exc))
-    return "ALLOWED"
 
 
 def _open_and_close(path: str) -> None:
