@@ -16,10 +16,11 @@ instead of an interpreter start and its imports.
 The zygote never forks from inside ``trio.run``: a process forked from
 inside a run cannot start a run of its own.  (It runs Trio once at start,
 to completion, so that workers inherit warmed-up code: :func:`_warm_up`.)
-It serves the control channel with a small blocking loop instead: ``poll`` on the channel and on a wakeup pipe that
-the ``SIGCHLD`` handler writes to (:func:`signal.set_wakeup_fd`), the
-sans-I/O :class:`MessageDecoder` and :func:`encode_message` for the framing,
-and ``_fdpass`` for ``recvmsg``/``sendmsg`` with ``SCM_RIGHTS``.  On
+It serves the control channel with a small blocking loop instead: ``poll``
+on the channel and on a wakeup pipe that the ``SIGCHLD`` handler writes to
+(:func:`signal.set_wakeup_fd`), the sans-I/O :class:`MessageDecoder` and
+:func:`encode_message` for the framing, and ``_fdpass`` for
+``recvmsg``/``sendmsg`` with ``SCM_RIGHTS``.  On
 ``SIGCHLD`` it reaps with ``waitpid(-1, WNOHANG)`` and reports each exit
 status; the parent's end of the channel closing (the parent is done, or
 dead) ends the zygote, and its ``PR_SET_PDEATHSIG`` kills every worker it
