@@ -418,9 +418,9 @@ async def test_a_hostile_worker_cannot_reach_the_zygote(tmp_path: Path) -> None:
         assert seen["open_zygote_mem"] in ("EPERM", "EACCES")
         assert seen["list_zygote_fds"] in ("EPERM", "EACCES")
         # Still serving:
-        async with forked_worker(zygote, "zygote_targets:report_cwd") as worker:
-            await worker.channel.send(Message(b"where?"))
-            assert (await worker.channel.receive()).payload
+        async with forked_worker(zygote, f"{EXAMPLES}:echo") as worker:
+            await worker.channel.send(Message(b"still there?"))
+            assert (await worker.channel.receive()).payload == b"still there?"
 
 
 async def test_the_same_probe_unsandboxed_does_reach_the_zygote(tmp_path: Path) -> None:
