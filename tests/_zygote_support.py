@@ -102,6 +102,11 @@ async def forked_worker(
             yield Forked(process, channel, report, tail)
         with trio.move_on_after(grace_period):
             await process.wait()
+    except BaseException as exc:
+        failure: BaseException | None = exc
+        raise
+    else:
+        failure = None
     finally:
         with trio.CancelScope(shield=True):
             if process.returncode is None:
@@ -112,3 +117,5 @@ async def forked_worker(
                 await tail.drain(process.stderr)
             await process.stderr.aclose()
         local.close()
+        if failure is not None and tail.text():
+            failure.add_note(f"the worker's stderr:\n{tail.text()}")
