@@ -55,4 +55,4 @@ def test_spawn_bench_runs_end_to_end(
         "sandbox: seccomp",
     }
     assert "3 strict() workers started at once" in report
-    assert "targets (issue #11)" in report
+    assert "targets:" in report

@@ -406,7 +406,7 @@ def render(result: dict[str, Any]) -> str:
         ("zygote spawn-to-first-message <= 10 ms", result["zygote"]["median_ms"] <= 10),
         (f"{count} workers ready in < 1 s", result["zygote_concurrent_s"] < 1.0),
     ]
-    lines += ["", "targets (issue #11):"]
+    lines += ["", "targets:"]
     lines += [f"  [{'met' if ok else 'MISSED'}] {text}" for text, ok in targets]
     return "\n".join(lines) + "\n"
 
