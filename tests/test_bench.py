@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from trio_mojo._bench import main
+from trio_mojo._bench._report import render, versus_peers
 from trio_mojo._bench._workloads import WORKLOADS
 
 
@@ -20,6 +26,108 @@ def test_help_explains_the_workloads(capsys: pytest.CaptureFixture[str]) -> None
         assert workload.name in text
     assert "--quick" in text
     assert "--json" in text
+
+
+def test_help_and_output_speak_to_users_not_to_the_tracker(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "--plot" in text
+    assert not re.search(r"issue|#\d", text, re.IGNORECASE)
+    report = render(fake_result())
+    assert not re.search(r"issue|#\d|MISSED", report, re.IGNORECASE)
+
+
+def fake_result() -> dict[str, Any]:
+    """A bench result with made-up medians (no process is started)."""
+    figures = {
+        "W1": {"trio_mojo": 400e3, "mp": 200e3, "uvloop": 800e3},
+        "W4": {"trio_mojo": 30.0, "mp": 15.0, "uvloop": 60.0},
+        "W4w": {"trio_mojo": 45.0},
+    }
+    summary: dict[str, dict[str, dict[str, Any]]] = {}
+    for workload, cells in figures.items():
+        summary[workload] = {
+            system: {
+                "median": value,
+                "spread": 0.0,
+                "reps": 1,
+                "failed_reps": 0,
+                "cpu_us_per_msg": 1.0,
+                "sender_cpu_us_per_msg": 0.5,
+                "receiver_cpu_us_per_msg": 0.5,
+                "receiver_hwm_kib": 1024,
+                "receiver_rss_growth_kib": 0,
+                "rtt_p99_us": value * 2,
+            }
+            for system, value in cells.items()
+        }
+    for workload, row in summary.items():
+        reference = figures.get(workload, {}).get("mp") or figures["W4"]["mp"]
+        for cell in row.values():
+            faster = workload.startswith("W4")
+            cell["vs_mp"] = (
+                reference / cell["median"] if faster else cell["median"] / reference
+            )
+    return {
+        "meta": {
+            "mode": "quick",
+            "reps": 1,
+            "environment": "test",
+            "counts": {"W1": 10, "W4": 10, "W4w": 10},
+        },
+        "summary": summary,
+        "versus_peers": versus_peers(summary),
+        "honesty": {"runs": 6, "passed": 6, "failures": []},
+    }
+
+
+def test_the_report_ends_with_trio_mojo_against_each_peer() -> None:
+    result = fake_result()
+    assert result["versus_peers"]["W1"] == {"mp": 2.0, "uvloop": 0.5}
+    assert result["versus_peers"]["W4"] == {"mp": 0.5, "uvloop": 2.0}
+    # W4w has no peer of its own: it is set against the peers' W4.
+    assert result["versus_peers"]["W4w"] == {"mp": 15 / 45, "uvloop": 60 / 45}
+    report = render(result)
+    table = report[report.index("trio_mojo against each peer") :]
+    assert "| W1" in table
+    assert "| W4w (peers: W4)" in table
+    assert "2x" in table
+    assert "0.333x" in table
+
+
+def test_plot_draws_a_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="--plot needs the bench extra")
+    path = tmp_path / "bench.png"
+    # In a child process: matplotlib keeps its font files open for good.
+    script = (
+        "import json, pathlib, sys\n"
+        "from trio_mojo._bench._plot import plot\n"
+        "plot(json.loads(sys.argv[1]), pathlib.Path(sys.argv[2]))\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", script, json.dumps(fake_result()), str(path)],
+        check=True,
+        timeout=120,
+    )
+    assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_plot_without_matplotlib_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, package: str | None = None) -> Any:
+        return None if name == "matplotlib" else real_find_spec(name, package)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--plot", "out.png"])
+    assert exit_info.value.code == 2
+    assert "pip install matplotlib" in capsys.readouterr().err
 
 
 def test_unknown_system_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -47,16 +155,19 @@ def test_bench_runs_end_to_end(
 
     names = [workload.name for workload in WORKLOADS]
     assert result["meta"]["workloads"] == names
-    for name in names:
-        cells = result["summary"][name]
-        for system in ("trio_mojo", "mp", "raw"):  # always installed
+    for workload in WORKLOADS:
+        cells = result["summary"][workload.name]
+        systems = ("trio_mojo",) if workload.worker else ("trio_mojo", "mp")
+        for system in systems:
             cell = cells[system]
             assert cell["reps"] == 1
             assert cell["median"] > 0
-        assert cells["mp"]["vs_mp"] == pytest.approx(1.0)
-        assert name in report
-
-    assert len(result["targets"]) == 8
+        if not workload.worker:
+            assert cells["mp"]["vs_mp"] == pytest.approx(1.0)
+        assert result["versus_peers"][workload.name]["mp"] > 0
+        assert workload.name in report
+    assert "trio_mojo against each peer" in report
+    assert not re.search(r"issue|#\d|MISSED", report, re.IGNORECASE)
     extras = result["extras"]
     assert "error" not in extras["idle"]
     assert extras["slow_consumer"]["passed"]

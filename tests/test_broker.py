@@ -22,6 +22,7 @@ from pathlib import Path
 import attrs
 import pytest
 import trio
+from _fds import open_fds
 
 from trio_mojo import (
     BrokerClient,
@@ -34,6 +35,7 @@ from trio_mojo import (
     MalformedMessageError,
     Message,
     SandboxPolicy,
+    Worker,
     WorkerError,
     channel_pair,
     current_broker,
@@ -451,15 +453,12 @@ async def test_a_worker_breaking_the_broker_protocol_only_stops_the_broker(
     broker = FileBroker([FileAccess.read_only(tmp_path)])
     parent_end, worker_end = channel_pair()
     async with open_channel(worker_end) as worker_side:
-        async with open_channel(
-            parent_end, max_handles_per_message=0, max_queued_handles=0
-        ) as parent_side:
-            r, w = os.pipe()
-            os.close(w)
-            # Requests never carry fds: this one is malformed on the parent's side.
-            await worker_side.send(Message(b"OPEN\x00/x", (Handle(r),)))
-            with trio.fail_after(5):
-                await _serve_broker(broker, parent_side, trio.CancelScope())  # no raise
+        r, w = os.pipe()
+        os.close(w)
+        # Requests never carry fds: this one is malformed on the parent's side.
+        await worker_side.send(Message(b"OPEN\x00/x", (Handle(r),)))
+        with trio.fail_after(5):
+            await _serve_broker(broker, parent_end, trio.CancelScope())  # no raise
         assert isinstance(broker.error, MalformedMessageError)
         with pytest.raises((trio.EndOfChannel, DisconnectedError)), trio.fail_after(5):
             await worker_side.receive()
@@ -503,3 +502,48 @@ async def test_write_access_under_a_policy_that_forbids_writing_is_refused_upfro
         await worker.channel.send(Message(f"w {tmp_path / 'out'}".encode()))
         assert (await worker.channel.receive()).payload == b"ok"
     assert (tmp_path / "out").read_bytes() == b"written by worker"
+
+
+# ----------------------------------------------------------------------
+# A worker that floods the broker and never reads its replies
+
+
+async def _flood_until_stalled(worker: Worker) -> int:
+    """Let the worker flood until its sends stall; how many it sent."""
+    last, stable = -1, 0
+    with trio.fail_after(60):
+        while stable < 3:
+            await trio.sleep(0.1)
+            await worker.channel.send(Message(b"count"))
+            with await worker.channel.receive() as reply:
+                sent = int(reply.payload)
+            stable = stable + 1 if sent == last else 0
+            last = sent
+    return last
+
+
+@pytest.mark.parametrize("run", range(5))
+async def test_a_broker_flood_is_bounded_and_never_raises_on_exit(
+    tmp_path: Path, run: int
+) -> None:
+    (tmp_path / "f").write_bytes(b"hello")
+    baseline = len(open_fds())
+    async with open_worker(
+        "trio_mojo._examples:flood_broker",
+        sandbox=SandboxPolicy.strict(),
+        file_access=FileAccess.read_only(tmp_path),
+    ) as worker:
+        await worker.channel.send(Message(str(tmp_path / "f").encode()))
+        sent = await _flood_until_stalled(worker)
+        held = len(open_fds()) - baseline
+        assert worker.broker is not None
+        served = worker.broker.served
+        # Exit normally, every reply unread (the race that used to raise here).
+        await worker.channel.send(Message(b"stop"))
+    # The broker stopped serving after a few replies: a handful wait in its
+    # send queue (our fd table), a few more in the kernel (its socket's
+    # small send buffer); the worker's further requests just wait.
+    assert held <= 16, f"the parent holds {held} extra fds during the flood"
+    assert served <= 32, f"the broker opened {served} files for unread replies"
+    assert sent > served
+    assert worker.returncode == 0

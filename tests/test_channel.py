@@ -76,7 +76,7 @@ async def test_a_queued_payload_is_a_snapshot(size: int) -> None:
     async with open_pair(receive_queue_messages=1) as (left, right):
         filled = await fill_until_queued(left)
         payload = bytearray(b"b" * size)
-        await left.send(Message(payload))  # type: ignore[arg-type]
+        await left.send(Message(payload))  # a snapshot is taken here
         assert left.statistics().send_queue_messages >= 2  # it waits in the queue
         payload[:6] = b"AFTER!"
         for _ in range(filled):

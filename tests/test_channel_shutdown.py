@@ -365,6 +365,66 @@ async def test_unseen_write_failure_is_raised_when_the_block_is_left() -> None:
         assert isinstance(info.value.__cause__, OSError)
 
 
+def internal_chain(error: BaseException) -> list[BaseException]:
+    """``error``'s implicit context chain (``__context__``), innermost last."""
+    chain = []
+    seen = error.__context__
+    while seen is not None:
+        chain.append(seen)
+        seen = seen.__context__
+    return chain
+
+
+async def test_errors_users_see_carry_no_internal_context() -> None:
+    # Whatever receive()/send() raise is raised outside any internal
+    # ``except`` block, so no trio.WouldBlock or EndOfChannel from the
+    # machinery is chained onto it (the cause, when there is one, is the
+    # explicit __cause__).
+    async with open_pair() as (left, right):
+        await left.aclose()
+        with pytest.raises(trio.EndOfChannel) as ended:
+            await right.receive()
+        assert internal_chain(ended.value) == []
+        await right.aclose()
+        with pytest.raises(trio.ClosedResourceError) as closed:
+            await right.receive()
+        assert internal_chain(closed.value) == []
+        with pytest.raises(trio.ClosedResourceError) as refused:
+            await right.send(Message(b"late"))
+        assert internal_chain(refused.value) == []
+    with raw_pair() as (endpoint, peer):
+        async with open_channel(endpoint) as channel:
+            waiting = trio.CancelScope()
+            async with trio.open_nursery() as nursery:
+
+                async def wait() -> None:
+                    with waiting, pytest.raises(MalformedMessageError) as bad:
+                        await channel.receive()  # waiting on the socket
+                    assert internal_chain(bad.value) == []
+                    assert isinstance(bad.value.__cause__, MalformedMessageError)
+
+                nursery.start_soon(wait)
+                await trio.testing.wait_all_tasks_blocked()
+                await peer.send(b"\x03\x00\x00\x00\x00\x00\x00\x00")
+            with pytest.raises(MalformedMessageError) as again:
+                await channel.receive()
+            assert internal_chain(again.value) == []
+            with pytest.raises(MalformedMessageError) as on_send:
+                await channel.send(Message(b"x"))
+            assert internal_chain(on_send.value) == []
+    with raw_pair() as (endpoint, peer):
+        async with open_channel(endpoint) as channel:
+            await fill_until_queued(channel)
+            peer.close()
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(DisconnectedError) as vanished:
+                await channel.send(Message(b"too late"))
+            assert internal_chain(vanished.value) == []
+            with pytest.raises(DisconnectedError) as reset:
+                await channel.receive()
+            assert internal_chain(reset.value) == []
+
+
 async def test_failure_seen_once_is_not_raised_again_on_exit() -> None:
     with raw_pair() as (endpoint, peer):
         async with open_channel(endpoint) as channel:

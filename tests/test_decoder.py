@@ -1154,3 +1154,228 @@ def test_lenient_wait_for_fds_holds_a_bounded_amount_of_data() -> None:
     with pytest.raises(MalformedMessageError, match="while a message waits"):
         decoder.next_message()
     assert decoder.buffered_bytes == 0
+
+
+# ----------------------------------------------------------------------
+# next_batch(): the receive path's hot loop, checked against next_message()
+
+
+def drain_in_batches(
+    decoder: MessageDecoder, max_messages: int = 1000, max_bytes: int = 1 << 30
+) -> tuple[list[Message], Any]:
+    """Like :func:`drain`, but through ``next_batch`` wherever it applies."""
+    messages: list[Message] = []
+    while True:
+        batch, payload_bytes, handles, drained = decoder.next_batch(
+            max_messages, max_bytes
+        )
+        assert len(batch) <= max_messages
+        assert payload_bytes == sum(len(m.payload) for m in batch)
+        assert handles == sum(len(m.handles) for m in batch)
+        assert all(m.type is MessageType.NORMAL for m in batch)
+        messages += batch
+        if drained:
+            assert decoder.next_message() is NEED_DATA  # what drained promises
+            return messages, NEED_DATA
+        event = decoder.next_message()
+        if not isinstance(event, Message):
+            return messages, event
+        messages.append(event)
+
+
+def outcome(
+    decoder: MessageDecoder,
+    feeds: Sequence[tuple[bytes, int]],
+    fds: FdFactory,
+    eof: bool,
+    batched: bool,
+) -> list[object]:
+    """Everything a decoder reports for ``feeds`` (bytes, fds to queue first)."""
+    seen: list[object] = []
+
+    def pull() -> None:
+        if batched:
+            messages, event = drain_in_batches(decoder, max_messages=3, max_bytes=50)
+        else:
+            messages, event = drain(decoder)
+        for message in messages:
+            seen.append((message.payload, message.type, len(message.handles)))
+            message.close()
+        seen.append(event)
+
+    try:
+        for data, count in feeds:
+            decoder.receive_handles(fds.make(count))
+            decoder.receive_data(data)
+            pull()
+        if eof:
+            decoder.receive_eof()
+            pull()
+    except ChannelError as exc:
+        seen.append(type(exc))
+    seen.append(decoder.queued_handles)
+    return seen
+
+
+@given(
+    pieces=st.lists(
+        st.one_of(
+            st.tuples(
+                st.binary(max_size=40), st.integers(0, 3), st.sampled_from([0, 1, 2])
+            ).map(
+                lambda t: encode_message(t[0], num_handles=t[1], type=MessageType(t[2]))
+            ),
+            st.binary(max_size=20),  # garbage, a torn header, a stray byte
+        ),
+        max_size=8,
+    ),
+    cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=6),
+    fd_counts=st.lists(st.integers(0, 5), max_size=8),
+    strict=st.booleans(),
+    eof=st.booleans(),
+)
+def test_next_batch_reports_exactly_what_next_message_would(
+    pieces: list[bytes],
+    cuts: list[int],
+    fd_counts: list[int],
+    strict: bool,
+    eof: bool,
+) -> None:
+    stream = b"".join(pieces)
+    points = sorted({0, len(stream), *(c for c in cuts if c <= len(stream))})
+    feeds = [
+        (stream[lo:hi], fd_counts[i] if i < len(fd_counts) else 0)
+        for i, (lo, hi) in enumerate(itertools.pairwise(points))
+    ]
+    results = []
+    for batched in (False, True):
+        with FdFactory() as fds:
+            decoder = MessageDecoder(
+                max_message_size=200,
+                max_handles_per_message=3,
+                max_queued_handles=6,
+                strict_handles=strict,
+            )
+            results.append(outcome(decoder, feeds, fds, eof, batched))
+            decoder.close()
+    assert results[0] == results[1]
+
+
+def test_next_batch_takes_many_plain_messages_at_once(fds: FdFactory) -> None:
+    decoder = MessageDecoder()
+    stream = b"".join(
+        encode_message(bytes([i]) * i, num_handles=i % 3) for i in range(30)
+    )
+    decoder.receive_handles(fds.make(sum(i % 3 for i in range(30))))
+    decoder.receive_data(stream)
+    batch, payload_bytes, handles, drained = decoder.next_batch(100, 1 << 20)
+    assert [m.payload for m in batch] == [bytes([i]) * i for i in range(30)]
+    assert [len(m.handles) for m in batch] == [i % 3 for i in range(30)]
+    assert payload_bytes == sum(range(30))
+    assert handles == 30
+    assert drained
+    assert decoder.buffered_bytes == 0
+    for message in batch:
+        message.close()
+
+
+def test_next_batch_stops_at_its_limits() -> None:
+    decoder = MessageDecoder()
+    decoder.receive_data(b"".join(encode_message(b"x" * 10) for _ in range(5)))
+    batch, payload_bytes, _, drained = decoder.next_batch(2, 1 << 20)
+    assert (len(batch), payload_bytes, drained) == (2, 20, False)
+    # max_bytes: the message that passes it is the last one taken.
+    batch, payload_bytes, _, drained = decoder.next_batch(10, 15)
+    assert (len(batch), payload_bytes, drained) == (2, 20, False)
+    batch, _, _, drained = decoder.next_batch(10, 0)
+    assert (len(batch), drained) == (1, True)
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        encode_message(b"legacy", type=MessageType.NORMAL_LEGACY),
+        encode_message(b"", type=MessageType.UPGRADE_OFFER),
+        normal(b"extra", header_bytes=24) + bytes(8),
+        encode_message(b"x" * 300),  # above max_message_size: next_message fails it
+        normal(b"", num_bytes=12),  # below the header size: next_message fails it
+        encode_message(b"fds", num_handles=2),  # its fds have not arrived
+        encode_message(b"partial")[:-1],
+        encode_message(b"header")[:10],
+    ],
+)
+def test_next_batch_leaves_anything_unusual_to_next_message(wire: bytes) -> None:
+    decoder = MessageDecoder(max_message_size=200)
+    decoder.receive_data(wire)
+    assert decoder.next_batch(10, 1 << 20) == ([], 0, 0, False)
+
+
+def test_next_batch_leaves_handles_to_next_message_when_over_a_limit(
+    fds: FdFactory,
+) -> None:
+    for decoder in (
+        MessageDecoder(max_handles_per_message=1),
+        MessageDecoder(handle_policy=HandlePolicy.REJECT),
+    ):
+        decoder.receive_data(encode_message(b"x", num_handles=2))
+        assert decoder.next_batch(10, 1 << 20) == ([], 0, 0, False)
+        with pytest.raises(MalformedMessageError):
+            decoder.next_message()
+
+
+def test_next_batch_does_nothing_in_states_next_message_owns(fds: FdFactory) -> None:
+    ipcz = MessageDecoder(framing=Framing.IPCZ)
+    ipcz.receive_data(encode_message(b"i", framing=Framing.IPCZ))
+    assert ipcz.next_batch(10, 1 << 20) == ([], 0, 0, False)
+    collecting = MessageDecoder()
+    collecting.receive_data(encode_message(b"b" * 100)[:50])
+    assert collecting.next_message() is NEED_DATA  # now collecting the rest
+    assert collecting.next_batch(10, 1 << 20) == ([], 0, 0, False)
+    waiting = MessageDecoder(strict_handles=False)
+    waiting.receive_data(encode_message(b"w" * 100, num_handles=1))
+    assert waiting.next_message() is NEED_DATA  # complete, waiting for its fd
+    assert waiting.next_batch(10, 1 << 20) == ([], 0, 0, False)
+    failed = MessageDecoder()
+    failed.receive_data(normal(mtype=9))
+    with pytest.raises(MalformedMessageError):
+        failed.next_message()
+    assert failed.next_batch(10, 1 << 20) == ([], 0, 0, False)
+
+
+def test_next_batch_is_not_drained_when_next_message_has_news(fds: FdFactory) -> None:
+    at_eof = MessageDecoder()
+    at_eof.receive_data(encode_message(b"last"))
+    at_eof.receive_eof()
+    batch, _, _, drained = at_eof.next_batch(10, 1 << 20)
+    assert len(batch) == 1
+    assert not drained
+    assert at_eof.next_message() is END_OF_STREAM
+    over_cap = MessageDecoder(max_queued_handles=253)
+    over_cap.receive_handles(fds.make(254))
+    over_cap.receive_data(encode_message(b"ok"))
+    batch, _, _, drained = over_cap.next_batch(10, 1 << 20)
+    assert len(batch) == 1
+    assert not drained  # next_message() must see the surplus fds
+    with pytest.raises(MalformedMessageError, match="max_queued_handles"):
+        over_cap.next_message()
+    unbounded = MessageDecoder(max_queued_handles=None)
+    unbounded.receive_handles(fds.make(600))
+    unbounded.receive_data(encode_message(b"ok"))
+    assert unbounded.next_batch(10, 1 << 20)[3]
+    unbounded.close()
+
+
+def test_read_size_follows_what_arrived_of_a_large_message() -> None:
+    decoder = MessageDecoder()
+    assert decoder.read_size(64, 1000) == 64  # nothing is arriving
+    wire = encode_message(b"L" * 5000)
+    decoder.receive_data(wire[:100])
+    assert decoder.next_message() is NEED_DATA
+    assert decoder.read_size(64, 1000) == 100  # at most what arrived of it
+    decoder.receive_data(wire[100:700])
+    assert decoder.read_size(64, 1000) == 700
+    decoder.receive_data(wire[700:2000])
+    assert decoder.read_size(64, 1000) == 1000  # at most the maximum
+    decoder.receive_data(wire[2000:4990])
+    assert decoder.read_size(64, 1000) == 64  # what it still needs is small
+    assert decoder.read_size(5, 1000) == 26  # ... exactly that

@@ -30,6 +30,7 @@ from trio_mojo import (
 )
 from trio_mojo._core._encoder import (
     INLINE_PAYLOAD,
+    MAX_BATCH_BYTES,
     MAX_PLAN_BUFFERS,
     MAX_PLAN_BYTES,
     Buffer,
@@ -482,18 +483,33 @@ def _round_trip(
     starts: list[int] = []
     stream_size = 0
     expected_stream = []
+    entries: list[OutgoingMessage] = []
     for index, spec in enumerate(specs):
         handles = [Handle.dup(pipes[index][0]) for _ in range(spec.num_handles)]
         made.extend(handles)
         owner.update({h.fileno(): (index, j) for j, h in enumerate(handles)})
         sender.update({h.fileno(): h for h in handles})
-        entry = OutgoingMessage.encode(
-            Message(spec.payload, handles, spec.type), framing
-        )
-        encoder.push(entry)
-        expected_stream.append(entry.head + entry.tail)
+        message = Message(spec.payload, handles, spec.type)
+        # Sometimes pack it into the previous entry, as the channel does.
+        previous = entries[-1] if entries else None
+        before = len(previous.head) if previous is not None else 0
+        wire: bytes
+        if (
+            previous is not None
+            and data.draw(st.booleans(), label="batch")
+            and previous.append(message, framing)
+        ):
+            wire = bytes(previous.head[before:])
+        else:
+            entry = OutgoingMessage.encode(message, framing)
+            entries.append(entry)
+            wire = bytes(entry.head) + entry.tail
+        expected_stream.append(wire)
         starts.append(stream_size)
-        stream_size += entry.size
+        stream_size += len(wire)
+    for entry in entries:
+        encoder.push(entry)
+    assert sum(entry.count for entry in entries) == len(specs)
     ends = [*starts[1:], stream_size]
     all_fds = [(i, j) for i, spec in enumerate(specs) for j in range(spec.num_handles)]
 
@@ -579,3 +595,70 @@ def _round_trip(
         assert len(message.handles) == spec.num_handles
         identity = file_identity(pipes[index][0])
         assert all(file_identity(h.fileno()) == identity for h in message.handles)
+
+
+# ---------------------------------------------------------------------------
+# Batches: small messages packed into one entry
+
+
+def test_append_packs_small_messages_into_one_entry(fds: FdFactory) -> None:
+    first = OutgoingMessage.encode(Message(b"one"))
+    handles = fds.make(2)
+    assert first.append(Message(b"two", handles))
+    assert first.append(Message(b"three", (), MessageType.NORMAL_LEGACY))
+    assert first.count == 3
+    assert list(first.handles) == handles
+    assert bytes(first.head) == (
+        encode_message(b"one")
+        + encode_message(b"two", num_handles=2)
+        + encode_message(b"three", type=MessageType.NORMAL_LEGACY)
+    )
+    assert first.size == len(first.head)
+    encoder = MessageEncoder()
+    encoder.push(first)
+    buffers, plan_fds = encoder.plan()
+    assert joined(buffers) == bytes(first.head)
+    assert plan_fds == [h.fileno() for h in handles]  # all with the first byte
+    assert encoder.advance(10) == 0  # a batch counts when it is done
+    assert encoder.plan()[1] == []
+    assert encoder.advance(first.size - 10) == 3
+    assert all(h.closed for h in handles)
+
+
+def test_append_in_ipcz_framing() -> None:
+    entry = OutgoingMessage.encode(Message(b"a"), Framing.IPCZ)
+    assert entry.append(Message(b"bc"), Framing.IPCZ)
+    decoder = MessageDecoder(framing=Framing.IPCZ)
+    decoder.receive_data(entry.head)
+    assert [m.payload for m in drain(decoder)[0]] == [b"a", b"bc"]
+
+
+def test_append_refuses_what_does_not_fit(fds: FdFactory) -> None:
+    small = Message(b"s")
+    large = OutgoingMessage.encode(Message(b"L" * (INLINE_PAYLOAD + 1)))
+    assert not large.append(small)  # it has a tail
+    entry = OutgoingMessage.encode(small)
+    assert not entry.append(Message(b"L" * (INLINE_PAYLOAD + 1)))  # too large
+    started = OutgoingMessage.encode(small)
+    started.offset = 1
+    assert not started.append(small)  # part of it was sent
+    full = OutgoingMessage.encode(Message(b"f" * INLINE_PAYLOAD))
+    while full.append(Message(b"f" * INLINE_PAYLOAD)):
+        pass
+    assert full.size <= MAX_BATCH_BYTES < full.size + INLINE_PAYLOAD + 16
+    many = OutgoingMessage.encode(Message(b"", fds.make(MAX_SENDMSG_HANDLES - 1)))
+    extra = fds.make(2)
+    assert not many.append(Message(b"", extra))  # 129 fds in one sendmsg
+    assert many.append(Message(b"", extra[:1]))
+    assert len(many.handles) == MAX_SENDMSG_HANDLES
+    assert [e.count for e in (large, entry, started, many)] == [1, 1, 1, 2]
+    assert full.count == MAX_BATCH_BYTES // (INLINE_PAYLOAD + 16)
+    assert not extra[1].closed
+
+
+def test_append_propagates_header_errors() -> None:
+    entry = OutgoingMessage.encode(Message(b"a"), Framing.IPCZ)
+    with pytest.raises(ValueError, match="IPCZ carries only NORMAL"):
+        entry.append(Message(b"b", (), MessageType.NORMAL_LEGACY), Framing.IPCZ)
+    assert entry.count == 1
+    assert entry.size == len(entry.head)

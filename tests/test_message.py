@@ -11,6 +11,7 @@ from _core_support import FdFactory
 from _fds import fd_is_open
 
 from trio_mojo import Message, MessageType
+from trio_mojo._core._message import received_message
 
 
 @pytest.fixture
@@ -88,3 +89,81 @@ def test_repr_names_the_fields(fds: FdFactory) -> None:
     assert "payload=b'hi'" in text
     assert f"<trio_mojo.Handle fd={handle.fileno()}>" in text
     assert "UPGRADE_OFFER" in text
+
+
+# ----------------------------------------------------------------------
+# Validation at construction (a bad field fails here, not at send time)
+
+
+@pytest.mark.parametrize(
+    ("payload", "match"),
+    [
+        ("text", r"not str \(encode text first\)"),
+        (42, "not int"),
+        (None, "not NoneType"),
+        ([1, 2], "not list"),
+    ],
+)
+def test_payload_must_be_bytes_like(payload: object, match: str) -> None:
+    with pytest.raises(TypeError, match=match):
+        Message(payload)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", [bytearray, memoryview])
+def test_bytearray_and_memoryview_payloads_are_snapshots(
+    kind: type[bytearray | memoryview],
+) -> None:
+    buffer = bytearray(b"before")
+    message = Message(kind(buffer))
+    buffer[:] = b"AFTER!"
+    assert type(message.payload) is bytes
+    assert message.payload == b"before"
+
+
+def test_a_bytes_subclass_is_stored_as_plain_bytes() -> None:
+    class Tagged(bytes):
+        pass
+
+    message = Message(Tagged(b"tagged"))
+    assert type(message.payload) is bytes
+    assert message.payload == b"tagged"
+
+
+def test_bytes_payload_is_not_copied() -> None:
+    payload = b"x" * 100
+    assert Message(payload).payload is payload
+
+
+@pytest.mark.parametrize("bad", [3, "fd", None, b"x"])
+def test_handles_must_be_handle_objects(bad: object) -> None:
+    with pytest.raises(TypeError, match="must be Handle objects"):
+        Message(b"x", [bad])  # type: ignore[list-item]
+
+
+def test_handles_must_be_an_iterable_of_handles(fds: FdFactory) -> None:
+    (handle,) = fds.make(1)
+    with pytest.raises(TypeError, match="iterable of Handle, not Handle"):
+        Message(b"x", handle)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="iterable of Handle, not int"):
+        Message(b"x", 3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="iterable of Handle, not bytes"):
+        Message(b"x", b"\x03")  # type: ignore[arg-type]
+    assert not handle.closed  # a refused message takes nothing
+
+
+@pytest.mark.parametrize("bad", [1, "NORMAL", None])
+def test_type_must_be_a_message_type(bad: object) -> None:
+    with pytest.raises(TypeError, match="must be a MessageType"):
+        Message(b"x", (), bad)  # type: ignore[arg-type]
+
+
+def test_received_message_is_the_same_frozen_class(fds: FdFactory) -> None:
+    handles = tuple(fds.make(2))
+    message = received_message(b"in", handles, MessageType.NORMAL_LEGACY)
+    assert type(message) is Message
+    assert message.payload == b"in"
+    assert message.handles is handles
+    assert message.type is MessageType.NORMAL_LEGACY
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        message.payload = b"y"  # type: ignore[misc]
+    assert repr(message) == repr(Message(b"in", handles, MessageType.NORMAL_LEGACY))

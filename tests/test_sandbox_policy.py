@@ -30,6 +30,7 @@ from trio_mojo import (
 )
 from trio_mojo._sandbox import _landlock, _seccomp
 from trio_mojo._sandbox._namespaces import NAMESPACES, differing_namespaces
+from trio_mojo._sandbox._policy import LAYERS
 from trio_mojo._sandbox._verify import verify_report
 
 
@@ -44,6 +45,15 @@ def _landlock_available() -> bool:
 LANDLOCK = _landlock_available()
 
 UNSANDBOXED = SandboxPolicy.none(i_understand_this_is_unsandboxed=True)
+
+
+def _only(*layers: str, **fields: Any) -> SandboxPolicy:
+    """A policy that requires ``layers`` and turns every other layer off."""
+    levels: dict[str, Any] = {
+        layer: "required" if layer in layers else "off" for layer in LAYERS
+    }
+    levels["name"] = "only-" + "-".join(layers)
+    return SandboxPolicy(**{**levels, **fields})
 
 
 def _proc_status(pid: int | str) -> dict[str, str]:
@@ -119,7 +129,7 @@ async def test_unavailable_layers_are_refused_before_spawning(
 def test_check_passes_when_nothing_missing_is_required() -> None:
     SandboxPolicy.basic().check()
     UNSANDBOXED.check()
-    SandboxPolicy(seccomp="if_available", landlock="off", namespaces="off").check()
+    _only("rlimits", "no_new_privs", seccomp="if_available").check()
 
 
 # ----------------------------------------------------------------------
@@ -167,12 +177,8 @@ async def test_none_applies_nothing() -> None:
 
 async def test_a_layer_that_fails_in_the_worker_is_named() -> None:
     # More open files than the kernel allows (fs.nr_open): setrlimit fails.
-    policy = SandboxPolicy(
-        name="too-many-files",
-        seccomp="off",
-        landlock="off",
-        namespaces="off",
-        max_open_files=2**40,
+    policy = _only(
+        "rlimits", "no_new_privs", name="too-many-files", max_open_files=2**40
     )
     with pytest.raises(SandboxUnavailableError) as info:
         async with open_worker("trio_mojo._examples:echo", sandbox=policy):
@@ -184,9 +190,7 @@ async def test_a_layer_that_fails_in_the_worker_is_named() -> None:
 async def test_a_worker_that_cannot_start_its_loop_is_a_worker_error() -> None:
     # NOFILE=3 is applied (the channel, above it, stays usable), but then
     # Trio cannot create its epoll fd: a clear failure, not a hang.
-    policy = SandboxPolicy(
-        seccomp="off", landlock="off", namespaces="off", max_open_files=3
-    )
+    policy = _only("rlimits", "no_new_privs", max_open_files=3)
     with pytest.raises(WorkerError, match="exited before it was ready") as info:
         async with open_worker("trio_mojo._examples:echo", sandbox=policy):
             pytest.fail("the block must not run")  # pragma: no cover
@@ -200,11 +204,13 @@ async def test_a_worker_that_cannot_start_its_loop_is_a_worker_error() -> None:
 def _layers(**changes: str) -> dict[str, str]:
     layers = {
         "fd_hygiene": "applied",
+        "credentials": "unavailable: x",
+        "namespaces": "unavailable: x",
+        "rootfs": "unavailable: x",
         "rlimits": "applied",
         "no_new_privs": "applied",
-        "seccomp": "unavailable: x",
         "landlock": "unavailable: x",
-        "namespaces": "unavailable: x",
+        "seccomp": "unavailable: x",
     }
     layers.update(changes)
     return layers
@@ -227,18 +233,21 @@ async def test_verify_report_catches_claims_proc_contradicts() -> None:
     if _proc_status("self")["NoNewPrivs"] == "1":
         pytest.skip("this test process already runs with no_new_privs")
     basic = SandboxPolicy.basic()
-    rlimits_only = SandboxPolicy(
-        no_new_privs="off", seccomp="off", landlock="off", namespaces="off"
-    )
+    rlimits_only = _only("rlimits")
     async with open_worker("trio_mojo._examples:echo", sandbox=UNSANDBOXED) as worker:
         pid = worker.pid  # a live process with neither layer applied
         cases: dict[str, tuple[SandboxPolicy, SandboxReport]] = {
             "no_new_privs": (basic, _report(pid)),
             "rlimits": (rlimits_only, _report(pid, layers=_layers(no_new_privs="off"))),
             "report": (basic, _report(pid + 1)),
-            "landlock": (
-                SandboxPolicy(seccomp="off", namespaces="off"),
-                _report(pid),
+            "landlock": (_only("rlimits", "no_new_privs", "landlock"), _report(pid)),
+            "credentials": (
+                UNSANDBOXED,  # a root worker with every capability
+                _report(pid, layers=_layers(credentials="applied", no_new_privs="off")),
+            ),
+            "rootfs": (
+                UNSANDBOXED,  # a worker with the parent's root
+                _report(pid, layers=_layers(rootfs="applied", no_new_privs="off")),
             ),
         }
         for layer, (policy, report) in cases.items():
@@ -351,7 +360,7 @@ async def test_landlock_takes_the_file_system_network_and_signals_away(
 ) -> None:
     secret = tmp_path / "secret"
     secret.write_bytes(b"not for the worker")
-    policy = SandboxPolicy(seccomp="off", namespaces="off", landlock="required")
+    policy = _only("rlimits", "no_new_privs", "landlock")
     async with open_worker(
         "trio_mojo._examples:attempt_escapes", sandbox=policy
     ) as worker:
@@ -402,38 +411,37 @@ async def test_required_landlock_missing_is_refused_before_spawning(
         raise OSError(38, "Function not implemented")
 
     monkeypatch.setattr(_landlock, "abi_version", no_landlock)
-    policy = SandboxPolicy(seccomp="off", namespaces="off", landlock="required")
+    policy = _only("no_new_privs", "landlock")
     with pytest.raises(SandboxUnavailableError) as caught:
         async with open_worker("trio_mojo._examples:echo", sandbox=policy):
             raise AssertionError("unreachable")
     assert caught.value.layer == "landlock"
-    assert "Function not implemented" in caught.value.reason
+    assert "landlock_create_ruleset -> ENOSYS" in caught.value.reason
 
 
 @pytest.mark.skipif(not LANDLOCK, reason="this kernel has no Landlock")
 def test_landlock_refuses_a_multithreaded_process() -> None:
     # Below ABI 8 only the calling thread would be confined: refuse instead.
     script = (
-        "import threading, trio_mojo._sandbox._landlock as ll\n"
+        "import threading\n"
+        "from trio_mojo._sandbox._apply import lock_down\n"
+        "from trio_mojo._sandbox._policy import LAYERS, SandboxPolicy\n"
         "e = threading.Event(); t = threading.Thread(target=e.wait); t.start()\n"
-        "try:\n"
-        "    ll.restrict_self()\n"
-        "except OSError as exc:\n"
-        "    print('refused:', exc)\n"
-        "finally:\n"
-        "    e.set(); t.join()\n"
+        "levels = {layer: 'off' for layer in LAYERS}\n"
+        "report = lock_down(SandboxPolicy(**{**levels, 'landlock': 'required'}), ())\n"
+        "print(report.failed, report.reason)\n"
+        "e.set(); t.join()\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+        [sys.executable, "-I", "-c", script], capture_output=True, text=True, check=True
     )
-    assert (
-        "refused: landlock needs a single-threaded process (found 2 threads)"
-        in result.stdout
+    assert result.stdout == (
+        "landlock landlock needs a single-threaded process (2 threads)\n"
     )
 
 
 async def test_namespaces_cut_the_worker_off_the_network(tmp_path: Path) -> None:
-    policy = SandboxPolicy(seccomp="off", landlock="off", namespaces="required")
+    policy = _only("namespaces")
     async with open_worker(
         "trio_mojo._examples:attempt_escapes", sandbox=policy
     ) as worker:
@@ -482,7 +490,7 @@ async def test_strict_runs_a_worker_with_every_layer() -> None:
 async def test_seccomp_refuses_what_the_allowlist_does_not_name(tmp_path: Path) -> None:
     secret = tmp_path / "secret"
     secret.write_bytes(b"x")
-    policy = SandboxPolicy(landlock="off", namespaces="off", seccomp="required")
+    policy = _only("rlimits", "no_new_privs", "seccomp")
     async with open_worker(
         "trio_mojo._examples:attempt_escapes", sandbox=policy
     ) as worker:

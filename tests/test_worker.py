@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import attrs
 import pytest
 import trio
 from _process_support import assert_reaped, children, inheritable_fds
@@ -35,10 +36,22 @@ from trio_mojo import (
     open_channel,
     open_worker,
 )
+from trio_mojo._workers._handshake import go_ahead
+from trio_mojo._workers._worker import escape_controls
 
 NONE = SandboxPolicy.none(i_understand_this_is_unsandboxed=True)
 BASIC = SandboxPolicy.basic()
 POLICIES = [pytest.param(BASIC, id="basic"), pytest.param(NONE, id="none")]
+WITH_PROC = attrs.evolve(BASIC, name="basic-with-proc", rootfs="off")
+"""``basic()`` but with the host's root, so ``describe_self`` can read /proc."""
+
+
+def _own_pid(host_pid: int) -> int:
+    """The pid process ``host_pid`` sees itself as (the last ``NSpid``)."""
+    for line in Path(f"/proc/{host_pid}/status").read_text().splitlines():
+        if line.startswith("NSpid:"):
+            return int(line.split()[-1])
+    raise AssertionError(f"no NSpid in /proc/{host_pid}/status")
 
 
 def _pipe_with(data: bytes) -> Handle:
@@ -66,7 +79,7 @@ async def _describe(worker_channel: Channel, *handles: Handle) -> dict[str, Any]
 async def test_worker_exchanges_framed_messages_with_fds(policy: SandboxPolicy) -> None:
     async with open_worker("trio_mojo._examples:echo", sandbox=policy) as worker:
         assert worker.sandbox_report.policy == policy.name
-        assert worker.sandbox_report.pid == worker.pid
+        assert worker.sandbox_report.pid == _own_pid(worker.pid)
         await worker.channel.send(Message(b"ping", (_pipe_with(b"parent's pipe"),)))
         reply = await worker.channel.receive()
         with reply:
@@ -80,13 +93,15 @@ async def test_worker_exchanges_framed_messages_with_fds(policy: SandboxPolicy) 
     assert_reaped(worker.pid)
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize(
+    "policy", [pytest.param(WITH_PROC, id="basic"), pytest.param(NONE, id="none")]
+)
 async def test_worker_receives_fds_close_on_exec(policy: SandboxPolicy) -> None:
     async with open_worker(
         "trio_mojo._examples:describe_self", sandbox=policy
     ) as worker:
         info = await _describe(worker.channel, _pipe_with(b"one"), _pipe_with(b"two"))
-    assert info["pid"] == worker.pid
+        assert info["pid"] == _own_pid(worker.pid)
     assert info["received"] == ["one", "two"]
     assert info["cloexec"] == [True, True]
 
@@ -98,7 +113,7 @@ async def test_worker_receives_fds_close_on_exec(policy: SandboxPolicy) -> None:
 async def test_worker_fd_table_is_stdio_and_the_channel(tmp_path: Path) -> None:
     with inheritable_fds(tmp_path) as leaky:
         async with open_worker(
-            "trio_mojo._examples:describe_self", sandbox=BASIC
+            "trio_mojo._examples:describe_self", sandbox=WITH_PROC
         ) as worker:
             info = await _describe(worker.channel)
     # Before trio.run: taken by the bootstrap just before the target's loop.
@@ -108,9 +123,10 @@ async def test_worker_fd_table_is_stdio_and_the_channel(tmp_path: Path) -> None:
     channel_fd = fds[3]
     table = {int(fd): target for fd, target in info["fds"].items()}
     creators = {int(fd): pid for fd, pid in info["socket_creators"].items()}
-    # The channel is the socket pair end the parent (this process) made.
+    # The channel is the socket pair end the parent (this process) made:
+    # outside the worker's PID namespace, so its pid shows as 0 there.
     assert table[channel_fd].startswith("socket:")
-    assert creators[channel_fd] == os.getpid()
+    assert creators[channel_fd] == 0
     assert table[0] == "/dev/null"
     assert table[2].startswith("pipe:")
     # Everything else was made inside the worker after the report, by
@@ -121,7 +137,7 @@ async def test_worker_fd_table_is_stdio_and_the_channel(tmp_path: Path) -> None:
     assert len(epolls) == 1
     own_sockets = {fd for fd in extra if fd not in epolls}
     assert own_sockets, "Trio makes wakeup socket pairs"
-    assert {creators.get(fd) for fd in own_sockets} == {worker.pid}
+    assert {creators.get(fd) for fd in own_sockets} == {info["pid"]}
     assert not set(leaky.values()) & set(table.values())
 
 
@@ -148,6 +164,7 @@ async def test_bootstrap_closes_what_a_careless_launcher_leaks(tmp_path: Path) -
             async with open_channel(local) as channel:
                 first = await channel.receive()
                 report = SandboxReport.from_bytes(first.payload)
+                await channel.send(go_ahead(report))
                 info = await _describe(channel)
         finally:
             with trio.fail_after(10):
@@ -377,8 +394,10 @@ async def main():
         "trio_mojo._examples:ignore_eof", sandbox=trio_mojo.SandboxPolicy.basic()
     ) as worker:
         await worker.channel.receive()
-        sys.stdout.write(f"{worker.pid}\n")
-        sys.stdout.flush()
+        # The worker, and in a PID namespace its supervisor and init.
+        supervisor = worker._process.pid
+        children = open(f"/proc/{supervisor}/task/{supervisor}/children").read()
+        print(supervisor, *children.split(), flush=True)
         await trio.sleep_forever()
 
 trio.run(main)
@@ -386,7 +405,8 @@ trio.run(main)
 
 
 async def test_a_worker_dies_with_its_parent() -> None:
-    """PR_SET_PDEATHSIG: a parent killed outright leaves no orphan."""
+    """PR_SET_PDEATHSIG: a parent killed outright leaves no orphan: not the
+    worker, nor its init and supervisor in a PID namespace."""
     parent = await trio.lowlevel.open_process(
         [sys.executable, "-I", "-c", ORPHAN_MAKER],
         stdin=subprocess.DEVNULL,
@@ -396,17 +416,18 @@ async def test_a_worker_dies_with_its_parent() -> None:
         assert parent.stdout is not None
         with trio.fail_after(30):
             line = await parent.stdout.receive_some()
-        worker_pid = int(line)
-        pidfd = Handle(os.pidfd_open(worker_pid))
+        pidfds = [Handle(os.pidfd_open(int(pid))) for pid in line.split()]
     finally:
         parent.kill()
         await parent.wait()
         if parent.stdout is not None:
             await parent.stdout.aclose()
-    with pidfd:
-        with trio.fail_after(10):  # readable once the worker has exited
-            await trio.lowlevel.wait_readable(pidfd.fileno())
-        trio.lowlevel.notify_closing(pidfd.fileno())
+    assert len(pidfds) == 3  # basic() gets a PID namespace on this machine
+    for pidfd in pidfds:
+        with pidfd:
+            with trio.fail_after(10):  # readable once that process has exited
+                await trio.lowlevel.wait_readable(pidfd.fileno())
+            trio.lowlevel.notify_closing(pidfd.fileno())
 
 
 @pytest.mark.slow
@@ -435,3 +456,34 @@ async def test_body_error_during_an_outer_cancellation_is_not_swallowed() -> Non
 
     with pytest.raises(KeyError, match="cleanup failed"):
         await body()
+
+
+# ----------------------------------------------------------------------
+# The stderr tail is hostile text
+
+
+async def test_terminal_escapes_in_the_stderr_tail_are_escaped() -> None:
+    async def body(worker: Worker) -> None:
+        await worker.channel.receive()
+
+    worker, error = await _failing_worker(
+        WorkerError, "trio_mojo._examples:terminal_escapes", body
+    )
+    text = str(error)
+    assert error.returncode == 3
+    for raw in ("\x1b", "\r", "\x9b", "\u202e", "\u2066"):
+        assert raw not in text
+        assert raw not in worker.stderr_tail
+    assert (
+        "\\x1b[2J\\x1b[31mred alert\\x1b[0m\\rrewritten\\x9b1m \\u202eevil\\u2066\n"
+        in text
+    )
+    assert "--- worker stderr (tail) ---\n" in text  # newlines stay newlines
+
+
+def test_escape_controls_keeps_newlines_tabs_and_printable_text() -> None:
+    text = "tab\there\nnext line: naïve ünïcödé, 漢字, emoji 🐍\n"
+    assert escape_controls(text) == text
+    assert escape_controls("\x00\x07\x7f\u0085\u00ad\u200b\u2028\ufeff") == (
+        "\\x00\\x07\\x7f\\x85\\xad\\u200b\\u2028\\ufeff"
+    )

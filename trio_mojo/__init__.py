@@ -42,6 +42,11 @@ from ._workers._broker import BrokerClient as BrokerClient
 from ._workers._broker import FileAccess as FileAccess
 from ._workers._broker import FileBroker as FileBroker
 from ._workers._broker import current_broker as current_broker
+from ._workers._pool import WorkerPool as WorkerPool
+from ._workers._pool import WorkerPoolStatistics as WorkerPoolStatistics
+from ._workers._pool import open_worker_pool as open_worker_pool
+from ._workers._pool_map import WorkerPoolMap as WorkerPoolMap
+from ._workers._serve import serve as serve
 from ._workers._spawn import CHANNEL_SWITCH as CHANNEL_SWITCH
 from ._workers._spawn import ChildProcess as ChildProcess
 from ._workers._spawn import Process as Process
@@ -88,6 +93,9 @@ __all__ = [
     "SandboxUnavailableError",
     "Worker",
     "WorkerError",
+    "WorkerPool",
+    "WorkerPoolMap",
+    "WorkerPoolStatistics",
     "channel_pair",
     "current_broker",
     "encode_header",
@@ -95,5 +103,26 @@ __all__ = [
     "open_channel",
     "open_process_with_channel",
     "open_worker",
+    "open_worker_pool",
     "recover_endpoint",
+    "serve",
 ]
+
+
+def _present_as_public() -> None:
+    """Make every public class and function report ``trio_mojo`` as its module.
+
+    They live in private modules; without this a traceback names
+    ``trio_mojo._errors.WorkerError`` and ``help()`` points at
+    ``trio_mojo._channel``.  (Trio does the same with
+    ``fixup_module_metadata``.)  Pickling by reference still works:
+    ``trio_mojo.<name>`` exists.
+    """
+    namespace = globals()
+    for name in __all__:
+        obj = namespace[name]
+        if isinstance(obj, type) or callable(obj):
+            obj.__module__ = __name__
+
+
+_present_as_public()

@@ -1,4 +1,4 @@
-"""Command line: ``python -m trio_mojo {demo,bench} ...``."""
+"""Command line: ``python -m trio_mojo {demo,bench,escapes} ...``."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from collections.abc import Sequence
 _USAGE = """usage: python -m trio_mojo COMMAND [ARGS...]
 
 commands:
-  demo    hash files in sandboxed workers that receive them as fds (the main job)
-  bench   benchmark trio_mojo against multiprocessing and other peers
+  demo     hash files in sandboxed workers that receive them as fds (the main job)
+  bench    benchmark trio_mojo against multiprocessing and other peers
+  escapes  try every escape of the catalogue under each sandbox policy (reST table)
 
 Run 'python -m trio_mojo COMMAND --help' for a command's options.
 """
@@ -30,6 +31,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ._bench import main as bench
 
         return bench(rest)
+    if command == "escapes":
+        from ._escape_matrix import main as escapes
+
+        return escapes(rest)
     print(f"unknown command {command!r}\n\n{_USAGE}", end="", file=sys.stderr)
     return 2
 

@@ -6,29 +6,49 @@ Theory of operation
 :func:`open_channel` consumes an :class:`Endpoint` and opens a nursery with
 two tasks around a non-blocking ``AF_UNIX`` stream socket:
 
-* The **reader** calls ``recvmsg`` (through ``_fdpass``) until the socket
-  would block, feeding bytes and fds into a :class:`MessageDecoder` and the
-  parsed messages into a bounded Trio memory channel that ``receive()``
-  drains.  It only awaits ``wait_readable`` when the socket is empty, and
-  takes a checkpoint after 256 KiB (Mojo's per-wake-up fairness cap).  When
-  the receive queue is full (in messages or in bytes) the reader stops
+* The **reader** owns the socket's read side.  It calls ``recvmsg``
+  (through ``_fdpass``) until the socket would block, feeding bytes and fds
+  into a :class:`MessageDecoder` and the parsed messages into the receive
+  queue (a deque) that ``receive()`` drains, and awaits ``wait_readable``
+  only when the socket is empty.  It takes a checkpoint after 256 KiB
+  (Mojo's per-wake-up fairness cap), answers upgrade offers and sees the
+  end of the stream.  When the receive queue is full (in messages, bytes,
+  or fds: the queue's plus those received ahead of their message) it stops
   reading: the kernel buffer fills and the peer's sends wait.  That is the
   end-to-end backpressure.
-* The **writer** drains a bounded memory channel of encoded messages into a
-  :class:`MessageEncoder`, and writes everything queued with as few
+* The **writer** drains a bounded Trio memory channel of outgoing entries
+  into a :class:`MessageEncoder`, and writes everything queued with as few
   ``sendmsg`` calls as the planner allows, resuming partial writes at the
   exact byte and handle.  It awaits ``wait_writable`` only on ``EAGAIN``.
 
 The per-message path is free of scheduler passes.  ``send()`` checks for
 cancellation without yielding and then, when nothing is queued, writes on
 the caller's task at once (Mojo's ``Write`` fast path), leaving only what the
-kernel did not take to the writer; otherwise it uses ``send_nowait`` on the
-queue.  ``receive()`` takes from the queue with ``receive_nowait``.  Both
-only block when they must, and yield once every
+kernel did not take to the writer; otherwise it queues, packing a small
+message into the last queued entry while the writer has not taken it yet
+(one buffer and one ``sendmsg`` for a burst).  ``receive()`` pops the
+receive queue.  Both only block when they must, and yield once every
 :data:`_YIELD_EVERY` non-blocking calls so a busy producer or consumer
-cannot starve other tasks.  Batching falls out: while the peer keeps up, a
-message costs one ``sendmsg``; once it falls behind, messages queue up and
-leave many per ``sendmsg``, and the reader parses many per ``recvmsg``.
+cannot starve other tasks.
+
+Read lending.  A reader task that hands each message to a consumer task
+costs a second task step per message: Trio runs a task woken during a
+scheduler pass only in the next one.  So when ``receive()`` finds the
+queue empty and the reader idles in ``wait_readable``, the receiver takes
+the read side over: it cancels the reader's wait (its epoll registration is
+dropped at once) and waits, reads and parses on its own task, one task step
+per message.  The reader, meanwhile "lent", sleeps.  Only one receiver (the
+*borrower*) reads at a time; other receivers park, and a borrower that
+leaves (with its message, or cancelled while it waited: the bytes stay in
+the kernel, nothing is lost) wakes the next one.  Messages a read brings
+beyond the borrower's go into the queue and wake that many parked
+receivers.  The read side goes back to the reader as soon as a read brings
+anything but complete plain messages (the end of the stream, a failure, a
+control message, a message still arriving, a queue that must absorb a
+burst), and when nobody has borrowed it for :data:`_LEND_IDLE` seconds, so
+that reading ahead, backpressure and the end of the stream stay the
+reader's.  While a borrower waits on the socket the reader sleeps without a
+timer: an idle channel costs nothing.
 
 Errors.  The tasks never raise into the nursery; they record the failure
 and wake whoever waits.  ``receive()`` first delivers every message parsed
@@ -50,9 +70,12 @@ into the encoder; the reader answers an ``UPGRADE_OFFER`` only when the
 send queue has room, and stops reading until it has, so no peer behaviour
 can grow a queue past its bound.
 
-Shutdown.  Leaving the block normally (or ``aclose()``) flushes the
-outgoing queue, bounded by ``flush_timeout``, half-closes the socket so the
-peer reads a clean end of stream, then cancels both tasks.  Leaving by an
+Shutdown.  ``send_eof()`` closes only the sending side: the writer (or the
+caller, if nothing is queued) shuts the socket down for writing once the
+queue has drained, and the reader goes on.  Leaving the block normally (or
+``aclose()``) flushes the outgoing queue, bounded by ``flush_timeout``,
+half-closes the socket so the peer reads a clean end of stream, then
+cancels both tasks.  Leaving by an
 exception or cancellation aborts at once.  Either way every fd the channel
 still holds (queued outgoing, received but undelivered, unclaimed) is
 closed before the block is left.
@@ -60,12 +83,14 @@ closed before the block is left.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import enum
 import math
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Final
+from typing import Final, NoReturn
 
 import attrs
 import trio
@@ -93,7 +118,7 @@ from ._errors import (
     FlushTimeoutError,
     MalformedMessageError,
 )
-from ._handles import Handle, close_all
+from ._handles import close_all
 
 __all__ = ["Channel", "ChannelStatistics", "open_channel"]
 
@@ -105,12 +130,34 @@ _RECV_SIZE: Final = 64 * 1024
 """Bytes asked of one ``recvmsg``.  Below glibc's mmap threshold, so the
 receive buffer comes from the heap instead of a fresh mmap/munmap per call
 (measured: 3 us per call instead of 15 us for 256 KiB)."""
+_MAX_RECV_SIZE: Final = MAX_BATCH_READ_SIZE
+"""Most bytes asked of one ``recvmsg`` for the rest of a large message
+(the decoder's ``read_size``: never more than already arrived of it, and
+never past the fairness cap in one call)."""
+_LEND_IDLE: Final = 0.005
+"""Seconds the read side stays lent while nobody borrows it."""
+_NORMAL: Final = MessageType.NORMAL
 _DATA_TYPES: Final = frozenset((MessageType.NORMAL, MessageType.NORMAL_LEGACY))
 _REJECT_SIZE: Final = HEADER_SIZE
 """Wire size of the UPGRADE_REJECT we answer an offer with."""
 
 _Outbox = trio.MemorySendChannel["OutgoingMessage | None"]
 _OutboxReader = trio.MemoryReceiveChannel["OutgoingMessage | None"]
+
+
+class _Pumped(enum.Enum):
+    """Why ``Channel._pump`` stopped moving messages into the receive queue."""
+
+    NEED_DATA = "the decoder needs more bytes"
+    FULL = "the receive queue is full"
+    STALLED = "an UPGRADE_OFFER waits for room in the send queue"
+    END = "the stream ended cleanly"
+
+
+_NEED_DATA: Final = _Pumped.NEED_DATA
+_FULL: Final = _Pumped.FULL
+_STALLED: Final = _Pumped.STALLED
+_END: Final = _Pumped.END
 
 
 @attrs.frozen
@@ -138,6 +185,8 @@ class ChannelStatistics:
     receive_queue_bytes: int
     read_buffer_bytes: int
     unclaimed_handles: int
+    receive_queue_handles: int = 0
+    send_queue_handles: int = 0
 
 
 class Channel(trio.abc.Channel[Message]):
@@ -163,8 +212,10 @@ class Channel(trio.abc.Channel[Message]):
         fail_on_truncated_handles: bool,
         send_queue_messages: int,
         send_queue_bytes: int,
+        send_queue_handles: int,
         receive_queue_messages: int,
         receive_queue_bytes: int,
+        receive_queue_handles: int,
         flush_timeout: float | None,
     ) -> None:
         self._decoder = MessageDecoder(
@@ -179,8 +230,10 @@ class Channel(trio.abc.Channel[Message]):
         for name, value in (
             ("send_queue_messages", send_queue_messages),
             ("send_queue_bytes", send_queue_bytes),
+            ("send_queue_handles", send_queue_handles),
             ("receive_queue_messages", receive_queue_messages),
             ("receive_queue_bytes", receive_queue_bytes),
+            ("receive_queue_handles", receive_queue_handles),
         ):
             if value < 1:
                 raise ValueError(f"{name}={value} must be at least 1")
@@ -193,6 +246,22 @@ class Channel(trio.abc.Channel[Message]):
         self._fail_on_truncation = fail_on_truncated_handles
         self._flush_timeout = math.inf if flush_timeout is None else flush_timeout
         self._sock = sock
+        self._started = False
+        self._closed = False  # aclose() began: send() refuses, flush may run
+        # send() refuses: not started, closed, send_eof() called, or writing
+        # failed (one flag for the hot path; _refuse() says which).
+        self._refusing = True
+        self._aborted = False  # _abort() began: failures are no longer news
+        self._unreported: list[BaseException] = []
+        self._disconnect_reported = False
+        self._init_sending(send_queue_messages, send_queue_bytes, send_queue_handles)
+        self._init_receiving(
+            receive_queue_messages, receive_queue_bytes, receive_queue_handles
+        )
+
+    def _init_sending(
+        self, queue_messages: int, queue_bytes: int, queue_handles: int
+    ) -> None:
         self._encoder = MessageEncoder()
         # The send queue's bounds are enforced by _pending/_pending_bytes
         # (which also count what the writer already moved into the encoder),
@@ -200,43 +269,64 @@ class Channel(trio.abc.Channel[Message]):
         # send_queue_messages entries plus one wake-up (None), so
         # send_nowait on it cannot block.
         outbox, outbox_reader = trio.open_memory_channel["OutgoingMessage | None"](
-            send_queue_messages + 1
+            queue_messages + 1
         )
         self._outbox: _Outbox = outbox
         self._outbox_reader: _OutboxReader = outbox_reader
-        self._send_queue_messages_limit = send_queue_messages
-        self._send_queue_bytes_limit = send_queue_bytes
-        inbox, inbox_reader = trio.open_memory_channel[Message](receive_queue_messages)
-        self._inbox = inbox
-        self._inbox_reader = inbox_reader
-        self._receive_queue_bytes_limit = receive_queue_bytes
-        # Accounting: messages/bytes accepted by send() and not yet written.
+        # The last entry in the outbox, while the writer has not taken it:
+        # small messages queued behind it are packed into it.
+        self._open_batch: OutgoingMessage | None = None
+        self._send_queue_messages_limit = queue_messages
+        self._send_queue_bytes_limit = queue_bytes
+        self._send_queue_handles_limit = queue_handles
+        # Messages/bytes/fds accepted by send() and not yet written.
         self._pending = 0
         self._pending_bytes = 0
-        self._inbox_bytes = 0
+        self._pending_handles = 0
         self._send_space = trio.lowlevel.ParkingLot()
-        self._receive_space = trio.lowlevel.ParkingLot()
         self._send_streak = 0
-        self._receive_streak = 0
-        # An inline write happened and neither the writer nor the reader
-        # task has run since: further sends join the writer's next sendmsg.
+        # An inline write happened and neither the writer nor a wake-up by
+        # the peer's data has happened since: further sends join the
+        # writer's next sendmsg.
         self._corked = False
-        self._closed = False  # aclose() began: send() refuses, flush may run
-        self._aborted = False  # _abort() began: failures are no longer news
-        self._started = False
-        self._reader_scope = trio.CancelScope()
+        self._eof_requested = False  # send_eof() was called
+        self._eof_sent = False  # ... and the socket is shut down for writing
         self._writer_scope = trio.CancelScope()
         self._writer_done = trio.Event()
-        self._reader_done = trio.Event()
-        # Failures: read side, write side; and whether the user has seen each.
-        self._read_error: BaseException | None = None
         self._write_error: BaseException | None = None
-        self._unreported: list[BaseException] = []
-        self._disconnect_reported = False
-        # Statistics.
         self._messages_sent = 0
         self._bytes_sent = 0
         self._handles_sent = 0
+
+    def _init_receiving(
+        self, queue_messages: int, queue_bytes: int, queue_handles: int
+    ) -> None:
+        # The receive queue: parsed messages not yet returned by receive().
+        self._inbox: collections.deque[Message] = collections.deque()
+        self._inbox_bytes = 0
+        self._inbox_handles = 0
+        self._receive_queue_messages_limit = queue_messages
+        self._receive_queue_bytes_limit = queue_bytes
+        self._receive_queue_handles_limit = queue_handles
+        self._receive_streak = 0
+        # Tasks in receive() waiting for a message (or for the socket).
+        self._receivers = trio.lowlevel.ParkingLot()
+        # The reader task waits here for room in the receive queue.
+        self._room = trio.lowlevel.ParkingLot()
+        self._reads_done = False  # end of stream or failure: the inbox is final
+        self._read_error: BaseException | None = None
+        # An UPGRADE_OFFER whose answer waits for room in the send queue.
+        self._stalled_offer = False
+        # Read lending (see the module docstring).
+        self._lent = False  # the read side belongs to receive() callers
+        self._borrowed = False  # a receive() call is reading
+        self._borrows = 0  # borrows so far: shows the reader lending is in use
+        self._reader_idle_scope: trio.CancelScope | None = None
+        self._reader_lot = trio.lowlevel.ParkingLot()  # the reader, while lent
+        self._reader_untimed = False  # ... parked until a borrower leaves
+        self._wait_first = False  # the last read drained the socket
+        self._reader_scope = trio.CancelScope()
+        self._reader_done = trio.Event()
         self._messages_received = 0
         self._bytes_received = 0
         self._handles_received = 0
@@ -258,18 +348,37 @@ class Channel(trio.abc.Channel[Message]):
                 more than 253 handles, a closed or repeated handle, handles
                 on a ``REJECT`` channel, a type this framing cannot carry);
                 nothing was queued and the caller keeps the handles.
-            trio.ClosedResourceError: the channel was closed.
+            trio.ClosedResourceError: the channel was closed, or
+                :meth:`send_eof` was called.
             ChannelError: the channel failed (:class:`DisconnectedError`,
                 :class:`MalformedMessageError`), cause chained.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
-        entry = self._encode(message)
-        try:
-            self._check_sendable()
-        except BaseException:
-            close_all(message.handles)
-            raise
-        if self._pending == 0 and not self._corked:
+        if (
+            message.__class__ is Message
+            and message.type is _NORMAL
+            and not message.handles
+            and self._header_size + len(message.payload) <= self.max_message_size
+        ):
+            size = self._header_size + len(message.payload)  # the common case
+        else:
+            size = self._validate(message)
+        if self._refusing:
+            self._refuse(message)
+        if self._pending:
+            batch = self._open_batch
+            if (
+                batch is not None
+                and not self._send_queue_full(size, len(message.handles))
+                and batch.append(message, self.framing)
+            ):
+                # Packed behind the messages queued before it.
+                self._pending += 1
+                self._pending_bytes += size
+                self._pending_handles += len(message.handles)
+            else:
+                await self._enqueue(message, size)
+        elif not self._corked:
             # Mojo's fast path: the first message of a burst is written at
             # once.  The rest of the burst is corked: queued for the writer
             # task, which sends all of it with one sendmsg at the next
@@ -277,51 +386,85 @@ class Channel(trio.abc.Channel[Message]):
             # _YIELD_EVERY sends), unless the peer answers first (then the
             # reader uncorks and the next send is again written at once).
             self._corked = True
-            self._write_now(entry)
+            self._write_now(OutgoingMessage.encode(message, self.framing))
             if self._write_error is not None:
                 self._raise_write_error()
         else:
-            await self._enqueue(entry, message)
+            await self._enqueue(message, size)
         self._send_streak += 1
         if self._send_streak >= _YIELD_EVERY:
             self._send_streak = 0
             await trio.lowlevel.cancel_shielded_checkpoint()
 
+    async def send_eof(self) -> None:
+        """Close the sending side: flush what is queued, then half-close.
+
+        The peer's ``receive`` raises :class:`trio.EndOfChannel` once it has
+        every message sent before; this side goes on receiving.  Follows
+        :meth:`trio.abc.HalfCloseableStream.send_eof`: calling it again
+        does nothing (it waits for the same end of stream to go out), and
+        ``send`` raises :class:`trio.ClosedResourceError` from the moment it
+        is called.
+
+        If cancelled, it stops waiting but the end of stream still goes out
+        after the messages already queued (the writer task half-closes the
+        socket once they are written); ``aclose`` and leaving the block
+        then behave as usual.
+
+        Raises:
+            trio.ClosedResourceError: the channel was closed.
+            ChannelError: the channel failed before everything queued was
+                written (those messages are lost).
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._aborted or (self._closed and not self._eof_requested):
+            raise trio.ClosedResourceError("the channel was closed")
+        if not self._started:
+            raise RuntimeError("use the Channel inside 'async with open_channel(...)'")
+        if not self._eof_requested:
+            self._eof_requested = True
+            self._refusing = True
+            self._open_batch = None
+            if self._pending == 0:
+                self._shut_down_writing()
+            else:
+                # The writer half-closes once the queue has drained.
+                with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+                    self._outbox.send_nowait(None)
+        while not self._eof_sent and self._write_error is None:
+            if self._aborted:
+                raise trio.ClosedResourceError("the channel was closed")
+            await self._send_space.park()
+        if self._write_error is not None and not self._eof_sent:
+            self._raise_write_error()
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
     async def receive(self) -> Message:
         """Return the next message; wait while none has arrived.
 
         Raises:
-            trio.EndOfChannel: the peer closed its end cleanly, after every
-                message it sent was returned.
+            trio.EndOfChannel: the peer closed its end (or its sending side)
+                cleanly, after every message it sent was returned.
             DisconnectedError: the peer vanished inside a message or reset.
             MalformedMessageError: the peer broke the protocol; raised after
                 the messages that arrived before the bad one.
             trio.ClosedResourceError: this channel was closed.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            message = self._inbox_reader.receive_nowait()
-        except trio.WouldBlock:
-            try:
-                message = await self._inbox_reader.receive()
-            except trio.EndOfChannel:
-                self._raise_end()
-            except trio.ClosedResourceError:
-                raise trio.ClosedResourceError("the channel was closed") from None
-            self._receive_streak = 0
-        except trio.EndOfChannel:
-            self._raise_end()
-        except trio.ClosedResourceError:
-            raise trio.ClosedResourceError("the channel was closed") from None
-        else:
+        inbox = self._inbox
+        if inbox:  # (_abort empties it)
+            message = inbox.popleft()
+            self._inbox_bytes -= len(message.payload)
+            if message.handles:
+                self._inbox_handles -= len(message.handles)
+            if self._room and self._reader_may_read():
+                self._room.unpark_all()
             self._receive_streak += 1
             if self._receive_streak >= _YIELD_EVERY:
                 self._receive_streak = 0
-                self._took(message)
                 await trio.lowlevel.cancel_shielded_checkpoint()
-                return message
-        self._took(message)
-        return message
+            return message
+        return await self._receive_waiting()
 
     async def aclose(self) -> None:
         """Flush what is queued (up to ``flush_timeout``) and close.
@@ -337,6 +480,7 @@ class Channel(trio.abc.Channel[Message]):
             await trio.lowlevel.checkpoint()
             return
         self._closed = True
+        self._refusing = True
         try:
             await self._flush()
         finally:
@@ -354,17 +498,20 @@ class Channel(trio.abc.Channel[Message]):
             handles_received=self._handles_received,
             send_queue_messages=self._pending,
             send_queue_bytes=self._pending_bytes,
-            receive_queue_messages=self._inbox.statistics().current_buffer_used,
+            send_queue_handles=self._pending_handles,
+            receive_queue_messages=len(self._inbox),
             receive_queue_bytes=self._inbox_bytes,
             read_buffer_bytes=self._decoder.buffered_bytes,
             unclaimed_handles=self._decoder.queued_handles,
+            receive_queue_handles=self._inbox_handles,
         )
 
     # ------------------------------------------------------------------
     # Sending
 
-    def _encode(self, message: Message) -> OutgoingMessage:
-        if not isinstance(message, Message):
+    def _validate(self, message: Message) -> int:
+        """Check what the Message did not; return the message's wire size."""
+        if message.__class__ is not Message and not isinstance(message, Message):
             raise TypeError(
                 f"send() needs a trio_mojo.Message, not {type(message).__name__}"
             )
@@ -378,48 +525,52 @@ class Channel(trio.abc.Channel[Message]):
             if self.handle_policy is HandlePolicy.REJECT:
                 raise ValueError("this channel's handle_policy is REJECT: no handles")
             for handle in handles:
-                if not isinstance(handle, Handle):
-                    raise TypeError(f"handles must be Handle objects, not {handle!r}")
                 if handle.closed:
                     raise ValueError(f"cannot send a closed handle ({handle!r})")
             if len({id(h) for h in handles}) != len(handles):
                 raise ValueError("the same Handle appears twice in one message")
         mtype = message.type
-        if mtype not in _DATA_TYPES:
+        if mtype is _NORMAL:
+            size = self._header_size + len(message.payload)
+        elif mtype is MessageType.NORMAL_LEGACY:
+            size = LEGACY_HEADER_SIZE + len(message.payload)
+        else:
             raise ValueError(f"message type {mtype!r} is reserved for the channel")
-        header = (
-            self._header_size
-            if mtype is not MessageType.NORMAL_LEGACY
-            else LEGACY_HEADER_SIZE
-        )
-        if header + len(message.payload) > self.max_message_size:
+        if size > self.max_message_size:
             raise ValueError(
-                f"message of {header + len(message.payload)} bytes exceeds "
+                f"message of {size} bytes exceeds "
                 f"max_message_size={self.max_message_size}"
             )
-        return OutgoingMessage.encode(message, self.framing)
+        return size
 
-    def _check_sendable(self) -> None:
-        if self._closed:
-            raise trio.ClosedResourceError("the channel was closed")
-        if self._write_error is not None:
-            self._raise_write_error()
+    def _refuse(self, message: Message) -> NoReturn:
+        """Raise why ``send`` cannot take ``message``, closing its handles."""
         if not self._started:
             raise RuntimeError("use the Channel inside 'async with open_channel(...)'")
+        close_all(message.handles)
+        if self._write_error is not None and not self._closed:
+            self._raise_write_error()
+        if self._eof_requested and not self._closed:
+            raise trio.ClosedResourceError(
+                "send_eof() was called: this channel's sending side is closed"
+            )
+        raise trio.ClosedResourceError("the channel was closed")
 
-    def _send_queue_full(self, size: int) -> bool:
-        """True if queuing ``size`` more bytes would pass a send-queue bound.
+    def _send_queue_full(self, size: int, handles: int = 0) -> bool:
+        """True if queuing ``size`` bytes and ``handles`` fds would pass a bound.
 
         An empty queue always has room, so a message larger than
-        ``send_queue_bytes`` can still be sent.
+        ``send_queue_bytes`` (or with more fds than ``send_queue_handles``)
+        can still be sent.
         """
         return bool(self._pending) and (
             self._pending >= self._send_queue_messages_limit
             or self._pending_bytes + size > self._send_queue_bytes_limit
+            or self._pending_handles + handles > self._send_queue_handles_limit
         )
 
-    async def _enqueue(self, entry: OutgoingMessage, message: Message) -> None:
-        """Queue ``entry`` behind what is pending; cancel-atomic.
+    async def _enqueue(self, message: Message, size: int) -> None:
+        """Queue ``message`` behind what is pending; cancel-atomic.
 
         The only await is the wait for room, before anything is queued, so
         a cancelled send leaves nothing behind and the caller keeps the
@@ -428,29 +579,47 @@ class Channel(trio.abc.Channel[Message]):
         outbox's capacity alone let the writer's read-ahead of up to 256 KiB
         exceed ``send_queue_messages`` many times over.)
         """
-        size = entry.size
-        while self._send_queue_full(size):
+        while self._send_queue_full(size, len(message.handles)):
             await self._send_space.park()  # Cancelled: nothing queued yet
-            try:
-                self._check_sendable()
-            except BaseException:
-                close_all(message.handles)
-                raise
+            if self._refusing:
+                self._refuse(message)
+        batch = self._open_batch
+        if batch is not None and batch.append(message, self.framing):
+            self._pending += 1
+            self._pending_bytes += size
+            self._pending_handles += len(message.handles)
+            return
+        entry = OutgoingMessage.encode(message, self.framing)
+        try:
+            self._outbox.send_nowait(entry)  # room: see _init_sending
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            self._refuse(message)
         self._pending += 1
         self._pending_bytes += size
-        try:
-            self._outbox.send_nowait(entry)  # room: see __init__
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            self._pending -= 1
-            self._pending_bytes -= size
-            close_all(message.handles)
-            self._check_sendable()
-            raise trio.ClosedResourceError("the channel was closed") from None
+        self._pending_handles += len(message.handles)
+        self._open_batch = None if entry.tail else entry
 
     def _write_now(self, entry: OutgoingMessage) -> None:
-        """Queue ``entry`` and write on the caller's task (nothing is pending)."""
-        self._pending += 1
-        self._pending_bytes += entry.size
+        """Write ``entry`` on the caller's task (nothing is pending)."""
+        if not entry.handles:
+            # The request/response path: one sendmsg, no planning.
+            buffers: list[bytes | bytearray | memoryview] = [entry.head]
+            if entry.tail:
+                buffers.append(entry.tail)
+            try:
+                sent = _fdpass.send(self._sock, buffers, [])
+            except BaseException as exc:
+                self._fail_writes(exc)
+                return
+            if sent:
+                self._bytes_sent += sent
+                if sent == entry.size:
+                    self._messages_sent += 1
+                    return
+                entry.offset = sent
+        self._pending += entry.count
+        self._pending_bytes += entry.size - entry.offset
+        self._pending_handles += len(entry.handles)
         self._encoder.push(entry)
         if not self._flush_nowait():
             # The kernel took part of it; wake the writer task for the rest.
@@ -475,6 +644,9 @@ class Channel(trio.abc.Channel[Message]):
                 self._bytes_sent += sent
                 if sent and fds:
                     self._handles_sent += len(fds)
+                    self._pending_handles -= len(fds)
+            if self._eof_requested and not self._pending:
+                self._shut_down_writing()
         except BaseException as exc:
             self._fail_writes(exc)
             return True
@@ -482,6 +654,14 @@ class Channel(trio.abc.Channel[Message]):
             if self._send_space:
                 self._send_space.unpark_all()
         return True
+
+    def _shut_down_writing(self) -> None:
+        """Everything queued is written: half-close for send_eof()."""
+        if not self._eof_sent:
+            self._eof_sent = True
+            with contextlib.suppress(OSError):  # a vanished peer: reads report it
+                self._sock.shutdown(socket.SHUT_WR)
+            self._send_space.unpark_all()
 
     def _fail_writes(self, exc: BaseException) -> None:
         """Stop writing for good: drop the queue and close its fds.
@@ -497,12 +677,14 @@ class Channel(trio.abc.Channel[Message]):
                 exc = wrapped
             self._write_error = exc
             self._unreported.append(exc)
+        self._refusing = True
         self._writer_scope.cancel()
         self._drop_outgoing()
         self._send_space.unpark_all()
 
     def _drop_outgoing(self) -> None:
         self._encoder.close()
+        self._open_batch = None
         reader = self._outbox_reader
         while True:
             try:
@@ -514,8 +696,9 @@ class Channel(trio.abc.Channel[Message]):
         reader.close()  # senders blocked in send() now get BrokenResourceError
         self._pending = 0
         self._pending_bytes = 0
+        self._pending_handles = 0
 
-    def _raise_write_error(self) -> None:
+    def _raise_write_error(self) -> NoReturn:
         error = self._write_error
         assert error is not None
         self._report(error)
@@ -532,6 +715,13 @@ class Channel(trio.abc.Channel[Message]):
         finally:
             self._writer_done.set()
 
+    def _take_outgoing(self, item: OutgoingMessage | None) -> None:
+        """Move an entry from the outbox into the encoder, sealing a batch."""
+        if item is not None:
+            if item is self._open_batch:
+                self._open_batch = None  # from now on it is being sent
+            self._encoder.push(item)
+
     async def _write_loop(self) -> None:
         encoder = self._encoder
         reader = self._outbox_reader
@@ -547,47 +737,140 @@ class Channel(trio.abc.Channel[Message]):
                         return  # closed and fully flushed
                 except trio.EndOfChannel:
                     return
-                if item is not None:
-                    encoder.push(item)
+                self._take_outgoing(item)
             self._corked = False
             while encoder.queued_bytes < _READ_SIZE:
                 try:
                     item = reader.receive_nowait()
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
-                if item is not None:
-                    encoder.push(item)
+                self._take_outgoing(item)
+            if self._eof_requested and not self._pending:
+                self._shut_down_writing()
             if not self._flush_nowait():
                 await trio.lowlevel.wait_writable(self._sock)
             if self._write_error is not None:
                 return
 
     # ------------------------------------------------------------------
-    # Receiving
+    # Receiving: the queue
 
     def _took(self, message: Message) -> None:
+        """``message`` left the receive queue: account, and let the reader on."""
         self._inbox_bytes -= len(message.payload)
-        if self._receive_space and self._inbox_bytes <= self._receive_queue_bytes_limit:
-            self._receive_space.unpark_all()
+        handles = message.handles
+        if handles:
+            self._inbox_handles -= len(handles)
+        if self._room and self._reader_may_read():
+            self._room.unpark_all()
 
-    def _raise_end(self) -> None:
+    def _reader_may_read(self) -> bool:
+        """True if the receive queue has room for what one more read brings.
+
+        The fds count everything received and not yet returned (the queue's
+        and the decoder's unclaimed ones); a queue with nothing in it always
+        has room, since only reading can complete the message its fds wait
+        for.
+        """
+        inbox = self._inbox
+        return not inbox or (
+            len(inbox) < self._receive_queue_messages_limit
+            and self._inbox_bytes <= self._receive_queue_bytes_limit
+            and self._inbox_handles + self._decoder.queued_handles
+            < self._receive_queue_handles_limit
+        )
+
+    def _pump(self, keep: int = 0) -> _Pumped:
+        """Move parsed messages from the decoder into the receive queue.
+
+        Never waits: returns why it stopped.  ``keep`` messages are about
+        to be taken by the caller, so that many fewer receivers are woken.
+        Raises what the decoder raises (the messages before the bad one are
+        queued).
+        """
+        decoder = self._decoder
+        inbox = self._inbox
+        queued = len(inbox)
+        try:
+            while True:
+                room = self._receive_queue_messages_limit - len(inbox)
+                allowance = self._receive_queue_bytes_limit - self._inbox_bytes
+                if room <= 0 or allowance < 0:
+                    return _FULL
+                batch, payload_bytes, handles, drained = decoder.next_batch(
+                    room, allowance
+                )
+                if batch:
+                    inbox.extend(batch)
+                    self._inbox_bytes += payload_bytes
+                    self._inbox_handles += handles
+                    self._messages_received += len(batch)
+                if drained:
+                    return _NEED_DATA
+                if batch:
+                    continue
+                event = decoder.next_message()
+                if event is NEED_DATA:
+                    return _NEED_DATA
+                if event is END_OF_STREAM:
+                    return _END
+                self._messages_received += 1
+                if event.type in _DATA_TYPES:
+                    inbox.append(event)
+                    self._inbox_bytes += len(event.payload)
+                    self._inbox_handles += len(event.handles)
+                elif not self._on_control(event):
+                    return _STALLED
+        finally:
+            arrived = len(inbox) - queued - keep
+            if arrived > 0 and self._receivers:
+                self._receivers.unpark(count=arrived)
+
+    def _on_control(self, message: Message) -> bool:
+        """Decline upgrades; ignore stray answers (Chromium's ChannelLinux).
+
+        Returns False if the answer must wait for room in the send queue:
+        a peer that floods offers and never reads must not grow the send
+        queue without bound, so the reader stops reading until there is
+        room, as ``send()`` would wait.
+        """
+        message.close()  # control fds are unused
+        if message.type is MessageType.UPGRADE_OFFER:
+            if self._send_queue_full(_REJECT_SIZE) and self._write_error is None:
+                self._stalled_offer = True
+                return False
+            self._decline_upgrade()
+        return True
+
+    def _decline_upgrade(self) -> None:
+        self._stalled_offer = False
+        if self._write_error is None and not self._closed and not self._eof_requested:
+            # (closing: the writer may be gone already; after send_eof the
+            # socket may be shut down for writing: the peer gets no answer.)
+            reply = OutgoingMessage.encode(Message(b"", (), MessageType.UPGRADE_REJECT))
+            if self._pending == 0:
+                self._write_now(reply)
+            else:
+                self._pending += 1
+                self._pending_bytes += reply.size
+                self._encoder.push(reply)
+
+    def _raise_end(self) -> NoReturn:
         error = self._read_error
         if error is None:
             raise trio.EndOfChannel
         self._report(error)
         raise _fresh(error)
 
-    async def _reader(self) -> None:
-        try:
-            with self._reader_scope:
-                await self._read_loop()
-        except BaseException as exc:
-            if isinstance(exc, trio.Cancelled):
-                raise
-            self._fail_reads(exc)
-        finally:
-            self._inbox.close()
-            self._reader_done.set()
+    def _end_reads(self, exc: BaseException | None) -> None:
+        """The stream ended (``exc is None``) or reading failed: wake everyone."""
+        if not self._reads_done:
+            self._reads_done = True
+            if exc is not None:
+                self._fail_reads(exc)
+        self._lent = False
+        self._receivers.unpark_all()
+        self._reader_lot.unpark_all()
 
     def _fail_reads(self, exc: BaseException) -> None:
         self._decoder.close()
@@ -609,94 +892,216 @@ class Channel(trio.abc.Channel[Message]):
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)
 
+    def _read_once(self) -> int:
+        """One ``recvmsg`` into the decoder (the reader's or a borrower's).
+
+        Returns the number of bytes read (0: end of stream, now recorded in
+        the decoder), or -1 if the socket had nothing.  Remembers whether
+        the read drained the socket.
+        """
+        decoder = self._decoder
+        size = decoder.read_size(_RECV_SIZE, _MAX_RECV_SIZE)
+        received = _fdpass.receive(
+            self._sock, size, fail_on_truncation=self._fail_on_truncation
+        )
+        if received is None:
+            self._wait_first = True
+            return -1
+        data, handles = received
+        if handles:
+            self._handles_received += len(handles)
+            decoder.receive_handles(handles)
+        if not data:
+            decoder.receive_eof()
+            return 0
+        self._bytes_received += len(data)
+        decoder.receive_data(data)
+        self._wait_first = len(data) < size
+        return len(data)
+
+    # ------------------------------------------------------------------
+    # Receiving: receive() when the queue is empty, and read lending
+
+    async def _receive_waiting(self) -> Message:
+        """``receive()`` found the queue empty: borrow the socket, or wait."""
+        while True:
+            if self._aborted:
+                raise trio.ClosedResourceError("the channel was closed")
+            if self._inbox:
+                return self._take_one()
+            if self._reads_done:
+                self._raise_end()
+            if not self._borrowed:
+                scope = self._reader_idle_scope
+                if scope is not None:
+                    # The reader waits for data that we are waiting for:
+                    # take the read side over rather than be handed each
+                    # message by another task.
+                    self._reader_idle_scope = None
+                    scope.cancel()
+                    self._lent = True
+                if self._lent:
+                    message = await self._borrow()
+                    if message is not None:
+                        return message
+                    continue
+            await self._receivers.park()
+            self._receive_streak = 0
+
+    def _take_one(self) -> Message:
+        message = self._inbox.popleft()
+        self._took(message)
+        return message
+
+    async def _borrow(self) -> Message | None:
+        """Wait and read on this task; return a message, or None to wait.
+
+        The read side goes back to the reader task (``_hand_back``) as soon
+        as a read brings anything but complete plain messages: an end of
+        stream, a failure, a control message, a queue that must absorb a
+        burst, or a message that is still arriving.  Cancelled while it
+        waits, it leaves everything as it was: the bytes stay in the kernel.
+        """
+        self._borrowed = True
+        self._borrows += 1
+        handed_back = False
+        failure: BaseException | None = None
+        try:
+            while True:
+                if self._wait_first:
+                    await trio.lowlevel.wait_readable(self._sock)
+                    self._corked = False  # the peer answered: a new burst may begin
+                    self._receive_streak = 0
+                try:
+                    if self._read_once() < 0:
+                        continue
+                    status = self._pump(keep=1)
+                except Exception as exc:
+                    failure = exc
+                    break
+                if status is not _NEED_DATA or not self._inbox:
+                    handed_back = True
+                    self._hand_back()
+                if self._inbox:
+                    return self._take_one()
+                return None
+        except trio.ClosedResourceError:
+            if not self._aborted:
+                raise
+        finally:
+            self._borrowed = False
+            if not handed_back and self._lent:
+                if self._receivers:
+                    self._receivers.unpark()  # the next receiver borrows it
+                elif self._reader_untimed:
+                    self._reader_lot.unpark()  # the reader re-arms its timer
+        if failure is not None:
+            self._end_reads(failure)
+            if self._inbox:  # messages before the failure come first
+                return self._take_one()
+            self._raise_end()
+        raise trio.ClosedResourceError("the channel was closed")
+
+    def _hand_back(self) -> None:
+        if self._lent:
+            self._lent = False
+            self._reader_lot.unpark()
+
+    async def _lend(self) -> None:
+        """Let receive() callers read until they hand the socket back.
+
+        While lent and nobody borrows, nothing reads ahead; so the reader
+        takes the socket back once nobody has borrowed it for
+        :data:`_LEND_IDLE` seconds.  While a borrower waits on the socket
+        the reader sleeps without a timer (an idle channel costs nothing),
+        and is woken when the borrower leaves.
+        """
+        while self._lent:
+            borrows = self._borrows
+            with trio.move_on_after(_LEND_IDLE):
+                await self._reader_lot.park()
+            # (Handed back meanwhile: _lent is False and the loop ends.)
+            if self._borrowed and self._lent:
+                # Someone waits on the socket: sleep until they leave, then
+                # give the next ones _LEND_IDLE again.  (Woken at most once
+                # per _LEND_IDLE, however many messages pass meanwhile.)
+                self._reader_untimed = True
+                try:
+                    await self._reader_lot.park()
+                finally:
+                    self._reader_untimed = False
+            elif self._borrows == borrows and not self._borrowed:
+                self._lent = False  # take it back; parked receivers wait for us
+
+    # ------------------------------------------------------------------
+    # Receiving: the reader task
+
+    async def _reader(self) -> None:
+        try:
+            with self._reader_scope:
+                await self._read_loop()
+        except BaseException as exc:
+            if isinstance(exc, trio.Cancelled):
+                raise
+            self._end_reads(exc)
+        finally:
+            self._end_reads(None)
+            self._reader_done.set()
+
     async def _read_loop(self) -> None:
         sock = self._sock
-        decoder = self._decoder
-        fail_on_truncation = self._fail_on_truncation
+        total = 0  # bytes read since the last schedule point (fairness cap)
         while True:
-            total = 0
-            while True:
-                received = _fdpass.receive(
-                    sock, _RECV_SIZE, fail_on_truncation=fail_on_truncation
-                )
-                if received is None:
-                    break
-                data, handles = received
-                if handles:
-                    self._handles_received += len(handles)
-                    decoder.receive_handles(handles)
-                if not data:
-                    decoder.receive_eof()
-                    await self._dispatch()
-                    return
-                self._bytes_received += len(data)
-                decoder.receive_data(data)
-                await self._dispatch()
-                total += len(data)
-                if len(data) < _RECV_SIZE or total >= _READ_SIZE:
-                    break
-            if total >= _READ_SIZE:
-                await trio.lowlevel.checkpoint()
-            else:
-                await trio.lowlevel.wait_readable(sock)
-                self._corked = False  # the peer answered: a new burst may begin
-
-    async def _dispatch(self) -> None:
-        """Move every complete message from the decoder to the inbox."""
-        decoder = self._decoder
-        inbox = self._inbox
-        while True:
-            message = decoder.next_message()
-            if message is NEED_DATA or message is END_OF_STREAM:
+            if self._reads_done:
                 return
-            self._messages_received += 1
-            if message.type not in _DATA_TYPES:
-                message.close()  # before any await: control fds are unused
-                if message.type is MessageType.UPGRADE_OFFER:
-                    # Each offer queues a reply; a peer that floods offers and
-                    # never reads must not grow the send queue without bound,
-                    # so wait for room (and stop reading) as send() would.
-                    while (
-                        self._send_queue_full(_REJECT_SIZE)
-                        and self._write_error is None
-                    ):
-                        await self._send_space.park()
-                self._on_control(message)
+            if self._stalled_offer:
+                while self._send_queue_full(_REJECT_SIZE) and self._write_error is None:
+                    await self._send_space.park()
+                self._decline_upgrade()
+            status = self._pump()
+            if status is _END:
+                return
+            if status is _FULL or (
+                status is _NEED_DATA and not self._reader_may_read()
+            ):
+                await self._room.park()
                 continue
-            self._inbox_bytes += len(message.payload)
-            try:
-                try:
-                    inbox.send_nowait(message)
-                except trio.WouldBlock:
-                    await inbox.send(message)
-            except BaseException:
-                self._inbox_bytes -= len(message.payload)
-                message.close()
-                raise
-            while self._inbox_bytes > self._receive_queue_bytes_limit:
-                await self._receive_space.park()
-
-    def _on_control(self, message: Message) -> None:
-        """Decline upgrades; ignore stray answers (Chromium's ChannelLinux)."""
-        message.close()
-        if (
-            message.type is MessageType.UPGRADE_OFFER
-            and self._write_error is None
-            and not self._closed  # closing: the writer may be gone already
-        ):
-            reply = OutgoingMessage.encode(Message(b"", (), MessageType.UPGRADE_REJECT))
-            if self._pending == 0:
-                self._write_now(reply)
+            if status is _STALLED:
+                continue
+            if total >= _READ_SIZE:
+                total = 0
+                await trio.lowlevel.checkpoint()
+                continue
+            if not self._wait_first:
+                nbytes = self._read_once()
+                if nbytes >= 0:
+                    total += nbytes
+                    continue
+            total = 0
+            if self._receivers and not self._inbox:
+                # Someone waits for a message: let them read themselves.
+                self._lent = True
+                self._receivers.unpark()
             else:
-                self._pending += 1
-                self._pending_bytes += reply.size
-                self._encoder.push(reply)
+                scope = trio.CancelScope()
+                self._reader_idle_scope = scope
+                try:
+                    with scope:
+                        await trio.lowlevel.wait_readable(sock)
+                finally:
+                    self._reader_idle_scope = None
+                if not self._lent:
+                    self._corked = False  # the peer answered: a new burst may begin
+                    self._wait_first = False
+            if self._lent:
+                await self._lend()
 
     # ------------------------------------------------------------------
     # Lifecycle
 
     def _start(self, nursery: trio.Nursery) -> None:
         self._started = True
+        self._refusing = self._closed
         nursery.start_soon(
             self._reader, name=f"trio_mojo reader fd={self._sock.fileno()}"
         )
@@ -707,6 +1112,7 @@ class Channel(trio.abc.Channel[Message]):
     async def _flush(self) -> None:
         """Let the writer drain the queue, then half-close the socket."""
         self._outbox.close()
+        self._open_batch = None
         if self._write_error is not None:
             return
         if self._started and not self._writer_done.is_set():
@@ -720,6 +1126,7 @@ class Channel(trio.abc.Channel[Message]):
                 )
                 self._write_error = error
                 self._unreported.append(error)
+                self._refusing = True
                 return
         if self._write_error is None:
             # Already disconnected? The reader reports it if it matters.
@@ -730,21 +1137,21 @@ class Channel(trio.abc.Channel[Message]):
         """Stop both tasks and close the socket and every fd.  Idempotent."""
         self._closed = True
         self._aborted = True
+        self._refusing = True
         self._reader_scope.cancel()
         self._writer_scope.cancel()
         self._outbox.close()
         self._drop_outgoing()
-        inbox_reader = self._inbox_reader
-        while True:
-            try:
-                inbox_reader.receive_nowait().close()
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                break
-        inbox_reader.close()
-        self._inbox.close()
+        inbox = self._inbox
+        while inbox:
+            inbox.popleft().close()
+        self._inbox_bytes = 0
+        self._inbox_handles = 0
         self._decoder.close()
         self._send_space.unpark_all()
-        self._receive_space.unpark_all()
+        self._room.unpark_all()
+        self._receivers.unpark_all()
+        self._reader_lot.unpark_all()
         if self._sock.fileno() >= 0:
             trio.lowlevel.notify_closing(self._sock)
             self._sock.close()
@@ -798,8 +1205,10 @@ async def open_channel(
     fail_on_truncated_handles: bool = True,
     send_queue_messages: int = 4096,
     send_queue_bytes: int = 8 * 1024 * 1024,
+    send_queue_handles: int = 1024,
     receive_queue_messages: int = 4096,
     receive_queue_bytes: int = 8 * 1024 * 1024,
+    receive_queue_handles: int = 2 * MAX_ATTACHED_HANDLES,
     flush_timeout: float | None = 30.0,
 ) -> AsyncIterator[Channel]:
     """Open a :class:`Channel` on ``endpoint`` for the duration of the block.
@@ -826,12 +1235,20 @@ async def open_channel(
             :class:`MessageDecoder`.
         fail_on_truncated_handles: fail on ``MSG_CTRUNC`` (default) rather
             than carry on without the lost fds as Chromium does.
-        send_queue_messages, send_queue_bytes: bound on what ``send`` queues
-            before it waits (a single message larger than the byte bound is
-            still accepted when the queue is empty).
+        send_queue_messages, send_queue_bytes, send_queue_handles: bound on
+            what ``send`` queues before it waits, in messages, bytes and fds
+            (default 1024: a fast producer of fd-laden messages must not run
+            its own process out of fds); a single message over a bound is
+            still accepted when the queue is empty.
         receive_queue_messages, receive_queue_bytes: bound on what the
             reader parses ahead of ``receive``; beyond it the reader stops
             reading and the peer's sends wait.
+        receive_queue_handles: bound on the fds received and not yet
+            returned by ``receive`` (those of queued messages and those
+            that arrived ahead of their message); at or beyond it the
+            reader stops reading, exactly as for bytes.  One read brings at
+            most 128 more, so with the defaults the receive path holds at
+            most 506 + 128 fds whatever the peer does.
         flush_timeout: seconds a normal exit waits for the queue to drain.
 
     Raises:
@@ -852,8 +1269,10 @@ async def open_channel(
             fail_on_truncated_handles=fail_on_truncated_handles,
             send_queue_messages=send_queue_messages,
             send_queue_bytes=send_queue_bytes,
+            send_queue_handles=send_queue_handles,
             receive_queue_messages=receive_queue_messages,
             receive_queue_bytes=receive_queue_bytes,
+            receive_queue_handles=receive_queue_handles,
             flush_timeout=flush_timeout,
         )
     except BaseException:

@@ -87,7 +87,9 @@ class WorkerError(Exception):
     ``returncode`` is the exit status as :attr:`subprocess.Popen.returncode`
     reports it (negative for a signal, ``None`` if unknown) and
     ``stderr_tail`` the last part of what the worker wrote to its standard
-    error, decoded leniently.
+    error, decoded leniently, with every control character but newline and
+    tab escaped (``\\x1b``, ``\\r``, ``\\u202e``, ...): the worker's output is
+    hostile, and this text ends up in logs and terminals.
     """
 
     def __init__(

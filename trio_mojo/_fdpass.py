@@ -65,7 +65,7 @@ def _translate(exc: OSError, action: str) -> Exception:
 
 
 def send(
-    sock: socket.socket, buffers: list[bytes | memoryview], fds: list[int]
+    sock: socket.socket, buffers: list[bytes | bytearray | memoryview], fds: list[int]
 ) -> int | None:
     """One non-blocking ``sendmsg``; returns bytes sent, or ``None`` to wait.
 

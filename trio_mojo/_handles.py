@@ -142,10 +142,14 @@ def close_all(handles: Iterable[Handle]) -> None:
     """
     first: BaseException | None = None
     for handle in handles:
-        try:
-            handle.close()
-        except BaseException as exc:
-            if first is None:
-                first = exc
+        # Handle.close(), inlined: the fd path closes one handle per fd.
+        fd = handle._fd
+        if fd >= 0:
+            handle._fd = -1
+            try:
+                os.close(fd)
+            except BaseException as exc:
+                if first is None:
+                    first = exc
     if first is not None:
         raise first

@@ -1,7 +1,8 @@
-"""The benchmark suite of issue #5 (private; run it as ``python -m trio_mojo bench``).
+"""The benchmark suite (private; run it as ``python -m trio_mojo bench``).
 
 Modules: ``_cli`` (command line, driver loop), ``_report`` (medians,
-ratios, targets, tables), ``_workloads`` (W1-W5x8 and the systems),
+ratios, tables), ``_plot`` (``--plot``), ``_workloads`` (W1-W5x8 and the
+systems),
 ``_harness`` (the sender/receiver processes and the honesty checks),
 ``_common`` (what both processes share: spec, meter, control pipe),
 ``_extras`` (idle, spawn, memory bounds), one ``_sys_*`` module per peer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -17,13 +18,14 @@ from typing import Any
 from . import _extras
 from ._common import RunSpec
 from ._harness import run
-from ._report import check_targets, render, summarise
+from ._report import render, summarise, versus_peers
 from ._workloads import REFERENCE, SYSTEMS, WORKLOADS
 
 __all__ = ["main"]
 
 _DESCRIPTION = """\
-Benchmark trio_mojo against what a Python user would pick instead.
+Benchmark trio_mojo against what a Python program would use instead to talk
+to a child process, on this machine.
 
 Each run starts a fresh sender process; the sender starts the receiver as
 its child over a socket pair; both run the system's own event loop.  Every
@@ -31,27 +33,38 @@ peer implements the same framing honestly (the receiver reads every byte
 and closes every fd it gets; the sender checks the receiver's counts).
 
 Workloads (full counts; --quick uses about 1/10 to 1/50 of them):
-  W1    1,000,000 x 64 B one way                [messages/s]
-  W2    65,536 x 16 KiB one way (1 GiB)         [MB/s]
-  W3    256 x 4 MiB one way                     [MB/s]
-  W4    50,000 x 64 B ping-pong                 [RTT p50, us]
-  W5    100,000 x (8 B + 1 fd) one way          [fds/s]
-  W5x8  12,500 x (8 B + 8 fds) one way          [fds/s]
+  W1     1,000,000 x 64 B one way                  [messages/s]
+  W2     65,536 x 16 KiB one way (1 GiB)           [MB/s]
+  W3     256 x 4 MiB one way                       [MB/s]
+  W4     50,000 x 64 B ping-pong                   [round trip p50, us]
+  W4c10  50,000 x 64 B requests, 10 in flight on one connection, each
+         client waiting for its own reply          [round trip p50, us]
+  W4w    50,000 x 64 B ping-pong with a worker from open_worker under
+         SandboxPolicy.strict() (trio_mojo only; set against the peers' W4)
+  W5     100,000 x (8 B + 1 fd) one way            [fds/s]
+  W5x8   12,500 x (8 B + 8 fds) one way            [fds/s]
 
 Systems: trio_mojo; mp (multiprocessing.connection + reduction.sendfds,
-the reference of every ratio); raw (blocking sockets, batched); and when
-installed anyio_trio, anyio_asyncio (anyio UNIX streams), asyncio, uvloop
-(asyncio streams; no fd API, so no W5/W5x8).
+the reference of the "vs mp" ratios); raw (blocking sockets, batched: about
+the fastest Python can go); trio_floor (W4 only: one Trio task on a plain
+socket, the least any Trio program pays per round trip); and when
+installed anyio_trio, anyio_asyncio
+(anyio UNIX streams), asyncio, uvloop (asyncio streams; no fd API, so no
+W5/W5x8).
 
-Also measured: CPU us per message (both processes, getrusage), the
-receiver's peak RSS, the CPU of an idle open channel, worker spawn time vs
-`python -I -c "import trio"`, and the memory bounds of issue #5 item 4
-(a 10x slower consumer; a header announcing max_message_size followed by a
-trickle).  Each figure is the median of the repetitions; spread is
-(max - min) / median.  Timing asserts nothing: compare ratios within a run.
+`python -m trio_mojo bench pool --help`: the JSON job through a worker pool
+vs multiprocessing.Pool, trio-parallel and anyio.to_process.
 
 `python -m trio_mojo bench spawn --help`: worker start-up (zygote, spawn,
 multiprocessing) on its own.
+
+The report ends with trio_mojo's speed relative to each peer.  Also
+measured: CPU us per message (both processes, getrusage), the receiver's
+peak RSS, the CPU of an idle open channel, worker start-up time against
+`python -I -c "import trio"`, and memory under a 10x slower consumer and
+under a header announcing a huge message followed by a trickle.  Each
+figure is the median of the repetitions; spread is (max - min) / median.
+Timings are noisy on a shared machine: compare ratios within one run.
 """
 
 
@@ -73,6 +86,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="repetitions per (system, workload) (default: 3, --quick: 2)",
     )
     parser.add_argument("--json", metavar="PATH", help="write all results as JSON")
+    parser.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="draw each system's speed relative to mp as a bar chart "
+        "(needs matplotlib: pip install matplotlib)",
+    )
     parser.add_argument(
         "--systems",
         metavar="LIST",
@@ -106,6 +125,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--reps must be at least 1")
     if not args.scale > 0:
         parser.error("--scale must be positive")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        parser.error("--plot needs matplotlib: pip install matplotlib")
     args.selected_systems = _select(parser, args.systems, [s.name for s in SYSTEMS])
     args.selected_workloads = _select(
         parser, args.workloads, [w.name for w in WORKLOADS]
@@ -151,11 +172,14 @@ def _progress(text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns 0 when every honesty check passed."""
-    given = sys.argv[1:] if argv is None else argv
-    if given[:1] == ["spawn"]:  # the worker start-up benchmark, on its own
+    if argv and argv[0] == "pool":  # the JSON job through worker pools: _pool.py
+        from ._pool import main as pool_main
+
+        return pool_main(argv[1:])
+    if argv and argv[0] == "spawn":  # worker start-up on its own: _spawn.py
         from ._spawn import main as spawn_main
 
-        return spawn_main(given[1:])
+        return spawn_main(argv[1:])
     args = _parse(argv)
     quick = args.quick
     reps = args.reps if args.reps is not None else (2 if quick else 3)
@@ -190,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                 payload_size=workload.payload_size,
                 fds_per_message=workload.fds_per_message,
                 pingpong=workload.pingpong,
+                concurrency=workload.concurrency,
+                worker=workload.worker,
                 profile_path=profile_path,
                 timeout=timeout,
             )
@@ -212,9 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": 0.0,
         },
         "summary": summary,
-        "targets": check_targets(summary)
-        if "trio_mojo" in args.selected_systems
-        else [],
+        "versus_peers": versus_peers(summary),
         "runs": records,
     }
     failures = [
@@ -235,6 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"({result['meta']['seconds']:.0f} s)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, allow_nan=True) + "\n")
+    if args.plot:
+        from ._plot import plot  # matplotlib is imported only when asked for
+
+        plot(result, Path(args.plot))
+        print(f"plot written to {args.plot}")
     extras_failed = any(
         not extra.get("passed", True)
         for extra in result.get("extras", {}).values()

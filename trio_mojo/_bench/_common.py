@@ -35,6 +35,7 @@ __all__ = [
     "MAX_BATCH_BYTES",
     "MAX_BATCH_FDS",
     "READ_SIZE",
+    "REQUEST",
     "ControlReader",
     "ControlWriter",
     "Meter",
@@ -75,6 +76,8 @@ class RunSpec:
     payload_size: int
     fds_per_message: int = 0
     pingpong: bool = False
+    concurrency: int = 1
+    worker: bool = False
     # Special runs (see _extras): "slow" consumer, "trickle" header.
     mode: str = "normal"
     consumer_rate: float = 0.0
@@ -268,6 +271,11 @@ def dev_null() -> int:
     if _dev_null_fd < 0:
         _dev_null_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     return _dev_null_fd
+
+
+REQUEST: Final = struct.Struct("<HI")
+"""W4c10: a request's first bytes, ``(client, sequence)``; the echo returns
+it, so each reply finds the client that waits for it."""
 
 
 def payload_of(size: int) -> bytes:

@@ -6,10 +6,10 @@
 * **Spawn**: ``open_worker(...)`` until the Worker is yielded (the child's
   first message, its sandbox report, has arrived and been checked) against
   the wall time of ``python -I -c "import trio"``.
-* **Slow consumer** (issue #5 item 4): 1,000,000 messages of 64 B into a
+* **Slow consumer**: 1,000,000 messages of 64 B into a
   receiver that consumes 10x slower than trio_mojo's own W1 rate; its
   peak RSS growth must stay under 32 MiB (backpressure, not buffering).
-* **Trickle** (item 4): a raw writer announces a message of
+* **Trickle**: a raw writer announces a message of
   ``max_message_size`` (256 MiB) and then trickles its bytes; the
   receiver's memory must grow with the bytes received, not the size
   announced.

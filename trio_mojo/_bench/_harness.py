@@ -164,7 +164,23 @@ def honesty_errors(
     return errors
 
 
+def _worker_process(spec: RunSpec) -> int:
+    """A run whose peer is a sandboxed worker the system starts itself."""
+    module = _system_module(spec.system)
+    sent, received = _profiled(spec, "sender", module.worker_pingpong, spec)
+    record = {
+        "spec": asdict(spec),
+        "sender": asdict(sent),
+        "receiver": asdict(received),
+        "errors": honesty_errors(spec, sent, received, None),
+    }
+    print(json.dumps(record), flush=True)
+    return 1 if record["errors"] else 0
+
+
 def _sender_process(spec: RunSpec) -> int:
+    if spec.worker:
+        return _worker_process(spec)
     module = _system_module(spec.system)
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     control_r, control_w = os.pipe()

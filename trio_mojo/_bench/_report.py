@@ -7,9 +7,7 @@ from typing import Any
 
 from ._workloads import REFERENCE, SYSTEMS, WORKLOADS, Workload, median, percentile
 
-__all__ = ["check_targets", "render", "summarise"]
-
-_ASYNC_PEERS = ("anyio_trio", "anyio_asyncio", "asyncio", "uvloop")
+__all__ = ["render", "summarise", "versus_peers"]
 
 
 def _workload(name: str) -> Workload:
@@ -85,66 +83,41 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, An
             }
     for workload_name, cells in summary.items():
         workload = _workload(workload_name)
-        reference = cells.get(REFERENCE, {}).get("median", math.nan)
+        reference = _reference_cells(summary, workload).get(REFERENCE, {})
         for cell in cells.values():
-            cell["vs_mp"] = _speed(workload, cell["median"], reference)
+            cell["vs_mp"] = _speed(workload, cell["median"], reference.get("median"))
     return summary
 
 
-def _speed(workload: Workload, value: float, reference: float) -> float:
-    """Speed relative to ``reference``: >1 is faster (for W4: reference RTT / RTT)."""
-    if not (value > 0 and reference > 0):
+def _reference_cells(
+    summary: dict[str, dict[str, dict[str, Any]]], workload: Workload
+) -> dict[str, dict[str, Any]]:
+    """The cells a workload's ratios are taken against (W4w: those of W4)."""
+    return summary.get(workload.compare_with or workload.name, {})
+
+
+def _speed(workload: Workload, value: float, reference: float | None) -> float:
+    """Speed relative to ``reference``: >1 is faster (for RTTs: reference / RTT)."""
+    if reference is None or not (value > 0 and reference > 0):
         return math.nan
     return reference / value if workload.pingpong else value / reference
 
 
-def check_targets(
+def versus_peers(
     summary: dict[str, dict[str, dict[str, Any]]],
-) -> list[dict[str, Any]]:
-    """The targets of issue #5, evaluated on this run's medians."""
-
-    def med(workload: str, system: str) -> float:
-        value: float = summary.get(workload, {}).get(system, {}).get("median", math.nan)
-        return value
-
-    def ratio(workload: str, system: str, reference: str) -> float:
-        return _speed(
-            _workload(workload), med(workload, system), med(workload, reference)
-        )
-
-    targets: list[dict[str, Any]] = []
-
-    def add(name: str, value: float, goal: float, *, at_most: bool = False) -> None:
-        ok = value <= goal if at_most else value >= goal
-        status = "n/a" if math.isnan(value) else ("met" if ok else "MISSED")
-        targets.append({"target": name, "value": value, "goal": goal, "status": status})
-
-    add("W1 trio_mojo / mp >= 2.5x", ratio("W1", "trio_mojo", "mp"), 2.5)
-    add("W2 trio_mojo / mp >= 1.0x", ratio("W2", "trio_mojo", "mp"), 1.0)
-    add("W3 trio_mojo / mp >= 2.0x", ratio("W3", "trio_mojo", "mp"), 2.0)
-    add("W3 trio_mojo / raw >= 0.8x", ratio("W3", "trio_mojo", "raw"), 0.8)
-    add(
-        "W4 RTT trio_mojo / RTT mp <= 2.0x",
-        med("W4", "trio_mojo") / med("W4", "mp"),
-        2.0,
-        at_most=True,
-    )
-    async_rtts = [
-        med("W4", peer) for peer in _ASYNC_PEERS if peer in summary.get("W4", {})
-    ]
-    async_rtts = [value for value in async_rtts if not math.isnan(value)]
-    best_async = min(async_rtts) if async_rtts else math.nan
-    add(
-        "W4 RTT trio_mojo / best async peer < 1.0x",
-        med("W4", "trio_mojo") / best_async,
-        1.0,
-        at_most=True,
-    )
-    if targets[-1]["value"] == 1.0:
-        targets[-1]["status"] = "MISSED"  # must be strictly lower
-    add("W5 trio_mojo / mp >= 3x", ratio("W5", "trio_mojo", "mp"), 3.0)
-    add("W5x8 trio_mojo / mp >= 1.5x", ratio("W5x8", "trio_mojo", "mp"), 1.5)
-    return targets
+) -> dict[str, dict[str, float]]:
+    """``{workload: {peer: trio_mojo's speed relative to that peer}}``."""
+    table: dict[str, dict[str, float]] = {}
+    for workload_name, cells in summary.items():
+        ours = cells.get("trio_mojo", {}).get("median", math.nan)
+        workload = _workload(workload_name)
+        peers = _reference_cells(summary, workload)
+        table[workload_name] = {
+            peer: _speed(workload, ours, cell.get("median"))
+            for peer, cell in peers.items()
+            if peer != "trio_mojo"
+        }
+    return table
 
 
 # ---------------------------------------------------------------- formatting
@@ -297,14 +270,40 @@ def render(result: dict[str, Any]) -> str:
                 ]
             )
         out += _table(header, rows)
-    if result["targets"]:
-        out += ["", "## Targets of issue #5 (trio_mojo, this run's medians)", ""]
-        rows = [
-            [t["target"], fmt_ratio(t["value"]), t["status"]] for t in result["targets"]
-        ]
-        out += _table(["target", "measured", "status"], rows)
+    out += _render_versus(summary, systems)
     out += _render_extras(result.get("extras", {}))
     return "\n".join(out) + "\n"
+
+
+def _render_versus(
+    summary: dict[str, dict[str, dict[str, Any]]], systems: list[str]
+) -> list[str]:
+    """The table users look for: trio_mojo against each peer, per workload."""
+    if "trio_mojo" not in systems:
+        return []
+    peers = [system for system in systems if system != "trio_mojo"]
+    if not peers:
+        return []
+    table = versus_peers(summary)
+    rows = []
+    for workload in WORKLOADS:
+        if workload.name not in table:
+            continue
+        label = workload.name
+        if workload.compare_with:
+            label += f" (peers: {workload.compare_with})"
+        row = [label]
+        row += [fmt_ratio(table[workload.name].get(peer, math.nan)) for peer in peers]
+        rows.append(row)
+    return [
+        "",
+        (
+            "## trio_mojo against each peer: its speed relative to the peer "
+            "(>1: trio_mojo is faster; for round trips: the peer's RTT / ours)"
+        ),
+        "",
+        *_table(["workload", *peers], rows),
+    ]
 
 
 def _render_extras(extras: dict[str, Any]) -> list[str]:

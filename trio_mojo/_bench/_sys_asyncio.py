@@ -19,6 +19,7 @@ from ._common import (
     BIG_PAYLOAD,
     FRAME,
     FRAME_TYPE,
+    REQUEST,
     ControlReader,
     ControlWriter,
     Meter,
@@ -73,7 +74,9 @@ async def _sender(
     result.t0 = monotonic()
     write = writer.write
     drain = writer.drain
-    if spec.pingpong:
+    if spec.concurrency > 1:
+        await _requests_in_flight(reader, writer, spec, result.rtts_ns)
+    elif spec.pingpong:
         readexactly = reader.readexactly
         clock = time.monotonic_ns
         rtts = result.rtts_ns
@@ -102,6 +105,43 @@ async def _sender(
     writer.close()
     await writer.wait_closed()
     return result
+
+
+async def _requests_in_flight(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    spec: RunSpec,
+    rtts: list[int],
+) -> None:
+    """W4c10: client tasks, and one task routing each reply by its tag."""
+    body = payload_of(spec.payload_size)[REQUEST.size :]
+    clock = time.monotonic_ns
+    counts = [
+        spec.count // spec.concurrency + (i < spec.count % spec.concurrency)
+        for i in range(spec.concurrency)
+    ]
+    inboxes: list[asyncio.Queue[bytes]] = [asyncio.Queue(1) for _ in counts]
+
+    async def route() -> None:
+        for _ in range(spec.count):
+            length = FRAME.unpack(await reader.readexactly(FRAME.size))[0]
+            reply = await reader.readexactly(length)
+            inboxes[REQUEST.unpack_from(reply)[0]].put_nowait(reply)
+
+    async def client(index: int, count: int) -> None:
+        for sequence in range(count):
+            request = REQUEST.pack(index, sequence) + body
+            t = clock()
+            writer.write(FRAME.pack(len(request), 0, FRAME_TYPE) + request)
+            await writer.drain()
+            if await inboxes[index].get() != request:
+                raise RuntimeError("a reply that does not match its request")
+            rtts.append(clock() - t)
+
+    async with asyncio.TaskGroup() as group:
+        group.create_task(route())
+        for index, count in enumerate(counts):
+            group.create_task(client(index, count))
 
 
 def receiver(

@@ -4,18 +4,23 @@ What the standard library offers: ``send_bytes``/``recv_bytes`` with
 multiprocessing's own 4-byte length prefix, and fds passed with
 ``multiprocessing.reduction.sendfds``/``recvfds`` (a separate 1-byte
 ``sendmsg`` per message, after its bytes).  Blocking, no event loop.
-Every ratio in the report is taken against this peer.
+Every ratio in the report is taken against this peer.  W4c10 (ten requests
+in flight) uses threads: ten clients sending under a lock and one thread
+routing each reply to the client that waits for it.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import socket
+import threading
 import time
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
 
 from ._common import (
+    REQUEST,
     ControlReader,
     ControlWriter,
     Meter,
@@ -40,7 +45,9 @@ def sender(spec: RunSpec, sock: socket.socket, ctl: ControlReader) -> SenderResu
     meter.start()
     result.t0 = monotonic()
     send_bytes = conn.send_bytes
-    if spec.pingpong:
+    if spec.concurrency > 1:
+        _requests_in_flight(conn, spec, result.rtts_ns)
+    elif spec.pingpong:
         recv_bytes = conn.recv_bytes
         clock = time.monotonic_ns
         rtts = result.rtts_ns
@@ -73,6 +80,47 @@ def sender(spec: RunSpec, sock: socket.socket, ctl: ControlReader) -> SenderResu
     result.take_meter(meter)
     sock.close()
     return result
+
+
+def _requests_in_flight(conn: Connection, spec: RunSpec, rtts: list[int]) -> None:
+    """W4c10 with threads: clients send under a lock, one thread routes replies."""
+    body = payload_of(spec.payload_size)[REQUEST.size :]
+    clock = time.monotonic_ns
+    counts = [
+        spec.count // spec.concurrency + (i < spec.count % spec.concurrency)
+        for i in range(spec.concurrency)
+    ]
+    inboxes: list[queue.SimpleQueue[bytes]] = [queue.SimpleQueue() for _ in counts]
+    lock = threading.Lock()
+    failures: list[BaseException] = []
+
+    def route() -> None:
+        for _ in range(spec.count):
+            reply = conn.recv_bytes()
+            inboxes[REQUEST.unpack_from(reply)[0]].put(reply)
+
+    def client(index: int, count: int) -> None:
+        for sequence in range(count):
+            request = REQUEST.pack(index, sequence) + body
+            t = clock()
+            with lock:
+                conn.send_bytes(request)
+            if inboxes[index].get() != request:
+                failures.append(RuntimeError("a reply that does not match its request"))
+                return
+            rtts.append(clock() - t)
+
+    threads = [threading.Thread(target=route)]
+    threads += [
+        threading.Thread(target=client, args=(index, count))
+        for index, count in enumerate(counts)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
 
 
 def receiver(

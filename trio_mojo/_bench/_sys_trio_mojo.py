@@ -7,7 +7,12 @@ its command line (``--mojo-platform-channel-handle=N``) and recovered with
 ``trio_mojo.recover_endpoint`` (``Endpoint.from_fd`` where that does not
 exist yet).
 
-Two special runs for the memory checks of issue #5 item 4 live here too:
+W4c10 runs ten clients on one channel, with one task routing each reply to
+the client that waits for it; W4w ping-pongs with an ``open_worker`` echo
+worker under ``SandboxPolicy.strict()`` (the sender process is the parent;
+there is no separate receiver).
+
+Two special runs for the memory checks live here too:
 ``mode="slow"`` (a consumer throttled to ``consumer_rate`` messages/s) and
 ``mode="trickle"`` (a raw writer announces a ``max_message_size`` message
 and then trickles its bytes; the receiver samples its buffer and RSS).
@@ -25,6 +30,7 @@ import trio
 import trio_mojo
 
 from ._common import (
+    REQUEST,
     ControlReader,
     ControlWriter,
     Meter,
@@ -37,7 +43,9 @@ from ._common import (
     read_status_kib,
 )
 
-__all__ = ["receiver", "sender"]
+__all__ = ["client_counts", "receiver", "sender", "worker_pingpong"]
+
+_ECHO_TARGET = "trio_mojo._examples:echo"
 
 
 def _recover(argv: list[str], sock_fd: int) -> trio_mojo.Endpoint:
@@ -72,7 +80,9 @@ async def _sender(
         meter.start()
         result.t0 = monotonic()
         send = channel.send
-        if spec.pingpong:
+        if spec.concurrency > 1:
+            await _requests_in_flight(channel, spec, result.rtts_ns)
+        elif spec.pingpong:
             receive = channel.receive
             clock = time.monotonic_ns
             rtts = result.rtts_ns
@@ -101,6 +111,94 @@ async def _sender(
     result.take_meter(meter)
     result.info["messages_sent"] = stats.messages_sent
     return result
+
+
+def client_counts(count: int, clients: int) -> list[int]:
+    """Split ``count`` requests between ``clients`` as evenly as possible."""
+    return [count // clients + (i < count % clients) for i in range(clients)]
+
+
+async def _requests_in_flight(
+    channel: trio_mojo.Channel, spec: RunSpec, rtts: list[int]
+) -> None:
+    """W4c10: clients each wait for their own reply; one task routes replies.
+
+    The usual shape of request/response over one channel: a task receives
+    every reply and hands it to the client whose tag it carries.
+    """
+    body = payload_of(spec.payload_size)[REQUEST.size :]
+    clock = time.monotonic_ns
+    counts = client_counts(spec.count, spec.concurrency)
+    inboxes = [trio.open_memory_channel[bytes](1) for _ in counts]
+
+    async def route() -> None:
+        for _ in range(spec.count):
+            reply = await channel.receive()
+            client, _ = REQUEST.unpack_from(reply.payload)
+            inboxes[client][0].send_nowait(reply.payload)
+
+    async def client(index: int, count: int) -> None:
+        replies = inboxes[index][1]
+        for sequence in range(count):
+            request = REQUEST.pack(index, sequence) + body
+            t = clock()
+            await channel.send(trio_mojo.Message(request))
+            if await replies.receive() != request:
+                raise RuntimeError("a reply that does not match its request")
+            rtts.append(clock() - t)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(route)
+        for index, count in enumerate(counts):
+            nursery.start_soon(client, index, count)
+
+
+def _process_cpu(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of process ``pid`` (from /proc)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def worker_pingpong(spec: RunSpec) -> tuple[SenderResult, ReceiverResult]:
+    """W4w: ping-pong with ``open_worker(echo, sandbox=SandboxPolicy.strict())``."""
+    return trio.run(_worker_pingpong, spec)
+
+
+async def _worker_pingpong(spec: RunSpec) -> tuple[SenderResult, ReceiverResult]:
+    sent = SenderResult()
+    received = ReceiverResult()
+    meter = Meter()
+    payload = payload_of(spec.payload_size)
+    policy = trio_mojo.SandboxPolicy.strict()
+    async with trio_mojo.open_worker(_ECHO_TARGET, sandbox=policy) as worker:
+        channel = worker.channel
+        await channel.send(trio_mojo.Message(payload))  # warm up
+        (await channel.receive()).close()
+        cpu0 = _process_cpu(worker.pid)
+        meter.start()
+        received.t_ready = sent.t0 = monotonic()
+        clock = time.monotonic_ns
+        rtts = sent.rtts_ns
+        for _ in range(spec.count):
+            t = clock()
+            await channel.send(trio_mojo.Message(payload))
+            reply = await channel.receive()
+            rtts.append(clock() - t)
+            if reply.payload != payload:
+                raise RuntimeError("the worker's reply differs from the request")
+            received.messages += 1
+            received.payload_bytes += len(reply.payload)
+        received.t_end = monotonic()
+        meter.stop()
+        cpu1 = _process_cpu(worker.pid)
+    sent.t_done = monotonic()
+    sent.take_meter(meter)
+    received.cpu_user = cpu1[0] - cpu0[0]
+    received.cpu_system = cpu1[1] - cpu0[1]
+    received.info["worker"] = "SandboxPolicy.strict()"
+    return sent, received
 
 
 def receiver(

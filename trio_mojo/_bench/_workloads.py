@@ -27,6 +27,13 @@ class Workload:
     full_count: int
     quick_count: int
     unit: str
+    concurrency: int = 1
+    """Request/response pairs in flight at once on the one channel."""
+    worker: bool = False
+    """The peer is a ``strict()`` sandboxed worker from ``open_worker``."""
+    compare_with: str = ""
+    """Another workload whose peers' figures this one's ratios use (W4w:
+    the peers have no sandboxed worker, so W4w is set against their W4)."""
 
     @property
     def higher_is_better(self) -> bool:
@@ -66,6 +73,29 @@ WORKLOADS: Final = (
     Workload("W2", "16 KiB messages one way", 16384, 0, False, 65_536, 4_096, "MB/s"),
     Workload("W3", "4 MiB messages one way", 4 << 20, 0, False, 256, 24, "MB/s"),
     Workload("W4", "64 B ping-pong", 64, 0, True, 50_000, 1_000, "RTT p50 us"),
+    Workload(
+        "W4c10",
+        "64 B request/response, 10 in flight on one channel",
+        64,
+        0,
+        True,
+        50_000,
+        2_000,
+        "RTT p50 us",
+        concurrency=10,
+    ),
+    Workload(
+        "W4w",
+        "64 B ping-pong with a strict() sandboxed worker",
+        64,
+        0,
+        True,
+        50_000,
+        1_000,
+        "RTT p50 us",
+        worker=True,
+        compare_with="W4",
+    ),
     Workload("W5", "8 B + 1 fd per message", 8, 1, False, 100_000, 10_000, "fds/s"),
     Workload("W5x8", "8 B + 8 fds per message", 8, 8, False, 12_500, 1_250, "fds/s"),
 )
@@ -81,30 +111,64 @@ class System:
     passes_fds: bool
     requires: tuple[str, ...] = ()
     is_async: bool = True
+    concurrent: bool = False
+    """It implements W4c10 (many requests in flight on one connection)."""
+    workers: bool = False
+    """It can start a sandboxed worker (W4w)."""
+    only: tuple[str, ...] = ()
+    """If set, the only workloads it runs."""
 
     def available(self) -> bool:
         return all(importlib.util.find_spec(name) is not None for name in self.requires)
 
     def runs(self, workload: Workload) -> bool:
+        if self.only:
+            return workload.name in self.only
+        if workload.worker:
+            return self.workers
+        if workload.concurrency > 1 and not self.concurrent:
+            return False
         return self.passes_fds or not workload.fds_per_message
 
 
 SYSTEMS: Final = (
-    System("trio_mojo", "trio_mojo Channel", "_sys_trio_mojo", True),
+    System(
+        "trio_mojo",
+        "trio_mojo Channel",
+        "_sys_trio_mojo",
+        True,
+        concurrent=True,
+        workers=True,
+    ),
     System(
         "mp",
         "multiprocessing.connection + reduction.sendfds",
         "_sys_mp",
         True,
         is_async=False,
+        concurrent=True,
     ),
     System("raw", "blocking Python socket, batched", "_sys_raw", True, is_async=False),
     System("anyio_trio", "anyio UNIX stream on trio", "_sys_anyio", True, ("anyio",)),
     System(
         "anyio_asyncio", "anyio UNIX stream on asyncio", "_sys_anyio", True, ("anyio",)
     ),
-    System("asyncio", "asyncio streams", "_sys_asyncio", False),
-    System("uvloop", "asyncio streams + uvloop", "_sys_asyncio", False, ("uvloop",)),
+    System(
+        "trio_floor",
+        "one Trio task on a plain socket (the Trio floor)",
+        "_sys_trio_floor",
+        False,
+        only=("W4",),
+    ),
+    System("asyncio", "asyncio streams", "_sys_asyncio", False, concurrent=True),
+    System(
+        "uvloop",
+        "asyncio streams + uvloop",
+        "_sys_asyncio",
+        False,
+        ("uvloop",),
+        concurrent=True,
+    ),
 )
 
 REFERENCE: Final = "mp"

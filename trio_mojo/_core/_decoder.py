@@ -80,7 +80,14 @@ from typing import Final, Literal, NoReturn, TypeAlias
 from trio_mojo._errors import ChannelError, DisconnectedError, MalformedMessageError
 from trio_mojo._handles import Handle, close_all
 
-from ._message import Message
+from ._message import (
+    Message,
+    _new,
+    _set_handles,
+    _set_payload,
+    _set_type,
+    received_message,
+)
 from ._wire import (
     DEFAULT_MAX_MESSAGE_SIZE,
     HEADER_SIZE,
@@ -117,6 +124,7 @@ MAX_BUFFERED_WHILE_WAITING: Final = 1024 * 1024
 complete message waits for its fds (then the stream is malformed)."""
 
 _FIRST8 = struct.Struct("<IHH")  # num_bytes, (num_handles|num_header_bytes), type
+_HEADER10 = struct.Struct("<IHHH")  # Header without its padding: + num_handles
 _U16 = struct.Struct("<H")
 _IPCZ_FIRST8 = struct.Struct("<HHI")  # size, num_handles, num_bytes
 _TYPES = tuple(MessageType)
@@ -396,7 +404,104 @@ class MessageDecoder:
             self._pos = 0
         else:
             self._pos = end
-        return Message(payload, handles, mtype)
+        return received_message(payload, handles, mtype)
+
+    def next_batch(
+        self, max_messages: int, max_bytes: int
+    ) -> tuple[list[Message], int, int, bool]:
+        """Parse the plain messages at the front of the buffer, many at once.
+
+        A plain message is a complete ``NORMAL`` message with the 16-byte
+        header (``Framing.MOJO``) whose fds have all arrived: what a
+        trio_mojo or Chromium peer sends.  This is the receive path's hot
+        loop; it stops at ``max_messages``, once the payloads returned add up
+        to more than ``max_bytes``, or before the first message that is not
+        plain (or not complete), which :meth:`next_message` then
+        handles with every check.  Calling it never raises and never changes
+        what :meth:`next_message` would return next, except that the
+        messages it returns are gone.
+
+        Returns:
+            ``(messages, payload_bytes, handles, drained)``: the messages
+            (their handles now belong to the caller), their total payload
+            size, their total number of handles, and whether the buffer is
+            now empty with nothing else to report, so that
+            :meth:`next_message` would return :data:`NEED_DATA` (then the
+            caller may skip it).
+        """
+        messages: list[Message] = []
+        if (
+            self._ipcz
+            or self._need
+            or self._complete is not None
+            or self._failure is not None
+        ):
+            return messages, 0, 0, False
+        buf = self._buf
+        pos = self._pos
+        end = len(buf)
+        limit = self.max_message_size
+        max_handles = self.max_handles_per_message if self._accept_handles else 0
+        queued = self._handles
+        unpack = _HEADER10.unpack_from
+        append = messages.append
+        payload_bytes = 0
+        handles_taken = 0
+        while (
+            end - pos >= HEADER_SIZE
+            and len(messages) < max_messages
+            and payload_bytes <= max_bytes
+        ):
+            num_bytes, header_size, raw_type, num_handles = unpack(buf, pos)
+            if (
+                raw_type != 1  # NORMAL
+                or header_size != HEADER_SIZE
+                or num_bytes > end - pos
+                or num_bytes < HEADER_SIZE
+                or num_bytes > limit
+            ):
+                break
+            if num_handles:
+                if num_handles > max_handles or num_handles > len(queued):
+                    break
+                popleft = queued.popleft
+                handles = tuple([popleft() for _ in range(num_handles)])
+                handles_taken += num_handles
+            else:
+                handles = ()
+            payload = buf[pos + HEADER_SIZE : pos + num_bytes]
+            payload_bytes += num_bytes - HEADER_SIZE
+            pos += num_bytes
+            # received_message(), inlined: this runs once per message.
+            message = _new(Message)
+            _set_payload(message, payload)
+            _set_handles(message, handles)
+            _set_type(message, _NORMAL)
+            append(message)
+        if pos < end:
+            self._pos = pos
+            return messages, payload_bytes, handles_taken, False
+        self._buf = b""
+        self._pos = 0
+        # The checks next_message() would make on an empty buffer (_short).
+        queue_limit = self.max_queued_handles
+        drained = not self._eof and (queue_limit is None or len(queued) <= queue_limit)
+        return messages, payload_bytes, handles_taken, drained
+
+    def read_size(self, default: int, maximum: int) -> int:
+        """How many bytes the next read should ask for.
+
+        ``default``, unless a message larger than that is still arriving:
+        then as much of it as is still missing, but never more than has
+        already arrived of it (so the buffer of a read is at most as large
+        as what the peer has actually sent, and memory follows the bytes
+        received, not the size announced) and never more than ``maximum``.
+        """
+        need = self._need
+        if need <= default:
+            return default
+        arrived = self._parts_size + len(self._buf) - self._pos
+        return max(default, min(need, arrived, maximum))
 
     def _complete_message(self) -> DecoderEvent:
         _, num_handles, mtype, _ = self._partial
@@ -406,7 +511,7 @@ class MessageDecoder:
         payload = self._complete
         assert payload is not None
         self._complete = None
-        return Message(payload, handles, mtype)
+        return received_message(payload, handles, mtype)
 
     def _claim_handles(self, num_handles: int) -> tuple[Handle, ...] | None:
         """The next ``num_handles`` fds, or None to wait for them (lenient mode)."""

@@ -9,7 +9,13 @@ handles were already sent.  This module is that queue, pure: the shell asks
 :meth:`MessageEncoder.plan` what to hand to the next ``sendmsg``, makes the
 call, and reports back with :meth:`MessageEncoder.advance`.
 
-A plan coalesces the unsent bytes of as many queued messages as fit under
+Small messages queued behind others are packed into one entry before they
+reach the queue (:meth:`OutgoingMessage.append`, up to
+:data:`MAX_BATCH_BYTES` and 128 fds): one buffer for a whole burst instead
+of one object and one buffer per message.  The fds of a batch all ride on
+its first ``sendmsg``, which rule 1 below allows.
+
+A plan coalesces the unsent bytes of as many queued entries as fit under
 :data:`MAX_PLAN_BYTES` and :data:`MAX_PLAN_BUFFERS` into one list of
 buffers (large payloads are memoryviews, never copied), plus at most
 :data:`~trio_mojo._core._wire.MAX_SENDMSG_HANDLES` fds.  The fd rules, which keep
@@ -45,6 +51,7 @@ from __future__ import annotations
 
 import collections
 import struct
+from collections.abc import Sequence
 from typing import Final, TypeAlias
 
 from trio_mojo._handles import Handle, close_all
@@ -60,10 +67,16 @@ from ._wire import (
     encode_header,
 )
 
-Buffer: TypeAlias = bytes | memoryview
-"""What a plan is made of: whole encoded messages or views into them."""
+Buffer: TypeAlias = bytes | bytearray | memoryview
+"""What a plan is made of: whole encoded entries or views into them."""
 
-__all__ = ["MAX_PLAN_BUFFERS", "MAX_PLAN_BYTES", "MessageEncoder", "OutgoingMessage"]
+__all__ = [
+    "MAX_BATCH_BYTES",
+    "MAX_PLAN_BUFFERS",
+    "MAX_PLAN_BYTES",
+    "MessageEncoder",
+    "OutgoingMessage",
+]
 
 MAX_PLAN_BYTES: Final = 512 * 1024
 """Stop adding messages to a plan once it holds this many bytes."""
@@ -72,6 +85,9 @@ MAX_PLAN_BUFFERS: Final = 512
 INLINE_PAYLOAD: Final = 1024
 """Payloads up to this size are copied next to their header (one buffer);
 larger ones are sent from the caller's ``bytes`` as a second buffer."""
+MAX_BATCH_BYTES: Final = 64 * 1024
+"""An entry packs further small messages (:meth:`OutgoingMessage.append`)
+only up to this many bytes."""
 _NORMAL_HEADER: Final = struct.Struct("<IHHH6x")
 """Mojo's 16-byte ``Header`` (see ``_wire``), inlined for the common case."""
 _NORMAL: Final = MessageType.NORMAL
@@ -79,20 +95,46 @@ _MOJO: Final = Framing.MOJO
 _FAST_MAX_PAYLOAD: Final = MAX_MESSAGE_SIZE_LIMIT - HEADER_SIZE
 
 
-class OutgoingMessage:
-    """One queued message: its encoded bytes and its not-yet-sent handles.
+def _header(message: Message, framing: Framing) -> bytes:
+    """The header of ``message``; raises ValueError as ``encode_header``."""
+    size = len(message.payload)
+    if framing is _MOJO and message.type is _NORMAL and size <= _FAST_MAX_PAYLOAD:
+        # The common case without encode_header's argument checks and its
+        # MessageType() call (the caller checked the handle count, the type
+        # and the size are checked just now).
+        return _NORMAL_HEADER.pack(
+            HEADER_SIZE + size, HEADER_SIZE, _NORMAL, len(message.handles)
+        )
+    return encode_header(
+        size, num_handles=len(message.handles), type=message.type, framing=framing
+    )
 
-    ``head`` is the header (with the payload appended when it is small),
-    ``tail`` the payload when it is large (else empty).  ``offset`` counts
-    the bytes already sent and ``handles_sent`` the handles already sent.
+
+class OutgoingMessage:
+    """One queued entry: encoded bytes and the handles not yet sent.
+
+    Usually one message.  ``head`` is its header (with the payload appended
+    when it is small), ``tail`` the payload when it is large (else empty).
+    An entry that holds only small messages can also be a *batch*:
+    :meth:`append` packs further small messages into its ``head``, so that
+    a burst of them costs one entry, one buffer and one ``sendmsg``.
+    ``count`` is the number of messages in it, ``offset`` counts the bytes
+    already sent and ``handles_sent`` the handles already sent.
     """
 
-    __slots__ = ("handles", "handles_sent", "head", "offset", "size", "tail")
+    __slots__ = ("count", "handles", "handles_sent", "head", "offset", "size", "tail")
 
-    def __init__(self, head: bytes, tail: bytes, handles: tuple[Handle, ...]) -> None:
+    def __init__(
+        self,
+        head: bytes | bytearray,
+        tail: bytes,
+        handles: Sequence[Handle],
+        count: int = 1,
+    ) -> None:
         self.head = head
         self.tail = tail
         self.handles = handles
+        self.count = count
         self.size = len(head) + len(tail)
         self.offset = 0
         self.handles_sent = 0
@@ -107,32 +149,62 @@ class OutgoingMessage:
             ValueError: the header cannot express the message, or it carries
                 more than 253 handles (the batching of rule 3 relies on it).
         """
-        if len(message.handles) > MAX_ATTACHED_HANDLES:
+        handles = message.handles
+        if len(handles) > MAX_ATTACHED_HANDLES:
             raise ValueError(
                 f"a message carries at most {MAX_ATTACHED_HANDLES} handles, "
-                f"not {len(message.handles)}"
+                f"not {len(handles)}"
             )
         payload = message.payload
-        if type(payload) is not bytes:
-            payload = bytes(payload)  # a snapshot: the caller may mutate theirs
+        header = _header(message, framing)
+        if len(payload) <= INLINE_PAYLOAD:
+            return cls(header + payload, b"", handles)
+        return cls(header, payload, handles)
+
+    def append(self, message: Message, framing: Framing = Framing.MOJO) -> bool:
+        """Pack ``message`` into this entry, if it can take it; True if it did.
+
+        It can while nothing of the entry was sent, the entry and the
+        message are small (no ``tail``; the payload at most
+        :data:`INLINE_PAYLOAD`), the entry stays within
+        :data:`MAX_BATCH_BYTES`, and its fds within
+        :data:`~trio_mojo._core._wire.MAX_SENDMSG_HANDLES`, so that they all
+        ride on the entry's first ``sendmsg`` (fd rule 1).  Otherwise
+        nothing changes and the message needs an entry of its own.
+
+        Raises:
+            ValueError: as :meth:`encode` (then nothing changes either).
+        """
+        payload = message.payload
+        handles = message.handles
         size = len(payload)
-        if framing is _MOJO and message.type is _NORMAL and size <= _FAST_MAX_PAYLOAD:
-            # The common case without encode_header's argument checks and its
-            # MessageType() call (the handle count was checked above, the type
-            # and the size just now).
+        if (
+            self.tail
+            or self.offset
+            or size > INLINE_PAYLOAD
+            or self.size + size + HEADER_SIZE > MAX_BATCH_BYTES
+            or (handles and len(self.handles) + len(handles) > MAX_SENDMSG_HANDLES)
+        ):
+            return False
+        if framing is _MOJO and message.type is _NORMAL:
             header = _NORMAL_HEADER.pack(
-                HEADER_SIZE + size, HEADER_SIZE, _NORMAL, len(message.handles)
+                HEADER_SIZE + size, HEADER_SIZE, _NORMAL, len(handles)
             )
         else:
-            header = encode_header(
-                size,
-                num_handles=len(message.handles),
-                type=message.type,
-                framing=framing,
-            )
-        if size <= INLINE_PAYLOAD:
-            return cls(header + payload, b"", message.handles)
-        return cls(header, payload, message.handles)
+            header = _header(message, framing)
+        head = self.head
+        if head.__class__ is not bytearray:
+            head = self.head = bytearray(head)
+        head += header
+        head += payload
+        if handles:
+            batch = self.handles
+            if not isinstance(batch, list):
+                batch = self.handles = list(batch)
+            batch.extend(handles)
+        self.size += len(header) + size
+        self.count += 1
+        return True
 
     def unsent(self) -> list[Buffer]:
         """The buffers that hold this message's unsent bytes."""
@@ -179,7 +251,10 @@ class MessageEncoder:
         return bool(self._queue)
 
     def push(self, entry: OutgoingMessage) -> None:
-        """Append an encoded message to the queue; it now owns its handles."""
+        """Append an encoded entry to the queue; it now owns its handles.
+
+        Do not :meth:`~OutgoingMessage.append` to an entry once it is queued.
+        """
         self._queue.append(entry)
         self._queued_bytes += entry.size - entry.offset
 
@@ -234,8 +309,8 @@ class MessageEncoder:
         """Record that the last planned ``sendmsg`` sent ``sent`` bytes.
 
         Closes the handles that call carried (the kernel now holds them)
-        and drops completely sent messages.  Returns how many messages were
-        completed.
+        and drops completely sent entries.  Returns how many messages were
+        completed (a batch counts all of its messages when it is done).
 
         Raises:
             ValueError: ``sent`` is negative or larger than the plan (then
@@ -269,7 +344,7 @@ class MessageEncoder:
             remaining -= left
             entry.offset = entry.size
             queue.popleft()
-            completed += 1
+            completed += entry.count
         self._queued_bytes -= sent
         close_all(sent_handles)
         return completed

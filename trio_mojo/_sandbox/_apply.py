@@ -1,52 +1,190 @@
-"""Applying a policy, in the worker, after its imports and before its target."""
+"""Locking a worker down: every layer of a policy, in order, in one call.
+
+Theory of operation
+-------------------
+
+:func:`lock_down` is the whole child side of the sandbox.  It runs in the
+worker after its imports (which need the file system) and before any of
+its target's code, and it assumes nothing about how the process started:
+a freshly ``exec``'d bootstrap and a child forked from a pre-imported
+zygote call it alike, with the policy and the fds the worker keeps.  In
+order, each step needing the ones before it:
+
+1. **fd hygiene** (always): close every fd but 0, 1, 2 and ``keep_fds``;
+   note the fd table and the thread count while ``/proc`` is reachable.
+2. **credentials**, first phase, root only: drop to the policy's
+   unprivileged uid and gid (``_credentials``), then re-arm the parent-death
+   signal the uid change cleared.
+3. **namespaces**: user, network, IPC, UTS (own host name), mount and PID
+   (``_namespaces``), then fork into the PID namespace (``_pidns``): from
+   here on this code runs in the worker process proper, and the calling
+   process is its supervisor, which never returns from this call.
+4. **rootfs**: an empty read-only root (``_rootfs``); needs 3.
+5. **rlimits**: ``NOFILE``, ``CORE`` 0, and ``FSIZE``, ``AS``, ``DATA`` as
+   set; ``NPROC`` only inside a user namespace of the worker's own, where
+   the kernel counts the worker's tasks alone.
+6. **credentials**, second phase: no capability left in any set, and not
+   dumpable when the uid was dropped.
+7. **no_new_privs**, 8. **landlock**, 9. **seccomp** (last, so that the
+   others could still make their system calls; the filter names the
+   worker's own pid as the worker sees it, 2 in its PID namespace).
+
+Each layer is applied if its level is not ``OFF``.  A failure is recorded
+as ``"unavailable: <reason>"``; for a ``REQUIRED`` layer it also stops the
+lockdown at once, and the report's ``failed`` tells the caller not to run
+the target.  Landlock and the namespaces need a single-threaded process,
+which step 1 checks; nothing here starts a thread.
+"""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import resource
 import signal
+from collections.abc import Callable, Collection
 from typing import Final
 
-from . import _landlock, _namespaces, _seccomp
+from . import _credentials, _landlock, _namespaces, _pidns, _rootfs, _seccomp
+from ._libc import prctl
 from ._policy import Requirement, SandboxPolicy
 from ._report import SandboxReport
 
-__all__ = ["apply_policy", "set_parent_death_signal"]
+__all__ = ["close_other_fds", "lock_down", "rlimits_of", "set_parent_death_signal"]
 
 _R = Requirement
 _PR_SET_PDEATHSIG: Final = 1
 _PR_SET_NO_NEW_PRIVS: Final = 38
-
-
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _prctl(option: int, arg: int) -> None:
-    libc = _libc()
-    ctypes.set_errno(0)
-    if libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"prctl({option}): {os.strerror(errno)}")
+_ORPHANED_EXIT: Final = 70
+"""Exit status when the parent died before the death signal was armed."""
+_FD_CEILING: Final = 2**31 - 1
+"""Above any fd number: ``closerange`` uses ``close_range(2)``, so this is cheap."""
 
 
 def set_parent_death_signal(expected_parent: int) -> None:
     """Die with SIGKILL when the parent dies; exit now if it already has."""
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != expected_parent:
-        os._exit(70)  # the parent died before the signal was armed
+        os._exit(_ORPHANED_EXIT)  # the parent died before the signal was armed
 
 
-def _apply_rlimits(policy: SandboxPolicy) -> None:
-    limits = [("CORE", 0)]
-    if policy.max_open_files is not None:
-        limits.append(("NOFILE", policy.max_open_files))
-    if policy.max_file_size is not None:
-        limits.append(("FSIZE", policy.max_file_size))
-    if policy.max_address_space is not None:
-        limits.append(("AS", policy.max_address_space))
-    for name, value in limits:
+def close_other_fds(keep: Collection[int]) -> None:
+    """Close every fd above 2 that is not in ``keep``."""
+    low = 3
+    for fd in sorted({*keep, _FD_CEILING}):
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+
+
+class _Lockdown:
+    """The layers applied so far, and the first required one that failed."""
+
+    def __init__(self, policy: SandboxPolicy) -> None:
+        self.policy = policy
+        self.layers: dict[str, str] = {"fd_hygiene": "applied"}
+        self.failed: str | None = None
+        self.reason: str | None = None
+
+    def apply(self, layer: str, action: Callable[[], None]) -> None:
+        """Apply ``layer`` (or a further phase of it) unless it is off or failed."""
+        level = self.policy.level(layer)
+        if self.failed is not None or self.layers.get(layer, "applied") != "applied":
+            return
+        if level is _R.OFF:
+            self.layers[layer] = "off"
+            return
+        try:
+            action()
+        except OSError as exc:
+            self.layers[layer] = f"unavailable: {exc}"
+            if level is _R.REQUIRED:
+                self.failed, self.reason = layer, str(exc)
+            return
+        self.layers[layer] = "applied"
+
+    def applied(self, layer: str) -> bool:
+        return self.layers.get(layer) == "applied"
+
+
+def lock_down(policy: SandboxPolicy, keep_fds: Collection[int]) -> SandboxReport:
+    """Apply ``policy`` to this process, every layer in order, and report.
+
+    With the namespaces layer this forks (see the module docstring): the
+    call returns in the worker process only.  Stops at the first required
+    layer that fails; the report then names it and the caller must not run
+    target code.
+    """
+    parent = os.getppid()
+    close_other_fds(keep_fds)
+    fds = tuple(sorted(_open_fds()))  # while /proc is still reachable
+    threads = len(os.listdir("/proc/self/task"))
+    as_root = os.geteuid() == 0
+    run = _Lockdown(policy)
+
+    def single_threaded(layer: str) -> None:
+        if threads != 1:
+            raise OSError(
+                f"{layer} needs a single-threaded process ({threads} threads)"
+            )
+
+    def drop_identity() -> None:
+        _credentials.drop_identity(policy.worker_uid, policy.worker_gid)
+        set_parent_death_signal(parent)  # a uid change clears it
+
+    def enter_namespaces() -> None:
+        single_threaded("namespaces")
+        _namespaces.unshare()
+        _pidns.fork_into_namespace()  # returns in the worker only
+
+    def empty_root() -> None:
+        if not run.applied("namespaces"):
+            raise OSError("the empty root needs the namespaces layer")
+        _rootfs.enter_empty_root()
+
+    def drop_capabilities() -> None:
+        _credentials.drop_capabilities()
+        if as_root:  # the uid was dropped: no process of that uid may ptrace it
+            _credentials.set_dumpable(False)
+
+    def landlock() -> None:
+        single_threaded("landlock")
+        _landlock.restrict_self()
+
+    if as_root:
+        run.apply("credentials", drop_identity)
+    run.apply("namespaces", enter_namespaces)
+    run.apply("rootfs", empty_root)
+    run.apply("rlimits", lambda: _set_rlimits(policy, run.applied("namespaces")))
+    run.apply("credentials", drop_capabilities)
+    run.apply("no_new_privs", _set_no_new_privs)
+    run.apply("landlock", landlock)
+    run.apply("seccomp", _install_seccomp)
+    return SandboxReport(
+        policy=policy.name,
+        pid=os.getpid(),
+        uid=os.getuid(),
+        layers=run.layers,
+        fds=fds,
+        failed=run.failed,
+        reason=run.reason,
+    )
+
+
+def rlimits_of(policy: SandboxPolicy, own_user_namespace: bool) -> dict[str, int]:
+    """The rlimits (by ``RLIMIT_`` suffix) ``policy`` sets on a worker."""
+    wanted = {
+        "CORE": 0,
+        "NOFILE": policy.max_open_files,
+        "FSIZE": policy.max_file_size,
+        "AS": policy.max_address_space,
+        "DATA": policy.max_data,
+        "NPROC": policy.max_processes if own_user_namespace else None,
+    }
+    return {name: value for name, value in wanted.items() if value is not None}
+
+
+def _set_rlimits(policy: SandboxPolicy, own_user_namespace: bool) -> None:
+    for name, value in rlimits_of(policy, own_user_namespace).items():
         try:
             resource.setrlimit(getattr(resource, f"RLIMIT_{name}"), (value, value))
         except (ValueError, OverflowError) as exc:
@@ -55,65 +193,13 @@ def _apply_rlimits(policy: SandboxPolicy) -> None:
             raise OSError(f"setrlimit(RLIMIT_{name}, {value}): {exc}") from exc
 
 
-def _apply_no_new_privs(policy: SandboxPolicy) -> None:
-    _prctl(_PR_SET_NO_NEW_PRIVS, 1)
+def _set_no_new_privs() -> None:
+    prctl(_PR_SET_NO_NEW_PRIVS, 1)
 
 
-def _apply_namespaces(policy: SandboxPolicy) -> None:
-    _namespaces.unshare()
-
-
-def _apply_landlock(policy: SandboxPolicy) -> None:
-    _landlock.restrict_self()
-
-
-def _apply_seccomp(policy: SandboxPolicy) -> None:
-    _prctl(_PR_SET_NO_NEW_PRIVS, 1)  # the kernel requires it (or CAP_SYS_ADMIN)
+def _install_seccomp() -> None:
+    _set_no_new_privs()  # the kernel requires it (or CAP_SYS_ADMIN)
     _seccomp.install(_seccomp.build_filter(os.getpid()))
-
-
-_APPLIERS: Final = {
-    "rlimits": _apply_rlimits,
-    "no_new_privs": _apply_no_new_privs,
-    "namespaces": _apply_namespaces,
-    "landlock": _apply_landlock,
-    "seccomp": _apply_seccomp,
-}
-
-
-def apply_policy(policy: SandboxPolicy) -> SandboxReport:
-    """Apply ``policy`` to this process (the worker) and report.
-
-    Stops at the first required layer that fails; the report then names it
-    and the caller must not run target code.
-    """
-    layers: dict[str, str] = {"fd_hygiene": "applied"}
-    fds = tuple(sorted(_open_fds()))  # before Landlock takes /proc/self/fd away
-    failed: str | None = None
-    reason: str | None = None
-    for layer, level in policy._levels().items():
-        if level is _R.OFF:
-            layers[layer] = "off"
-            continue
-        applier = _APPLIERS[layer]
-        try:
-            applier(policy)
-        except OSError as exc:
-            layers[layer] = f"unavailable: {exc}"
-            if level is _R.REQUIRED:
-                failed, reason = layer, str(exc)
-                break
-        else:
-            layers[layer] = "applied"
-    return SandboxReport(
-        policy=policy.name,
-        pid=os.getpid(),
-        uid=os.getuid(),
-        layers=layers,
-        fds=fds,
-        failed=failed,
-        reason=reason,
-    )
 
 
 def _open_fds() -> list[int]:

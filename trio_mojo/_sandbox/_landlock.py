@@ -23,10 +23,11 @@ path-based ``stat``.  Seccomp is the layer for those.
 The ABI is probed with ``landlock_create_ruleset(NULL, 0, VERSION)``; the
 handled masks are narrowed to what the ABI knows, as the kernel
 documentation prescribes.  Below ABI 8 ``landlock_restrict_self`` confines
-only the calling thread, so :func:`restrict_self` refuses to run in a
-process with more than one thread (the worker bootstrap applies it before
-Trio starts any).  Success is judged by return values, never by a stale
-``errno``; the ruleset fd is always closed.
+only the calling thread, so the caller must be single-threaded:
+``_apply.lock_down`` checks that once, on entry, while ``/proc`` is still
+reachable (the empty root takes it away), and starts no thread until the
+end.  Success is judged by return values, never by a stale ``errno``; the
+ruleset fd is always closed.
 """
 
 from __future__ import annotations
@@ -35,10 +36,10 @@ import ctypes
 import os
 from typing import Final
 
+from . import _libc
+
 __all__ = ["abi_version", "restrict_self"]
 
-_SYS_CREATE_RULESET: Final = 444  # asm-generic numbers: x86_64 and aarch64
-_SYS_RESTRICT_SELF: Final = 446
 _CREATE_RULESET_VERSION: Final = 1
 
 _FS_RIGHTS_BY_ABI: Final = {
@@ -62,15 +63,6 @@ class _RulesetAttr(ctypes.Structure):
     )
 
 
-def _syscall(number: int, *args: object) -> int:
-    libc = ctypes.CDLL(None, use_errno=True)
-    result: int = libc.syscall(number, *args)
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return result
-
-
 def abi_version() -> int:
     """The kernel's Landlock ABI version.
 
@@ -78,37 +70,32 @@ def abi_version() -> int:
         OSError: Landlock is unavailable (``ENOSYS``: not built in;
             ``EOPNOTSUPP``: disabled at boot).
     """
-    return _syscall(
-        _SYS_CREATE_RULESET, None, ctypes.c_size_t(0), _CREATE_RULESET_VERSION
+    return _libc.syscall(
+        "landlock_create_ruleset", None, ctypes.c_size_t(0), _CREATE_RULESET_VERSION
     )
 
 
 def restrict_self() -> int:
     """Deny this process every right Landlock handles; returns the ABI used.
 
-    Needs ``PR_SET_NO_NEW_PRIVS`` (or ``CAP_SYS_ADMIN``) first.
+    Needs ``PR_SET_NO_NEW_PRIVS`` (or ``CAP_SYS_ADMIN``) first, and a
+    single-threaded process (below ABI 8 other threads stay unconfined).
 
     Raises:
-        OSError: Landlock is unavailable, the process has more than one
-            thread, or a syscall failed.
+        OSError: Landlock is unavailable, or a syscall failed.
     """
     abi = abi_version()
-    threads = len(os.listdir("/proc/self/task"))
-    if threads != 1:
-        raise OSError(
-            f"landlock needs a single-threaded process (found {threads} threads)"
-        )
     attr = _RulesetAttr(
         handled_access_fs=_FS_RIGHTS_BY_ABI.get(abi, _FS_ALL),
         handled_access_net=_NET_BIND_AND_CONNECT_TCP if abi >= 4 else 0,
         scoped=_SCOPE_ABSTRACT_UNIX_AND_SIGNAL if abi >= 6 else 0,
     )
     size = ctypes.sizeof(attr) if abi >= 6 else (16 if abi >= 4 else 8)
-    ruleset = _syscall(
-        _SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size), 0
+    ruleset = _libc.syscall(
+        "landlock_create_ruleset", ctypes.byref(attr), ctypes.c_size_t(size), 0
     )
     try:
-        _syscall(_SYS_RESTRICT_SELF, ruleset, 0)
+        _libc.syscall("landlock_restrict_self", ruleset, 0)
     finally:
         os.close(ruleset)
     return abi

@@ -1,26 +1,32 @@
-"""Namespaces: move the worker into new user, network, IPC, UTS and mount namespaces.
+"""Namespaces: new user, network, IPC, UTS, mount and PID namespaces for the worker.
 
 Theory of operation
 -------------------
 
 ``unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS |
-CLONE_NEWNS)`` gives the worker namespaces of its own:
+CLONE_NEWNS | CLONE_NEWPID)`` gives the worker namespaces of its own:
 
 * **network**: only a loopback interface, and it is down.  No route
   anywhere, no abstract unix socket of the host;
 * **IPC**: no System V IPC objects or POSIX message queues of the host;
-* **UTS**: its own host name;
-* **mount**: its own mount table (a base for later file-system layers);
-* **user**: needed to create the others without privilege, and the mapping
-  is the identity of the worker's own uid and gid only (``setgroups`` is
-  denied first, as the kernel requires).
+* **UTS**: its own host name, :data:`HOSTNAME` (the host's is not visible);
+* **mount**: its own mount table, where ``_rootfs`` replaces the root by an
+  empty one;
+* **PID**: the *children* of the caller are in a new PID namespace and see
+  no process outside it (``_pidns`` forks them);
+* **user**: needed to create the others without privilege.  The mapping is
+  the identity of the process's own uid and gid only, written after
+  ``setgroups`` is denied, as the kernel requires.  Under a root parent the
+  process has already dropped to an unprivileged uid (``_credentials``), so
+  that uid is what it is outside too.
 
-The worker must be single-threaded (``unshare(CLONE_NEWUSER)`` fails with
-``EINVAL`` otherwise) and must still be able to write ``/proc/self/*_map``,
-so this comes after the imports and before Landlock.  The parent checks the
-result from outside: the inodes of ``/proc/<pid>/ns/*`` must differ from its
-own (:func:`differing_namespaces`).  Python 3.11 has no ``os.unshare``, so
-this is ctypes; success is judged by the return value.
+The process must be single-threaded (``unshare(CLONE_NEWUSER)`` fails with
+``EINVAL`` otherwise) and must be able to write its own
+``/proc/self/*_map``: a process that has just changed its uid is not
+dumpable and its ``/proc`` files belong to root, so :func:`unshare` makes
+it dumpable for the few system calls that write the maps and restores the
+flag at once.  The parent checks the result from outside: the inodes of
+``/proc/<pid>/ns/*`` must differ from its own (:func:`differing_namespaces`).
 """
 
 from __future__ import annotations
@@ -29,19 +35,30 @@ import ctypes
 import os
 from typing import Final
 
-__all__ = ["NAMESPACES", "differing_namespaces", "unshare"]
+from . import _credentials, _libc
+
+__all__ = ["HOSTNAME", "NAMESPACES", "differing_namespaces", "unshare"]
 
 _CLONE_NEWNS: Final = 0x00020000
 _CLONE_NEWUTS: Final = 0x04000000
 _CLONE_NEWIPC: Final = 0x08000000
 _CLONE_NEWUSER: Final = 0x10000000
+_CLONE_NEWPID: Final = 0x20000000
 _CLONE_NEWNET: Final = 0x40000000
 _FLAGS: Final = (
-    _CLONE_NEWUSER | _CLONE_NEWNET | _CLONE_NEWIPC | _CLONE_NEWUTS | _CLONE_NEWNS
+    _CLONE_NEWUSER
+    | _CLONE_NEWNET
+    | _CLONE_NEWIPC
+    | _CLONE_NEWUTS
+    | _CLONE_NEWNS
+    | _CLONE_NEWPID
 )
 
-NAMESPACES: Final = ("user", "net", "ipc", "uts", "mnt")
-"""The ``/proc/<pid>/ns`` entries :func:`unshare` replaces."""
+NAMESPACES: Final = ("user", "net", "ipc", "uts", "mnt", "pid")
+"""The ``/proc/<pid>/ns`` entries in which a worker differs from its parent."""
+
+HOSTNAME: Final = "trio-mojo-worker"
+"""The host name a worker sees in its own UTS namespace."""
 
 
 def _write(path: str, text: str) -> None:
@@ -53,29 +70,34 @@ def _write(path: str, text: str) -> None:
 
 
 def unshare() -> None:
-    """Enter new user/net/ipc/uts/mount namespaces, keeping uid and gid.
+    """Enter new user/net/ipc/uts/mount/PID namespaces, keeping uid and gid.
+
+    The PID namespace applies to the children forked after this call.
 
     Raises:
-        OSError: the process has more than one thread, or the kernel refused
-            (``EPERM``: unprivileged user namespaces disabled; ``EINVAL``).
+        OSError: the kernel refused (``EPERM``: unprivileged user namespaces
+            disabled or a seccomp filter; ``EINVAL``: more than one thread).
     """
-    threads = len(os.listdir("/proc/self/task"))
-    if threads != 1:
-        raise OSError(
-            f"namespaces need a single-threaded process (found {threads} threads)"
-        )
     uid, gid = os.getuid(), os.getgid()
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(_FLAGS) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"unshare(USER|NET|IPC|UTS|NS): {os.strerror(err)}")
-    _write("/proc/self/setgroups", "deny")
-    _write("/proc/self/uid_map", f"{uid} {uid} 1")
-    _write("/proc/self/gid_map", f"{gid} {gid} 1")
+    dumpable = _credentials.is_dumpable()
+    _credentials.set_dumpable(True)
+    try:
+        _libc.call("unshare", _FLAGS)
+        _write("/proc/self/setgroups", "deny")
+        _write("/proc/self/uid_map", f"{uid} {uid} 1")
+        _write("/proc/self/gid_map", f"{gid} {gid} 1")
+    finally:
+        _credentials.set_dumpable(dumpable)
+    name = HOSTNAME.encode()
+    _libc.call("sethostname", name, ctypes.c_size_t(len(name)))
 
 
 def differing_namespaces(pid: int) -> list[str]:
-    """The names in :data:`NAMESPACES` in which ``pid`` differs from us."""
+    """The names in :data:`NAMESPACES` in which ``pid`` differs from us.
+
+    Raises:
+        OSError: ``/proc/<pid>/ns`` cannot be read (the process is gone).
+    """
     return [
         name
         for name in NAMESPACES

@@ -10,16 +10,34 @@ from __future__ import annotations
 
 import enum
 import json
-import platform
 from typing import Any, Final
 
 import attrs
 
 from trio_mojo._errors import SandboxUnavailableError
 
-from . import _landlock, _seccomp
+from . import _probe
+from ._credentials import NOBODY
 
-__all__ = ["Requirement", "SandboxPolicy"]
+__all__ = [
+    "DEFAULT_MAX_DATA",
+    "DEFAULT_MAX_PROCESSES",
+    "LAYERS",
+    "Requirement",
+    "SandboxPolicy",
+]
+
+LAYERS: Final = (
+    "credentials",
+    "namespaces",
+    "rootfs",
+    "rlimits",
+    "no_new_privs",
+    "landlock",
+    "seccomp",
+)
+"""The layers a policy names, in the order the worker applies them (after
+``fd_hygiene``, which is always on)."""
 
 _UNAVAILABLE_HINT: Final = (
     "; use a policy with this layer IF_AVAILABLE or OFF (SandboxPolicy.basic()), "
@@ -54,32 +72,77 @@ def _positive_or_none(
         )
 
 
+def _unprivileged_id(
+    instance: object, attribute: attrs.Attribute[Any], value: object
+) -> None:
+    if type(value) is not int or not 0 < value < 2**32 - 1:
+        raise ValueError(
+            f"{attribute.name}={value!r} must be an unprivileged id (1 .. 2**32-2)"
+        )
+
+
+DEFAULT_MAX_DATA: Final = 8 * 1024**3
+"""``RLIMIT_DATA`` of the policies' default: 8 GiB (see ``docs/security.rst``)."""
+DEFAULT_MAX_PROCESSES: Final = 64
+"""``RLIMIT_NPROC`` of the policies' default: tasks (threads included) of the
+worker's user namespace, its supervisor and init among them."""
+
+
 @attrs.frozen(kw_only=True)
 class SandboxPolicy:
     """Which sandbox layers a worker gets, and how strictly.
 
-    Use the constructors :meth:`strict`, :meth:`default` or :meth:`none`, or
-    build one field by field.  Fields:
+    Use the constructors :meth:`strict`, :meth:`default`, :meth:`basic` or
+    :meth:`none`, or build one field by field (every layer defaults to
+    ``REQUIRED``).  Fields:
 
-    * ``rlimits``, ``no_new_privs``, ``seccomp``, ``landlock``,
-      ``namespaces``: a :class:`Requirement` each.
+    * ``credentials``, ``namespaces``, ``rootfs``, ``rlimits``,
+      ``no_new_privs``, ``landlock``, ``seccomp``: a :class:`Requirement`
+      each (``rootfs`` needs ``namespaces``).
+    * ``worker_uid``, ``worker_gid``: the unprivileged ids a root parent's
+      worker runs as (default 65534, ``nobody``/``nogroup``); a non-root
+      parent's worker keeps the parent's ids.
     * ``max_open_files``: ``RLIMIT_NOFILE`` (soft = hard) when ``rlimits``
       is applied; it also caps how many fds the worker can be sent.
-    * ``max_file_size``, ``max_address_space``: ``RLIMIT_FSIZE`` and
-      ``RLIMIT_AS`` in bytes, or ``None`` to leave them alone.
+    * ``max_file_size``, ``max_address_space``, ``max_data``:
+      ``RLIMIT_FSIZE``, ``RLIMIT_AS`` and ``RLIMIT_DATA`` in bytes, or
+      ``None`` to leave them alone.  ``max_data`` defaults to
+      :data:`DEFAULT_MAX_DATA` (8 GiB).
+    * ``max_processes``: ``RLIMIT_NPROC`` (default
+      :data:`DEFAULT_MAX_PROCESSES`): how many tasks, threads included, the
+      worker's user namespace may hold.  Set only when the worker has a user
+      namespace of its own (otherwise the kernel would count every process
+      of the uid).
     """
 
     name: str = "custom"
+    credentials: Requirement = attrs.field(default=_R.REQUIRED, converter=_requirement)
+    namespaces: Requirement = attrs.field(default=_R.REQUIRED, converter=_requirement)
+    rootfs: Requirement = attrs.field(default=_R.REQUIRED, converter=_requirement)
     rlimits: Requirement = attrs.field(default=_R.REQUIRED, converter=_requirement)
     no_new_privs: Requirement = attrs.field(default=_R.REQUIRED, converter=_requirement)
-    seccomp: Requirement = attrs.field(default=_R.REQUIRED, converter=_requirement)
     landlock: Requirement = attrs.field(default=_R.REQUIRED, converter=_requirement)
-    namespaces: Requirement = attrs.field(default=_R.REQUIRED, converter=_requirement)
+    seccomp: Requirement = attrs.field(default=_R.REQUIRED, converter=_requirement)
+    worker_uid: int = attrs.field(default=NOBODY, validator=_unprivileged_id)
+    worker_gid: int = attrs.field(default=NOBODY, validator=_unprivileged_id)
     max_open_files: int | None = attrs.field(default=256, validator=_positive_or_none)
     max_file_size: int | None = attrs.field(default=None, validator=_positive_or_none)
     max_address_space: int | None = attrs.field(
         default=None, validator=_positive_or_none
     )
+    max_data: int | None = attrs.field(
+        default=DEFAULT_MAX_DATA, validator=_positive_or_none
+    )
+    max_processes: int | None = attrs.field(
+        default=DEFAULT_MAX_PROCESSES, validator=_positive_or_none
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if self.rootfs is _R.REQUIRED and self.namespaces is _R.OFF:
+            raise ValueError(
+                "rootfs=REQUIRED needs the namespaces layer (a mount namespace of "
+                "the worker's own), which this policy turns off"
+            )
 
     @classmethod
     def strict(cls) -> SandboxPolicy:
@@ -88,8 +151,14 @@ class SandboxPolicy:
 
     @classmethod
     def default(cls) -> SandboxPolicy:
-        """rlimits, no_new_privs and seccomp required; landlock and namespaces if available."""
-        return cls(name="default", landlock=_R.IF_AVAILABLE, namespaces=_R.IF_AVAILABLE)
+        """credentials, rlimits, no_new_privs and seccomp required; namespaces,
+        the empty root and Landlock if available."""
+        return cls(
+            name="default",
+            namespaces=_R.IF_AVAILABLE,
+            rootfs=_R.IF_AVAILABLE,
+            landlock=_R.IF_AVAILABLE,
+        )
 
     @classmethod
     def basic(cls) -> SandboxPolicy:
@@ -101,9 +170,11 @@ class SandboxPolicy:
         """
         return cls(
             name="basic",
+            credentials=_R.IF_AVAILABLE,
+            namespaces=_R.IF_AVAILABLE,
+            rootfs=_R.IF_AVAILABLE,
             seccomp=_R.IF_AVAILABLE,
             landlock=_R.IF_AVAILABLE,
-            namespaces=_R.IF_AVAILABLE,
         )
 
     @classmethod
@@ -120,12 +191,16 @@ class SandboxPolicy:
             )
         return cls(
             name="none",
+            credentials=_R.OFF,
+            namespaces=_R.OFF,
+            rootfs=_R.OFF,
             rlimits=_R.OFF,
             no_new_privs=_R.OFF,
             seccomp=_R.OFF,
             landlock=_R.OFF,
-            namespaces=_R.OFF,
             max_open_files=None,
+            max_data=None,
+            max_processes=None,
         )
 
     @property
@@ -134,35 +209,27 @@ class SandboxPolicy:
         return all(self._levels()[layer] is _R.OFF for layer in self._levels())
 
     def _levels(self) -> dict[str, Requirement]:
-        return {
-            "rlimits": self.rlimits,
-            "no_new_privs": self.no_new_privs,
-            "namespaces": self.namespaces,
-            "landlock": self.landlock,
-            "seccomp": self.seccomp,
-        }
+        """Every layer's level, in the order the worker applies them."""
+        return {layer: getattr(self, layer) for layer in LAYERS}
+
+    def level(self, layer: str) -> Requirement:
+        """The :class:`Requirement` of ``layer`` (one of :data:`LAYERS`)."""
+        return self._levels()[layer]
 
     def check(self) -> None:
         """Raise if a required layer cannot be applied; run in the parent.
 
+        Probes this process with harmless calls (``_probe``): a kernel
+        without the feature, or a seccomp filter the parent itself runs
+        under, is found here, before any process is spawned.
+
         Raises:
             SandboxUnavailableError: naming the first such layer.
         """
-        if self.seccomp is _R.REQUIRED and not _seccomp.SUPPORTED:
-            raise SandboxUnavailableError(
-                "seccomp",
-                f"no syscall table for {platform.machine()} in this release"
-                + _UNAVAILABLE_HINT,
-            )
-        if self.landlock is _R.REQUIRED:
-            try:
-                _landlock.abi_version()
-            except OSError as exc:
-                raise SandboxUnavailableError(
-                    "landlock",
-                    f"landlock_create_ruleset -> {exc.strerror} (a kernel without "
-                    "CONFIG_SECURITY_LANDLOCK, or 'landlock' missing from lsm=)",
-                ) from None
+        missing = _probe.unavailable_layers()
+        for layer, level in self._levels().items():
+            if level is _R.REQUIRED and layer in missing:
+                raise SandboxUnavailableError(layer, missing[layer] + _UNAVAILABLE_HINT)
 
     def to_json(self) -> str:
         """Serialise for the child's command line."""

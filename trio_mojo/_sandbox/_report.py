@@ -19,9 +19,12 @@ class SandboxReport:
     """What the worker says it applied; the worker's first message.
 
     ``layers`` maps each layer to ``"applied"``, ``"off"`` or
-    ``"unavailable: <reason>"``; ``failed`` names a required layer that could
-    not be applied (the worker then never ran its target).  ``fds`` is the
-    worker's fd table just before its target started.
+    ``"unavailable: <reason>"``, in the order they were applied; ``failed``
+    names a required layer that could not be applied (the worker then never
+    ran its target).  ``pid`` and ``uid`` are as the worker sees them (in its
+    own PID namespace the worker is pid 2; ``Worker.pid`` is its host pid).
+    ``fds`` is the worker's fd table when its lockdown began.  ``nonce`` is
+    the worker's token for the go-ahead handshake (``_workers._handshake``).
     """
 
     policy: str
@@ -31,6 +34,7 @@ class SandboxReport:
     fds: tuple[int, ...]
     failed: str | None = None
     reason: str | None = None
+    nonce: str = ""
 
     @property
     def ok(self) -> bool:
@@ -66,6 +70,7 @@ class SandboxReport:
                 fds=tuple(_int(fd) for fd in _list(data["fds"])),
                 failed=_optional_text(data.get("failed")),
                 reason=_optional_text(data.get("reason")),
+                nonce=_text(data.get("nonce", "")),
             )
         # RecursionError: deeply nested JSON arrays or objects.
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:

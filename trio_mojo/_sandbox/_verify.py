@@ -1,46 +1,95 @@
-"""Verifying a worker's report from outside, in ``/proc/<pid>`` (in the parent)."""
+"""Verifying a worker's report from outside, in ``/proc/<pid>`` (in the parent).
+
+Theory of operation
+-------------------
+
+The worker's report is a claim; the parent believes only what the kernel
+shows about the process, which the worker cannot forge once it is locked
+down.  :func:`verify_report` runs while the worker waits for its go-ahead
+(its target has not run yet) and checks, for each layer the report says
+is applied (and every ``REQUIRED`` layer must be):
+
+* **identity**: ``NSpid`` of ``/proc/<pid>/status`` ends with the pid the
+  report names (the worker's pid inside its own PID namespace);
+* **credentials**: ``Uid`` and ``Gid`` (all four ids) are the policy's
+  unprivileged ids under a root parent, the parent's own otherwise; no
+  supplementary group under a root parent; ``CapEff``, ``CapPrm``,
+  ``CapInh``, ``CapBnd`` and ``CapAmb`` all zero; and, under a root
+  parent, not dumpable (its ``/proc`` files belong to root);
+* **namespaces**: every ``/proc/<pid>/ns`` inode differs from ours;
+* **rootfs**: ``/proc/<pid>/root`` is another file system than ours, empty
+  and read-only (``_rootfs.check_empty_root``);
+* **rlimits**: each limit of ``/proc/<pid>/limits`` is the policy's;
+* **no_new_privs**, **seccomp**: ``NoNewPrivs: 1``, ``Seccomp: 2``.
+
+Landlock leaves no trace in ``/proc``; the escape tests check it.  A
+``/proc`` file that cannot be read raises :class:`OSError` (the worker may
+have died meanwhile: the caller tells that apart from a sandbox failure).
+"""
 
 from __future__ import annotations
 
+import os
+from typing import Final
+
 from trio_mojo._errors import SandboxUnavailableError
 
-from . import _namespaces
+from . import _namespaces, _rootfs
+from ._apply import rlimits_of
 from ._policy import Requirement, SandboxPolicy
 from ._report import SandboxReport
 
 __all__ = ["verify_report"]
 
 _R = Requirement
+_CAPABILITY_SETS: Final = ("CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb")
+_LIMIT_LABELS: Final = {
+    "CORE": "Max core file size",
+    "NOFILE": "Max open files",
+    "FSIZE": "Max file size",
+    "AS": "Max address space",
+    "DATA": "Max data size",
+    "NPROC": "Max processes",
+}
 
 
-def _proc_status(pid: int) -> dict[str, str]:
-    fields = {}
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            key, _, value = line.partition(":")
-            fields[key] = value.strip()
-    return fields
+class _Status:
+    """``/proc/<pid>/status``, read once."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.fields: dict[str, str] = {}
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                key, _, value = line.partition(":")
+                self.fields[key] = value.strip()
+
+    def expect(self, layer: str, field: str, value: str) -> None:
+        seen = self.fields.get(field)
+        if seen != value:
+            raise SandboxUnavailableError(
+                layer, f"claimed, but /proc/{self.pid}/status shows {field}: {seen}"
+            )
 
 
-def _proc_soft_limit(pid: int, label: str) -> str:
-    with open(f"/proc/{pid}/limits") as limits:
-        for line in limits:
-            if line.startswith(label):
-                return line[len(label) :].split()[0]
-    return "?"
+def _proc_soft_limits(pid: int) -> dict[str, str]:
+    limits = {}
+    with open(f"/proc/{pid}/limits") as file:
+        for line in file:
+            for name, label in _LIMIT_LABELS.items():
+                if line.startswith(label):
+                    limits[name] = line[len(label) :].split()[0]
+    return limits
 
 
 def verify_report(pid: int, policy: SandboxPolicy, report: SandboxReport) -> None:
-    """Check the worker's claims from outside, in ``/proc/<pid>``.
+    """Check the claims of the worker ``pid`` (its host pid) in ``/proc``.
 
     Raises:
         SandboxUnavailableError: the report is for another process, lacks a
             required layer, or claims something ``/proc`` contradicts.
+        OSError: a ``/proc`` file of ``pid`` cannot be read.
     """
-    if report.pid != pid:
-        raise SandboxUnavailableError(
-            "report", f"the report names pid {report.pid}, the worker is {pid}"
-        )
     if report.failed is not None:
         raise SandboxUnavailableError(
             report.failed, report.reason or "failed in the worker"
@@ -50,46 +99,63 @@ def verify_report(pid: int, policy: SandboxPolicy, report: SandboxReport) -> Non
             raise SandboxUnavailableError(
                 layer, f"required, but the worker reports {report.layers.get(layer)!r}"
             )
-    if report.layers.get("no_new_privs") == "applied":
-        seen = _proc_status(pid).get("NoNewPrivs")
-        if seen != "1":
-            raise SandboxUnavailableError(
-                "no_new_privs",
-                f"claimed, but /proc/{pid}/status shows NoNewPrivs: {seen}",
-            )
-    if report.layers.get("seccomp") == "applied":
-        seen = _proc_status(pid).get("Seccomp")
-        if seen != "2":
-            raise SandboxUnavailableError(
-                "seccomp", f"claimed, but /proc/{pid}/status shows Seccomp: {seen}"
-            )
-    if report.layers.get("namespaces") == "applied":
+    status = _Status(pid)
+    own_pid = status.fields.get("NSpid", "").split()[-1:]
+    if own_pid != [str(report.pid)]:
+        raise SandboxUnavailableError(
+            "report",
+            f"the report names pid {report.pid}, /proc/{pid}/status shows NSpid {own_pid}",
+        )
+
+    def applied(layer: str) -> bool:
+        return report.layers.get(layer) == "applied"
+
+    if applied("no_new_privs"):
+        status.expect("no_new_privs", "NoNewPrivs", "1")
+    if applied("seccomp"):
+        status.expect("seccomp", "Seccomp", "2")
+    if applied("credentials"):
+        _verify_credentials(status, policy)
+    if applied("namespaces"):
         same = set(_namespaces.NAMESPACES) - set(_namespaces.differing_namespaces(pid))
         if same:
             raise SandboxUnavailableError(
                 "namespaces",
                 f"claimed, but /proc/{pid}/ns shows the parent's {sorted(same)} namespaces",
             )
-    if report.layers.get("rlimits") == "applied":
-        _verify_rlimits(pid, policy)
+    if applied("rootfs"):
+        problem = _rootfs.check_empty_root(pid)
+        if problem is not None:
+            raise SandboxUnavailableError("rootfs", f"claimed, but {problem}")
+    if applied("rlimits"):
+        _verify_rlimits(pid, policy, own_user_namespace=applied("namespaces"))
 
 
-def _verify_rlimits(pid: int, policy: SandboxPolicy) -> None:
-    expected = {"Max core file size": 0}
-    if policy.max_file_size is not None:
-        expected["Max file size"] = policy.max_file_size
-    if policy.max_address_space is not None:
-        expected["Max address space"] = policy.max_address_space
-    for label, value in expected.items():
-        seen = _proc_soft_limit(pid, label)
-        if seen != str(value):
+def _verify_credentials(status: _Status, policy: SandboxPolicy) -> None:
+    if os.geteuid() == 0:
+        uid, gid = policy.worker_uid, policy.worker_gid
+        status.expect("credentials", "Groups", "")
+        # A non-dumpable process's /proc files belong to root, whatever its uid.
+        owner = os.stat(f"/proc/{status.pid}/status").st_uid
+        if owner != 0:
             raise SandboxUnavailableError(
-                "rlimits", f"claimed {label}={value}, /proc/{pid}/limits shows {seen}"
+                "credentials",
+                f"claimed, but the worker is dumpable (/proc/{status.pid} is uid {owner}'s)",
             )
-    if policy.max_open_files is not None:
-        seen = _proc_soft_limit(pid, "Max open files")
-        if seen != str(policy.max_open_files):
+    else:
+        uid, gid = os.getuid(), os.getgid()
+    status.expect("credentials", "Uid", "\t".join([str(uid)] * 4))
+    status.expect("credentials", "Gid", "\t".join([str(gid)] * 4))
+    for field in _CAPABILITY_SETS:
+        status.expect("credentials", field, "0" * 16)
+
+
+def _verify_rlimits(pid: int, policy: SandboxPolicy, own_user_namespace: bool) -> None:
+    seen = _proc_soft_limits(pid)
+    for name, value in rlimits_of(policy, own_user_namespace).items():
+        if seen.get(name) != str(value):
             raise SandboxUnavailableError(
                 "rlimits",
-                f"claimed NOFILE={policy.max_open_files}, /proc/{pid}/limits shows {seen}",
+                f"claimed {_LIMIT_LABELS[name]} {value}, /proc/{pid}/limits shows "
+                f"{seen.get(name)}",
             )

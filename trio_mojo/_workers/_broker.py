@@ -57,6 +57,7 @@ from trio_mojo._channel import Channel
 from trio_mojo._core._message import Message
 from trio_mojo._errors import BrokerError
 from trio_mojo._handles import Handle
+from trio_mojo._sandbox import _syscalls
 
 __all__ = [
     "BROKER_SWITCH",
@@ -83,7 +84,6 @@ _MODE_FLAGS: Final = {
 }
 _ALWAYS: Final = os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
 
-_SYS_OPENAT2: Final = 437  # x86_64 and aarch64 alike (asm-generic numbering)
 _RESOLVE_NO_MAGICLINKS: Final = 0x02
 _RESOLVE_NO_SYMLINKS: Final = 0x04
 _RESOLVE_BENEATH: Final = 0x08
@@ -158,13 +158,17 @@ def _openat2(dirfd: int, relative: bytes, flags: int) -> int | None:
     """``openat2`` confined beneath ``dirfd``; ``None`` if the kernel lacks it."""
     if _openat2_state.get("works") is False:
         return None
+    try:
+        number = _syscalls.number("openat2")
+    except OSError:
+        return None  # no table for this architecture: the O_NOFOLLOW walk
     mode = 0o600 if flags & os.O_CREAT else 0  # a mode without O_CREAT is EINVAL
     how = _OpenHow(
         flags, mode, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS
     )
     ctypes.set_errno(0)
     fd: int = _libc.syscall(
-        _SYS_OPENAT2, dirfd, relative, ctypes.byref(how), ctypes.sizeof(how)
+        number, dirfd, relative, ctypes.byref(how), ctypes.sizeof(how)
     )
     if fd >= 0:
         _openat2_state["works"] = True

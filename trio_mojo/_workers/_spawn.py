@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -130,6 +131,10 @@ class Process:
     reaped), and ``stdin``/``stdout``/``stderr`` as Trio streams when they
     were requested as ``subprocess.PIPE``.  Waiting uses a ``pidfd`` (or a
     thread on kernels without one); the child is reaped by ``wait()``.
+
+    A sandboxed worker's child is only its supervisor (``_sandbox._pidns``);
+    :meth:`forward_signals` then sends every signal to the worker process
+    itself, through a ``pidfd`` (so a recycled pid is never hit).
     """
 
     def __init__(
@@ -145,6 +150,9 @@ class Process:
         self.stderr = stderr
         self._wait_lock = trio.Lock()
         self._pidfd: Handle | None = None
+        self._forward_to: Handle | None = None
+        self.forwarded_pid: int | None = None
+        """The pid given to :meth:`forward_signals`, if any."""
         with contextlib.suppress(OSError, AttributeError):
             self._pidfd = Handle(os.pidfd_open(popen.pid))
 
@@ -188,8 +196,40 @@ class Process:
         assert returncode is not None
         return returncode
 
+    def forward_signals(self, pid: int) -> None:
+        """From now on, signal ``pid`` (a descendant doing the real work).
+
+        The child itself gets a signal only when that process is gone
+        already, and then only ``SIGKILL``.
+
+        Raises:
+            ProcessLookupError: ``pid`` does not exist (any more).
+        """
+        if self._forward_to is not None:
+            raise RuntimeError("signals are already forwarded")
+        self._forward_to = Handle(os.pidfd_open(pid))
+        self.forwarded_pid = pid
+
+    def forwarded_process_exited(self) -> bool:
+        """Whether the process of :meth:`forward_signals` has exited."""
+        if self._forward_to is None or self._forward_to.closed:
+            return False
+        poller = select.poll()
+        poller.register(self._forward_to.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+
     def send_signal(self, sig: int) -> None:
         """Send ``sig`` unless the child was already reaped (no pid reuse race)."""
+        if self._forward_to is not None and self.poll() is None:
+            try:
+                signal.pidfd_send_signal(self._forward_to.fileno(), sig)
+            except ProcessLookupError:
+                # It exited: the child exits too, with its status, unless
+                # the caller wants it dead now.
+                if sig != signal.SIGKILL:
+                    return
+            else:
+                return
         self._popen.send_signal(sig)
 
     def terminate(self) -> None:
@@ -201,6 +241,8 @@ class Process:
         self.send_signal(signal.SIGKILL)
 
     def _close_pidfd(self) -> None:
+        if self._forward_to is not None:
+            self._forward_to.close()
         if self._pidfd is not None:
             # RuntimeError: outside Trio, where nothing can be waiting on it.
             with contextlib.suppress(RuntimeError):

@@ -16,20 +16,31 @@ Theory of operation
    (see ``_spawn``).  With ``file_access`` rules a second channel carries
    the file broker (``_broker``).
 3. The child bootstrap (``_bootstrap``) closes every other fd, arms
-   ``PR_SET_PDEATHSIG``, imports the target, applies the sandbox, and sends
-   its :class:`SandboxReport` as its first message.  We receive it (bounded
-   by ``startup_timeout``), check its claims in ``/proc/<pid>``, and only
-   then yield the :class:`Worker`.
+   ``PR_SET_PDEATHSIG``, imports the target, locks down (with a PID
+   namespace the child becomes a supervisor and the worker is its child,
+   beside the namespace's init: ``_sandbox._pidns``), and sends its
+   :class:`SandboxReport` as its first message.  We receive it (bounded by
+   ``startup_timeout``), find the worker's host pid, check the report's
+   claims in ``/proc/<pid>``, and only then send the go-ahead
+   (``_handshake``) and yield the :class:`Worker`: no target code runs
+   unverified.  A worker that dies or vanishes during the checks is a
+   :class:`WorkerError`, never a sandbox error.
 4. **Leaving the block normally** closes the channel (the target sees
    ``EndOfChannel``) and waits for the child: ``grace_period`` seconds,
-   then ``SIGTERM``, then ``SIGKILL``.  **Leaving by an exception or a
-   cancellation** kills the child at once.  Either way it is reaped in a
+   then ``SIGTERM``, then ``SIGKILL``, each sent to the worker process
+   itself (through a pidfd).  **Leaving by an exception or a
+   cancellation** kills it at once.  Either way the child is reaped in a
    shielded scope: no zombie, no orphan, no fd left behind.
 
 A child that dies by itself with a non-zero status, or that fails to
 start, surfaces as :class:`WorkerError` with its exit status and the tail of
-its stderr; when the body was leaving because the channel broke
-(``DisconnectedError`` and friends), that error is chained as the cause.
+its stderr (control characters escaped); when the body was leaving because
+the channel broke (``DisconnectedError`` and friends), that error is
+chained as the cause.
+
+The file broker, when there is one, runs in a task of its own that also
+owns its channel: a broker failure (a flooding or misbehaving worker) is
+kept in ``FileBroker.error`` and never raised from this block.
 """
 
 from __future__ import annotations
@@ -37,8 +48,10 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import socket
 import subprocess
 import sys
+import unicodedata
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, Final
@@ -47,8 +60,9 @@ import trio
 
 from trio_mojo._channel import Channel, open_channel
 from trio_mojo._endpoint import Endpoint, channel_pair
-from trio_mojo._errors import ChannelError, WorkerError
+from trio_mojo._errors import ChannelError, SandboxUnavailableError, WorkerError
 from trio_mojo._sandbox import SandboxPolicy, SandboxReport
+from trio_mojo._sandbox._pidns import worker_pid
 from trio_mojo._sandbox._verify import verify_report
 
 from ._broker import (
@@ -58,6 +72,7 @@ from ._broker import (
     FileBroker,
     sequence_of_rules,
 )
+from ._handshake import go_ahead
 from ._spawn import (
     CHANNEL_SWITCH,
     Process,
@@ -67,7 +82,7 @@ from ._spawn import (
     start_with_endpoints,
 )
 
-__all__ = ["ENV_ALLOWLIST", "Worker", "open_worker"]
+__all__ = ["ENV_ALLOWLIST", "Worker", "escape_controls", "open_worker"]
 
 ENV_ALLOWLIST: Final = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
 """Variables a worker inherits from the parent when ``env`` is not given."""
@@ -75,8 +90,13 @@ _log = logging.getLogger("trio_mojo")
 STDERR_TAIL_BYTES: Final = 8192
 _TAIL_SETTLE_TIME: Final = 1.0
 """Seconds to wait for the rest of a dead worker's stderr."""
-SANDBOX_FAILED_EXIT: Final = 71
-"""The bootstrap's exit status when a required sandbox layer failed."""
+_EXIT_WAIT: Final = 2.0
+"""Seconds to wait for the exit status of a worker seen dying."""
+BROKER_SEND_QUEUE: Final = 4
+"""Replies the broker queues for a worker before it stops serving it."""
+_BROKER_SNDBUF: Final = 4096
+"""``SO_SNDBUF`` of the broker's socket: bounds the replies (and their
+fds) in flight in the kernel towards a worker that does not read them."""
 
 
 class Worker:
@@ -90,11 +110,13 @@ class Worker:
     def __init__(
         self,
         process: Process,
+        pid: int,
         channel: Channel,
         report: SandboxReport,
         tail: _Tail,
     ) -> None:
         self._process = process
+        self._pid = pid
         self.channel: Final = channel
         self.sandbox_report: Final = report
         self._tail = tail
@@ -102,17 +124,26 @@ class Worker:
 
     @property
     def pid(self) -> int:
-        """The worker's process id."""
-        return self._process.pid
+        """The host process id of the process that runs the target.
+
+        In a PID namespace (the ``namespaces`` layer) that process is a
+        child of the one ``open_worker`` started (its supervisor), and sees
+        itself as pid 2 (``sandbox_report.pid``).
+        """
+        return self._pid
 
     @property
     def returncode(self) -> int | None:
-        """The exit status once the worker was reaped, else ``None``."""
+        """The exit status once the worker was reaped, else ``None``.
+
+        Negative for a signal, as :attr:`subprocess.Popen.returncode`; the
+        supervisor of a namespaced worker exits exactly as the worker did.
+        """
         return self._process.returncode
 
     @property
     def stderr_tail(self) -> str:
-        """The last few KiB the worker wrote to its stderr."""
+        """The last few KiB the worker wrote to its stderr (see :func:`escape_controls`)."""
         return self._tail.text()
 
     def __repr__(self) -> str:
@@ -134,7 +165,8 @@ class _Tail:
             self._size -= len(self._chunks.popleft())
 
     def text(self) -> str:
-        return b"".join(self._chunks)[-STDERR_TAIL_BYTES:].decode(errors="replace")
+        raw = b"".join(self._chunks)[-STDERR_TAIL_BYTES:]
+        return escape_controls(raw.decode(errors="replace"))
 
     async def drain(self, stream: trio.abc.ReceiveStream) -> None:
         try:
@@ -153,6 +185,30 @@ class _Tail:
         """
         with trio.move_on_after(_TAIL_SETTLE_TIME):
             await self._drained.wait()
+
+
+_SHOWN_AS_IS: Final = frozenset("\n\t")
+_INVISIBLE: Final = frozenset(("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"))
+"""Unicode categories escaped in a worker's stderr: controls (C0, C1, DEL),
+formatting characters (bidi overrides and isolates, zero-width ones),
+surrogates, private-use and unassigned code points, line and paragraph
+separators."""
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character but ``\\n`` and ``\\t`` escaped.
+
+    A worker's stderr is hostile: written verbatim into a log or a terminal,
+    an ``ESC`` sequence could rewrite the screen, a ``\\r`` overwrite the
+    line, a bidi override reorder what is shown.  Such characters become
+    ``\\x1b``, ``\\r``, ``\\u202e`` (their ``repr`` escape).
+    """
+    return "".join(
+        repr(char)[1:-1]
+        if char not in _SHOWN_AS_IS and unicodedata.category(char) in _INVISIBLE
+        else char
+        for char in text
+    )
 
 
 def _check_target(target: str) -> None:
@@ -178,7 +234,7 @@ async def _worker_error(
     if process.returncode is not None:
         await tail.settle()
     error = WorkerError(
-        f"worker pid {process.pid} {what}",
+        f"worker pid {process.forwarded_pid or process.pid} {what}",
         returncode=process.returncode,
         stderr_tail=tail.text(),
     )
@@ -231,7 +287,8 @@ async def open_worker(
         cwd: the worker's working directory.
         stdout: where the worker's stdout goes (default ``/dev/null``;
             ``None`` inherits the parent's).
-        startup_timeout: seconds to wait for the worker's sandbox report.
+        startup_timeout: seconds to wait for the worker's sandbox report (and
+            the longest the worker waits for its go-ahead after sending it).
         grace_period: seconds a normal exit waits for the worker to finish
             before ``SIGTERM`` (and as long again before ``SIGKILL``).
         channel_options: passed to :func:`open_channel` for the main channel.
@@ -277,6 +334,7 @@ async def open_worker(
         f"--target={target}",
         f"--parent-pid={os.getpid()}",
         f"--sandbox={policy.to_json()}",
+        f"--startup-timeout={startup_timeout}",
     ]
     try:
         process = await start_with_endpoints(
@@ -305,26 +363,15 @@ async def open_worker(
                     channel = await stack.enter_async_context(
                         open_channel(local, **channel_options)
                     )
-                    broker_channel: Channel | None = None
                     broker_scope = trio.CancelScope()
                     if broker is not None and broker_local is not None:
-                        broker_channel = await stack.enter_async_context(
-                            open_channel(
-                                broker_local,
-                                # Requests never carry fds: any fd is malformed.
-                                max_handles_per_message=0,
-                                max_queued_handles=0,
-                                max_message_size=MAX_REQUEST_SIZE,
-                                flush_timeout=1.0,
-                            )
-                        )
                         nursery.start_soon(
-                            _serve_broker, broker, broker_channel, broker_scope
+                            _serve_broker, broker, broker_local, broker_scope
                         )
-                    report = await _handshake(
+                    report, pid = await _handshake(
                         channel, process, tail, policy, startup_timeout
                     )
-                    worker = Worker(process, channel, report, tail)
+                    worker = Worker(process, pid, channel, report, tail)
                     worker.broker = broker
                     try:
                         yield worker
@@ -338,8 +385,6 @@ async def open_worker(
                     # target may still use it after its channel's EOF.
                     await _finish(process, tail, grace_period)
                     broker_scope.cancel()
-                    if broker_channel is not None:
-                        await broker_channel.aclose()
             except BaseException as exc:
                 # Raised outside the nursery, so the caller gets it bare.
                 raised = exc
@@ -367,8 +412,11 @@ async def _handshake(
     tail: _Tail,
     policy: SandboxPolicy,
     startup_timeout: float,
-) -> SandboxReport:
-    """Receive the worker's sandbox report and check it against /proc."""
+) -> tuple[SandboxReport, int]:
+    """Receive the report, check it in /proc, send the go-ahead.
+
+    Returns the report and the host pid of the process running the target.
+    """
     try:
         with trio.fail_after(startup_timeout):
             payload = await _first_message(channel, process, tail)
@@ -382,8 +430,43 @@ async def _handshake(
         raise await _worker_error(
             "sent a malformed sandbox report", process, tail
         ) from exc
-    verify_report(process.pid, policy, report)
-    return report
+    if report.failed is not None:  # the worker said so: it exits without its target
+        raise SandboxUnavailableError(report.failed, report.reason or "failed")
+    located = False
+    try:
+        pid = process.pid
+        if report.layers.get("namespaces") == "applied":
+            pid = worker_pid(process.pid)
+            process.forward_signals(pid)
+        located = True
+        verify_report(pid, policy, report)
+    except (SandboxUnavailableError, OSError) as exc:
+        # A worker that died meanwhile (killed from outside: its target has
+        # not run) leaves /proc entries that are gone or half torn down.
+        if await _died(process, located):
+            raise await _worker_error(
+                "died before its sandbox was verified", process, tail, exc
+            ) from exc
+        if isinstance(exc, SandboxUnavailableError):
+            raise
+        raise SandboxUnavailableError(
+            "report", f"cannot check the worker in /proc: {exc}"
+        ) from exc
+    await channel.send(go_ahead(report))
+    return report, pid
+
+
+async def _died(process: Process, located: bool) -> bool:
+    """After a failed check: did the worker die (so it is no sandbox failure)?
+
+    Once the worker is located, its pidfd (or its supervisor) tells at once;
+    before, a worker that vanished is known by its supervisor exiting.
+    """
+    if located and process.poll() is None and not process.forwarded_process_exited():
+        return False
+    with trio.move_on_after(_EXIT_WAIT):
+        await process.wait()
+    return process.returncode is not None
 
 
 async def _finish(process: Process, tail: _Tail, grace_period: float) -> None:
@@ -403,18 +486,42 @@ async def _explain(exc: BaseException, process: Process, tail: _Tail) -> BaseExc
 
 
 async def _serve_broker(
-    broker: FileBroker, channel: Channel, scope: trio.CancelScope
+    broker: FileBroker, endpoint: Endpoint, scope: trio.CancelScope
 ) -> None:
-    """Run the broker; its failure ends the broker, never the parent's block.
+    """Run the broker on its own channel; its failure never reaches the parent.
 
-    A worker that breaks the broker protocol (or any other failure) stops
-    the broker: the failure is kept in ``broker.error`` and logged, the
-    broker channel is closed, and the worker's further requests fail there.
+    The channel lives and dies with this task.  Its send queue is small
+    (:data:`BROKER_SEND_QUEUE`) and so is its socket's send buffer: a worker
+    that sends requests and never reads the replies makes the broker wait
+    after a few replies, and stop serving (the worker's requests then fill
+    the socket and its sends wait), instead of holding an open file per
+    request.  Any failure (a protocol violation, a flood that ends with
+    the worker gone and replies unsent) stops the broker: it is kept in
+    ``broker.error`` and logged, and the channel is closed with every fd
+    it held.  ``scope`` is cancelled once the worker has exited: a clean end.
     """
     try:
-        with scope:  # cancelled once the worker has exited: a clean end
-            await broker.serve(channel)
+        with scope:
+            _limit_send_buffer(endpoint)
+            async with open_channel(
+                endpoint,
+                # Requests never carry fds: any fd is malformed.
+                max_handles_per_message=0,
+                max_queued_handles=0,
+                max_message_size=MAX_REQUEST_SIZE,
+                send_queue_messages=BROKER_SEND_QUEUE,
+                receive_queue_messages=BROKER_SEND_QUEUE,
+                flush_timeout=1.0,
+            ) as channel:
+                await broker.serve(channel)
     except Exception as exc:
         broker.error = exc
         _log.warning("file broker of a worker stopped: %r", exc)
-        channel._abort()  # closes the socket and every fd it held; synchronous
+
+
+def _limit_send_buffer(endpoint: Endpoint) -> None:
+    sock = socket.socket(fileno=endpoint.fileno())
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _BROKER_SNDBUF)
+    finally:
+        sock.detach()

@@ -1,0 +1,169 @@
+"""The PID namespace: a supervisor, an init, and the worker.
+
+Theory of operation
+-------------------
+
+``unshare(CLONE_NEWPID)`` (done by ``_namespaces``) moves only the
+caller's future children into the new PID namespace; its first child is
+that namespace's init (pid 1).  An init is special: it ignores every
+signal it has no handler for, even ``SIGKILL`` from inside its namespace,
+and when it dies the kernel kills everything else in the namespace.  A
+target running as pid 1 could not be stopped with ``SIGTERM`` and could
+not even kill itself.  So :func:`fork_into_namespace` forks twice, as
+bubblewrap and Chromium (``CreateInitProcessReaper``) keep a separate
+pid 1::
+
+    supervisor (the caller; host pid P, outside the namespace)
+     ├── init (pid 1 inside): holds the namespace, reaps orphans
+     └── worker (pid 2 inside): the one process that returns here
+
+* The **worker** is an ordinary process: signals, exit status and
+  ``getpid()`` (2) behave as usual; it sees no process outside the
+  namespace (``kill``, ``sched_getaffinity`` or ``ptrace`` of a host pid
+  fail with ``ESRCH``).  Its own children, if it may have any, are
+  reparented to the init when it dies.
+* The **init** holds nothing but the read end of a pipe only the supervisor
+  can write to.  It ignores ``SIGCHLD``, so the kernel reaps the orphans
+  it inherits, and it waits for that pipe to close.
+* The **supervisor** is the process the launcher started and waits for.  It
+  closes every fd but stdio and its pipe (the channels belong to the
+  worker), drops its capabilities, and waits for the worker, its own child.
+  Then it kills the init (which empties the namespace: the kernel kills
+  whatever is left and the init's exit waits for it), reaps it, and exits
+  *the way the worker did*: the same exit code, or the same signal sent to
+  itself.  So its launcher sees the worker's real status (negative for a
+  signal), exactly as if it had started the worker itself.
+
+Dying together: the init and the worker have ``PR_SET_PDEATHSIG(SIGKILL)``
+towards the supervisor (the kernel delivers it to an init because it comes
+from outside the namespace).  Each checks that the supervisor did not die
+before the signal was armed: the worker sees its parent pid turn from 0
+(outside the namespace) to 1 (reparented to the init), the init sees the
+pipe close.  The supervisor has the death signal its own launcher armed.
+So killing the worker ends all three in order, each reaped (no zombie),
+and killing the supervisor or its launcher kills the other two.  The worker
+is on the critical path of start-up only for two forks by the supervisor.
+
+The launcher learns the worker's host pid from the kernel, not from the
+worker: :func:`worker_pid` reads the supervisor's children in
+``/proc/<pid>/task/<pid>/children`` and takes the one that is not pid 1 of
+its namespace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import signal
+import sys
+from typing import Final, NoReturn
+
+from . import _credentials, _libc
+
+__all__ = ["fork_into_namespace", "worker_pid"]
+
+_PR_SET_PDEATHSIG: Final = 1
+_ORPHANED_EXIT: Final = 70
+"""Exit status of a process whose supervisor died before it could notice."""
+_FD_CEILING: Final = 2**31 - 1
+
+
+def fork_into_namespace() -> None:
+    """Fork the init and the worker; return only in the worker.
+
+    Call right after ``unshare(CLONE_NEWPID)``, in a single-threaded
+    process.  The calling process becomes the supervisor; it does not
+    return from this call, nor does the init.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()  # or three processes would flush the same buffer
+    alive_r, alive_w = os.pipe()  # only the supervisor keeps alive_w
+    init = os.fork()
+    if init == 0:
+        os.close(alive_w)
+        _hold_namespace(alive_r)
+    worker = os.fork()
+    if worker:
+        os.close(alive_r)
+        _supervise(worker, init, keep=(alive_w,))
+    os.close(alive_r)
+    os.close(alive_w)
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != 0:  # reparented to the init: the supervisor is gone
+        os._exit(_ORPHANED_EXIT)
+
+
+def _close_all_but(keep: tuple[int, ...]) -> None:
+    low = 3
+    for fd in sorted({*keep, _FD_CEILING}):
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+
+
+def _hold_namespace(alive_r: int) -> NoReturn:
+    """The init: reap orphans (by ignoring SIGCHLD) until the supervisor goes."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    _close_all_but((alive_r,))
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps them
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # an init ignores it then
+    os.read(alive_r, 1)  # end of file: the supervisor exited, or is exiting
+    os._exit(_ORPHANED_EXIT)
+
+
+def _supervise(worker: int, init: int, keep: tuple[int, ...]) -> NoReturn:
+    """The supervisor: wait for the worker, end the namespace, exit alike."""
+    _close_all_but(keep)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    # Best effort: it holds nothing worth protecting, and mirroring the
+    # worker's status works either way.
+    with contextlib.suppress(OSError, ValueError):
+        _credentials.drop_capabilities()
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core when mirroring
+    _, status = os.waitpid(worker, 0)
+    os.kill(init, signal.SIGKILL)  # and with it whatever is left inside
+    os.waitpid(init, 0)
+    _exit_like(os.waitstatus_to_exitcode(status))
+
+
+def _exit_like(code: int) -> NoReturn:
+    """Exit with ``code``, or die of signal ``-code`` when it is negative."""
+    if code >= 0:
+        os._exit(code)
+    sig = -code
+    with contextlib.suppress(OSError, ValueError):  # SIGKILL has no handler
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
+    os.kill(os.getpid(), sig)
+    os._exit(128 + sig)  # a signal whose default action is not to terminate
+
+
+def worker_pid(supervisor: int) -> int:
+    """The host pid of the worker below ``supervisor`` (in the parent).
+
+    Raises:
+        OSError: the supervisor is gone, or has not exactly one child that
+            is not pid 1 of its namespace (``ECHILD``).
+    """
+    with open(f"/proc/{supervisor}/task/{supervisor}/children") as file:
+        children = [int(pid) for pid in file.read().split()]
+    workers = [pid for pid in children if _own_pid(pid) != 1]
+    if len(workers) != 1:
+        raise ChildProcessError(
+            f"process {supervisor} has children {children}, expected an init "
+            "and one worker"
+        )
+    return workers[0]
+
+
+def _own_pid(pid: int) -> int | None:
+    """The pid ``pid`` has in its own namespace, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("NSpid:"):
+                    return int(line.split()[-1])
+    except FileNotFoundError:
+        return None
+    return None
