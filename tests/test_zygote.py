@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from _process_support import children, pids_from_a_parent, pipe_with
-from _zygote_support import forked_worker, interpreter
+from _process_support import children, pids_from_a_parent
+from _zygote_support import interpreter
 
 import trio_mojo
 from trio_mojo import (
@@ -27,9 +27,8 @@ from trio_mojo import (
     channel_pair,
     open_worker,
 )
-from trio_mojo._sandbox import _namespaces
 from trio_mojo._workers._worker import ENV_ALLOWLIST
-from trio_mojo._workers._zygote import Zygote, open_zygote
+from trio_mojo._workers._zygote import ForkedProcess, Zygote, open_zygote
 
 STRICT = SandboxPolicy.strict()
 NONE = SandboxPolicy.none(i_understand_this_is_unsandboxed=True)
@@ -68,6 +67,22 @@ def _environment_names(pid: int) -> set[str]:
     return {entry.partition(b"=")[0].decode() for entry in environ if entry}
 
 
+def _children_of(pid: int) -> list[int]:
+    return [
+        int(child)
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    ]
+
+
+async def _fork(zygote: Zygote) -> ForkedProcess:
+    """A worker forked at the process level (its channel end is closed)."""
+    local, remote = channel_pair()
+    with local:
+        return await zygote._start_worker(
+            f"{EXAMPLES}:ignore_eof", STRICT, {CHANNEL_SWITCH: remote}
+        )
+
+
 def _fd_targets(pid: int) -> set[str]:
     """The sockets and pipes among the fds of ``pid`` (read as root)."""
     targets = set()
@@ -79,163 +94,6 @@ def _fd_targets(pid: int) -> set[str]:
         if target.startswith(("socket:", "pipe:")):
             targets.add(target)
     return targets
-
-
-# ----------------------------------------------------------------------
-# A forked worker is a worker
-
-
-async def test_a_strict_worker_exchanges_messages_and_fds_both_ways() -> None:
-    async with (
-        open_zygote(preload=[EXAMPLES]) as zygote,
-        forked_worker(zygote, f"{EXAMPLES}:echo") as worker,
-    ):
-        await worker.channel.send(Message(b"ping", (pipe_with(b"parent's pipe"),)))
-        reply = await worker.channel.receive()
-        with reply:
-            assert reply.payload == b"ping"
-            (handle,) = reply.handles
-            assert not os.get_inheritable(handle.fileno())
-            assert os.read(handle.fileno(), 100) == b"parent's pipe"
-    assert worker.process.returncode == 0
-
-
-async def test_the_report_and_proc_show_the_full_sandbox() -> None:
-    async with (
-        open_zygote(preload=[EXAMPLES]) as zygote,
-        forked_worker(zygote, f"{EXAMPLES}:echo") as worker,
-    ):
-        pid = worker.process.pid
-        report = worker.report
-        assert report.ok
-        assert report.policy == "strict"
-        assert report.pid == pid  # the real (host) pid
-        assert set(report.layers.values()) == {"applied"}
-        # Stdin, stdout, its stderr pipe and its channel: nothing else.
-        assert report.fds == (0, 1, 2, 3)
-        status = _status(pid)
-        assert status["PPid"] == str(zygote.pid)  # the zygote is its parent
-        assert status["NoNewPrivs"] == "1"
-        assert status["Seccomp"] == "2"
-        # Its own namespaces, created after the fork: not the parent's,
-        # and not the zygote's either.
-        assert sorted(_namespaces.differing_namespaces(pid)) == sorted(
-            _namespaces.NAMESPACES
-        )
-        for name in _namespaces.NAMESPACES:
-            ours = os.stat(f"/proc/{pid}/ns/{name}").st_ino
-            assert ours != os.stat(f"/proc/{zygote.pid}/ns/{name}").st_ino
-        # A session of its own, as a spawned worker has.
-        assert os.getsid(pid) == pid
-
-
-async def test_a_target_that_was_not_preloaded_is_imported_after_the_fork() -> None:
-    async with (
-        open_zygote() as zygote,
-        forked_worker(zygote, f"{EXAMPLES}:echo") as worker,
-    ):
-        assert zygote.preloaded == ()
-        await worker.channel.send(Message(b"imported late"))
-        reply = await worker.channel.receive()
-        assert reply.payload == b"imported late"
-
-
-async def test_a_target_that_cannot_be_imported_fails_with_its_traceback() -> None:
-    async with open_zygote() as zygote:
-        local, remote = channel_pair()
-        with local:
-            process = await zygote._start_worker(
-                "trio_mojo_no_such_module:main", NONE, {CHANNEL_SWITCH: remote}
-            )
-            assert await process.wait() == 1
-            assert process.stderr is not None
-            tail = b""
-            async for chunk in process.stderr:
-                tail += chunk
-            await process.stderr.aclose()
-    assert b"ModuleNotFoundError: No module named 'trio_mojo_no_such_module'" in tail
-
-
-# ----------------------------------------------------------------------
-# Real pid, exit status, stderr
-
-
-@pytest.mark.parametrize("status", [0, 3, 77])
-async def test_the_exit_status_is_relayed(status: int) -> None:
-    async with open_zygote(preload=[EXAMPLES]) as zygote:
-        async with forked_worker(zygote, f"{EXAMPLES}:crash") as worker:
-            await worker.channel.send(Message(str(status).encode()))
-            assert await worker.process.wait() == status
-        with pytest.raises(FileNotFoundError):  # reaped by the zygote
-            _status(worker.process.pid)
-        assert zygote.running_workers == 0
-    if status:
-        assert f"crash: exiting with status {status}" in worker.tail.text()
-
-
-async def test_a_signal_is_relayed_and_sent_through_the_pidfd() -> None:
-    async with (
-        open_zygote(preload=[EXAMPLES]) as zygote,
-        forked_worker(zygote, f"{EXAMPLES}:echo") as worker,
-    ):
-        worker.process.terminate()
-        assert await worker.process.wait() == -signal.SIGTERM
-        # Reaped: later signals go nowhere (no pid reuse can be hit).
-        worker.process.kill()
-        assert worker.process.returncode == -signal.SIGTERM
-
-
-async def test_a_target_that_raises_leaves_its_traceback_in_the_tail() -> None:
-    async with (
-        open_zygote(preload=[EXAMPLES]) as zygote,
-        forked_worker(zygote, f"{EXAMPLES}:fail") as worker,
-    ):
-        await worker.channel.send(Message(b"broken on purpose"))
-        assert await worker.process.wait() == 1
-    assert "RuntimeError: broken on purpose" in worker.tail.text()
-
-
-async def test_stdout_goes_where_it_is_asked_and_cwd_is_set(tmp_path: Path) -> None:
-    read_end, write_end = os.pipe()
-    with Handle(read_end) as out, Handle(write_end) as into:
-        async with open_zygote(
-            python=interpreter(tmp_path), preload=["zygote_targets"]
-        ) as zygote:
-            async with forked_worker(
-                zygote, "zygote_targets:print_to_stdout", stdout=into.fileno()
-            ) as worker:
-                await worker.channel.send(Message(b"print"))
-                assert (await worker.channel.receive()).payload == b"done"
-            async with forked_worker(
-                zygote, "zygote_targets:report_cwd", policy=NONE, cwd=tmp_path
-            ) as worker:
-                await worker.channel.send(Message(b"where?"))
-                assert (await worker.channel.receive()).payload == bytes(tmp_path)
-        into.close()
-        assert os.read(out.fileno(), 100) == b"a line on the worker's stdout\n"
-
-
-# ----------------------------------------------------------------------
-# Many at once
-
-
-async def test_twenty_concurrent_spawns() -> None:
-    replies: dict[int, bytes] = {}
-
-    async def one(zygote: Zygote, index: int) -> None:
-        async with forked_worker(zygote, f"{EXAMPLES}:echo") as worker:
-            await worker.channel.send(Message(b"%d" % index))
-            reply = await worker.channel.receive()
-            replies[worker.process.pid] = reply.payload
-        assert worker.process.returncode == 0
-
-    async with open_zygote(preload=[EXAMPLES]) as zygote:
-        async with trio.open_nursery() as nursery:
-            for index in range(20):
-                nursery.start_soon(one, zygote, index)
-        assert zygote.running_workers == 0
-    assert sorted(replies.values()) == sorted(b"%d" % i for i in range(20))
-    assert children() == {}
 
 
 # ----------------------------------------------------------------------
@@ -370,24 +228,6 @@ async def test_bad_options_are_refused_before_starting(
     assert children() == {}
 
 
-async def test_one_pending_request_at_a_time_still_serves_everyone() -> None:
-    served = 0
-
-    async def one(zygote: Zygote) -> None:
-        nonlocal served
-        async with forked_worker(zygote, f"{EXAMPLES}:echo", policy=NONE) as worker:
-            await worker.channel.send(Message(b"hi"))
-            assert (await worker.channel.receive()).payload == b"hi"
-        served += 1
-
-    async with open_zygote(preload=[EXAMPLES], max_pending=1) as zygote:
-        async with trio.open_nursery() as nursery:
-            for _ in range(5):
-                nursery.start_soon(one, zygote)
-        assert zygote.forked == 5
-    assert served == 5
-
-
 # ----------------------------------------------------------------------
 # Hostile workers
 
@@ -396,8 +236,9 @@ async def test_a_worker_finds_nothing_of_the_zygote() -> None:
     async with open_zygote(preload=[EXAMPLES]) as zygote:
         # The worker holds none of the zygote's sockets and pipes...
         zygote_fds = _fd_targets(zygote.pid)
-        async with forked_worker(zygote, f"{EXAMPLES}:echo") as worker:
-            assert _fd_targets(worker.process.pid).isdisjoint(zygote_fds)
+        async with open_worker(f"{EXAMPLES}:echo", zygote=zygote) as worker:
+            for pid in (worker._process.pid, worker.pid):  # supervisor, worker
+                assert _fd_targets(pid).isdisjoint(zygote_fds)
             assert _fd_targets(zygote.pid) == zygote_fds
 
 
@@ -406,19 +247,21 @@ async def test_a_hostile_worker_cannot_reach_the_zygote(tmp_path: Path) -> None:
         python=interpreter(tmp_path), preload=["zygote_targets"]
     ) as zygote:
         zygote_fds = _fd_targets(zygote.pid)
-        async with forked_worker(zygote, "zygote_targets:probe_zygote") as worker:
+        async with open_worker("zygote_targets:probe_zygote", zygote=zygote) as worker:
             await worker.channel.send(Message(b"%d kill" % zygote.pid))
             reply = await worker.channel.receive()
         seen = json.loads(reply.payload)
         # What it finds in its own fd table (Trio's fds included) is its own.
         assert zygote_fds.isdisjoint(seen["fds"].values())
         assert seen["fds"]["3"].startswith("socket:")
-        assert seen["signal_zygote"] == "EPERM"
-        assert seen["kill_zygote"] == "EPERM"
-        assert seen["open_zygote_mem"] in ("EPERM", "EACCES")
-        assert seen["list_zygote_fds"] in ("EPERM", "EACCES")
+        # Refused, each by the first layer that stops it: seccomp (EPERM),
+        # the PID namespace (ESRCH), the empty root (ENOENT), Landlock.
+        for attempt in ("signal_zygote", "kill_zygote"):
+            assert seen[attempt] in ("EPERM", "ESRCH")
+        for attempt in ("open_zygote_mem", "list_zygote_fds"):
+            assert seen[attempt] in ("EPERM", "EACCES", "ENOENT")
         # Still serving:
-        async with forked_worker(zygote, f"{EXAMPLES}:echo") as worker:
+        async with open_worker(f"{EXAMPLES}:echo", zygote=zygote) as worker:
             await worker.channel.send(Message(b"still there?"))
             assert (await worker.channel.receive()).payload == b"still there?"
 
@@ -428,8 +271,8 @@ async def test_the_same_probe_unsandboxed_does_reach_the_zygote(tmp_path: Path) 
     async with open_zygote(
         python=interpreter(tmp_path), preload=["zygote_targets"]
     ) as zygote:
-        async with forked_worker(
-            zygote, "zygote_targets:probe_zygote", policy=NONE
+        async with open_worker(
+            "zygote_targets:probe_zygote", zygote=zygote, sandbox=NONE
         ) as worker:
             await worker.channel.send(Message(b"%d" % zygote.pid))
             reply = await worker.channel.receive()
@@ -455,7 +298,9 @@ async def test_forked_workers_share_the_zygotes_layout_spawned_ones_do_not(
     async with open_zygote(python=python, preload=["zygote_targets"]) as zygote:
         forked = []
         for _ in range(2):
-            async with forked_worker(zygote, "zygote_targets:report_layout") as worker:
+            async with open_worker(
+                "zygote_targets:report_layout", zygote=zygote
+            ) as worker:
                 forked.append(await _layout(worker.channel))
     spawned = []
     for _ in range(2):
@@ -473,23 +318,22 @@ async def test_forked_workers_share_the_zygotes_layout_spawned_ones_do_not(
 
 
 async def test_killing_the_zygote_kills_its_workers_and_fails_new_requests() -> None:
-    async with (
-        open_zygote(preload=[EXAMPLES]) as zygote,
-        forked_worker(zygote, f"{EXAMPLES}:echo") as first,
-        forked_worker(zygote, f"{EXAMPLES}:echo") as second,
-    ):
+    async with open_zygote(preload=[EXAMPLES]) as zygote:
+        # Process level: these two wait for a go-ahead nobody sends.
+        first = await _fork(zygote)
+        second = await _fork(zygote)
         os.kill(zygote.pid, signal.SIGKILL)
         with trio.fail_after(10):
-            assert await first.process.wait() == -signal.SIGKILL
-        local, remote = channel_pair()
-        with local, pytest.raises(WorkerError, match="zygote") as info:
-            await zygote._start_worker(
-                f"{EXAMPLES}:echo", STRICT, {CHANNEL_SWITCH: remote}
-            )
+            assert await first.wait() == -signal.SIGKILL
+        with pytest.raises(WorkerError, match="zygote") as info:
+            await _fork(zygote)
         assert f"exited with status {-signal.SIGKILL}" in str(info.value)
         # Without waiting: the pidfd says it is gone.
-        await _wait_gone(second.process.pid)
-        assert second.process.returncode == -signal.SIGKILL
+        await _wait_gone(second.pid)
+        assert second.returncode == -signal.SIGKILL
+        for process in (first, second):
+            assert process.stderr is not None
+            await process.stderr.aclose()
     assert children() == {}
 
 
@@ -525,7 +369,7 @@ async def test_a_request_cancelled_before_its_reply_leaves_nothing() -> None:
             )
         assert scope.cancelled_caught
         os.kill(zygote.pid, signal.SIGCONT)
-        async with forked_worker(zygote, f"{EXAMPLES}:echo") as worker:
+        async with open_worker(f"{EXAMPLES}:echo", zygote=zygote) as worker:
             await worker.channel.send(Message(b"still serving"))
             assert (await worker.channel.receive()).payload == b"still serving"
             assert zygote.forked == 2  # the cancelled request forked first
@@ -549,20 +393,19 @@ async def test_leaving_the_block_kills_a_worker_still_running() -> None:
 
 
 ORPHAN_MAKER = r"""
-import sys, trio, trio_mojo
-from trio_mojo._workers._zygote import open_zygote
+import contextlib, sys, trio, trio_mojo
 
 async def main():
-    async with open_zygote(preload=["trio_mojo._examples"]) as zygote:
+    async with (
+        trio_mojo.open_zygote(preload=["trio_mojo._examples"]) as zygote,
+        contextlib.AsyncExitStack() as stack,
+    ):
         pids = [zygote.pid]
         for _ in range(3):
-            local, remote = trio_mojo.channel_pair()
-            process = await zygote._start_worker(
-                "trio_mojo._examples:ignore_eof",
-                zygote.sandbox,
-                {trio_mojo.CHANNEL_SWITCH: remote},
+            worker = await stack.enter_async_context(
+                trio_mojo.open_worker("trio_mojo._examples:ignore_eof", zygote=zygote)
             )
-            pids.append(process.pid)
+            pids += [worker._process.pid, worker.pid]  # supervisor, worker
         sys.stdout.write(" ".join(map(str, pids)) + "\n")
         sys.stdout.flush()
         await trio.sleep_forever()
@@ -572,8 +415,17 @@ trio.run(main)
 
 
 async def test_killing_the_parent_leaves_no_zygote_and_no_worker() -> None:
+    """The chain: parent -> zygote -> supervisor -> worker (and the PID
+    namespace's init); each has a parent-death signal towards the one above."""
     async with pids_from_a_parent(ORPHAN_MAKER) as pids:
-        zygote_pid, *worker_pids = pids
-    assert len(worker_pids) == 3
-    for pid in (zygote_pid, *worker_pids):
+        zygote_pid, *below = pids
+        inits = [
+            pid
+            for supervisor in below[::2]
+            for pid in _children_of(supervisor)
+            if pid not in below
+        ]
+    assert len(below) == 6
+    assert len(inits) == 3
+    for pid in (zygote_pid, *below, *inits):
         await _wait_gone(pid)

@@ -12,6 +12,7 @@ import ctypes
 import json
 import os
 import signal
+import stat
 
 from trio_mojo import Channel, Message
 from trio_mojo._examples import _attempt
@@ -28,9 +29,9 @@ async def probe_zygote(channel: Channel) -> None:
 
     The first message is ``b"<zygote pid>"``, or ``b"<zygote pid> kill"``
     to also try ``SIGKILL`` on it.  Replies with JSON: this process's fds
-    (``/proc/self/fd`` targets, probed one by one), and what signalling the
-    zygote and opening its ``/proc`` entries gave (``"ALLOWED"`` or the
-    errno name).
+    (probed one by one, named ``socket:[inode]``, ``pipe:[inode]`` or
+    ``other:[inode]``), and what signalling the zygote and opening its
+    ``/proc`` entries gave (``"ALLOWED"`` or the errno name).
     """
     message = await channel.receive()
     message.close()
@@ -39,10 +40,14 @@ async def probe_zygote(channel: Channel) -> None:
     fds = {}
     for fd in range(256):
         try:
-            os.fstat(fd)
+            info = os.fstat(fd)
         except OSError:
             continue
-        fds[str(fd)] = os.readlink(f"/proc/self/fd/{fd}")
+        # As /proc/<pid>/fd names them (this worker may have no /proc).
+        kind = "socket" if stat.S_ISSOCK(info.st_mode) else "pipe"
+        if not stat.S_ISSOCK(info.st_mode) and not stat.S_ISFIFO(info.st_mode):
+            kind = "other"
+        fds[str(fd)] = f"{kind}:[{info.st_ino}]"
     result: dict[str, object] = {
         "fds": fds,
         "ppid": os.getppid(),

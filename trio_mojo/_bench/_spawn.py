@@ -38,25 +38,25 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Final, NoReturn
+from typing import Any, Final
 
 import trio
 
-from trio_mojo._channel import open_channel
+from trio_mojo._channel import Channel, open_channel
 from trio_mojo._core._message import Message
 from trio_mojo._endpoint import channel_pair
 from trio_mojo._sandbox import SandboxPolicy, SandboxReport
 from trio_mojo._sandbox._verify import verify_report
 from trio_mojo._workers._spawn import CHANNEL_SWITCH
-from trio_mojo._workers._worker import open_worker
+from trio_mojo._workers._worker import _handshake, _Tail, open_worker
 from trio_mojo._workers._zygote import Zygote, open_zygote
 
-__all__ = ["main"]
+__all__ = ["PROFILE_TARGET", "main", "send_stamps"]
 
 TARGET: Final = "trio_mojo._examples:echo"
 _PROBE: Final = b"first"
-_ZYGOTE_STEPS: Final = ("request to pid", "sandbox and report", "/proc checks",
-                        "first round trip")  # fmt: skip
+_ZYGOTE_STEPS: Final = ("request to pid", "sandbox, report, checks, go-ahead",
+                        "first round trip", "of which /proc checks")  # fmt: skip
 
 
 def _ms(seconds: float) -> float:
@@ -75,19 +75,24 @@ def _summary(samples: Sequence[float]) -> dict[str, Any]:
 # ---------------------------------------------------------------- trio_mojo
 
 
-async def _echo_once(channel_send: Callable[[Message], Awaitable[None]],
-                     channel_receive: Callable[[], Awaitable[Message]]) -> None:  # fmt: skip
-    await channel_send(Message(_PROBE))
-    reply = await channel_receive()
+async def _echo_once(channel: Channel) -> None:
+    await channel.send(Message(_PROBE))
+    reply = await channel.receive()
     reply.close()
     if reply.payload != _PROBE:
         raise RuntimeError(f"the worker echoed {reply.payload!r}")
 
 
-async def _forked_first_message(
-    zygote: Zygote, steps: dict[str, list[float]] | None = None
-) -> float:
-    """One strict() worker forked by ``zygote``: seconds to its first reply."""
+async def _first_message(policy: SandboxPolicy, zygote: Zygote | None = None) -> float:
+    """Seconds from ``open_worker``'s call to its target's first reply."""
+    t0 = time.perf_counter()
+    async with open_worker(TARGET, sandbox=policy, zygote=zygote) as worker:
+        await _echo_once(worker.channel)
+        return time.perf_counter() - t0
+
+
+async def _zygote_steps(zygote: Zygote, steps: dict[str, list[float]]) -> None:
+    """One forked worker through ``open_worker``'s own pieces, each timed."""
     policy = zygote.sandbox
     t0 = time.perf_counter()
     local, remote = channel_pair()
@@ -95,34 +100,24 @@ async def _forked_first_message(
     t1 = time.perf_counter()
     try:
         async with open_channel(local) as channel:
-            first = await channel.receive()
+            report, pid = await _handshake(channel, process, _Tail(), policy, 30.0)
             t2 = time.perf_counter()
-            with first:
-                report = SandboxReport.from_bytes(first.payload)
-            verify_report(process.pid, policy, report)
+            verify_report(pid, policy, report)  # once more, alone
             t3 = time.perf_counter()
-            await _echo_once(channel.send, channel.receive)
+            await _echo_once(channel)
             t4 = time.perf_counter()
         await process.wait()
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-        if process.stderr is not None:
-            await process.stderr.aclose()
-    if steps is not None:
-        for name, (start, end) in zip(
-            _ZYGOTE_STEPS, [(t0, t1), (t1, t2), (t2, t3), (t3, t4)], strict=True
-        ):
-            steps.setdefault(name, []).append(end - start)
-    return t4 - t0
-
-
-async def _spawned_first_message(policy: SandboxPolicy) -> float:
-    t0 = time.perf_counter()
-    async with open_worker(TARGET, sandbox=policy) as worker:
-        await _echo_once(worker.channel.send, worker.channel.receive)
-        return time.perf_counter() - t0
+        with trio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            if process.stderr is not None:
+                await process.stderr.aclose()
+    for name, seconds in zip(
+        _ZYGOTE_STEPS, (t1 - t0, t2 - t1, t4 - t3, t3 - t2), strict=True
+    ):
+        steps.setdefault(name, []).append(seconds)
 
 
 async def _concurrent(count: int, start_one: Callable[[trio.Event], Awaitable[None]]) -> float:  # fmt: skip
@@ -159,50 +154,37 @@ async def _measure_trio_mojo(reps: int, concurrent: int, spawned_concurrent: boo
     policy = SandboxPolicy.strict()
     result: dict[str, Any] = {}
     steps: dict[str, list[float]] = {}
-    _progress(f"[spawn] zygote: {reps} x strict() spawn-to-first-message")
-    async with open_zygote(preload=[TARGET], sandbox=policy) as zygote:
-        await _forked_first_message(zygote)  # warm up this process's side
-        samples = [await _forked_first_message(zygote, steps) for _ in range(reps)]
-        result["zygote"] = _summary(samples)
-        result["zygote_steps"] = {name: _summary(v) for name, v in steps.items()}
-        _progress(f"[spawn] zygote: {concurrent} strict() workers at once")
 
-        async def forked(done: trio.Event) -> None:
-            local, remote = channel_pair()
-            process = await zygote._start_worker(
-                TARGET, policy, {CHANNEL_SWITCH: remote}
-            )
-            try:
-                async with open_channel(local) as channel:
-                    first = await channel.receive()
-                    with first:
-                        report = SandboxReport.from_bytes(first.payload)
-                    verify_report(process.pid, policy, report)
-                    await _echo_once(channel.send, channel.receive)
-                    done.set()
-                    await trio.sleep_forever()
-            finally:
-                with trio.CancelScope(shield=True):
-                    process.kill()
-                    await process.wait()
-                    if process.stderr is not None:
-                        await process.stderr.aclose()
-
-        result["zygote_concurrent_s"] = await _concurrent(concurrent, forked)
-    _progress(f"[spawn] open_worker: {reps} x strict() spawn-to-first-message")
-    await _spawned_first_message(policy)
-    samples = [await _spawned_first_message(policy) for _ in range(reps)]
-    result["spawned"] = _summary(samples)
-    if spawned_concurrent:
-        _progress(f"[spawn] open_worker: {concurrent} strict() workers at once")
-
-        async def spawned(done: trio.Event) -> None:
-            async with open_worker(TARGET, sandbox=policy) as worker:
-                await _echo_once(worker.channel.send, worker.channel.receive)
+    def alive_until_cancelled(zygote: Zygote | None) -> Callable[[trio.Event], Awaitable[None]]:  # fmt: skip
+        async def start_one(done: trio.Event) -> None:
+            async with open_worker(TARGET, sandbox=policy, zygote=zygote) as worker:
+                await _echo_once(worker.channel)
                 done.set()
                 await trio.sleep_forever()
 
-        result["spawned_concurrent_s"] = await _concurrent(concurrent, spawned)
+        return start_one
+
+    _progress(f"[spawn] zygote: {reps} x strict() spawn-to-first-message")
+    async with open_zygote(preload=[TARGET], sandbox=policy) as zygote:
+        await _first_message(policy, zygote)  # warm up this process's side
+        samples = [await _first_message(policy, zygote) for _ in range(reps)]
+        result["zygote"] = _summary(samples)
+        for _ in range(reps):
+            await _zygote_steps(zygote, steps)
+        result["zygote_steps"] = {name: _summary(v) for name, v in steps.items()}
+        _progress(f"[spawn] zygote: {concurrent} strict() workers at once")
+        result["zygote_concurrent_s"] = await _concurrent(
+            concurrent, alive_until_cancelled(zygote)
+        )
+    _progress(f"[spawn] open_worker: {reps} x strict() spawn-to-first-message")
+    await _first_message(policy)
+    samples = [await _first_message(policy) for _ in range(reps)]
+    result["spawned"] = _summary(samples)
+    if spawned_concurrent:
+        _progress(f"[spawn] open_worker: {concurrent} strict() workers at once")
+        result["spawned_concurrent_s"] = await _concurrent(
+            concurrent, alive_until_cancelled(None)
+        )
     return result
 
 
@@ -258,76 +240,103 @@ class _Stamps:
         self.stamps: list[tuple[str, float]] = []
 
     def __call__(self, step: str) -> None:
+        if any(name == step for name, _ in self.stamps):
+            step += " (again)"  # a layer applied in two phases
         self.stamps.append((step, time.monotonic()))
 
 
-def _profiled_child(channel_fd: int, stderr_fd: int) -> NoReturn:
-    """A forked child that runs the zygote child's steps and stamps each."""
-    from trio_mojo._endpoint import Endpoint
-    from trio_mojo._sandbox import _apply
-    from trio_mojo._sandbox._apply import set_parent_death_signal
-    from trio_mojo._workers import _zygote_main
-    from trio_mojo._workers._bootstrap import _load_target
+_STAMPS: Final = _Stamps()
+"""The profiled child's stamps (see :func:`_profile_children`)."""
+PROFILE_TARGET: Final = f"{__name__}:send_stamps"
 
-    stamp = _Stamps()
-    stamp("fork")
-    policy = SandboxPolicy.strict()
-    set_parent_death_signal(os.getppid())
-    stamp("parent-death signal")
-    os.setsid()
-    _zygote_main._install_fds({"channel": channel_fd, "stderr": stderr_fd})
-    stamp("session and fds")
-    _load_target(TARGET)
-    stamp("import target (preloaded)")
-    channel = Endpoint.from_fd(_zygote_main.WORKER_FDS["channel"])
-    for layer, applier in _apply._APPLIERS.items():
-        applier(policy)
-        stamp(f"sandbox: {layer}")
 
-    async def report() -> None:
-        stamp("trio.run start")
-        async with open_channel(channel) as opened:
-            stamp("open_channel")
-            await opened.send(Message(b"a report"))
-            stamp("send the report")
-            await opened.send(Message(json.dumps(stamp.stamps).encode()))
+async def send_stamps(channel: Channel) -> None:
+    """The profiled worker's target: send its stamps, one JSON message."""
+    _STAMPS("trio.run, channel, report, go-ahead")
+    await channel.send(Message(json.dumps(_STAMPS.stamps).encode()))
 
-    trio.run(report)
-    os._exit(0)
+
+def _stamped(step: str, function: Callable[..., Any]) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        result = function(*args, **kwargs)
+        _STAMPS(step)
+        return result
+
+    return call
 
 
 def _profile_children(count: int) -> dict[str, list[float]]:
-    """Fork ``count`` strict() workers step by step, as the zygote's child does.
+    """Fork ``count`` strict() workers as the zygote does, and time each step.
 
     Runs in a process of its own, prepared exactly as a zygote is (the same
     imports, the same warm-up, ``gc.freeze``), and never inside ``trio.run``.
-    Each child stamps its steps (:class:`_Stamps`) and sends the stamps
-    after its report; a step's time is from the previous stamp (the first:
-    from just before ``fork()`` in this process).
+    Each child runs the zygote's own child path (``_become_worker``) with
+    probes: the steps it calls are wrapped to stamp the time when they
+    return (:class:`_Stamps`), each sandbox layer too; its target sends the
+    stamps after the go-ahead.  A step's time is from the previous stamp
+    (the first: from just before ``fork()`` here, to the child's first
+    line).
     """
     import gc
 
+    from trio_mojo._core._wire import encode_message
+    from trio_mojo._sandbox import _apply
     from trio_mojo._workers import _zygote_main
+    from trio_mojo._workers import _zygote_protocol as protocol
     from trio_mojo._workers._bootstrap import _load_target
+    from trio_mojo._workers._handshake import go_ahead
 
-    _load_target(TARGET)
+    for name, step in (
+        ("set_parent_death_signal", "parent-death signal"),
+        ("_install_fds", "session and fds"),
+        ("_load_target", "import target (preloaded)"),
+    ):
+        setattr(_zygote_main, name, _stamped(step, getattr(_zygote_main, name)))
+    apply = _apply._Lockdown.apply
+
+    def apply_and_stamp(self: Any, layer: str, action: Callable[[], None]) -> None:
+        apply(self, layer, action)
+        _STAMPS(f"sandbox: {layer}")
+
+    _apply._Lockdown.apply = apply_and_stamp  # type: ignore[method-assign]
+    _load_target(PROFILE_TARGET)  # preloaded, as the bench's zygote has it
     _zygote_main._warm_up()
     gc.freeze()
+    request = protocol.SpawnRequest(
+        id=1,
+        target=PROFILE_TARGET,
+        sandbox=SandboxPolicy.strict().to_json(),
+        fds=("channel", "stderr"),
+    )
     steps: dict[str, list[float]] = {}
     for _ in range(count):
         local, remote = channel_pair()
         err_read, err_write = os.pipe()
+        _STAMPS.stamps.clear()
         before = time.monotonic()
         pid = os.fork()
         if pid == 0:
-            _profiled_child(remote.detach(), err_write)
+            _STAMPS("fork")
+            fds = {"channel": remote.detach(), "stderr": err_write}
+            _zygote_main._become_worker(request, fds, os.getppid())
         os.close(err_write)
         remote.close()
-        with _blocking_socket(local.detach()) as sock, sock.makefile("rb") as stream:
-            _read_message(stream)  # the report
-            stamps = json.loads(_read_message(stream))
+        try:
+            with (
+                _blocking_socket(local.detach()) as sock,
+                sock.makefile("rb") as stream,
+            ):
+                report = SandboxReport.from_bytes(_read_message(stream))
+                sock.sendall(encode_message(go_ahead(report).payload))
+                stamps = json.loads(_read_message(stream))
+        except ValueError as exc:  # a short read: the child failed
+            os.waitpid(pid, 0)
+            raise RuntimeError(
+                os.read(err_read, 65536).decode(errors="replace")
+            ) from exc
+        finally:
+            os.close(err_read)
         os.waitpid(pid, 0)
-        os.close(err_read)
         previous = before
         for name, when in stamps:
             steps.setdefault(name, []).append(when - previous)
@@ -346,7 +355,9 @@ def _read_message(stream: Any) -> bytes:
 
     header = stream.read(HEADER_SIZE)
     size = int.from_bytes(header[:4], "little")
-    payload: bytes = stream.read(size - HEADER_SIZE)
+    payload: bytes = stream.read(max(size - HEADER_SIZE, 0))
+    if len(header) < HEADER_SIZE or len(payload) != size - HEADER_SIZE:
+        raise ValueError("the stream ended inside a message")
     return payload
 
 

@@ -14,7 +14,9 @@ Theory of operation
    ``/dev/null``, a new session, stderr into a pipe whose tail we keep, and
    the channel's remote end passed as ``--mojo-platform-channel-handle=N``
    (see ``_spawn``).  With ``file_access`` rules a second channel carries
-   the file broker (``_broker``).
+   the file broker (``_broker``).  With ``zygote=z`` the child is forked
+   from that zygote instead (``_zygote``), and runs the same bootstrap
+   steps from the import of its target on.
 3. The child bootstrap (``_bootstrap``) closes every other fd, arms
    ``PR_SET_PDEATHSIG``, imports the target, locks down (with a PID
    namespace the child becomes a supervisor and the worker is its child,
@@ -54,7 +56,7 @@ import sys
 import unicodedata
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
@@ -75,12 +77,15 @@ from ._broker import (
 from ._handshake import go_ahead
 from ._spawn import (
     CHANNEL_SWITCH,
-    Process,
+    ProcessLike,
     close_pipes,
     kill,
     reap,
     start_with_endpoints,
 )
+
+if TYPE_CHECKING:
+    from ._zygote import Zygote
 
 __all__ = ["ENV_ALLOWLIST", "Worker", "escape_controls", "open_worker"]
 
@@ -109,7 +114,7 @@ class Worker:
 
     def __init__(
         self,
-        process: Process,
+        process: ProcessLike,
         pid: int,
         channel: Channel,
         report: SandboxReport,
@@ -229,7 +234,7 @@ def _environment(extra: Mapping[str, str] | None) -> dict[str, str]:
 
 
 async def _worker_error(
-    what: str, process: Process, tail: _Tail, cause: BaseException | None = None
+    what: str, process: ProcessLike, tail: _Tail, cause: BaseException | None = None
 ) -> WorkerError:
     if process.returncode is not None:
         await tail.settle()
@@ -242,7 +247,7 @@ async def _worker_error(
     return error
 
 
-async def _first_message(channel: Channel, process: Process, tail: _Tail) -> bytes:
+async def _first_message(channel: Channel, process: ProcessLike, tail: _Tail) -> bytes:
     try:
         report = await channel.receive()
     except (trio.EndOfChannel, ChannelError) as exc:
@@ -260,6 +265,7 @@ async def open_worker(
     target: str,
     *,
     sandbox: SandboxPolicy | None = None,
+    zygote: Zygote | None = None,
     file_access: Sequence[FileAccess] | FileAccess = (),
     python: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
@@ -277,8 +283,13 @@ async def open_worker(
             ``worker.channel``).  It must be importable by the worker's
             interpreter in isolated mode (an installed package).
         sandbox: the :class:`SandboxPolicy`; default
-            :meth:`SandboxPolicy.strict`.  Running without one needs
+            :meth:`SandboxPolicy.strict` (with a ``zygote``: its
+            ``sandbox``).  Running without one needs
             ``SandboxPolicy.none(i_understand_this_is_unsandboxed=True)``.
+        zygote: a :class:`Zygote` (:func:`open_zygote`) to fork the worker
+            from instead of starting an interpreter; the worker then has the
+            zygote's interpreter and environment (``python`` and ``env`` are
+            refused).
         file_access: :class:`FileAccess` rules for the file broker; the
             worker opens files with ``await current_broker().open(path)``.
         python: the interpreter (default :data:`sys.executable`).
@@ -299,11 +310,20 @@ async def open_worker(
             ``/proc`` show it missing; the worker is then killed).
         WorkerError: the worker failed to start, exited with a non-zero
             status, or its report was malformed.
-        ValueError: a bad ``target``, or a read-write ``file_access`` rule
-            with a policy whose ``max_file_size`` is 0 (``strict()``).
+        ValueError: a bad ``target``, a read-write ``file_access`` rule
+            with a policy whose ``max_file_size`` is 0 (``strict()``), or
+            ``python`` or ``env`` with a ``zygote``.
     """
     _check_target(target)
-    policy = SandboxPolicy.strict() if sandbox is None else sandbox
+    if zygote is not None and (python is not None or env is not None):
+        raise ValueError(
+            "a worker forked from a zygote has the zygote's interpreter and "
+            "environment: pass python= and env= to open_zygote()"
+        )
+    if sandbox is not None:
+        policy = sandbox
+    else:
+        policy = zygote.sandbox if zygote is not None else SandboxPolicy.strict()
     if not isinstance(policy, SandboxPolicy):
         raise TypeError(f"sandbox must be a SandboxPolicy, not {policy!r}")
     policy.check()
@@ -337,16 +357,26 @@ async def open_worker(
         f"--startup-timeout={startup_timeout}",
     ]
     try:
-        process = await start_with_endpoints(
-            argv,
-            endpoints,
-            env=_environment(env),
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+        if zygote is not None:
+            process: ProcessLike = await zygote._start_worker(
+                target,
+                policy,
+                endpoints,
+                stdout=stdout,
+                cwd=cwd,
+                startup_timeout=startup_timeout,
+            )
+        else:
+            process = await start_with_endpoints(
+                argv,
+                endpoints,
+                env=_environment(env),
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
     except BaseException:
         local.close()
         if broker_local is not None:
@@ -408,7 +438,7 @@ async def open_worker(
 
 async def _handshake(
     channel: Channel,
-    process: Process,
+    process: ProcessLike,
     tail: _Tail,
     policy: SandboxPolicy,
     startup_timeout: float,
@@ -456,7 +486,7 @@ async def _handshake(
     return report, pid
 
 
-async def _died(process: Process, located: bool) -> bool:
+async def _died(process: ProcessLike, located: bool) -> bool:
     """After a failed check: did the worker die (so it is no sandbox failure)?
 
     Once the worker is located, its pidfd (or its supervisor) tells at once;
@@ -469,14 +499,16 @@ async def _died(process: Process, located: bool) -> bool:
     return process.returncode is not None
 
 
-async def _finish(process: Process, tail: _Tail, grace_period: float) -> None:
+async def _finish(process: ProcessLike, tail: _Tail, grace_period: float) -> None:
     """Wait for the worker to exit after its channel closed; check its status."""
     exited = await reap(process, grace_period=grace_period)
     if exited and process.returncode:
         raise await _worker_error("failed", process, tail)
 
 
-async def _explain(exc: BaseException, process: Process, tail: _Tail) -> BaseException:
+async def _explain(
+    exc: BaseException, process: ProcessLike, tail: _Tail
+) -> BaseException:
     """The channel broke: a WorkerError if the worker died by itself."""
     with trio.CancelScope(shield=True), trio.move_on_after(0.5):
         await process.wait()

@@ -71,6 +71,7 @@ from ._broker import BROKER_SWITCH
 from ._spawn import (
     CHANNEL_SWITCH,
     Process,
+    SignalForwarding,
     close_pipes,
     kill,
     reap,
@@ -87,14 +88,16 @@ _DEAD_ZYGOTE_WAIT: Final = 1.0
 """Seconds to wait for a zygote whose channel broke to exit (for its status)."""
 
 
-class ForkedProcess:
+class ForkedProcess(SignalForwarding):
     """A worker forked by a :class:`Zygote`: a :class:`Process` work-alike.
 
     ``pid`` is the worker's real pid; ``returncode`` is ``None`` while it
     runs, then the exit status the zygote relayed (negative: the signal
     that ended it); ``await wait()`` waits for it.  Signals go through a
     pidfd opened by the zygote before the worker could be reaped, so they
-    never reach a process that reused the pid.  ``stderr`` is the read end
+    never reach a process that reused the pid; once ``open_worker`` has
+    found the sandboxed worker below this process (its PID namespace's
+    supervisor), they go to that worker (:class:`SignalForwarding`).  ``stderr`` is the read end
     of the worker's stderr pipe, as a Trio stream; ``stdin`` and ``stdout``
     are always ``None``.
     """
@@ -143,8 +146,10 @@ class ForkedProcess:
         return returncode
 
     def send_signal(self, sig: int) -> None:
-        """Send ``sig`` through the pidfd, unless the worker was reaped."""
-        if self._returncode is None and self._pidfd is not None:
+        """Send ``sig`` through a pidfd, unless the worker was reaped."""
+        if self.poll() is None and self._pidfd is not None:
+            if self._signal_forwarded(sig):
+                return
             # ProcessLookupError: it exited; the zygote's report is on its way.
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self._pidfd.fileno(), sig)
@@ -168,6 +173,7 @@ class ForkedProcess:
 
     def _settle(self, returncode: int) -> None:
         self._returncode = returncode
+        self._stop_forwarding()
         if self._pidfd is not None:
             # RuntimeError: outside Trio, where nothing can be waiting on it.
             with contextlib.suppress(RuntimeError):
@@ -272,13 +278,15 @@ class Zygote:
         *,
         stdout: int | None = subprocess.DEVNULL,
         cwd: str | os.PathLike[str] | None = None,
+        startup_timeout: float = 30.0,
     ) -> ForkedProcess:
         """Fork a worker running ``target`` under ``policy``; return its handle.
 
         ``endpoints`` maps :data:`CHANNEL_SWITCH` (required) and
         :data:`BROKER_SWITCH` to the ends the worker gets; they are closed
         here whatever happens.  ``stdout`` is ``subprocess.DEVNULL``,
-        ``None`` (this process's stdout) or an fd.
+        ``None`` (this process's stdout) or an fd; the worker waits at most
+        ``startup_timeout`` seconds for its go-ahead.
 
         Raises:
             WorkerError: the zygote refused the request (it has threads, or
@@ -305,6 +313,7 @@ class Zygote:
                 sandbox=policy.to_json(),
                 fds=tuple(roles),
                 cwd=None if cwd is None else os.fspath(cwd),
+                startup_timeout=startup_timeout,
             )
             pending = _Pending(target, read_end)
             read_end = None  # the pending request owns it now

@@ -36,9 +36,12 @@ session, puts its fds where a worker's go (0 ``/dev/null``, 1 stdout or
 ``/dev/null``, 2 its stderr pipe, 3 its channel, 4 its broker channel) and
 closes every other one, the zygote's control socket included, so a worker
 shares nothing with the zygote.  Then it runs exactly what a spawned
-worker's bootstrap runs: import the target (a no-op when preloaded), apply
-the sandbox (namespaces are created here, in the child), send the report,
-call the target; it leaves with ``os._exit``.
+worker's bootstrap runs: it imports the target (a no-op when preloaded) and
+calls the bootstrap's ``lock_down_and_run``, which applies the whole
+sandbox (the namespaces are created here, in the child; with a PID
+namespace this child becomes the worker's supervisor), sends the report,
+waits for the parent's go-ahead and calls the target.  It leaves with
+``os._exit``, never back into the zygote's loop.
 """
 
 from __future__ import annotations
@@ -66,10 +69,10 @@ from trio_mojo._core._wire import encode_message
 from trio_mojo._endpoint import Endpoint, channel_pair
 from trio_mojo._handles import Handle, close_all
 from trio_mojo._sandbox import SandboxPolicy
-from trio_mojo._sandbox._apply import apply_policy, set_parent_death_signal
+from trio_mojo._sandbox._apply import close_other_fds, set_parent_death_signal
 
 from . import _zygote_protocol as protocol
-from ._bootstrap import _close_other_fds, _fd_of, _load_target, _option, _run
+from ._bootstrap import _fd_of, _load_target, _option, lock_down_and_run
 from ._spawn import CHANNEL_SWITCH, recover_endpoint
 
 __all__ = ["WORKER_FDS", "main"]
@@ -220,7 +223,7 @@ def _install_fds(fds: Mapping[str, int]) -> None:
     }
     for role, fd in moved.items():
         os.dup2(fd, WORKER_FDS[role], inheritable=False)
-    _close_other_fds({WORKER_FDS[role] for role in fds})
+    close_other_fds({WORKER_FDS[role] for role in fds})
 
 
 def _become_worker(
@@ -240,8 +243,9 @@ def _become_worker(
         policy = SandboxPolicy.from_json(request.sandbox)
         channel = Endpoint.from_fd(WORKER_FDS["channel"])
         broker = Endpoint.from_fd(WORKER_FDS["broker"]) if "broker" in fds else None
-        report = apply_policy(policy)
-        status = trio.run(_run, target, report, channel, broker)
+        status = lock_down_and_run(
+            target, policy, channel, broker, request.startup_timeout
+        )
     except BaseException:
         traceback.print_exc()
     finally:
@@ -288,7 +292,7 @@ def main(argv: Sequence[str]) -> int:
     if parent is None or not parent.isdigit() or channel_fd is None:
         print(_USAGE, file=sys.stderr)
         return 2
-    _close_other_fds({channel_fd})
+    close_other_fds({channel_fd})
     set_parent_death_signal(int(parent))
     sock = socket.socket(fileno=recover_endpoint(argv).detach())
     zygote = _Zygote(sock)

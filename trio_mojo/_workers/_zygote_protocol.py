@@ -11,8 +11,9 @@ with a ``"kind"``:
 
 parent -> zygote
     ``spawn``: ``{"kind": "spawn", "id": N, "target": "pkg.mod:func",
-    "sandbox": "<policy JSON>", "fds": [role, ...], "cwd": path | null}``
-    with one fd attached per role, in order.  The roles are ``channel`` and
+    "sandbox": "<policy JSON>", "fds": [role, ...], "cwd": path | null,
+    "startup_timeout": seconds}`` with one fd attached per role, in order
+    (the worker waits at most ``startup_timeout`` for its go-ahead).  The roles are ``channel`` and
     ``stderr`` (always), ``broker`` and ``stdout`` (when used).
 
 zygote -> parent
@@ -41,6 +42,7 @@ per request, one fd per reply.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from typing import Any, Final, TypeAlias
 
@@ -88,6 +90,7 @@ class SpawnRequest:
     sandbox: str
     fds: tuple[str, ...]
     cwd: str | None = None
+    startup_timeout: float = 30.0
 
 
 @attrs.frozen(kw_only=True)
@@ -181,6 +184,7 @@ def _spawn_request(data: dict[str, Any], num_handles: int) -> SpawnRequest:
         sandbox=_text(data["sandbox"]),
         fds=fds,
         cwd=None if cwd is None else _text(cwd),
+        startup_timeout=_seconds(data["startup_timeout"]),
     )
 
 
@@ -236,6 +240,14 @@ def _int(value: object) -> int:
     if type(value) is not int or value < 0:
         raise ProtocolError(f"expected a non-negative int, got {value!r:.40}")
     return value
+
+
+def _seconds(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ProtocolError(f"expected a number of seconds, got {value!r:.40}")
+    if not 0 < value < math.inf:
+        raise ProtocolError(f"{value!r:.40} is not a positive number of seconds")
+    return float(value)
 
 
 def _text(value: object) -> str:
