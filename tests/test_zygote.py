@@ -67,13 +67,6 @@ def _environment_names(pid: int) -> set[str]:
     return {entry.partition(b"=")[0].decode() for entry in environ if entry}
 
 
-def _children_of(pid: int) -> list[int]:
-    return [
-        int(child)
-        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    ]
-
-
 async def _fork(zygote: Zygote) -> ForkedProcess:
     """A worker forked at the process level (its channel end is closed)."""
     local, remote = channel_pair()
@@ -108,10 +101,16 @@ async def test_the_zygote_is_launched_like_a_worker() -> None:
         assert os.getsid(zygote.pid) == zygote.pid
         assert _environment_names(zygote.pid) <= set(ENV_ALLOWLIST)
         fds = os.listdir(f"/proc/{zygote.pid}/fd")
-        # stdio, its control socket, the two ends of its SIGCHLD wakeup pipe.
-        assert len(fds) == 6
+        # stdio, its control socket, the two ends of its SIGCHLD wakeup
+        # pipe, and (a root zygote forks workers into PID namespaces of
+        # their own) its own PID namespace and a pidfd of itself.
+        assert len(fds) == 8
+        links = {os.readlink(f"/proc/{zygote.pid}/fd/{fd}") for fd in fds}
+        assert "anon_inode:[pidfd]" in links
+        assert os.readlink(f"/proc/{zygote.pid}/ns/pid") in links
         assert os.readlink(f"/proc/{zygote.pid}/fd/0") == "/dev/null"
     assert zygote.returncode == 0
+    assert zygote.stderr_tail == ""  # not even a warning
     assert children() == {}
 
 
@@ -405,7 +404,10 @@ async def main():
             worker = await stack.enter_async_context(
                 trio_mojo.open_worker("trio_mojo._examples:ignore_eof", zygote=zygote)
             )
-            pids += [worker._process.pid, worker.pid]  # supervisor, worker
+            pids.append(worker.pid)
+        path = f"/proc/{zygote.pid}/task/{zygote.pid}/children"
+        with open(path) as file:  # the workers and the inits of their namespaces
+            pids += [int(pid) for pid in file.read().split() if int(pid) not in pids]
         sys.stdout.write(" ".join(map(str, pids)) + "\n")
         sys.stdout.flush()
         await trio.sleep_forever()
@@ -415,17 +417,11 @@ trio.run(main)
 
 
 async def test_killing_the_parent_leaves_no_zygote_and_no_worker() -> None:
-    """The chain: parent -> zygote -> supervisor -> worker (and the PID
-    namespace's init); each has a parent-death signal towards the one above."""
+    """The chain: parent -> zygote -> each worker and the init of its PID
+    namespace; each has a parent-death signal towards the one above."""
     async with pids_from_a_parent(ORPHAN_MAKER) as pids:
         zygote_pid, *below = pids
-        inits = [
-            pid
-            for supervisor in below[::2]
-            for pid in _children_of(supervisor)
-            if pid not in below
-        ]
-    assert len(below) == 6
+    workers, inits = below[:3], below[3:]
     assert len(inits) == 3
-    for pid in (zygote_pid, *below, *inits):
+    for pid in (zygote_pid, *workers, *inits):
         await _wait_gone(pid)

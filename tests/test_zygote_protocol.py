@@ -44,7 +44,8 @@ def test_a_spawn_request_round_trips() -> None:
     [
         (Ready(pid=10, preloaded=("a", "b.c")), 0),
         (PreloadFailed(module="a", error="ImportError: no"), 0),
-        (Spawned(id=3, pid=11), 1),
+        (Spawned(id=3, pid=11, own_pid_namespace=True), 1),
+        (Spawned(id=3, pid=11, own_pid_namespace=False), 1),
         (Refused(id=4, error="OSError: threads"), 0),
         (Exited(pid=12, returncode=-9), 0),
         (Exited(pid=12, returncode=3), 0),
@@ -74,6 +75,8 @@ def _request(**changes: object) -> bytes:
         (_request(target=["m:f"]), 3, "expected a string"),
         (_request(target="m:" + "f" * 5000), 3, "at most 4096"),
         (_request(cwd=3), 3, "expected a string"),
+        (_request(startup_timeout=0), 3, "not a positive number of seconds"),
+        (_request(startup_timeout=True), 3, "a number of seconds"),
         (_request(fds="channel"), 3, "expected a list"),
         (b'{"kind": "spawn", "fds": ["channel", "stderr"]}', 2, "without 'id'"),
         (b"[1, 2]", 0, "not a JSON object"),
@@ -90,7 +93,16 @@ def test_a_bad_request_is_refused(payload: bytes, handles: int, error: str) -> N
 @pytest.mark.parametrize(
     ("payload", "handles", "error"),
     [
-        (encode(Spawned(id=1, pid=2)), 0, "'spawned' reply with 0 fds"),
+        (
+            encode(Spawned(id=1, pid=2, own_pid_namespace=True)),
+            0,
+            "'spawned' reply with 0 fds",
+        ),
+        (
+            b'{"kind": "spawned", "id": 1, "pid": 2, "own_pid_namespace": 1}',
+            1,
+            "own_pid_namespace 1 is not a bool",
+        ),
         (encode(Ready(pid=1, preloaded=())), 1, "'ready' reply with 1 fds"),
         (b'{"kind": "exited", "pid": 1, "returncode": "0"}', 0, "not an int"),
         (b'{"kind": "exited", "pid": 1}', 0, "without 'returncode'"),
@@ -122,8 +134,9 @@ def test_any_bytes_parse_or_are_refused_cleanly(payload: bytes, handles: int) ->
 @given(
     st.dictionaries(
         st.sampled_from(["kind", "id", "pid", "target", "sandbox", "fds", "cwd",
-                         "preloaded", "module", "error", "returncode"]),
-        st.one_of(st.integers(-3, 3), st.text(max_size=5), st.none(),
+                         "preloaded", "module", "error", "returncode",
+                         "own_pid_namespace", "startup_timeout"]),
+        st.one_of(st.integers(-3, 3), st.text(max_size=5), st.none(), st.booleans(),
                   st.lists(st.sampled_from(["channel", "stderr", "x"]), max_size=4),
                   st.sampled_from(["spawn", "ready", "spawned", "refused", "exited",
                                    "preload_failed"])),

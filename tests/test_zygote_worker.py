@@ -44,6 +44,11 @@ async def zygote() -> AsyncIterator[Zygote]:
     assert children() == {}
 
 
+def _zygote_children(zygote: Zygote) -> list[int]:
+    path = f"/proc/{zygote.pid}/task/{zygote.pid}/children"
+    return [int(pid) for pid in Path(path).read_text().split()]
+
+
 def _status(pid: int) -> dict[str, str]:
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -94,11 +99,24 @@ async def test_the_report_and_proc_show_the_full_sandbox(zygote: Zygote) -> None
         assert set(report.layers.values()) == {"applied"}
         # Stdin, stdout, its stderr pipe and its channel: nothing else.
         assert report.fds == (0, 1, 2, 3)
-        # zygote -> supervisor (what the zygote forked) -> the worker.
-        supervisor = worker._process.pid
-        assert _status(supervisor)["PPid"] == str(zygote.pid)
-        assert _status(worker.pid)["PPid"] == str(supervisor)
+        # The zygote forked it straight into a PID namespace of its own, as
+        # pid 2, next to an init (pid 1) that dropped to the worker's uid:
+        # no supervisor in between.
+        assert worker._process.pid == worker.pid
         status = _status(worker.pid)
+        assert status["PPid"] == str(zygote.pid)
+        assert status["NSpid"].split() == [str(worker.pid), "2"]
+        (init,) = set(_zygote_children(zygote)) - {worker.pid}
+        init_status = _status(init)
+        assert init_status["NSpid"].split() == [str(init), "1"]
+        assert init_status["Uid"].split() == [str(STRICT.worker_uid)] * 4
+        assert init_status["CapEff"] == "0" * 16
+        for name in ("pid", "user"):  # its namespace; the worker's own userns
+            same = (
+                os.stat(f"/proc/{init}/ns/{name}").st_ino
+                == os.stat(f"/proc/{worker.pid}/ns/{name}").st_ino
+            )
+            assert same == (name == "pid")
         assert status["NoNewPrivs"] == "1"
         assert status["Seccomp"] == "2"
         # Namespaces of its own, made after the fork: neither the parent's
@@ -109,7 +127,7 @@ async def test_the_report_and_proc_show_the_full_sandbox(zygote: Zygote) -> None
         for name in _namespaces.NAMESPACES:
             ours = os.stat(f"/proc/{worker.pid}/ns/{name}").st_ino
             assert ours != os.stat(f"/proc/{zygote.pid}/ns/{name}").st_ino
-        assert os.getsid(supervisor) == supervisor  # a session of its own
+        assert os.getsid(worker.pid) == worker.pid  # a session of its own
         await worker.channel.send(Message(b"still echoing"))
         assert (await worker.channel.receive()).payload == b"still echoing"
 

@@ -193,6 +193,10 @@ class Process(SignalForwarding):
     :meth:`forward_signals` named it (:class:`SignalForwarding`).
     """
 
+    supervises_namespaced_worker: Final = True
+    """Once its lockdown made a PID namespace, this process is the worker's
+    supervisor (``_sandbox._pidns``): the target runs in its child."""
+
     def __init__(
         self,
         popen: subprocess.Popen[bytes],
@@ -289,6 +293,9 @@ class ProcessLike(Protocol):
     stdout: trio.lowlevel.FdStream | None
     stderr: trio.lowlevel.FdStream | None
     forwarded_pid: int | None
+
+    @property
+    def supervises_namespaced_worker(self) -> bool: ...
 
     def poll(self) -> int | None: ...
     async def wait(self) -> int: ...

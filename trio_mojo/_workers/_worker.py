@@ -465,7 +465,8 @@ async def _handshake(
     located = False
     try:
         pid = process.pid
-        if report.layers.get("namespaces") == "applied":
+        namespaced = report.layers.get("namespaces") == "applied"
+        if namespaced and process.supervises_namespaced_worker:
             pid = worker_pid(process.pid)
             process.forward_signals(pid)
         located = True

@@ -95,17 +95,27 @@ class ForkedProcess(SignalForwarding):
     runs, then the exit status the zygote relayed (negative: the signal
     that ended it); ``await wait()`` waits for it.  Signals go through a
     pidfd opened by the zygote before the worker could be reaped, so they
-    never reach a process that reused the pid; once ``open_worker`` has
-    found the sandboxed worker below this process (its PID namespace's
-    supervisor), they go to that worker (:class:`SignalForwarding`).  ``stderr`` is the read end
-    of the worker's stderr pipe, as a Trio stream; ``stdin`` and ``stdout``
-    are always ``None``.
+    never reach a process that reused the pid.  A root zygote forks the
+    worker straight into a PID namespace of its own
+    (``supervises_namespaced_worker`` is false): ``pid`` is the worker
+    itself.  Otherwise its lockdown makes this process the supervisor of
+    the worker proper, and once ``open_worker`` has found that one,
+    signals go to it (:class:`SignalForwarding`).  ``stderr`` is the read
+    end of the worker's stderr pipe, as a Trio stream; ``stdin`` and
+    ``stdout`` are always ``None``.
     """
 
     def __init__(
-        self, pid: int, pidfd: Handle, stderr: trio.lowlevel.FdStream, target: str
+        self,
+        pid: int,
+        pidfd: Handle,
+        stderr: trio.lowlevel.FdStream,
+        target: str,
+        *,
+        own_pid_namespace: bool,
     ) -> None:
         self.pid: Final = pid
+        self.supervises_namespaced_worker: Final = not own_pid_namespace
         self.args: Final = (target,)
         self.stdin: trio.lowlevel.FdStream | None = None
         self.stdout: trio.lowlevel.FdStream | None = None
@@ -424,7 +434,13 @@ class Zygote:
         assert stderr is not None
         pending.stderr = None
         pidfd = Handle(message.handles[0].detach())
-        process = ForkedProcess(reply.pid, pidfd, stderr, pending.target)
+        process = ForkedProcess(
+            reply.pid,
+            pidfd,
+            stderr,
+            pending.target,
+            own_pid_namespace=reply.own_pid_namespace,
+        )
         self._processes[reply.pid] = process
         self.forked += 1
         pending.process = process

@@ -68,8 +68,13 @@ from trio_mojo._core._message import Message
 from trio_mojo._core._wire import encode_message
 from trio_mojo._endpoint import Endpoint, channel_pair
 from trio_mojo._handles import Handle, close_all
-from trio_mojo._sandbox import SandboxPolicy
-from trio_mojo._sandbox._apply import close_other_fds, set_parent_death_signal
+from trio_mojo._sandbox import Requirement, SandboxPolicy
+from trio_mojo._sandbox._apply import (
+    close_other_fds,
+    prepare,
+    set_parent_death_signal,
+)
+from trio_mojo._sandbox._pidns import NamespaceForker
 
 from . import _zygote_protocol as protocol
 from ._bootstrap import _fd_of, _load_target, _option, lock_down_and_run
@@ -102,18 +107,22 @@ def _on_sigchld(signum: int, frame: object) -> None:
 class _Zygote:
     """The blocking control loop: requests in, forks, replies and exits out."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, forker: NamespaceForker | None) -> None:
         self._sock = sock
+        self._forker = forker
         self._announced: set[int] = set()
         """Workers the parent was told about (only their exits are reported)."""
+        self._init_of: dict[int, int] = {}
+        """Worker -> the init of its PID namespace, until that init is reaped."""
+        self._worker_of: dict[int, int] = {}
+        self._held: dict[int, int] = {}
+        """Exit statuses of workers reaped before their init."""
         self._decoder = MessageDecoder(
             max_message_size=protocol.MAX_CONTROL_MESSAGE,
             max_handles_per_message=protocol.MAX_SPAWN_FDS,
             max_queued_handles=protocol.MAX_SPAWN_FDS,
         )
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.signal(signal.SIGCHLD, _on_sigchld)
-        signal.set_wakeup_fd(self._wake_write, warn_on_full_buffer=False)
 
     def send(self, reply: protocol.Reply, fds: Sequence[int] = ()) -> None:
         """Send one reply, blocking until the kernel took all of it."""
@@ -129,6 +138,9 @@ class _Zygote:
 
     def serve(self) -> int:
         """Serve until the parent closes its end; returns the exit status."""
+        # Only now: the warm-up's trio.run must not find a wakeup fd set.
+        signal.signal(signal.SIGCHLD, _on_sigchld)
+        signal.set_wakeup_fd(self._wake_write, warn_on_full_buffer=False)
         poller = select.poll()
         poller.register(self._sock, select.POLLIN)
         poller.register(self._wake_read, select.POLLIN)
@@ -161,8 +173,10 @@ class _Zygote:
             close_all(handles)
             raise  # a parent that breaks the protocol is a bug: stop loudly
         try:
-            pid = self._fork(request, dict(zip(request.fds, handles, strict=True)))
-        except OSError as exc:
+            policy = SandboxPolicy.from_json(request.sandbox)
+            fds = dict(zip(request.fds, handles, strict=True))
+            pid, own_namespace = self._fork(request, policy, fds)
+        except (OSError, ValueError, TypeError) as exc:
             self.send(protocol.Refused(id=request.id, error=_describe(exc)))
             return
         finally:
@@ -170,16 +184,25 @@ class _Zygote:
         try:
             pidfd = os.pidfd_open(pid)  # unreaped until _reap(): names this child
         except OSError as exc:
-            os.kill(pid, signal.SIGKILL)  # unreaped, so still this child
+            self._kill(pid)
             self.send(protocol.Refused(id=request.id, error=_describe(exc)))
             return
         try:
             self._announced.add(pid)
-            self.send(protocol.Spawned(id=request.id, pid=pid), [pidfd])
+            spawned = protocol.Spawned(
+                id=request.id, pid=pid, own_pid_namespace=own_namespace
+            )
+            self.send(spawned, [pidfd])
         finally:
             os.close(pidfd)
 
-    def _fork(self, request: protocol.SpawnRequest, fds: Mapping[str, Handle]) -> int:
+    def _fork(
+        self,
+        request: protocol.SpawnRequest,
+        policy: SandboxPolicy,
+        fds: Mapping[str, Handle],
+    ) -> tuple[int, bool]:
+        """Fork the worker; its pid, and whether it has a PID namespace already."""
         threads = len(os.listdir("/proc/self/task"))
         if threads != 1:
             raise OSError(
@@ -187,13 +210,34 @@ class _Zygote:
                 "one); it forks only while single-threaded"
             )
         zygote = os.getpid()
-        pid = os.fork()
+        own_namespace = (
+            self._forker is not None
+            and policy.level("namespaces") is not Requirement.OFF
+        )
+        if self._forker is not None and own_namespace:
+            init, pid = self._forker.fork(_init_identity(policy))
+        else:
+            init, pid = 0, os.fork()
         if pid == 0:
             self._sock.detach()  # the child closes the fd; the object must not
             _become_worker(
-                request, {role: h.detach() for role, h in fds.items()}, zygote
+                request,
+                policy,
+                {role: h.detach() for role, h in fds.items()},
+                # Forked into its namespace, its parent is outside: 0 to it.
+                parent=0 if own_namespace else zygote,
+                own_pid_namespace=own_namespace,
             )
-        return pid
+        if init:
+            self._init_of[pid] = init
+            self._worker_of[init] = pid
+        return pid, own_namespace
+
+    def _kill(self, worker: int) -> None:
+        """SIGKILL a worker not announced yet, and its init (both unreaped)."""
+        os.kill(worker, signal.SIGKILL)
+        if worker in self._init_of:
+            os.kill(self._init_of[worker], signal.SIGKILL)
 
     def _reap(self) -> None:
         try:
@@ -208,10 +252,33 @@ class _Zygote:
                 return
             if pid == 0:
                 return
-            if pid in self._announced:
-                self._announced.remove(pid)
-                returncode = os.waitstatus_to_exitcode(status)
-                self.send(protocol.Exited(pid=pid, returncode=returncode))
+            self._reaped(pid, os.waitstatus_to_exitcode(status))
+
+    def _reaped(self, pid: int, returncode: int) -> None:
+        """Report a worker's exit once it and its PID namespace are gone."""
+        init = self._init_of.get(pid)
+        if init is not None:  # a worker whose init still holds its namespace
+            self._held[pid] = returncode
+            os.kill(init, signal.SIGKILL)  # unreaped: still our child
+            return
+        worker = self._worker_of.pop(pid, None)
+        if worker is not None:  # an init: its namespace is empty now
+            del self._init_of[worker]
+            if worker not in self._held:
+                # Not reaped yet (the kernel makes an init's exit wait for
+                # that, so this does not happen): reported when it is.
+                return
+            pid, returncode = worker, self._held.pop(worker)
+        if pid in self._announced:
+            self._announced.remove(pid)
+            self.send(protocol.Exited(pid=pid, returncode=returncode))
+
+
+def _init_identity(policy: SandboxPolicy) -> tuple[int, int] | None:
+    """The uid and gid a worker's init drops to: the worker's, under a root zygote."""
+    if os.geteuid() != 0 or policy.level("credentials") is Requirement.OFF:
+        return None
+    return policy.worker_uid, policy.worker_gid
 
 
 def _install_fds(fds: Mapping[str, int]) -> None:
@@ -227,24 +294,38 @@ def _install_fds(fds: Mapping[str, int]) -> None:
 
 
 def _become_worker(
-    request: protocol.SpawnRequest, fds: Mapping[str, int], zygote: int
+    request: protocol.SpawnRequest,
+    policy: SandboxPolicy,
+    fds: Mapping[str, int],
+    *,
+    parent: int,
+    own_pid_namespace: bool,
 ) -> NoReturn:
-    """The forked child: become a worker, exactly as the bootstrap does."""
+    """The forked child: become a worker, exactly as the bootstrap does.
+
+    ``parent`` is the zygote's pid as this process sees it (0 from inside
+    a PID namespace the zygote forked it into: then the namespace's init
+    checks that the zygote lives, and the namespace dies with it).
+    """
     status = 1
     try:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        set_parent_death_signal(zygote)
+        set_parent_death_signal(parent)
         os.setsid()
         _install_fds(fds)
         if request.cwd is not None:
             os.chdir(request.cwd)
         target = _load_target(request.target)
-        policy = SandboxPolicy.from_json(request.sandbox)
         channel = Endpoint.from_fd(WORKER_FDS["channel"])
         broker = Endpoint.from_fd(WORKER_FDS["broker"]) if "broker" in fds else None
         status = lock_down_and_run(
-            target, policy, channel, broker, request.startup_timeout
+            target,
+            policy,
+            channel,
+            broker,
+            request.startup_timeout,
+            own_pid_namespace=own_pid_namespace,
         )
     except BaseException:
         traceback.print_exc()
@@ -275,6 +356,14 @@ def _warm_up() -> None:
     trio.run(_exchange_one_message)
 
 
+def _namespace_forker() -> NamespaceForker | None:
+    """Fork workers straight into PID namespaces, when this process may."""
+    try:
+        return NamespaceForker()
+    except OSError:
+        return None  # each worker's lockdown makes its own, with a supervisor
+
+
 def _preload(modules: Sequence[str]) -> protocol.PreloadFailed | None:
     for module in modules:
         try:
@@ -295,13 +384,14 @@ def main(argv: Sequence[str]) -> int:
     close_other_fds({channel_fd})
     set_parent_death_signal(int(parent))
     sock = socket.socket(fileno=recover_endpoint(argv).detach())
-    zygote = _Zygote(sock)
+    zygote = _Zygote(sock, _namespace_forker())
     modules = [name for name in preload.split(",") if name]
     failed = _preload(modules)
     if failed is not None:
         zygote.send(failed)
         return 1
     _warm_up()
+    prepare()  # the seccomp program every worker loads
     # Objects that exist now are never freed: keep the collector away from
     # them, so that forked workers do not copy their pages just to scan them.
     gc.freeze()

@@ -21,14 +21,19 @@ zygote -> parent
     the first message, once the preloads are imported;
     ``preload_failed``: ``{"kind": "preload_failed", "module": M,
     "error": "..."}`` instead, and the zygote exits;
-    ``spawned``: ``{"kind": "spawned", "id": N, "pid": P}`` with one fd
-    attached, a pidfd of the worker (opened by its parent, the zygote,
-    before it could be reaped, so it names that process and no other);
+    ``spawned``: ``{"kind": "spawned", "id": N, "pid": P,
+    "own_pid_namespace": B}`` with one fd attached, a pidfd of the worker
+    (opened by its parent, the zygote, before it could be reaped, so it
+    names that process and no other); ``B`` is true when the zygote forked
+    it into a PID namespace of its own (``P`` runs the target), false when
+    its lockdown makes one (``P`` is then the supervisor of the process
+    that does);
     ``refused``: ``{"kind": "refused", "id": N, "error": "..."}`` (nothing
     was forked);
     ``exited``: ``{"kind": "exited", "pid": P, "returncode": R}`` once the
-    zygote reaped a worker (``R`` as :attr:`subprocess.Popen.returncode`:
-    negative for a signal).  It always follows that worker's ``spawned``.
+    zygote reaped a worker and emptied its PID namespace (``R`` as
+    :attr:`subprocess.Popen.returncode`: negative for a signal).  It always
+    follows that worker's ``spawned``.
 
 The zygote serves requests one at a time, in order, so replies come in the
 order of the requests.  Both sides parse what they receive as untrusted
@@ -111,10 +116,12 @@ class PreloadFailed:
 
 @attrs.frozen(kw_only=True)
 class Spawned:
-    """Request ``id`` forked worker ``pid`` (its pidfd is attached)."""
+    """Request ``id`` forked worker ``pid`` (its pidfd is attached);
+    ``own_pid_namespace``: into a PID namespace of its own, as its pid 2."""
 
     id: int
     pid: int
+    own_pid_namespace: bool
 
 
 @attrs.frozen(kw_only=True)
@@ -213,7 +220,14 @@ def _reply(data: dict[str, Any], num_handles: int) -> Reply:
     if kind == "preload_failed":
         return PreloadFailed(module=_text(data["module"]), error=_text(data["error"]))
     if kind == "spawned":
-        return Spawned(id=_int(data["id"]), pid=_int(data["pid"]))
+        own_namespace = data["own_pid_namespace"]
+        if type(own_namespace) is not bool:
+            raise ProtocolError(
+                f"own_pid_namespace {own_namespace!r:.40} is not a bool"
+            )
+        return Spawned(
+            id=_int(data["id"]), pid=_int(data["pid"]), own_pid_namespace=own_namespace
+        )
     if kind == "refused":
         return Refused(id=_int(data["id"]), error=_text(data["error"]))
     if kind == "exited":
