@@ -252,7 +252,7 @@ PROFILE_TARGET: Final = f"{__name__}:send_stamps"
 
 async def send_stamps(channel: Channel) -> None:
     """The profiled worker's target: send its stamps, one JSON message."""
-    _STAMPS("trio.run, channel, report, go-ahead")
+    _STAMPS("channel, report, go-ahead")
     await channel.send(Message(json.dumps(_STAMPS.stamps).encode()))
 
 
@@ -265,29 +265,19 @@ def _stamped(step: str, function: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
-def _profile_children(count: int) -> dict[str, list[float]]:
-    """Fork ``count`` strict() workers as the zygote does, and time each step.
-
-    Runs in a process of its own, prepared exactly as a zygote is (the same
-    imports, the same warm-up, ``gc.freeze``), and never inside ``trio.run``.
-    Each child runs the zygote's own child path (``_become_worker``) with
-    probes: the steps it calls are wrapped to stamp the time when they
-    return (:class:`_Stamps`), each sandbox layer too; its target sends the
-    stamps after the go-ahead.  A step's time is from the previous stamp
-    (the first: from just before ``fork()`` here, to the child's first
-    line).
-    """
-    import gc
-
-    from trio_mojo._core._wire import encode_message
+def _install_probes() -> None:
+    """Stamp the steps of the zygote's child path, without changing them."""
     from trio_mojo._sandbox import _apply
-    from trio_mojo._workers import _zygote_main
-    from trio_mojo._workers import _zygote_protocol as protocol
-    from trio_mojo._workers._bootstrap import _load_target
-    from trio_mojo._workers._handshake import go_ahead
+    from trio_mojo._workers import _bootstrap, _zygote_main
 
+    def forked(expected_parent: int) -> None:
+        _STAMPS("fork (and the namespace's init)")
+        set_parent_death_signal(expected_parent)
+        _STAMPS("parent-death signal")
+
+    set_parent_death_signal = _zygote_main.__dict__["set_parent_death_signal"]
+    _zygote_main.__dict__["set_parent_death_signal"] = forked
     for name, step in (
-        ("set_parent_death_signal", "parent-death signal"),
         ("_install_fds", "session and fds"),
         ("_load_target", "import target (preloaded)"),
     ):
@@ -299,28 +289,60 @@ def _profile_children(count: int) -> dict[str, list[float]]:
         _STAMPS(f"sandbox: {layer}")
 
     _apply._Lockdown.apply = apply_and_stamp  # type: ignore[method-assign]
+    run = _bootstrap._run
+
+    async def run_and_stamp(*args: Any) -> int:
+        _STAMPS("trio.run start")
+        return await run(*args)
+
+    _bootstrap._run = run_and_stamp  # type: ignore[assignment]
+
+
+def _profile_children(count: int) -> dict[str, list[float]]:
+    """Fork ``count`` strict() workers as the zygote does, and time each step.
+
+    Runs in a process of its own, prepared exactly as a zygote is (the same
+    imports, the same warm-up, the same prepared seccomp program,
+    ``gc.freeze``), and never inside ``trio.run``.  Each child is forked by
+    the zygote's own code (``_Zygote._fork``: into a PID namespace of its
+    own, next to its init, when this process may make one) and runs the
+    zygote's child path with probes: the steps it calls are wrapped to
+    stamp the time when they return (:class:`_Stamps`), each sandbox layer
+    too; its target sends the stamps after the go-ahead.  A step's time is
+    from the previous stamp (the first: from just before the fork here, to
+    the child's first line).
+    """
+    import gc
+
+    from trio_mojo._core._wire import encode_message
+    from trio_mojo._handles import Handle
+    from trio_mojo._sandbox._apply import prepare
+    from trio_mojo._workers import _zygote_main
+    from trio_mojo._workers import _zygote_protocol as protocol
+    from trio_mojo._workers._bootstrap import _load_target
+    from trio_mojo._workers._handshake import go_ahead
+
+    _install_probes()
     _load_target(PROFILE_TARGET)  # preloaded, as the bench's zygote has it
     _zygote_main._warm_up()
+    prepare()
     gc.freeze()
+    control, _peer = socket.socketpair()  # the zygote's channel: never used here
+    zygote = _zygote_main._Zygote(control, _zygote_main._namespace_forker())
+    policy = SandboxPolicy.strict()
     request = protocol.SpawnRequest(
-        id=1,
-        target=PROFILE_TARGET,
-        sandbox=SandboxPolicy.strict().to_json(),
-        fds=("channel", "stderr"),
+        id=1, target=PROFILE_TARGET, sandbox=policy.to_json(), fds=("channel", "stderr")
     )
     steps: dict[str, list[float]] = {}
     for _ in range(count):
         local, remote = channel_pair()
         err_read, err_write = os.pipe()
+        fds = {"channel": Handle(remote.detach()), "stderr": Handle(err_write)}
         _STAMPS.stamps.clear()
         before = time.monotonic()
-        pid = os.fork()
-        if pid == 0:
-            _STAMPS("fork")
-            fds = {"channel": remote.detach(), "stderr": err_write}
-            _zygote_main._become_worker(request, fds, os.getppid())
-        os.close(err_write)
-        remote.close()
+        pid, _ = zygote._fork(request, policy, fds)
+        for handle in fds.values():
+            handle.close()
         try:
             with (
                 _blocking_socket(local.detach()) as sock,
@@ -330,18 +352,28 @@ def _profile_children(count: int) -> dict[str, list[float]]:
                 sock.sendall(encode_message(go_ahead(report).payload))
                 stamps = json.loads(_read_message(stream))
         except ValueError as exc:  # a short read: the child failed
-            os.waitpid(pid, 0)
+            _reap(zygote, pid)
             raise RuntimeError(
                 os.read(err_read, 65536).decode(errors="replace")
             ) from exc
         finally:
             os.close(err_read)
-        os.waitpid(pid, 0)
+        _reap(zygote, pid)
         previous = before
         for name, when in stamps:
             steps.setdefault(name, []).append(when - previous)
             previous = when
     return steps
+
+
+def _reap(zygote: Any, pid: int) -> None:
+    """Reap a forked worker and, as the zygote does, its namespace's init."""
+    init = zygote._init_of.get(pid)
+    _, status = os.waitpid(pid, 0)
+    zygote._reaped(pid, os.waitstatus_to_exitcode(status))  # kills the init
+    if init is not None:
+        _, status = os.waitpid(init, 0)
+        zygote._reaped(init, os.waitstatus_to_exitcode(status))
 
 
 def _blocking_socket(fd: int) -> socket.socket:
