@@ -67,7 +67,7 @@ from trio_mojo._core._decoder import MessageDecoder
 from trio_mojo._core._message import Message
 from trio_mojo._core._wire import encode_message
 from trio_mojo._endpoint import Endpoint, channel_pair
-from trio_mojo._handles import Handle, close_all
+from trio_mojo._handles import Handle
 from trio_mojo._sandbox import Requirement, SandboxPolicy
 from trio_mojo._sandbox._apply import (
     close_other_fds,
@@ -86,6 +86,8 @@ WORKER_FDS: Final = {"stdout": 1, "stderr": 2, "channel": 3, "broker": 4}
 """Where each fd of a spawn request goes in the forked worker."""
 _ABOVE_WORKER_FDS: Final = 5
 _READ_SIZE: Final = 64 * 1024
+_BATCH: Final = 4
+"""Requests forked back to back before the replies go out (see ``_handle``)."""
 _MAX_ERROR: Final = 1000
 """Longest error text the zygote sends (a traceback line, not a traceback)."""
 
@@ -161,40 +163,70 @@ class _Zygote:
         if not data:
             return False
         self._decoder.receive_data(data)
+        messages = []
         while isinstance(message := self._decoder.next_message(), Message):
-            self._handle(message)
+            messages.append(message)
+            if len(messages) == _BATCH:
+                self._handle(messages)
+                messages = []
+        self._handle(messages)
         return True
 
-    def _handle(self, message: Message) -> None:
-        handles = list(message.handles)
+    def _handle(self, messages: Sequence[Message]) -> None:
+        """Fork a worker for each request, back to back, then reply to each.
+
+        After a fork, every page this process writes is copied (its workers
+        share them): forking a batch with nothing else in between, and
+        replying afterwards, copies those pages once per batch rather than
+        once per worker.
+        """
         try:
-            request = protocol.parse_request(message.payload, len(handles))
+            requests = [
+                protocol.parse_request(message.payload, len(message.handles))
+                for message in messages
+            ]
         except ValueError:
-            close_all(handles)
+            for message in messages:
+                message.close()
             raise  # a parent that breaks the protocol is a bug: stop loudly
+        threads = len(os.listdir("/proc/self/task"))
+        outcomes = []
+        for request, message in zip(requests, messages, strict=True):
+            with message:
+                outcomes.append(self._spawn(request, message.handles, threads))
+        for reply, pidfd in outcomes:
+            try:
+                self.send(reply, [] if pidfd is None else [pidfd])
+            finally:
+                if pidfd is not None:
+                    os.close(pidfd)
+
+    def _spawn(
+        self, request: protocol.SpawnRequest, handles: Sequence[Handle], threads: int
+    ) -> tuple[protocol.Reply, int | None]:
+        """Fork the worker of ``request``: the reply, and the pidfd it carries."""
+        if threads != 1:
+            refusal = OSError(
+                f"the zygote has {threads} threads (a preloaded module started "
+                "one); it forks only while single-threaded"
+            )
+            return protocol.Refused(id=request.id, error=_describe(refusal)), None
         try:
             policy = SandboxPolicy.from_json(request.sandbox)
             fds = dict(zip(request.fds, handles, strict=True))
             pid, own_namespace = self._fork(request, policy, fds)
         except (OSError, ValueError, TypeError) as exc:
-            self.send(protocol.Refused(id=request.id, error=_describe(exc)))
-            return
-        finally:
-            close_all(handles)
+            return protocol.Refused(id=request.id, error=_describe(exc)), None
         try:
             pidfd = os.pidfd_open(pid)  # unreaped until _reap(): names this child
         except OSError as exc:
             self._kill(pid)
-            self.send(protocol.Refused(id=request.id, error=_describe(exc)))
-            return
-        try:
-            self._announced.add(pid)
-            spawned = protocol.Spawned(
-                id=request.id, pid=pid, own_pid_namespace=own_namespace
-            )
-            self.send(spawned, [pidfd])
-        finally:
-            os.close(pidfd)
+            return protocol.Refused(id=request.id, error=_describe(exc)), None
+        self._announced.add(pid)
+        spawned = protocol.Spawned(
+            id=request.id, pid=pid, own_pid_namespace=own_namespace
+        )
+        return spawned, pidfd
 
     def _fork(
         self,
@@ -203,12 +235,6 @@ class _Zygote:
         fds: Mapping[str, Handle],
     ) -> tuple[int, bool]:
         """Fork the worker; its pid, and whether it has a PID namespace already."""
-        threads = len(os.listdir("/proc/self/task"))
-        if threads != 1:
-            raise OSError(
-                f"the zygote has {threads} threads (a preloaded module started "
-                "one); it forks only while single-threaded"
-            )
         zygote = os.getpid()
         own_namespace = (
             self._forker is not None
