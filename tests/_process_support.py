@@ -9,11 +9,13 @@ left over, a pipe holding some bytes, and a parent process to kill.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,11 +24,15 @@ import trio
 from trio_mojo import Handle
 
 __all__ = [
+    "adopting_orphans",
+    "alive",
     "assert_reaped",
     "children",
     "inheritable_fds",
     "pids_from_a_parent",
     "pipe_with",
+    "wait_until",
+    "wait_until_gone",
 ]
 
 
@@ -118,3 +124,60 @@ def assert_reaped(pid: int) -> None:
     assert _stat_fields(pid) is None, f"/proc/{pid} still exists: {_stat_fields(pid)}"
     with pytest.raises(ChildProcessError):  # ECHILD: nothing left to wait for
         os.waitpid(pid, os.WNOHANG)
+
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _set_subreaper(on: bool) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` is a process that has not exited (zombies count as gone)."""
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
+
+
+@contextlib.contextmanager
+def adopting_orphans(timeout: float = 10.0) -> Iterator[None]:
+    """Make this process the subreaper of its descendants for the block.
+
+    Processes orphaned below it (a killed parent's zygote, workers and
+    inits) are reparented here rather than to pid 1, which may never reap
+    them.  Leaving the block reaps them until no child is left (or
+    ``timeout`` passed): call it once the processes the block watched are
+    dead.
+    """
+    _set_subreaper(True)
+    try:
+        yield
+        deadline = time.monotonic() + timeout
+        while children() and time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(-1, os.WNOHANG)
+            time.sleep(0.02)
+    finally:
+        _set_subreaper(False)
+
+
+def wait_until_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
+    """Wait until none of ``pids`` is alive (reaping orphans meanwhile);
+    return those still alive after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(-1, os.WNOHANG)
+        time.sleep(0.02)
+    return [pid for pid in pids if alive(pid)]
+
+
+async def wait_until(predicate: Callable[[], bool]) -> None:
+    """Poll ``predicate`` (for a state no event reports) for up to 10 s."""
+    for _ in range(500):
+        if predicate():
+            return
+        await trio.sleep(0.02)
+    raise AssertionError("the condition did not come true in 10 s")

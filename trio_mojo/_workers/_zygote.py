@@ -371,6 +371,12 @@ class Zygote:
         assert pending.process is not None
         return pending.process
 
+    def _failure(self) -> WorkerError | None:
+        """Why this zygote forks nothing any more (``None`` while it runs)."""
+        if self._error is None and self._process.returncode is None:
+            return None
+        return self._lost_error()
+
     def _lost_error(self) -> WorkerError:
         if self._error is None:
             self._error = WorkerError(
