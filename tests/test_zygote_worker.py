@@ -8,6 +8,7 @@ stderr tail, stdout and cwd, many at once, and the zygote's death.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -164,6 +165,30 @@ async def test_a_target_that_cannot_be_imported(zygote: Zygote) -> None:
             pytest.fail("the block must not run")
     assert info.value.returncode == 1
     assert "ModuleNotFoundError" in info.value.stderr_tail
+
+
+async def test_a_thread_bomb_stops_at_rlimit_nproc(zygote: Zygote) -> None:
+    async with open_worker(
+        "trio_mojo._sandbox._escapes:hold_threads", zygote=zygote
+    ) as bomb:
+        await bomb.channel.send(Message(b"go"))
+        with await bomb.channel.receive() as reply:
+            held = json.loads(reply.payload)
+        # Its user namespace holds its own tasks only (no supervisor; its
+        # init was forked before it and lives in the zygote's): its main
+        # thread and 63 more (fewer if Trio ever starts one of its own).
+        assert held["error"] == "can't start new thread"
+        assert 48 <= held["started"] <= STRICT.max_processes - 1
+        # Another forked worker's thread pool works meanwhile.
+        async with open_worker(
+            "trio_mojo._sandbox._escapes:use_threads", zygote=zygote
+        ) as other:
+            await other.channel.send(Message(b"40"))
+            with await other.channel.receive() as reply:
+                assert reply.payload == b"40 done"
+        await bomb.channel.send(Message(b"release"))
+        with await bomb.channel.receive() as reply:
+            assert reply.payload == b"released"
 
 
 # ----------------------------------------------------------------------
