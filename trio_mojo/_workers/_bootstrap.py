@@ -21,13 +21,11 @@ and it does, in this order (each step needs the ones before it):
    every layer of the policy, in order; with a PID namespace this process
    becomes the worker's supervisor and the rest runs in the worker process
    proper);
-5. send the sandbox report as the first message on the channel's socket
-   (before Trio starts, so that the parent's checks overlap its start-up);
-   if a required layer failed, exit with
-   :data:`~trio_mojo._workers._handshake.SANDBOX_FAILED_EXIT`; otherwise,
-   under ``trio.run``, open the channel, wait for the parent's go-ahead
-   (``_handshake``; at most ``S`` seconds) and only then call
-   ``await target(channel)``.
+5. under ``trio.run``: open the channel, send the sandbox report as the
+   first message; if a required layer failed, exit with
+   :data:`~trio_mojo._workers._handshake.SANDBOX_FAILED_EXIT`; otherwise
+   wait for the parent's go-ahead (``_handshake``; at most ``S`` seconds)
+   and only then call ``await target(channel)``.
 
 Steps 4 and 5 are :func:`lock_down_and_run`, which a child forked from a
 pre-imported process (a zygote) calls the same way.  The exit status is 0
@@ -48,6 +46,7 @@ from typing import Final
 import trio
 
 from trio_mojo._channel import Channel, open_channel
+from trio_mojo._core._message import Message
 from trio_mojo._endpoint import Endpoint
 from trio_mojo._sandbox import SandboxPolicy, SandboxReport
 from trio_mojo._sandbox._apply import (
@@ -61,7 +60,6 @@ from ._handshake import (
     GO_AHEAD_TIMEOUT,
     NO_GO_AHEAD_EXIT,
     SANDBOX_FAILED_EXIT,
-    send_report,
     wait_for_go_ahead,
     with_nonce,
 )
@@ -111,6 +109,9 @@ async def _run(
         if broker_ep is not None:
             broker_channel = await stack.enter_async_context(open_channel(broker_ep))
             set_current_broker(BrokerClient(broker_channel))
+        await channel.send(Message(report.to_bytes()))
+        if not report.ok:
+            return SANDBOX_FAILED_EXIT
         if not await wait_for_go_ahead(channel, report, startup_timeout):
             return NO_GO_AHEAD_EXIT
         await target(channel)
@@ -139,9 +140,6 @@ def lock_down_and_run(
     if broker_ep is not None:
         keep.add(broker_ep.fileno())
     report = with_nonce(lock_down(policy, keep, own_pid_namespace=own_pid_namespace))
-    send_report(channel_ep, report)
-    if not report.ok:
-        return SANDBOX_FAILED_EXIT
     return trio.run(_run, target, report, channel_ep, broker_ep, startup_timeout)
 
 

@@ -11,9 +11,7 @@ die runs unverified.  So, on the main channel, before any application
 message:
 
 1. the locked-down worker sends its :class:`SandboxReport`, which carries a
-   fresh random ``nonce`` (:func:`with_nonce`), at once, before it starts
-   Trio (:func:`send_report`): the parent's checks then overlap the
-   worker's ``trio.run`` start-up instead of following it;
+   fresh random ``nonce`` (:func:`with_nonce`);
 2. it then waits, at most the parent's ``startup_timeout`` (passed on its
    command line; :data:`GO_AHEAD_TIMEOUT` when absent), for exactly one
    message: the go-ahead, whose payload is :data:`GO_AHEAD_PREFIX` followed
@@ -36,9 +34,7 @@ A forked worker (a zygote's child) runs exactly this handshake too.
 
 from __future__ import annotations
 
-import os
 import secrets
-import select
 from typing import Final
 
 import attrs
@@ -46,8 +42,6 @@ import trio
 
 from trio_mojo._channel import Channel
 from trio_mojo._core._message import Message
-from trio_mojo._core._wire import encode_message
-from trio_mojo._endpoint import Endpoint
 from trio_mojo._sandbox import SandboxReport
 
 __all__ = [
@@ -56,7 +50,6 @@ __all__ = [
     "NO_GO_AHEAD_EXIT",
     "SANDBOX_FAILED_EXIT",
     "go_ahead",
-    "send_report",
     "wait_for_go_ahead",
     "with_nonce",
 ]
@@ -74,22 +67,6 @@ NO_GO_AHEAD_EXIT: Final = 72
 def with_nonce(report: SandboxReport) -> SandboxReport:
     """``report`` with a fresh random nonce for this handshake."""
     return attrs.evolve(report, nonce=secrets.token_hex(16))
-
-
-def send_report(endpoint: Endpoint, report: SandboxReport) -> None:
-    """Send ``report`` as the first message on ``endpoint`` (worker side).
-
-    A plain blocking write of one framed message, before any channel is
-    open on the endpoint: the bytes are in the socket, ahead of anything
-    the channel sends later.  A report (well under a kilobyte) fits in an
-    empty socket buffer; should it not, this waits until it does.
-    """
-    data = memoryview(encode_message(report.to_bytes()))
-    while data:
-        try:
-            data = data[os.write(endpoint.fileno(), data) :]
-        except BlockingIOError:
-            select.select([], [endpoint.fileno()], [])
 
 
 def go_ahead(report: SandboxReport) -> Message:
