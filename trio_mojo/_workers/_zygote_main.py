@@ -9,9 +9,11 @@ Theory of operation
 
 The zygote closes every fd but 0, 1, 2 and its control channel, arms
 ``PR_SET_PDEATHSIG`` against the parent, imports Trio, trio_mojo and the
-preloads, says ``ready``, and from then on only forks workers when the
-parent asks (``_zygote_protocol``).  Starting a worker costs a ``fork``
-instead of an interpreter start and its imports.
+preloads, prepares what every worker would otherwise build for itself
+(the seccomp program: ``_sandbox._apply.prepare``), freezes its objects
+for the collector (``gc.freeze()``), says ``ready``, and from then on only
+forks workers when the parent asks (``_zygote_protocol``).  Starting a
+worker costs a ``fork`` instead of an interpreter start and its imports.
 
 The zygote never forks from inside ``trio.run``: a process forked from
 inside a run cannot start a run of its own.  (It runs Trio once at start,
@@ -20,28 +22,40 @@ It serves the control channel with a small blocking loop instead: ``poll``
 on the channel and on a wakeup pipe that the ``SIGCHLD`` handler writes to
 (:func:`signal.set_wakeup_fd`), the sans-I/O :class:`MessageDecoder` and
 :func:`encode_message` for the framing, and ``_fdpass`` for
-``recvmsg``/``sendmsg`` with ``SCM_RIGHTS``.  On
-``SIGCHLD`` it reaps with ``waitpid(-1, WNOHANG)`` and reports each exit
-status; the parent's end of the channel closing (the parent is done, or
-dead) ends the zygote, and its ``PR_SET_PDEATHSIG`` kills every worker it
-forked.  It stays single-threaded: before each fork it counts
-``/proc/self/task`` and refuses the request if a preload started a thread
-(a fork copies only the forking thread; locks other threads held stay
-locked in the child).
+``recvmsg``/``sendmsg`` with ``SCM_RIGHTS``.  The requests of one read
+are forked back to back, up to :data:`_BATCH`, before their replies go
+out (:meth:`_Zygote._handle`).  On ``SIGCHLD`` it reaps with
+``waitpid(-1, WNOHANG)`` and reports each exit status; the parent's end of
+the channel closing (the parent is done, or dead) ends the zygote, and
+its ``PR_SET_PDEATHSIG`` kills every worker it forked.  It stays
+single-threaded: before forking it counts ``/proc/self/task`` and refuses
+the requests if a preload started a thread (a fork copies only the forking
+thread; locks other threads held stay locked in the child).
+
+The process tree.  When the zygote may create PID namespaces (a root
+zygote: ``_sandbox._pidns.NamespaceForker``), it forks each worker whose
+policy has the namespaces layer straight into a new PID namespace, as pid
+2, after forking that namespace's init (pid 1): the zygote is then the
+worker's parent, reaps it and reports its own exit status once the init
+was reaped too (the namespace is empty), and the worker's lockdown makes
+the other namespaces only.  Otherwise the worker's lockdown makes the PID
+namespace itself, and the process the zygote forked becomes the worker's
+supervisor, as a spawned worker's bootstrap does; the parent is told which
+(``Spawned.own_pid_namespace``).
 
 The forked child (:func:`_become_worker`) never returns into this loop.
 It resets the signal handling it inherited, arms ``PR_SET_PDEATHSIG``
-against the zygote (exiting if the zygote is already gone), starts a new
-session, puts its fds where a worker's go (0 ``/dev/null``, 1 stdout or
-``/dev/null``, 2 its stderr pipe, 3 its channel, 4 its broker channel) and
-closes every other one, the zygote's control socket included, so a worker
-shares nothing with the zygote.  Then it runs exactly what a spawned
-worker's bootstrap runs: it imports the target (a no-op when preloaded) and
-calls the bootstrap's ``lock_down_and_run``, which applies the whole
-sandbox (the namespaces are created here, in the child; with a PID
-namespace this child becomes the worker's supervisor), sends the report,
-waits for the parent's go-ahead and calls the target.  It leaves with
-``os._exit``, never back into the zygote's loop.
+against the zygote (exiting if the zygote is already gone; from inside its
+own PID namespace it cannot tell, and relies on its init, which can),
+starts a new session, puts its fds where a worker's go (0 ``/dev/null``,
+1 stdout or ``/dev/null``, 2 its stderr pipe, 3 its channel, 4 its broker
+channel) and closes every other one, the zygote's control socket
+included, so a worker shares nothing with the zygote.  Then it runs
+exactly what a spawned worker's bootstrap runs: it imports the target (a
+no-op when preloaded) and calls the bootstrap's ``lock_down_and_run``,
+which applies the whole sandbox (the namespaces are created here, in the
+child), sends the report, waits for the parent's go-ahead and calls the
+target.  It leaves with ``os._exit``, never back into the zygote's loop.
 """
 
 from __future__ import annotations
@@ -236,14 +250,13 @@ class _Zygote:
     ) -> tuple[int, bool]:
         """Fork the worker; its pid, and whether it has a PID namespace already."""
         zygote = os.getpid()
-        own_namespace = (
-            self._forker is not None
-            and policy.level("namespaces") is not Requirement.OFF
-        )
-        if self._forker is not None and own_namespace:
-            init, pid = self._forker.fork(_init_identity(policy))
+        namespaced = policy.level("namespaces") is not Requirement.OFF
+        forker = self._forker if namespaced else None
+        if forker is not None:
+            init, pid = forker.fork(_init_identity(policy))
         else:
             init, pid = 0, os.fork()
+        own_namespace = forker is not None
         if pid == 0:
             self._sock.detach()  # the child closes the fd; the object must not
             _become_worker(
