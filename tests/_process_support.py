@@ -1,9 +1,10 @@
 """Helpers for the tests that start real child processes.
 
-Shared by ``test_spawn``, ``test_worker``, ``test_broker``,
-``test_sandbox_policy`` and ``test_zygote``: deliberately inheritable fds in
-the parent, checks that a child was reaped and that no child process is
-left over, a pipe holding some bytes, and a parent process to kill.
+Shared by the spawn, worker, broker, sandbox, zygote and pool tests:
+deliberately inheritable fds in the parent, checks that a child was reaped
+and that no child process is left over, a pipe holding some bytes, a
+parent process to kill, ``/proc/<pid>/status``, a worker block that must
+fail, and adopting orphans.
 """
 
 from __future__ import annotations
@@ -15,25 +16,46 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import trio
 
-from trio_mojo import Handle
+from trio_mojo import Handle, Message, Worker
+from trio_mojo._handles import close_all
 
 __all__ = [
     "adopting_orphans",
     "alive",
     "assert_reaped",
     "children",
+    "echo_a_pipe",
     "inheritable_fds",
-    "pids_from_a_parent",
+    "pidfds_from_a_parent",
     "pipe_with",
+    "proc_status",
+    "wait_exited",
     "wait_until",
     "wait_until_gone",
+    "worker_block_error",
 ]
+
+E = TypeVar("E", bound=BaseException)
+
+
+async def echo_a_pipe(worker: Worker) -> None:
+    """Send an echo worker a message with a pipe; check what comes back: the
+    payload, and an fd (close-on-exec) that reads what the pipe held."""
+    await worker.channel.send(Message(b"ping", (pipe_with(b"parent's pipe"),)))
+    reply = await worker.channel.receive()
+    with reply:
+        assert reply.payload == b"ping"
+        (handle,) = reply.handles
+        assert not os.get_inheritable(handle.fileno())
+        assert os.read(handle.fileno(), 100) == b"parent's pipe"
 
 
 def pipe_with(data: bytes) -> Handle:
@@ -47,28 +69,75 @@ def pipe_with(data: bytes) -> Handle:
 
 
 @contextlib.asynccontextmanager
-async def pids_from_a_parent(script: str) -> AsyncIterator[list[int]]:
-    """Run ``script`` as a parent process; yield the pids of its first line.
+async def pidfds_from_a_parent(script: str) -> AsyncIterator[list[Handle]]:
+    """Run ``script`` as a parent process; yield pidfds of the pids of its
+    first line, opened while the parent lived (so a pid reused since names
+    nothing here).
 
-    The parent is ``SIGKILL``ed (and reaped) when the block is left: what
-    the block then checks is what that leaves behind.
+    The parent is ``SIGKILL``ed (and reaped) before the block runs: what
+    the block then checks is what that leaves behind (see
+    :func:`wait_exited`).
     """
     parent = await trio.lowlevel.open_process(
         [sys.executable, "-I", "-c", script],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
     )
+    pidfds: list[Handle] = []
     try:
         assert parent.stdout is not None
         with trio.fail_after(30):
             line = await parent.stdout.receive_some()
-        pids = [int(pid) for pid in line.split()]
+        pidfds += [Handle(os.pidfd_open(int(pid))) for pid in line.split()]
     finally:
         parent.kill()
         await parent.wait()
         if parent.stdout is not None:
             await parent.stdout.aclose()
-    yield pids
+    try:
+        yield pidfds
+    finally:
+        close_all(pidfds)
+
+
+async def wait_exited(pidfd: Handle) -> None:
+    """Wait (at most 10 s) until the process of ``pidfd`` has exited."""
+    with trio.fail_after(10):  # readable once the process has exited
+        await trio.lowlevel.wait_readable(pidfd.fileno())
+    trio.lowlevel.notify_closing(pidfd.fileno())
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    """``/proc/<pid>/status`` as ``{field: value}``.
+
+    Raises:
+        FileNotFoundError: no such process (any more).
+    """
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+async def worker_block_error(
+    expected: type[E],
+    open_block: Callable[[], AbstractAsyncContextManager[Worker]],
+    body: Callable[[Worker], Awaitable[object]],
+) -> tuple[Worker, E]:
+    """Run ``body`` in the block ``open_block()`` opens; it must raise
+    ``expected``.  Returns the worker and the error."""
+    started: list[Worker] = []
+
+    async def run() -> None:
+        async with open_block() as worker:
+            started.append(worker)
+            await body(worker)
+
+    with pytest.raises(expected) as info:
+        await run()
+    (worker,) = started
+    return worker, info.value
 
 
 @contextlib.contextmanager

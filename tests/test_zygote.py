@@ -15,7 +15,7 @@ from pathlib import Path
 import attrs
 import pytest
 import trio
-from _process_support import children, pids_from_a_parent
+from _process_support import children, pidfds_from_a_parent, proc_status, wait_exited
 from _zygote_support import interpreter
 
 import trio_mojo
@@ -36,18 +36,10 @@ NONE = SandboxPolicy.none(i_understand_this_is_unsandboxed=True)
 EXAMPLES = "trio_mojo._examples"
 
 
-def _status(pid: int) -> dict[str, str]:
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        fields[key] = value.strip()
-    return fields
-
-
 def _gone(pid: int) -> bool:
     """``pid`` has exited (a zombie waiting for init counts as gone)."""
     try:
-        return _status(pid)["State"].startswith("Z")
+        return proc_status(pid)["State"].startswith("Z")
     except FileNotFoundError:
         return True
 
@@ -96,7 +88,7 @@ def _fd_targets(pid: int) -> set[str]:
 
 async def test_the_zygote_is_launched_like_a_worker() -> None:
     async with open_zygote() as zygote:
-        status = _status(zygote.pid)
+        status = proc_status(zygote.pid)
         assert status["PPid"] == str(os.getpid())
         assert status["Threads"] == "1"
         assert os.getsid(zygote.pid) == zygote.pid
@@ -432,9 +424,7 @@ trio.run(main)
 async def test_killing_the_parent_leaves_no_zygote_and_no_worker() -> None:
     """The chain: parent -> zygote -> each worker and the init of its PID
     namespace; each has a parent-death signal towards the one above."""
-    async with pids_from_a_parent(ORPHAN_MAKER) as pids:
-        zygote_pid, *below = pids
-    workers, inits = below[:3], below[3:]
-    assert len(inits) == 3
-    for pid in (zygote_pid, *workers, *inits):
-        await _wait_gone(pid)
+    async with pidfds_from_a_parent(ORPHAN_MAKER) as pidfds:
+        assert len(pidfds) == 1 + 3 + 3  # the zygote, 3 workers, their inits
+        for pidfd in pidfds:
+            await wait_exited(pidfd)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from _process_support import children, pipe_with
+from _process_support import children, echo_a_pipe, proc_status, worker_block_error
 from _zygote_support import interpreter
 
 from trio_mojo import (
@@ -50,29 +50,13 @@ def _zygote_children(zygote: Zygote) -> list[int]:
     return [int(pid) for pid in Path(path).read_text().split()]
 
 
-def _status(pid: int) -> dict[str, str]:
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        fields[key] = value.strip()
-    return fields
-
-
 async def _worker_error(
     zygote: Zygote, target: str, body: Callable[[Worker], Awaitable[object]]
 ) -> tuple[Worker, WorkerError]:
     """Run ``body`` in an ``open_worker`` block that must raise WorkerError."""
-    started: list[Worker] = []
-
-    async def run() -> None:
-        async with open_worker(target, zygote=zygote) as worker:
-            started.append(worker)
-            await body(worker)
-
-    with pytest.raises(WorkerError) as info:
-        await run()
-    (worker,) = started
-    return worker, info.value
+    return await worker_block_error(
+        WorkerError, lambda: open_worker(target, zygote=zygote), body
+    )
 
 
 # ----------------------------------------------------------------------
@@ -81,13 +65,7 @@ async def _worker_error(
 
 async def test_echo_with_fds_both_ways(zygote: Zygote) -> None:
     async with open_worker(f"{EXAMPLES}:echo", zygote=zygote) as worker:
-        await worker.channel.send(Message(b"ping", (pipe_with(b"parent's pipe"),)))
-        reply = await worker.channel.receive()
-        with reply:
-            assert reply.payload == b"ping"
-            (handle,) = reply.handles
-            assert not os.get_inheritable(handle.fileno())
-            assert os.read(handle.fileno(), 100) == b"parent's pipe"
+        await echo_a_pipe(worker)
     assert worker.returncode == 0
     assert zygote.forked == 1
 
@@ -104,11 +82,11 @@ async def test_the_report_and_proc_show_the_full_sandbox(zygote: Zygote) -> None
         # pid 2, next to an init (pid 1) that dropped to the worker's uid:
         # no supervisor in between.
         assert worker._process.pid == worker.pid
-        status = _status(worker.pid)
+        status = proc_status(worker.pid)
         assert status["PPid"] == str(zygote.pid)
         assert status["NSpid"].split() == [str(worker.pid), "2"]
         (init,) = set(_zygote_children(zygote)) - {worker.pid}
-        init_status = _status(init)
+        init_status = proc_status(init)
         assert init_status["NSpid"].split() == [str(init), "1"]
         assert init_status["Uid"].split() == [str(STRICT.worker_uid)] * 4
         assert init_status["CapEff"] == "0" * 16
@@ -208,7 +186,7 @@ async def test_a_nonzero_exit_raises_worker_error_with_the_tail(
     assert error.returncode == worker.returncode == status
     assert f"crash: exiting with status {status}" in error.stderr_tail
     with pytest.raises(FileNotFoundError):  # the zygote reaped its child
-        _status(worker._process.pid)
+        proc_status(worker._process.pid)
     assert zygote.running_workers == 0
 
 

@@ -55,7 +55,7 @@ import subprocess
 import sys
 import unicodedata
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
@@ -382,6 +382,51 @@ async def open_worker(
         if broker_local is not None:
             broker_local.close()
         raise
+    try:
+        async with (
+            owned_child(process) as (nursery, tail),
+            open_channel(local, **channel_options) as channel,
+        ):
+            broker_scope = trio.CancelScope()
+            if broker is not None and broker_local is not None:
+                nursery.start_soon(_serve_broker, broker, broker_local, broker_scope)
+            report, pid = await _handshake(
+                channel, process, tail, policy, startup_timeout
+            )
+            worker = Worker(process, pid, channel, report, tail)
+            worker.broker = broker
+            try:
+                yield worker
+                await channel.aclose()
+            except (ChannelError, trio.EndOfChannel) as exc:
+                error = await _explain(exc, process, tail)
+                if error is exc:
+                    raise
+                raise error from exc
+            # The broker serves until the worker has exited: a target may
+            # still use it after its channel's EOF.
+            await _finish(process, tail, grace_period)
+            broker_scope.cancel()
+    finally:
+        local.close()
+        if broker_local is not None:
+            broker_local.close()
+
+
+@asynccontextmanager
+async def owned_child(
+    process: ProcessLike,
+) -> AsyncIterator[tuple[trio.Nursery, _Tail]]:
+    """Own a started child for a block: its stderr tail, its helper tasks.
+
+    Yields a nursery for the block's helper tasks (a stderr drain into the
+    :class:`_Tail` yielded runs there already); they are cancelled when the
+    block ends.  A block that fails (an exception or a cancellation) kills
+    the child at once, and its error reaches the caller bare: not in an
+    exception group, even when the helper tasks saw an outer cancellation
+    too.  Either way the child is killed if it still runs, and its pipes
+    are closed.  ``open_worker`` and ``open_zygote`` own their child so.
+    """
     tail = _Tail()
     raised: BaseException | None = None
     try:
@@ -389,32 +434,7 @@ async def open_worker(
             assert process.stderr is not None
             nursery.start_soon(tail.drain, process.stderr)
             try:
-                async with AsyncExitStack() as stack:
-                    channel = await stack.enter_async_context(
-                        open_channel(local, **channel_options)
-                    )
-                    broker_scope = trio.CancelScope()
-                    if broker is not None and broker_local is not None:
-                        nursery.start_soon(
-                            _serve_broker, broker, broker_local, broker_scope
-                        )
-                    report, pid = await _handshake(
-                        channel, process, tail, policy, startup_timeout
-                    )
-                    worker = Worker(process, pid, channel, report, tail)
-                    worker.broker = broker
-                    try:
-                        yield worker
-                        await channel.aclose()
-                    except (ChannelError, trio.EndOfChannel) as exc:
-                        error = await _explain(exc, process, tail)
-                        if error is exc:
-                            raise
-                        raise error from exc
-                    # The broker serves until the worker has exited: a
-                    # target may still use it after its channel's EOF.
-                    await _finish(process, tail, grace_period)
-                    broker_scope.cancel()
+                yield nursery, tail
             except BaseException as exc:
                 # Raised outside the nursery, so the caller gets it bare.
                 raised = exc
@@ -429,9 +449,6 @@ async def open_worker(
         if process.returncode is None:
             await kill(process)
         await close_pipes(process)
-        local.close()
-        if broker_local is not None:
-            broker_local.close()
     if raised is not None:
         raise raised
 

@@ -72,12 +72,10 @@ from ._spawn import (
     CHANNEL_SWITCH,
     Process,
     SignalForwarding,
-    close_pipes,
-    kill,
     reap,
     start_with_endpoints,
 )
-from ._worker import _environment, _Tail
+from ._worker import _environment, _Tail, owned_child
 
 __all__ = ["ForkedProcess", "Zygote", "open_zygote"]
 
@@ -603,53 +601,33 @@ async def open_zygote(
     except BaseException:
         local.close()
         raise
-    tail = _Tail()
     zygote: Zygote | None = None
-    raised: BaseException | None = None
     try:
-        async with trio.open_nursery() as nursery:
-            assert process.stderr is not None
-            nursery.start_soon(tail.drain, process.stderr)
-            try:
-                async with open_channel(
-                    local,
-                    max_message_size=protocol.MAX_CONTROL_MESSAGE,
-                    max_handles_per_message=1,
-                    max_queued_handles=1,
-                ) as channel:
-                    ready = await _ready(
-                        channel, process, tail, interpreter, startup_timeout
-                    )
-                    zygote = Zygote(
-                        process,
-                        channel,
-                        tail,
-                        preloaded=ready.preloaded,
-                        sandbox=policy,
-                        max_pending=max_pending,
-                    )
-                    dispatcher = trio.CancelScope()
-                    nursery.start_soon(zygote._dispatch, dispatcher)
-                    yield zygote
-                    dispatcher.cancel()
-                # The channel is closed: the zygote sees its end and exits.
-                await reap(process, grace_period=grace_period)
-            except BaseException as exc:
-                # Raised outside the nursery, so the caller gets it bare.
-                raised = exc
-                await kill(process)
-            nursery.cancel_scope.cancel()
-    except BaseException:
-        # The helper tasks saw an outer cancellation too: the nursery raises
-        # a group of Cancelled that must not replace the body's own error.
-        if raised is None:
-            raise
+        async with owned_child(process) as (nursery, tail):
+            async with open_channel(
+                local,
+                max_message_size=protocol.MAX_CONTROL_MESSAGE,
+                max_handles_per_message=1,
+                max_queued_handles=1,
+            ) as channel:
+                ready = await _ready(
+                    channel, process, tail, interpreter, startup_timeout
+                )
+                zygote = Zygote(
+                    process,
+                    channel,
+                    tail,
+                    preloaded=ready.preloaded,
+                    sandbox=policy,
+                    max_pending=max_pending,
+                )
+                dispatcher = trio.CancelScope()
+                nursery.start_soon(zygote._dispatch, dispatcher)
+                yield zygote
+                dispatcher.cancel()
+            # The channel is closed: the zygote sees its end and exits.
+            await reap(process, grace_period=grace_period)
     finally:
-        if process.returncode is None:
-            await kill(process)
         if zygote is not None:
             zygote._release()
-        await close_pipes(process)
         local.close()
-    if raised is not None:
-        raise raised
