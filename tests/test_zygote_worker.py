@@ -90,6 +90,8 @@ async def test_the_report_and_proc_show_the_full_sandbox(zygote: Zygote) -> None
         assert init_status["NSpid"].split() == [str(init), "1"]
         assert init_status["Uid"].split() == [str(STRICT.worker_uid)] * 4
         assert init_status["CapEff"] == "0" * 16
+        # It holds nothing but stdio: not the worker's channel nor the zygote's.
+        assert sorted(os.listdir(f"/proc/{init}/fd")) == ["0", "1", "2"]
         for name in ("pid", "user"):  # its namespace; the worker's own userns
             same = (
                 os.stat(f"/proc/{init}/ns/{name}").st_ino
@@ -109,6 +111,10 @@ async def test_the_report_and_proc_show_the_full_sandbox(zygote: Zygote) -> None
         assert os.getsid(worker.pid) == worker.pid  # a session of its own
         await worker.channel.send(Message(b"still echoing"))
         assert (await worker.channel.receive()).payload == b"still echoing"
+    # Its exit was reported once its namespace was empty: both reaped.
+    for pid in (worker.pid, init):
+        with pytest.raises(FileNotFoundError):
+            proc_status(pid)
 
 
 async def test_the_broker_serves_a_forked_worker(
