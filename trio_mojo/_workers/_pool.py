@@ -304,7 +304,16 @@ class WorkerPool:
         At most ``window`` requests are outstanding at once (default: as
         many as the workers and the queue hold).  Use it as ``async for
         reply in pool.map(messages)``, or as ``async with pool.map(...) as
-        replies`` to stop early: see :class:`WorkerPoolMap`.
+        replies`` to stop early: see :class:`WorkerPoolMap`.  The messages
+        are read, and the requests sent, while the consumer iterates.
+
+        Returns:
+            A :class:`WorkerPoolMap` of the replies, in the order of
+            ``messages``.
+
+        Raises:
+            TypeError: ``messages`` is neither an iterable nor an async
+                iterable.
         """
         if window is None:
             window = self._size * self._max_in_flight + self._queue.capacity

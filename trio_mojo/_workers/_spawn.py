@@ -236,7 +236,10 @@ class Process(SignalForwarding):
         return result
 
     async def wait(self) -> int:
-        """Wait until the child exits, reap it, and return its status."""
+        """Wait until the child exits, reap it, and return its status.
+
+        Cancelled, it only stops waiting: the child goes on running.
+        """
         async with self._wait_lock:
             if self.poll() is None:
                 if self._pidfd is not None:
@@ -473,7 +476,7 @@ class ChildProcess:
 
     @property
     def returncode(self) -> int | None:
-        """The exit status once the child was reaped (negative: a signal)."""
+        """The exit status once the child was reaped, negative for a signal."""
         return self.process.returncode
 
     def __repr__(self) -> str:
@@ -500,11 +503,25 @@ async def open_process_with_channel(
     trio_mojo child calls :func:`recover_endpoint`; a plain one parses the
     switch and speaks the Mojo wire format on that socket.
 
-    Yields a :class:`ChildProcess`; open a channel on its ``endpoint``.
     Leaving the block normally closes the endpoint if unused and waits for
     the child to exit (``grace_period`` seconds, then ``SIGTERM``, then
     ``SIGKILL``); leaving it by an exception or cancellation kills the child.
     The child is always reaped before the block is left.
+
+    Args:
+        argv: the program and its arguments; the switch is appended.
+        env: the child's environment (default: the parent's).
+        cwd: the child's working directory.
+        stdin: as for :class:`subprocess.Popen` (default ``/dev/null``).
+        stdout: as for :class:`subprocess.Popen` (default: the parent's).
+        stderr: as for :class:`subprocess.Popen` (default: the parent's).
+        start_new_session: start the child in a session of its own
+            (default), so a terminal's signals do not reach it.
+        grace_period: seconds a normal exit waits for the child before
+            ``SIGTERM``, and as long again before ``SIGKILL``.
+
+    Yields:
+        A :class:`ChildProcess`: open a channel on its ``endpoint``.
 
     Raises:
         OSError: the program could not be started.

@@ -148,7 +148,12 @@ class Worker:
 
     @property
     def stderr_tail(self) -> str:
-        """The last few KiB the worker wrote to its stderr (see :func:`escape_controls`)."""
+        """The last few KiB the worker wrote to its stderr.
+
+        Decoded leniently, with every control character but newline and tab
+        escaped (``\\x1b``, ``\\r``, ``\\u202e``, ...): the worker's output is
+        hostile.
+        """
         return self._tail.text()
 
     def __repr__(self) -> str:
@@ -277,6 +282,15 @@ async def open_worker(
 ) -> AsyncIterator[Worker]:
     """Start a worker process running ``target`` and yield a :class:`Worker`.
 
+    The block is entered once the worker has applied its sandbox and the
+    parent has checked it in ``/proc``; only then does the target run.
+    Leaving the block normally closes the channel (the target sees
+    ``EndOfChannel`` and should return) and waits ``grace_period`` seconds
+    for the worker to exit, then sends ``SIGTERM``, then ``SIGKILL``.
+    Leaving it by an exception or a cancellation kills the worker at once.
+    Either way the worker is reaped before the block is left; a worker that
+    exited with a non-zero status raises :class:`WorkerError`.
+
     Args:
         target: ``"package.module:function"``; an async function the worker
             calls with its :class:`Channel` (the other end of
@@ -294,7 +308,8 @@ async def open_worker(
             worker opens files with ``await current_broker().open(path)``.
         python: the interpreter (default :data:`sys.executable`).
         env: the worker's environment; default: the parent's variables
-            named in :data:`ENV_ALLOWLIST`, nothing else.
+            ``PATH``, ``LANG``, ``LC_ALL``, ``LC_CTYPE`` and ``TZ``, nothing
+            else.
         cwd: the worker's working directory.
         stdout: where the worker's stdout goes (default ``/dev/null``;
             ``None`` inherits the parent's).
@@ -303,6 +318,9 @@ async def open_worker(
         grace_period: seconds a normal exit waits for the worker to finish
             before ``SIGTERM`` (and as long again before ``SIGKILL``).
         channel_options: passed to :func:`open_channel` for the main channel.
+
+    Yields:
+        The running :class:`Worker`.
 
     Raises:
         SandboxUnavailableError: a required sandbox layer cannot be applied
