@@ -190,7 +190,7 @@ class Process(SignalForwarding):
     thread on kernels without one); the child is reaped by ``wait()``.
 
     Signals to a sandboxed worker go to the worker process itself once
-    :meth:`forward_signals` named it (:class:`SignalForwarding`).
+    :meth:`forward_signals` named it.
     """
 
     supervises_namespaced_worker: Final = True

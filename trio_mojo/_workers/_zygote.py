@@ -98,7 +98,7 @@ class ForkedProcess(SignalForwarding):
     (``supervises_namespaced_worker`` is false): ``pid`` is the worker
     itself.  Otherwise its lockdown makes this process the supervisor of
     the worker proper, and once ``open_worker`` has found that one,
-    signals go to it (:class:`SignalForwarding`).  ``stderr`` is the read
+    signals go to it (:meth:`forward_signals`).  ``stderr`` is the read
     end of the worker's stderr pipe, as a Trio stream; ``stdin`` and
     ``stdout`` are always ``None``.
     """
