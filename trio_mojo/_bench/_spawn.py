@@ -157,9 +157,7 @@ async def _concurrent(count: int, start_one: Callable[[trio.Event], Awaitable[No
     return elapsed
 
 
-async def _measure(
-    reps: int, concurrent: int, spawned_concurrent: bool, references: bool
-) -> dict[str, Any]:
+async def _measure(reps: int, concurrent: int, references: bool) -> dict[str, Any]:
     """Every measurement but the child's steps; with ``references``, each
     trio_mojo sample is followed by one of its ``multiprocessing``
     counterpart (zygote / forkserver, open_worker / spawn), so that the
@@ -168,15 +166,6 @@ async def _measure(
     samples: dict[str, list[float]] = {}
     result: dict[str, Any] = {}
     steps: dict[str, list[float]] = {}
-
-    def alive_until_cancelled(zygote: Zygote | None) -> Callable[[trio.Event], Awaitable[None]]:  # fmt: skip
-        async def start_one(done: trio.Event) -> None:
-            async with open_worker(TARGET, sandbox=policy, zygote=zygote) as worker:
-                await _echo_once(worker.channel)
-                done.set()
-                await trio.sleep_forever()
-
-        return start_one
 
     async def pairs(name: str, zygote: Zygote | None, method: str) -> None:
         context = multiprocessing.get_context(method) if references else None
@@ -199,20 +188,35 @@ async def _measure(
             result["zygote_steps"] = {name: _summary(v) for name, v in steps.items()}
             _progress(f"[spawn] zygote: {concurrent} strict() workers at once")
             result["zygote_concurrent_s"] = await _concurrent(
-                concurrent, alive_until_cancelled(zygote)
+                concurrent, _alive_until_cancelled(zygote)
             )
         if references:
             _progress(f"[spawn] mp forkserver: {concurrent} children at once")
             result["mp_forkserver_concurrent_s"] = _mp_concurrent(concurrent)
         _progress(f"[spawn] open_worker and mp spawn: {reps} x spawn-to-first-message")
         await pairs("spawned", None, "spawn")
-    if spawned_concurrent:
-        _progress(f"[spawn] open_worker: {concurrent} strict() workers at once")
-        result["spawned_concurrent_s"] = await _concurrent(
-            concurrent, alive_until_cancelled(None)
-        )
     result.update({name: _summary(values) for name, values in samples.items()})
     return result
+
+
+async def _spawned_concurrent(concurrent: int) -> float:
+    """``concurrent`` spawned ``strict()`` workers at once (run last: 100
+    interpreters starting together load the machine for a while)."""
+    _progress(f"[spawn] open_worker: {concurrent} strict() workers at once")
+    return await _concurrent(concurrent, _alive_until_cancelled(None))
+
+
+def _alive_until_cancelled(zygote: Zygote | None) -> Callable[[trio.Event], Awaitable[None]]:  # fmt: skip
+    """Start a ``strict()`` worker (forked from ``zygote``, or spawned), have
+    it answer, set the event, and keep it alive until cancelled."""
+
+    async def start_one(done: trio.Event) -> None:
+        async with open_worker(TARGET, sandbox=SandboxPolicy.strict(), zygote=zygote) as worker:  # fmt: skip
+            await _echo_once(worker.channel)
+            done.set()
+            await trio.sleep_forever()
+
+    return start_one
 
 
 # ---------------------------------------------------------------- multiprocessing
@@ -548,13 +552,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     load_before = os.getloadavg()
     result: dict[str, Any] = trio.run(
-        _measure,
-        args.reps,
-        args.concurrent,
-        not args.no_spawned_concurrent,
-        not args.no_multiprocessing,
+        _measure, args.reps, args.concurrent, not args.no_multiprocessing
     )
     result["child_steps"] = _measure_child_steps(args.reps)
+    if not args.no_spawned_concurrent:
+        result["spawned_concurrent_s"] = trio.run(_spawned_concurrent, args.concurrent)
     result["meta"] = {
         "environment": _environment(),
         "reps": args.reps,
