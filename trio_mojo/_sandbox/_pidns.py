@@ -102,6 +102,7 @@ _ORPHANED_EXIT: Final = 70
 _FD_CEILING: Final = 2**31 - 1
 _CLONE_NEWPID: Final = 0x20000000
 
+_LOWEST_PRIORITY: Final = 19
 WORKER_PID: Final = 2
 """The worker's pid in its PID namespace, next to its init (pid 1)."""
 
@@ -301,9 +302,18 @@ def _bare_fork() -> int:
 
 
 def _hold_namespace_for(alive: int, identity: tuple[int, int] | None) -> NoReturn:
-    """The init of a worker forked from outside: hold the namespace, reap orphans."""
+    """The init of a worker forked from outside: hold the namespace, reap orphans.
+
+    First it closes the forking process's fds (its control socket, the
+    worker's channel: their peers must see them close with their owners),
+    then it gives way to the worker, which starts at the same moment and is
+    the one that matters (the lowest priority, ``nice`` 19: an init needs
+    no CPU once it waits), and only then does the rest.
+    """
     try:
+        _close_all_but((alive,))
         signal.set_wakeup_fd(-1)  # the forking process's, if any: not ours
+        os.nice(_LOWEST_PRIORITY)
         if identity is not None:
             uid, gid = identity
             os.setgroups([])
@@ -312,7 +322,7 @@ def _hold_namespace_for(alive: int, identity: tuple[int, int] | None) -> NoRetur
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # after the uid change
         if select.select([alive], [], [], 0)[0]:  # the pidfd: its parent exited
             os._exit(_ORPHANED_EXIT)
-        _close_all_but(())
+        os.close(alive)
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps orphans
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # an init ignores it then
         while True:
