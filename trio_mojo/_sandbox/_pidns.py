@@ -69,8 +69,9 @@ back to its own namespace for its next children (``setns``).  The worker
 is the same pid 2 next to an init, so signals, exit statuses and
 ``getpid()`` behave as above, and the zygote sees the worker's own exit
 status.  The init (forked without Python's at-fork handlers, which it does
-not need) drops to the worker's unprivileged uid and gid, closes
-every fd and ignores ``SIGCHLD``; it dies with the zygote
+not need) closes every fd, takes the lowest priority (the worker it was
+forked with needs the CPU, an init that waits does not), drops to the
+worker's unprivileged uid and gid, and ignores ``SIGCHLD``; it dies with the zygote
 (``PR_SET_PDEATHSIG``; it checks a pidfd of the zygote afterwards, as its
 parent lives outside its namespace and ``getppid()`` says 0 either way),
 and with it the whole namespace: the worker, whose own death signal
