@@ -16,8 +16,9 @@ forks workers when the parent asks (``_zygote_protocol``).  Starting a
 worker costs a ``fork`` instead of an interpreter start and its imports.
 
 The zygote never forks from inside ``trio.run``: a process forked from
-inside a run cannot start a run of its own.  (It runs Trio once at start,
-to completion, so that workers inherit warmed-up code: :func:`_warm_up`.)
+inside a run cannot start a run of its own.  (It runs Trio a few times at
+start, each to completion, so that workers inherit warmed-up code:
+:func:`_warm_up`.)
 It serves the control channel with a small blocking loop instead: ``poll``
 on the channel and on a wakeup pipe that the ``SIGCHLD`` handler writes to
 (:func:`signal.set_wakeup_fd`), the sans-I/O :class:`MessageDecoder` and
