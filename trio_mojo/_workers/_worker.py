@@ -132,8 +132,9 @@ class Worker:
         """The host process id of the process that runs the target.
 
         In a PID namespace (the ``namespaces`` layer) that process is a
-        child of the one ``open_worker`` started (its supervisor), and sees
-        itself as pid 2 (``sandbox_report.pid``).
+        child of the one ``open_worker`` started (its supervisor), or the
+        zygote's own child when a root zygote forked it, and sees itself as
+        pid 2 (``sandbox_report.pid``).
         """
         return self._pid
 
@@ -142,7 +143,8 @@ class Worker:
         """The exit status once the worker was reaped, else ``None``.
 
         Negative for a signal, as :attr:`subprocess.Popen.returncode`; the
-        supervisor of a namespaced worker exits exactly as the worker did.
+        supervisor of a namespaced worker exits exactly as the worker did,
+        and a zygote relays the status of the workers it forked.
         """
         return self._process.returncode
 
