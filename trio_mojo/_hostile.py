@@ -35,7 +35,6 @@ import select
 import signal
 import socket
 import struct
-import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final
@@ -47,7 +46,6 @@ from trio_mojo._core._message import Message
 from trio_mojo._errors import BrokerError
 from trio_mojo._handles import Handle
 from trio_mojo._workers._broker import current_broker
-from trio_mojo._workers._spawn import CHANNEL_SWITCH
 
 __all__ = [
     "PROBES",
@@ -98,13 +96,13 @@ def _outcome(action: Callable[[], object]) -> str:
     return "ALLOWED"
 
 
-def _own_channel_fd() -> int:
-    """The fd of this worker's main channel, from its command line."""
-    prefix = CHANNEL_SWITCH + "="
-    for arg in sys.argv:
-        if arg.startswith(prefix):
-            return int(arg[len(prefix) :])
-    raise LookupError(CHANNEL_SWITCH)
+_channel_fds: list[int] = []
+"""The fd of the channel :func:`probe` serves (for the probes)."""
+
+
+def _fd_of(channel: Channel) -> int:
+    """The fd of this worker's end of ``channel`` (its socket)."""
+    return channel._sock.fileno()
 
 
 # ---------------------------------------------------------------- memory
@@ -261,7 +259,7 @@ def _socket_options(args: Args) -> dict[str, str]:
     program = ctypes.create_string_buffer(_ACCEPT_ALL)
     fprog = bytes(_SockFprog(1, ctypes.addressof(program)))
     left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    channel = socket.socket(fileno=os.dup(_own_channel_fd()))
+    channel = socket.socket(fileno=os.dup(_channel_fds[-1]))
     with left, right, channel:
         return {
             "SO_ATTACH_FILTER": _outcome(
@@ -358,6 +356,7 @@ def _leave_a_process(args: Args) -> dict[str, Any]:
 
 async def probe(channel: Channel) -> None:
     """Run the probe each request names; reply with its JSON result."""
+    _channel_fds.append(_fd_of(channel))
     async for message in channel:
         message.close()
         request = json.loads(message.payload)
@@ -421,7 +420,7 @@ async def hand_back_channel_and_die(channel: Channel) -> None:
         (await channel.receive()).close()
     except trio.EndOfChannel:
         return
-    await channel.send(Message(b"here", (Handle(os.dup(_own_channel_fd())),)))
+    await channel.send(Message(b"here", (Handle(os.dup(_fd_of(channel))),)))
     os._exit(0)
 
 
