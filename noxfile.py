@@ -1,7 +1,7 @@
 """Developer and CI task runner: ``nox`` runs lint, typing and tests.
 
 Extra sessions (not run by default): ``nox -s slow``, ``nox -s bench`` and
-``nox -s docs`` and ``nox -s fuzz -- --minutes N``.
+``nox -s docs``, ``nox -s fuzz -- --minutes N`` and ``nox -s soak -- --minutes N``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ INSTALLED_ENV = {"PYTHONSAFEPATH": "1", "TRIO_MOJO_REQUIRE_INSTALLED": "1"}
 # The tutorial's example project: tests/test_docs_examples.py runs the
 # tutorial's programs, whose workers (``python -I``) import it.
 TUTORIAL_PROJECT = "./docs/tutorial/project"
+
+# The soak's worker target, installed so that isolated workers import it.
+SOAK_TARGET = "./tests/soak/target"
 
 
 def _group(name: str) -> list[str]:
@@ -114,3 +117,22 @@ def fuzz(session: nox.Session) -> None:
         *session.posargs,
         env=INSTALLED_ENV,
     )
+
+
+@nox.session
+def soak(session: nox.Session) -> None:
+    """Soak the parent and its sandboxed workers: ``nox -s soak -- --minutes N``.
+
+    Mixed traffic (0 B to 1 MiB, 0 to 16 fds, random cancellations) between
+    the parent and ``strict()`` workers, a recycling pool and ``open_worker``
+    churn; every reply checked against digests, every fd by identity.  The
+    parent's RSS, fds and tasks are sampled at quiet points every few
+    seconds; after a warm-up (the first half), a least-squares slope over
+    the second half whose implied growth exceeds a tolerance (RSS 16 MiB +
+    5%, fds 8, tasks 8) fails the session, as does any bad reply, a child
+    process left behind, or an fd or task left once the workers are closed.
+    Table, CSV, plot (PNG) and log go to ``build/soak/`` (``--output``); see
+    ``tests/soak/run.py --help`` for the rest.
+    """
+    session.install(".", SOAK_TARGET, *_group("soak"))
+    session.run("python", "tests/soak/run.py", *session.posargs, env=INSTALLED_ENV)

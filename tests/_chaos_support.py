@@ -28,6 +28,7 @@ from trio_mojo._handles import close_all
 __all__ = [
     "PEER",
     "SourcePipes",
+    "all_tasks",
     "chaos_seeds",
     "nothing_left_behind",
     "peer_command",
@@ -59,7 +60,8 @@ def peer_command(*args: str) -> list[str]:
     return [sys.executable, str(PEER), *args]
 
 
-def _all_tasks() -> set[trio.lowlevel.Task]:
+def all_tasks() -> set[trio.lowlevel.Task]:
+    """Every task of the current run, found from its root task."""
     root = trio.lowlevel.current_root_task()
     assert root is not None
     found: set[trio.lowlevel.Task] = set()
@@ -83,10 +85,10 @@ def assert_no_children(seed: int) -> None:
 @contextlib.asynccontextmanager
 async def nothing_left_behind(seed: int) -> AsyncIterator[None]:
     """After the block: every task it started finished, every child reaped."""
-    before = _all_tasks()
+    before = all_tasks()
     yield
     # Tasks that ended are gone from their nurseries; anything new is alive.
-    left = _all_tasks() - before
+    left = all_tasks() - before
     assert not left, f"seed={seed}: tasks still running: {[t.name for t in left]}"
     assert_no_children(seed)
 
