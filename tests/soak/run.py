@@ -56,6 +56,7 @@ import random
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -333,12 +334,16 @@ def sample(started: float, counts: Counts) -> Sample:
     )
 
 
-async def soak(args: argparse.Namespace, say: Say) -> tuple[list[Sample], Counts]:
-    """Run the workload for ``args.minutes``; return the samples and counts."""
+async def soak(
+    args: argparse.Namespace, say: Say, samples: list[Sample], counts: Counts
+) -> None:
+    """Run the workload for ``args.minutes``, filling ``samples`` and ``counts``.
+
+    Raises:
+        AssertionError: a reply was wrong, or something was left behind.
+    """
     rng = random.Random(args.seed)
-    counts = Counts()
     gate = Gate()
-    samples: list[Sample] = []
     policy = SandboxPolicy.strict()
     fds_before, tasks_before = open_fds(), all_tasks()
     started = time.monotonic()
@@ -377,7 +382,6 @@ async def soak(args: argparse.Namespace, say: Say) -> tuple[list[Sample], Counts
     assert stats.failed == 0, f"the pool failed {stats.failed} request(s)"
     assert stats.workers_replaced == 0, "a pool worker died and was replaced"
     _check_nothing_left(fds_before, tasks_before)
-    return samples, counts
 
 
 def _check_nothing_left(
@@ -540,11 +544,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         say(HEADER)
         failures: list[str] = []
+        samples: list[Sample] = []
+        counts = Counts()
         try:
-            samples, counts = trio.run(soak, args, say)
-        except AssertionError as exc:
-            say(f"FAILED: {exc}")
-            return 1
+            trio.run(soak, args, say, samples, counts)
+        except Exception as exc:  # a finding: still show what was measured
+            traceback.print_exc()
+            failures.append(f"the workload stopped: {exc!r}")
         say(
             f"checked {counts.messages} messages ({counts.payload_bytes / 2**20:.0f} "
             f"MiB of replies) and {counts.fds} fds; {counts.cancelled} cancelled; "
