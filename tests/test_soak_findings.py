@@ -5,12 +5,13 @@ Each is ``xfail(strict=True)`` until the owner of the code fixes it.
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
 import trio
 
-from trio_mojo import SandboxPolicy, open_worker, open_zygote
+from trio_mojo import Handle, Message, SandboxPolicy, open_worker, open_zygote
 from trio_mojo._channel import _YIELD_EVERY
 
 BASIC = SandboxPolicy.basic()
@@ -64,3 +65,42 @@ async def test_a_fork_reply_routed_before_its_request_is_registered(
         finally:
             trio.lowlevel.remove_instrument(instrument)
         assert zygote.forked == _YIELD_EVERY
+
+
+FDS_PER_MESSAGE = 16
+ECHOES = 24
+"""384 fds echoed in all: more than a ``strict()`` worker's 256 open files."""
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0, reason="measured with a root parent (the uid drop needs one)"
+)
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "the kernel charges fds in flight on an AF_UNIX socket to the sending "
+        "user and refuses (ETOOMANYREFS) past its RLIMIT_NOFILE (256 in "
+        "strict(), shared by every worker: all run as nobody); the channel "
+        "takes that for a fatal write error, so a worker whose replies carry "
+        "fds dies as soon as the parent reads them slower than it answers"
+    ),
+)
+async def test_a_worker_answering_with_fds_waits_while_too_many_are_in_flight() -> None:
+    # The parent's channel reads ahead at most 16 fds: the rest of the
+    # worker's replies wait in the socket, their fds in flight.
+    async with open_worker(
+        "trio_mojo._examples_pool:echo", receive_queue_handles=FDS_PER_MESSAGE
+    ) as worker:
+        for serial in range(ECHOES):
+            handles = [
+                Handle(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+                for _ in range(FDS_PER_MESSAGE)
+            ]
+            await worker.channel.send(Message(serial.to_bytes(4, "little"), handles))
+            await trio.sleep(0.01)  # time to echo it before the next one comes
+        for serial in range(ECHOES):
+            with trio.fail_after(10):
+                reply = await worker.channel.receive()
+            with reply:
+                assert reply.payload == serial.to_bytes(4, "little")
+                assert len(reply.handles) == FDS_PER_MESSAGE
