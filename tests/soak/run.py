@@ -42,16 +42,22 @@ not judged at all (the machine is shared).  Then, after every worker was
 closed: no child process is left (running or zombie), and the parent's
 fds and tasks are exactly those it had before the workload.
 
+The workers run ``strict()`` with a uid and gid of their own
+(``own_uid_policy``), not ``nobody``: the kernel's per-user counts (fds in
+flight, processes) would otherwise be shared with every other ``nobody``
+process on the machine, other test sessions included.
+
 Two findings of this soak shape its defaults (their regression tests are in
 ``tests/test_soak_findings.py``).  ``--max-in-flight`` is 2, not the
-pool's 32: every ``strict()`` worker runs as ``nobody`` with 256 open files,
-and the kernel refuses (``ETOOMANYREFS``) a ``sendmsg`` once the fds in
-flight from that user pass 256, which kills the worker; with 3 workers
+pool's 32: every ``strict()`` worker of a uid (``nobody`` by default) has
+256 open files, and the kernel refuses (``ETOOMANYREFS``) a ``sendmsg``
+once the fds in flight from that user pass 256, which kills the worker; with
+3 workers
 holding 32 requests of up to 16 fds, a parent that reads a little slower
 than they answer gets there within minutes.  And a zygote may kill itself
-when its reply to a fork overtakes the request's registration (about one
-fork in a few hundred on a loaded machine): until that is fixed, a 30-minute
-run needs ``--no-zygote`` to get past its first minutes.
+when its reply to a fork overtakes the request's registration (in one of
+two 1-minute runs, at its 128th fork): until that is fixed, a 30-minute run
+needs ``--no-zygote`` to get through.
 
 Exit status: 0 when every check passed, 1 otherwise (each failure is
 printed).
@@ -84,6 +90,7 @@ if str(TESTS) not in sys.path:  # for ``_fds`` and ``_process_support``
 from _chaos_support import all_tasks  # noqa: E402
 from _fds import open_fds  # noqa: E402
 from _process_support import children  # noqa: E402
+from _redteam_support import own_uid_policy  # noqa: E402
 from soak_target import ECHO, digests  # noqa: E402
 
 from trio_mojo import (  # noqa: E402
@@ -357,7 +364,7 @@ async def soak(
     """
     rng = random.Random(args.seed)
     gate = Gate()
-    policy = SandboxPolicy.strict()
+    policy = own_uid_policy(SandboxPolicy.strict())
     fds_before, tasks_before = open_fds(), all_tasks()
     started = time.monotonic()
     async with (
@@ -561,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"workers (max_requests={args.max_requests}, "
             f"max_in_flight={args.max_in_flight}, "
             f"{'forked by a zygote' if args.zygote else 'no zygote'}), "
-            f"{args.clients} clients, 1 churn task; strict() sandbox",
+            f"{args.clients} clients, 1 churn task; strict() sandbox, own uid",
         )
         say(HEADER)
         failures: list[str] = []
