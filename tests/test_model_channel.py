@@ -305,6 +305,17 @@ def _note_failure(end: End, error: BaseException) -> None:
         end.malformed_seen = True
 
 
+def _check_queue_counts(end: End) -> None:
+    """An empty queue holds no bytes and no fds: its counters add up."""
+    stats = end.channel.statistics()
+    if not stats.receive_queue_messages:
+        held = (stats.receive_queue_bytes, stats.receive_queue_handles)
+        assert held == (0, 0), f"{end.name}: empty receive queue holds {held}"
+    if not stats.send_queue_messages:
+        held = (stats.send_queue_bytes, stats.send_queue_handles)
+        assert held == (0, 0), f"{end.name}: empty send queue holds {held}"
+
+
 def _check_failure(what: str, error: BaseException, allowed: set[Failure]) -> None:
     _check_single(error)
     assert type(error) in allowed, (
@@ -896,6 +907,8 @@ class ChannelModel(RuleBasedStateMachine):
                 self._receive_ended(end, receive_op)
         for end in self.ends.values():
             self._check_waiting(end)
+            if not end.closed:
+                _check_queue_counts(end)
 
     @invariant()
     def step_passed(self) -> None:
