@@ -5,7 +5,7 @@ inside one ``trio.run`` (see ``_model_driver.py``): both ends open as
 channels, or the right end a raw socket peer (``_model_peer.py``) that can
 also misbehave.  The rules, in any order:
 
-* ``send`` a message (0 B to 300 KiB, ``NORMAL`` or ``NORMAL_LEGACY``,
+* ``send`` a message (0 B to 1 MB, ``NORMAL`` or ``NORMAL_LEGACY``,
   0 to 253 tagged fds) and ``receive``, each as an operation that may stay
   pending across steps; ``cancel`` a pending send, receive or
   ``send_eof``; ``send_eof``; close an end (``aclose()``, leaving the
