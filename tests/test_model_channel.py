@@ -1153,26 +1153,22 @@ class ChannelModel(RuleBasedStateMachine):
                     end.receive.value.close()
 
 
-def test_the_channel_behaves_like_its_model() -> None:
+def _run_model(examples: int) -> None:
     run_state_machine_as_test(
         ChannelModel,
         settings=settings(
-            max_examples=DEFAULT_EXAMPLES,
+            max_examples=examples,
             stateful_step_count=STEPS,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow],
         ),
     )
+
+
+def test_the_channel_behaves_like_its_model() -> None:
+    _run_model(DEFAULT_EXAMPLES)
 
 
 @pytest.mark.slow
 def test_the_channel_behaves_like_its_model_long_run() -> None:
-    run_state_machine_as_test(
-        ChannelModel,
-        settings=settings(
-            max_examples=SLOW_EXAMPLES,
-            stateful_step_count=STEPS,
-            deadline=None,
-            suppress_health_check=[HealthCheck.too_slow],
-        ),
-    )
+    _run_model(SLOW_EXAMPLES)
