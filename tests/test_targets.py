@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 import subprocess
 import sys
 import types
@@ -223,10 +224,13 @@ async def test_a_pool_takes_a_function_object(zygote: bool) -> None:
 
 
 def _run_script(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run a program of the user's, as they would: ``python main.py``."""
+    """Run a program of the user's, as they would: ``python main.py``, its
+    directory first on ``sys.path`` (which ``nox`` turns off for the tests)."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONSAFEPATH"}
     return subprocess.run(
         [PYTHON, *args],
         cwd=directory,
+        env=env,
         capture_output=True,
         text=True,
         timeout=60,

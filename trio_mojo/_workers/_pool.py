@@ -91,6 +91,7 @@ from typing import Any, Final
 import attrs
 import trio
 
+from trio_mojo._channel import Channel
 from trio_mojo._core._message import Message
 from trio_mojo._core._wire import MAX_ATTACHED_HANDLES
 from trio_mojo._errors import WorkerError
@@ -99,7 +100,7 @@ from trio_mojo._sandbox import SandboxPolicy
 from ._broker import FileAccess
 from ._pool_map import WorkerPoolMap
 from ._requests import Request, RequestQueue, RequestState, fail_all
-from ._target import Target, target_spec
+from ._target import target_spec
 from ._worker import Worker, check_target, open_worker
 from ._zygote import Zygote, open_zygote
 
@@ -689,7 +690,7 @@ def _positive_int(name: str, value: object) -> int:
 
 @asynccontextmanager
 async def open_worker_pool(
-    target: str | Target,
+    target: str | Callable[[Channel], Awaitable[object]],
     *,
     workers: int | None = None,
     sandbox: SandboxPolicy | None = None,

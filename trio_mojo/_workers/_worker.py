@@ -59,7 +59,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final
 
@@ -94,7 +94,7 @@ from ._spawn import (
     reap,
     start_with_endpoints,
 )
-from ._target import Target, check_importable, target_module, target_spec
+from ._target import check_importable, target_module, target_spec
 
 if TYPE_CHECKING:
     from ._zygote import Zygote
@@ -259,7 +259,7 @@ async def _first_message(
 
 @asynccontextmanager
 async def open_worker(
-    target: str | Target,
+    target: str | Callable[[Channel], Awaitable[object]],
     *,
     sandbox: SandboxPolicy | None = None,
     zygote: Zygote | None = None,

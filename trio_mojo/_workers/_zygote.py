@@ -53,7 +53,7 @@ import re
 import select
 import signal
 import subprocess
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Final
 
@@ -583,7 +583,7 @@ async def _ready(
 @asynccontextmanager
 async def open_zygote(
     *,
-    preload: Iterable[str | Target] = (),
+    preload: Iterable[str | Callable[[Channel], Awaitable[object]]] = (),
     sandbox: SandboxPolicy | None = None,
     python: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
