@@ -5,6 +5,7 @@ Each is ``xfail(strict=True)`` until the owner of the code fixes it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -109,3 +110,44 @@ async def test_a_worker_answering_with_fds_waits_while_too_many_are_in_flight() 
             with reply:
                 assert reply.payload == serial.to_bytes(4, "little")
                 assert len(reply.handles) == FDS_PER_MESSAGE
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0, reason="measured with a root parent (the uid drop needs one)"
+)
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "a worker's channel reads ahead up to receive_queue_handles (506 by "
+        "default) fds, but strict() lets it hold 256 open files: a parent that "
+        "sends fds faster than the target serves them (a pool's 32 requests "
+        "in flight of 16 fds) makes the kernel truncate them (MSG_CTRUNC), "
+        "and the worker dies of MalformedMessageError"
+    ),
+)
+async def test_a_strict_worker_reads_ahead_no_more_fds_than_it_may_open() -> None:
+    gates: list[int] = []
+    try:
+        async with open_worker(
+            "trio_mojo._examples_pool:gated", sandbox=own_uid_policy()
+        ) as worker:
+            for serial in range(ECHOES):
+                handles = []
+                for _ in range(FDS_PER_MESSAGE):
+                    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+                    handles.append(Handle(read_end))
+                    gates.append(write_end)
+                await worker.channel.send(Message(b"%d" % serial, handles))
+            # The target waits at the first request's gate; its channel reads on.
+            await trio.sleep(0.5)
+            for gate in gates:
+                with contextlib.suppress(BrokenPipeError):  # the worker died
+                    os.write(gate, b"x")
+            for serial in range(ECHOES):
+                with trio.fail_after(10):
+                    reply = await worker.channel.receive()
+                with reply:
+                    assert reply.payload == b"%d" % serial
+    finally:
+        for gate in gates:
+            os.close(gate)

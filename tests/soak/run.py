@@ -47,14 +47,15 @@ The workers run ``strict()`` with a uid and gid of their own
 flight, processes) would otherwise be shared with every other ``nobody``
 process on the machine, other test sessions included.
 
-Two findings of this soak shape its defaults (their regression tests are in
+Three findings of this soak shape its defaults (their regression tests are in
 ``tests/test_soak_findings.py``).  ``--max-in-flight`` is 2, not the
 pool's 32: every ``strict()`` worker of a uid (``nobody`` by default) has
 256 open files, and the kernel refuses (``ETOOMANYREFS``) a ``sendmsg``
 once the fds in flight from that user pass 256, which kills the worker; with
 3 workers
 holding 32 requests of up to 16 fds, a parent that reads a little slower
-than they answer gets there within minutes.  And a zygote may kill itself
+than they answer gets there within minutes (and a worker whose target
+falls behind reads ahead more than 256 fds: ``MSG_CTRUNC``).  And a zygote may kill itself
 when its reply to a fork overtakes the request's registration (in one of
 two 1-minute runs, at its 128th fork): until that is fixed, a 30-minute run
 needs ``--no-zygote`` to get through.
