@@ -47,17 +47,17 @@ The workers run ``strict()`` with a uid and gid of their own
 flight, processes) would otherwise be shared with every other ``nobody``
 process on the machine, other test sessions included.
 
-Three findings of this soak shape its defaults (their regression tests are
+Three findings of this soak shaped its defaults (their regression tests are
 in ``tests/test_soak_findings.py``).  ``--max-in-flight`` is 2, not the
 pool's 32: every ``strict()`` worker of a uid (``nobody`` by default) has
 256 open files; the kernel refuses (``ETOOMANYREFS``) a ``sendmsg`` once
 the fds in flight from that user pass 256, which kills the worker, and a
 worker whose target falls behind reads ahead more than 256 fds
 (``MSG_CTRUNC``), which kills it too.  With 3 workers holding 32 requests
-of up to 16 fds each, the first came within 2 minutes.  And a zygote may
-kill itself when its reply to a fork overtakes the request's registration
-(in one of two 1-minute runs, at its 128th fork): until that is fixed, a
-30-minute run needs ``--no-zygote`` to get through.
+of up to 16 fds each, the first came within 2 minutes.  And a zygote
+killed itself when its reply to a fork overtook the request's registration
+(in one of two 1-minute runs, at its 128th fork), so the first 30-minute
+run used ``--no-zygote``; that one is fixed.
 
 Exit status: 0 when every check passed, 1 otherwise (each failure is
 printed).
