@@ -107,12 +107,9 @@ async def test_a_worker_cannot_change_the_parent_s_stdout() -> None:
 # Believing a dead worker alive
 
 
-@finding(
-    "the parent learns that a worker died only from the end of its channel: a "
-    "worker that hands the parent a copy of its own end of the channel, then "
-    "exits, leaves receive() waiting for ever while the parent holds that fd"
-)
 async def test_a_worker_that_exited_is_noticed_whatever_the_parent_holds() -> None:
+    """The worker's exit ends its channel, even while the parent holds a
+    copy of the worker's end (receive() waited for ever)."""
     async with open_worker(HAND_BACK, sandbox=STRICT) as worker:
         await worker.channel.send(Message(b"anything"))
         with await worker.channel.receive() as reply:
@@ -123,13 +120,9 @@ async def test_a_worker_that_exited_is_noticed_whatever_the_parent_holds() -> No
     assert not waited.cancelled_caught, "receive() still waited for a dead worker"
 
 
-@finding(
-    "a pool worker that answers one request with a copy of its own end of the "
-    "channel, then exits: while the caller holds the reply's fd, the pool sees "
-    "no end of the channel, and the requests the dead worker held never fail "
-    "(nor end, without request_timeout)"
-)
 async def test_a_pool_fails_the_requests_of_a_worker_that_exited() -> None:
+    """A pool worker's exit fails the requests it held, even while a caller
+    holds a copy of the worker's end of its channel (they waited for ever)."""
     async with open_worker_pool(HAND_BACK, workers=1, sandbox=STRICT) as pool:
         with await pool.run(Message(b"first")) as reply:
             require(len(reply.handles) == 1, "no fd came")

@@ -54,6 +54,7 @@ kept in ``FileBroker.error`` and never raised from this block.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -426,6 +427,7 @@ async def open_worker(
             owned_child(process, output) as nursery,
             open_channel(local, **channel_options) as channel,
         ):
+            nursery.start_soon(_end_channel_on_exit, process, channel)
             broker_scope = trio.CancelScope()
             if broker is not None and broker_local is not None:
                 nursery.start_soon(_serve_broker, broker, broker_local, broker_scope)
@@ -555,6 +557,23 @@ async def _handshake(
         ) from exc
     await channel.send(go_ahead(report))
     return report, pid
+
+
+async def _end_channel_on_exit(process: ProcessLike, channel: Channel) -> None:
+    """End ``channel`` for this process once the worker has exited.
+
+    The end of the channel is how the parent learns that a worker died,
+    but only if nothing else holds the worker's end of the socket: a
+    worker can hand this process a copy of it, then exit.  So the worker's
+    exit (its pidfd, or the status its zygote relays) shuts the socket
+    down both ways: what the worker wrote before it exited is still
+    received, then ``EndOfChannel``; a send fails as to a vanished peer.
+    """
+    await process.wait()
+    sock = channel._sock
+    if sock.fileno() >= 0:  # else the channel is closed: nothing to end
+        with contextlib.suppress(OSError):  # not connected any more
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 async def _died(process: ProcessLike, located: bool) -> bool:
