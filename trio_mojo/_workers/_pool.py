@@ -43,7 +43,8 @@ than that, plus one reply and what its channel queues, however large the
 window: the kernel then holds the rest, charged to the worker.
 
 Faults.  A lane whose worker dies (the channel ends or breaks), sends no
-reply within ``request_timeout`` (the worker is killed), or sends a reply
+reply within ``request_timeout`` of sending its oldest request in flight
+(the worker is killed), or sends a reply
 nobody asked for (killed) is replaced by a fresh worker.  The requests it
 had *sent* fail with :class:`WorkerError` (the pool cannot know whether the
 worker started them, and never sends a request twice); those it held but
@@ -492,8 +493,10 @@ class WorkerPool:
                     continue  # cancelled by a finalizer
                 message = request.take_message()
                 in_flight.append(request)
-                if len(in_flight) == 1 and self._timeout != math.inf:
-                    lane.timer.deadline = trio.current_time() + self._timeout
+                if self._timeout != math.inf:
+                    request.sent_at = trio.current_time()
+                    if len(in_flight) == 1:
+                        lane.timer.deadline = request.sent_at + self._timeout
                 try:
                     await channel.send(message)
                 except (TypeError, ValueError) as exc:
@@ -535,8 +538,8 @@ class WorkerPool:
             lane.answered += 1
             self._answered += 1
             if in_flight:
-                if timeout != math.inf:
-                    timer.deadline = trio.current_time() + timeout
+                if timeout != math.inf:  # the oldest request sets the deadline
+                    timer.deadline = in_flight[0].sent_at + timeout
             else:
                 timer.deadline = math.inf
                 if lane.done_sending:
@@ -726,7 +729,8 @@ async def open_worker_pool(
         queue_size: requests the pool queues when every worker is full,
             before ``run`` waits (default ``workers * max_in_flight``).
         request_timeout: seconds a worker may take over its oldest
-            request; a worker that takes longer is killed and replaced,
+            request, counted from when that request was sent; a worker
+            that takes longer is killed and replaced,
             and the requests it held fail with :class:`WorkerError`.
             ``None`` (default): wait for ever.
         zygote: ``True`` (default): start a zygote for the pool
