@@ -60,7 +60,11 @@ with that error rather than respawning.
 Recycling.  With ``max_requests``, a lane that was given that many
 requests stops taking more; a replacement starts at once, and the old
 worker answers what it holds and is closed normally (fresh process and
-sandbox, as Chromium recycles renderers).  No request fails.
+sandbox, as Chromium recycles renderers).  No request fails.  At most
+``workers`` recycled workers live at once: beyond that, the oldest that
+has answered everything is killed instead of given its grace period, and
+a replacement waits until one has gone (``_bound_retiring``), so the
+pool runs at most twice ``workers`` processes.
 
 Closing.  Leaving the block normally stops accepting requests, lets every
 accepted one be answered, and closes the workers normally.  Leaving it by
@@ -77,6 +81,7 @@ import enum
 import logging
 import math
 import os
+import signal
 import weakref
 from collections.abc import (
     AsyncIterable,
@@ -174,6 +179,7 @@ class _Lane:
         "held_bytes",
         "held_handles",
         "in_flight",
+        "killed",
         "outbox",
         "recycled",
         "retired",
@@ -197,6 +203,7 @@ class _Lane:
         self.recycled = False  # retired after max_requests: replaced already
         self.done_sending = False
         self.finished = False  # answered all it was given and was closed normally
+        self.killed = False  # finished, then killed to bound the retiring workers
         self.error: Exception | None = None
         # Replies handed to requests and not yet taken (see HELD_REPLY_*).
         self.held_bytes = 0
@@ -251,6 +258,7 @@ class WorkerPool:
         self._queue = RequestQueue(queue_size)
         self._lanes: list[_Lane] = []  # live and taking requests
         self._live: list[_Lane] = []  # every live worker, in start order
+        self._lane_gone = trio.lowlevel.ParkingLot()
         self._state = _State.OPEN
         self._fatal: BaseException | None = None
         self._nursery: trio.Nursery | None = None
@@ -397,7 +405,7 @@ class WorkerPool:
             self._retire(lane)
             lane.recycled = True
             self._recycled += 1
-            self._start_replacement()
+            self._start_replacement(recycled=True)
 
     def _refill(self, lane: _Lane) -> None:
         """Give ``lane`` queued requests while it has room."""
@@ -571,21 +579,46 @@ class WorkerPool:
             self._lanes.remove(lane)
             lane.wakeup.unpark()
 
-    def _start_replacement(self) -> None:
+    def _start_replacement(self, *, recycled: bool = False) -> None:
         if self._nursery is None or self._state is _State.CLOSED:
             return
         if self._state is _State.DRAINING and not self._queue:
             return
-        self._nursery.start_soon(self._run_replacement)
+        self._nursery.start_soon(self._run_replacement, recycled)
 
-    async def _run_replacement(self) -> None:
+    async def _run_replacement(self, recycled: bool) -> None:
         try:
+            if recycled:
+                await self._bound_retiring()
             await self._run_lane()
         except Exception as exc:
             self._fail(exc)
 
+    async def _bound_retiring(self) -> None:
+        """Wait until at most ``size`` recycled workers are still alive.
+
+        A recycled worker answers what it holds, then is closed normally
+        (end of channel, ``grace_period``, ``SIGTERM``, ``grace_period``):
+        workers that ignore all that would pile up, one per
+        ``max_requests`` requests.  So beyond ``size`` of them, the oldest
+        one that has answered everything is killed at once, and a
+        replacement starts only once one has gone.
+        """
+        while True:
+            retiring = [lane for lane in self._live if lane.recycled]
+            if len(retiring) <= self._size:
+                return
+            closing = [lane for lane in retiring if lane.finished and not lane.killed]
+            if closing:
+                closing[0].killed = True
+                closing[0].worker._process.send_signal(signal.SIGKILL)
+            await self._lane_gone.park()
+
     def _lane_failed(self, lane: _Lane, exc: Exception) -> None:
         worker = lane.worker
+        if lane.killed:
+            _log.debug("recycled worker pid %d was killed: %s", worker.pid, exc)
+            return
         if lane.finished:
             # It answered everything it was given; only its exit failed.
             _log.warning("worker pid %d failed when it was closed: %s", worker.pid, exc)
@@ -622,6 +655,7 @@ class WorkerPool:
     def _lane_ended(self, lane: _Lane) -> None:
         self._retire(lane)
         self._live.remove(lane)
+        self._lane_gone.unpark_all()
         fail_all(lane.in_flight, self._closed_error)
         fail_all(lane.outbox, self._closed_error)
         lane.in_flight.clear()
@@ -722,7 +756,9 @@ async def open_worker_pool(
             file broker.
         max_requests: recycle a worker after it was given this many
             requests: it answers them, exits, and a fresh one (new process,
-            new sandbox) takes its place.  ``None`` (default): never.
+            new sandbox) takes its place.  At most ``workers`` recycled
+            workers stay alive meanwhile; the oldest that answered
+            everything is killed beyond that.  ``None`` (default): never.
         max_in_flight: requests one worker holds at a time.  More lets
             requests and replies travel several per ``sendmsg``; fewer
             fail fewer requests when a worker dies.  Default 32.
