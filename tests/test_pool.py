@@ -142,6 +142,9 @@ async def test_bad_arguments_are_refused_before_any_process() -> None:
     with pytest.raises(ValueError, match="request_timeout"):
         async with open_worker_pool(f"{TARGETS}:upper", request_timeout=0):
             raise AssertionError("not reached")
+    with pytest.raises(ValueError, match=r"stdout=None is refused.*forward_output"):
+        async with open_worker_pool(f"{TARGETS}:upper", stdout=None):
+            raise AssertionError("not reached")
     assert children() == {}
 
 

@@ -82,6 +82,7 @@ import logging
 import math
 import os
 import signal
+import subprocess
 import weakref
 from collections.abc import (
     AsyncIterable,
@@ -107,7 +108,7 @@ from ._broker import FileAccess
 from ._pool_map import WorkerPoolMap
 from ._requests import Request, RequestQueue, RequestState, fail_all
 from ._target import target_spec
-from ._worker import Worker, check_target, open_worker
+from ._worker import Worker, check_stdout, check_target, open_worker
 from ._zygote import Zygote, open_zygote
 
 __all__ = ["WorkerPool", "WorkerPoolStatistics", "open_worker_pool"]
@@ -796,8 +797,9 @@ async def open_worker_pool(
             With a zygote: the zygote could not start, or died.
         SandboxUnavailableError: the policy requires a layer this machine
             cannot apply.
-        ValueError: an argument is out of range, or ``python`` or ``env``
-            with a :class:`Zygote` (they are the zygote's).
+        ValueError: an argument is out of range, ``python`` or ``env``
+            with a :class:`Zygote` (they are the zygote's), or a ``stdout``
+            that :func:`open_worker` refuses.
     """
     spec = target_spec(target)
     size = _positive_int(
@@ -809,6 +811,7 @@ async def open_worker_pool(
     )
     if max_requests is not None:
         _positive_int("max_requests", max_requests)
+    check_stdout(worker_options.get("stdout", subprocess.DEVNULL))
     if request_timeout is not None and not request_timeout > 0:
         raise ValueError(
             f"request_timeout={request_timeout!r} must be positive or None"

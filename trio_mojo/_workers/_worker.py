@@ -100,7 +100,14 @@ from ._target import check_importable, target_module, target_spec
 if TYPE_CHECKING:
     from ._zygote import Zygote
 
-__all__ = ["ENV_ALLOWLIST", "Worker", "check_target", "open_worker", "owned_child"]
+__all__ = [
+    "ENV_ALLOWLIST",
+    "Worker",
+    "check_stdout",
+    "check_target",
+    "open_worker",
+    "owned_child",
+]
 
 ENV_ALLOWLIST: Final = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
 """Variables a worker inherits from the parent when ``env`` is not given."""
@@ -217,6 +224,42 @@ async def check_target(
         )
 
 
+_STDOUT_REFUSED: Final = {
+    subprocess.PIPE: "nothing would read the pipe, and a worker that fills it "
+    "blocks for ever",
+    subprocess.STDOUT: "a worker's stderr is a pipe of the parent's, kept as "
+    "Worker.stderr_tail",
+}
+_FIRST_OWN_FD: Final = 3
+
+
+def check_stdout(stdout: object) -> None:
+    """Refuse a ``stdout`` for a worker other than ``DEVNULL`` or an fd >= 3.
+
+    ``None`` (or fd 0, 1, 2) would give the hostile worker this process's
+    own stdio, the same open file description: made non-blocking there,
+    this process's next ``print`` to a slow pipe raises
+    ``BlockingIOError``.
+
+    Raises:
+        TypeError: not an int.
+        ValueError: anything else refused, with what to do instead.
+    """
+    if stdout is not None and type(stdout) is not int:
+        raise TypeError(f"stdout must be subprocess.DEVNULL or an fd, not {stdout!r}")
+    if stdout is not None and (stdout == subprocess.DEVNULL or stdout >= _FIRST_OWN_FD):
+        return
+    if stdout is None or stdout >= 0:
+        why = "it would give the worker this process's own stdio"
+    else:
+        why = _STDOUT_REFUSED.get(stdout, "it is not an fd")
+    raise ValueError(
+        f"stdout={stdout!r} is refused: {why}; use forward_output=True to see "
+        "the worker's output, or pass subprocess.DEVNULL (the default) or an "
+        "fd >= 3 opened for the worker"
+    )
+
+
 def _cause(exc: BaseException) -> BaseException | None:
     """What a WorkerError shows as its cause: a channel failure says
     something; a clean end of channel only that the worker is gone."""
@@ -268,7 +311,7 @@ async def open_worker(
     python: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
-    stdout: int | None = subprocess.DEVNULL,
+    stdout: int = subprocess.DEVNULL,
     forward_output: bool = False,
     startup_timeout: float = 30.0,
     grace_period: float = 5.0,
@@ -312,8 +355,12 @@ async def open_worker(
             ``PATH``, ``LANG``, ``LC_ALL``, ``LC_CTYPE`` and ``TZ``, nothing
             else.
         cwd: the worker's working directory.
-        stdout: where the worker's stdout goes (default ``/dev/null``;
-            ``None`` inherits the parent's).
+        stdout: where the worker's stdout goes: ``subprocess.DEVNULL``
+            (default) or an fd >= 3 opened for it.  The worker shares that
+            fd's open file description, and so can change its flags
+            (``O_NONBLOCK``, ``O_APPEND``) for every holder: give it one
+            that nothing else writes.  To see its output, use
+            ``forward_output``.
         forward_output: write each line of the worker's stderr and stdout
             to this process's :data:`sys.stderr` and :data:`sys.stdout` as
             it comes, as ``[worker PID] text``: control characters escaped,
@@ -343,7 +390,11 @@ async def open_worker(
             status, or its report was malformed.
         ValueError: a read-write ``file_access`` rule with a policy whose
             ``max_file_size`` is 0 (``strict()``), ``python`` or ``env``
-            with a ``zygote``, or ``stdout`` with ``forward_output``.
+            with a ``zygote``, ``stdout`` with ``forward_output``, or a
+            ``stdout`` that is not ``subprocess.DEVNULL`` or an fd >= 3
+            (``None``, ``subprocess.PIPE``, ``subprocess.STDOUT``, this
+            process's stdio).
+        TypeError: ``stdout`` is not an int.
     """
     spec = target_spec(target)
     if zygote is not None and (python is not None or env is not None):
@@ -355,6 +406,7 @@ async def open_worker(
         raise ValueError(
             "forward_output=True forwards the worker's stdout: leave stdout= unset"
         )
+    check_stdout(stdout)
     if sandbox is not None:
         policy = sandbox
     else:

@@ -316,7 +316,7 @@ class Zygote:
         policy: SandboxPolicy,
         endpoints: Mapping[str, Endpoint],
         *,
-        stdout: int | None = subprocess.DEVNULL,
+        stdout: int = subprocess.DEVNULL,
         cwd: str | os.PathLike[str] | None = None,
         startup_timeout: float = 30.0,
     ) -> ForkedProcess:
@@ -325,8 +325,8 @@ class Zygote:
         ``endpoints`` maps :data:`CHANNEL_SWITCH` (required) and
         :data:`BROKER_SWITCH` to the ends the worker gets; they are closed
         here whatever happens.  ``stdout`` is ``subprocess.DEVNULL``,
-        ``None`` (this process's stdout), ``subprocess.PIPE`` (a pipe to
-        this process: the handle's ``stdout``) or an fd; the worker waits at
+        ``subprocess.PIPE`` (a pipe to this process: the handle's
+        ``stdout``) or an fd (``open_worker`` checked it); the worker waits at
         most ``startup_timeout`` seconds for its go-ahead.
 
         Raises:
@@ -350,7 +350,7 @@ class Zygote:
                 stdout_end = read_ends[-1]
             elif stdout != subprocess.DEVNULL:
                 roles.append("stdout")
-                handles.append(Handle.dup(1 if stdout is None else stdout))
+                handles.append(Handle.dup(stdout))
             request = protocol.SpawnRequest(
                 id=0,  # numbered once a slot is ours
                 target=target,
