@@ -33,13 +33,9 @@ HAND_BACK: Final = "trio_mojo._hostile:hand_back_channel_and_die"
 # Time
 
 
-@finding(
-    "the parent drains a worker's stderr as fast as the worker writes and keeps "
-    "only its last 8 KiB: a worker makes the parent read gigabytes per second "
-    "(measured 2.1-2.9 GiB/s, 0.6 s of the parent's CPU per second) for as long as "
-    "it likes"
-)
 async def test_a_worker_cannot_make_the_parent_read_its_stderr_without_bound() -> None:
+    """The parent reads a running worker's stderr at a bounded rate (it read
+    2-3 GiB/s, 0.6 s of its CPU per second, to keep 8 KiB)."""
     result = await ask_once(STRICT, "flood_stderr", seconds=1.0)
     assert result["written_mib"] <= 16, f"the parent read {result} in 1 s"
 
