@@ -37,10 +37,13 @@ requests, whatever the number of callers.
 Held replies.  A reply waits in its request until the caller takes it (a
 map's consumer may be behind).  Each lane counts the payload bytes and
 fds of such replies, and stops reading from its worker while they exceed
-:data:`HELD_REPLY_BYTES` or :data:`HELD_REPLY_HANDLES` (the channel's own
-receive-queue bounds), so a worker cannot make this process hold more
-than that, plus one reply and what its channel queues, however large the
-window: the kernel then holds the rest, charged to the worker.
+:data:`HELD_REPLY_BYTES` or :data:`HELD_REPLY_HANDLES`, so a worker cannot
+make this process hold more than that, plus one reply and what its
+channel queues, however large the window: the kernel then holds the
+rest, charged to the worker.  fds are the scarce kind (a process has
+1024 by default), so a pool's worker channels read no fd ahead of the
+pool (:data:`WORKER_CHANNEL_OPTIONS`): one worker makes this process hold
+at most :data:`WORKER_FD_BUDGET` fds.
 
 Faults.  A lane whose worker dies (the channel ends or breaks), sends no
 reply within ``request_timeout`` of sending its oldest request in flight
@@ -100,7 +103,7 @@ import trio
 
 from trio_mojo._channel import Channel
 from trio_mojo._core._message import Message
-from trio_mojo._core._wire import MAX_ATTACHED_HANDLES
+from trio_mojo._core._wire import MAX_ATTACHED_HANDLES, MAX_SENDMSG_HANDLES
 from trio_mojo._errors import WorkerError
 from trio_mojo._sandbox import SandboxPolicy
 
@@ -118,10 +121,22 @@ _log = logging.getLogger("trio_mojo")
 DEFAULT_MAX_IN_FLIGHT: Final = 32
 """Requests one worker holds (sent or about to be) by default."""
 HELD_REPLY_BYTES: Final = 8 * 1024 * 1024
-HELD_REPLY_HANDLES: Final = 2 * MAX_ATTACHED_HANDLES
+HELD_REPLY_HANDLES: Final = MAX_SENDMSG_HANDLES
 """Per worker: payload bytes and fds of replies it sent that nobody has
-taken yet, beyond which the pool stops reading from it (the channel's own
-receive-queue bounds, kept end to end)."""
+taken yet, beyond which the pool stops reading from it."""
+WORKER_CHANNEL_OPTIONS: Final = {
+    "max_queued_handles": MAX_ATTACHED_HANDLES,
+    "receive_queue_handles": 1,
+}
+"""The :func:`open_channel` options of a pool's workers, unless given: fds
+that wait for their message are bounded by one message's worth, and no
+message with fds is read ahead of one already queued."""
+_HELD_AT_MOST: Final = HELD_REPLY_HANDLES + MAX_ATTACHED_HANDLES
+"""The held replies: the bound, and the reply that went past it."""
+_QUEUED_AT_MOST: Final = MAX_ATTACHED_HANDLES + MAX_SENDMSG_HANDLES
+"""The channel: one message's worth queued or waiting, and one read more."""
+WORKER_FD_BUDGET: Final = _HELD_AT_MOST + _QUEUED_AT_MOST
+"""The most fds one worker of a pool can make this process hold (762)."""
 
 _QUEUED = RequestState.QUEUED
 _SENT = RequestState.SENT
@@ -845,6 +860,8 @@ async def open_worker_pool(
             )
             if "startup_timeout" in launch:
                 worker_options["startup_timeout"] = launch["startup_timeout"]
+        for option, value in WORKER_CHANNEL_OPTIONS.items():
+            worker_options.setdefault(option, value)
         async with _open_pool(
             spec,
             size=size,
