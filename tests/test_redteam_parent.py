@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 from collections.abc import Iterator
-from typing import Final
+from typing import Any, Final
 
 import pytest
 import trio
@@ -85,7 +85,7 @@ def _stdout_is_a_pipe() -> Iterator[int]:
 
 
 @pytest.mark.parametrize("stdout", [None, 1], ids=["None", "fd-1"])
-async def test_a_worker_cannot_change_the_parent_s_stdout(stdout: int | None) -> None:
+async def test_a_worker_cannot_change_the_parent_s_stdout(stdout: Any) -> None:
     """The parent's own stdout is refused (with ``stdout=None`` the worker
     made it non-blocking, and the parent's next print to a slow pipe raised
     ``BlockingIOError``)."""

@@ -220,7 +220,10 @@ async def test_by_default_nothing_is_forwarded(
 async def test_stdout_and_forwarding_exclude_each_other() -> None:
     with pytest.raises(ValueError, match=re.escape("leave stdout= unset")):
         async with open_worker(
-            "trio_mojo._examples:echo", sandbox=BASIC, stdout=None, forward_output=True
+            "trio_mojo._examples:echo",
+            sandbox=BASIC,
+            stdout=None,  # type: ignore[arg-type]
+            forward_output=True,
         ):
             pytest.fail("the block must not run")
 
