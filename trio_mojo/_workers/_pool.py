@@ -274,7 +274,8 @@ class WorkerPool:
         self._queue = RequestQueue(queue_size)
         self._lanes: list[_Lane] = []  # live and taking requests
         self._live: list[_Lane] = []  # every live worker, in start order
-        self._lane_gone = trio.lowlevel.ParkingLot()
+        # A recycled lane finished or ended: _bound_retiring looks again.
+        self._retiring_moved = trio.lowlevel.ParkingLot()
         self._state = _State.OPEN
         self._fatal: BaseException | None = None
         self._nursery: trio.Nursery | None = None
@@ -476,6 +477,8 @@ class WorkerPool:
                 task_status.started()
                 await self._serve(lane)
                 lane.finished = True
+                if lane.recycled:
+                    self._retiring_moved.unpark_all()  # it may be killed now
         except Exception as exc:
             if lane is None:
                 raise  # it never started
@@ -628,7 +631,7 @@ class WorkerPool:
             if closing:
                 closing[0].killed = True
                 closing[0].worker._process.send_signal(signal.SIGKILL)
-            await self._lane_gone.park()
+            await self._retiring_moved.park()
 
     def _lane_failed(self, lane: _Lane, exc: Exception) -> None:
         worker = lane.worker
@@ -671,7 +674,7 @@ class WorkerPool:
     def _lane_ended(self, lane: _Lane) -> None:
         self._retire(lane)
         self._live.remove(lane)
-        self._lane_gone.unpark_all()
+        self._retiring_moved.unpark_all()
         fail_all(lane.in_flight, self._closed_error)
         fail_all(lane.outbox, self._closed_error)
         lane.in_flight.clear()
