@@ -40,6 +40,12 @@ Theory of operation
    cancellation** kills it at once.  Either way the child is reaped in a
    shielded scope: no zombie, no orphan, no fd left behind.
 
+The worker's exit, not only the end of its channel, tells the parent that
+it is gone: a task waits for the process (its pidfd, or the status its
+zygote relays) and then shuts the parent's end of the channel down, so a
+worker that handed the parent a copy of its own end and exited is noticed
+all the same (``_end_channel_on_exit``).
+
 A child that dies by itself with a non-zero status, or that fails to
 start, surfaces as :class:`WorkerError` with its exit status and the tail of
 its stderr (control characters escaped); when the body was leaving because
