@@ -24,7 +24,9 @@ it:
 Both decode leniently (a byte that is not UTF-8 becomes U+FFFD) and escape
 every control character but newline and tab (:func:`escape_controls`).  The line splitting is pure
 (:class:`LineSplitter`); one task per pipe reads it until it ends
-(:class:`ChildOutput`).
+(:class:`ChildOutput`).  The streams of this process are looked up at each
+write, so ``contextlib.redirect_stderr`` and test capture see the lines;
+the write blocks the loop as a ``print`` would.
 
 **The rate.**  Keeping a fixed amount is not enough: a worker that writes
 as fast as the parent reads made it read gigabytes a second, a core's
@@ -33,9 +35,7 @@ read at most :data:`DRAIN_RATE` bytes a second on average (a
 :class:`ReadBudget`, after a first burst of as much); a worker that
 writes more waits in ``write`` once its pipe is full, and the kernel
 holds the pipe's 64 KiB, charged to it.  Once the child has exited
-(:meth:`ChildOutput.settle`), the rest is read at full speed.  The streams of this process are looked up at each
-write, so ``contextlib.redirect_stderr`` and test capture see the lines;
-the write blocks the loop as a ``print`` would.
+(:meth:`ChildOutput.settle`), the rest is read at full speed.
 """
 
 from __future__ import annotations

@@ -797,7 +797,10 @@ async def open_worker_pool(
             each worker as an interpreter of its own.
         worker_options: passed to :func:`open_worker` (``python``,
             ``env``, ``cwd``, ``forward_output``, ``startup_timeout``,
-            ``grace_period``, channel options...).
+            ``grace_period``, channel options...).  The channel options
+            ``receive_queue_handles`` and ``max_queued_handles`` default
+            to 1 and 253 here, so that one worker makes this process hold
+            at most 762 fds.
 
     Leaving the block normally waits until every accepted request was
     answered, then closes the workers as :func:`open_worker` does.  Leaving
