@@ -90,10 +90,12 @@ async def ask_once(policy: SandboxPolicy, probe: str, **args: Any) -> Any:
 
 
 def own_uid_policy(policy: SandboxPolicy = STRICT) -> SandboxPolicy:
-    """``policy`` with a uid and gid no other test or user shares.
+    """``policy`` with one fixed uid and gid for all its workers, which no
+    other test session or user shares (outside the per-worker range).
 
-    The attacks on per-uid kernel counts would otherwise reach every
-    ``nobody`` process on the machine, other test sessions included.
+    The attacks on per-uid kernel counts need workers that share a uid (the
+    controls of the per-worker ids); a well-known uid such as ``nobody``
+    would carry them to every process of that uid on the machine.
     """
     uid = 0x7E000000 + os.getpid() % 0x10000
     return attrs.evolve(policy, worker_uid=uid, worker_gid=uid)
