@@ -26,6 +26,7 @@ import trio
 from trio_mojo import Message, SandboxPolicy, Worker, open_worker
 
 __all__ = [
+    "DEGRADED_BASIC",
     "PROBE",
     "STRICT",
     "ControlError",
@@ -39,6 +40,15 @@ __all__ = [
 
 PROBE: Final = "trio_mojo._hostile:probe"
 STRICT: Final = SandboxPolicy.strict()
+DEGRADED_BASIC: Final = attrs.evolve(
+    SandboxPolicy.basic(),
+    name="basic, no seccomp or namespaces",
+    seccomp="off",
+    namespaces="off",
+    rootfs="off",
+)
+"""``basic()`` on a machine without seccomp and user namespaces: the worker
+may fork, and no PID namespace ends what it forks."""
 
 
 class ControlError(Exception):

@@ -13,25 +13,16 @@ import contextlib
 import os
 import signal
 from pathlib import Path
-from typing import Final
 
 import attrs
 import pytest
 import trio
-from _redteam_support import PROBE, STRICT, ask, require
+from _redteam_support import DEGRADED_BASIC, PROBE, STRICT, ask, require
 
 from trio_mojo import SandboxPolicy, open_worker
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="measured with a root parent (the uid drop needs one)"
-)
-
-DEGRADED_BASIC: Final = attrs.evolve(
-    SandboxPolicy.basic(),
-    name="basic, no seccomp or namespaces",
-    seccomp="off",
-    namespaces="off",
-    rootfs="off",
 )
 
 

@@ -14,7 +14,6 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Final
 
 import attrs
 import pytest
@@ -26,7 +25,7 @@ from _process_support import (
     wait_confined,
     wait_exited,
 )
-from _redteam_support import PROBE, STRICT, ask
+from _redteam_support import DEGRADED_BASIC, PROBE, STRICT, ask
 
 from trio_mojo import (
     Handle,
@@ -43,16 +42,6 @@ from trio_mojo._sandbox._verify import verify_report
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="measured with a root parent (the uid drop needs one)"
 )
-
-DEGRADED_BASIC: Final = attrs.evolve(
-    SandboxPolicy.basic(),
-    name="basic, no seccomp or namespaces",
-    seccomp="off",
-    namespaces="off",
-    rootfs="off",
-)
-"""``basic()`` on a machine without seccomp and user namespaces: the worker
-may fork, and no PID namespace ends what it forks."""
 
 
 def _children(pid: int) -> set[int]:
