@@ -84,7 +84,7 @@ WORKER_ID_BASE: Final = 0x70000000
 """The first uid and gid of the per-worker range: 1879048192.
 
 A worker's ids are this plus a host pid, so the range is
-``1879048192 .. 1883242495`` (:data:`PID_MAX_LIMIT` ids).  No distribution
+``1879048192 .. 1883242495`` (``PID_MAX_LIMIT`` ids).  No distribution
 allocates there: systemd's table of ranges (``UIDS-GIDS.md``) marks
 ``1879048192 .. 2147352575`` unused, between the container ranges of
 ``systemd-nspawn`` (up to 1879048191) and its foreign range (from
@@ -265,7 +265,7 @@ class SandboxPolicy:
 
         Raises:
             ValueError: ``pid`` is not a pid (outside ``1 ..``
-                :data:`PID_MAX_LIMIT`).
+                ``PID_MAX_LIMIT``).
         """
         if type(pid) is not int or not 0 < pid < PID_MAX_LIMIT:
             raise ValueError(f"{pid!r} is not a pid")
