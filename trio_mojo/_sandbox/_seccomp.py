@@ -84,8 +84,8 @@ not checked; instead the worker has no socket that honours a destination.
 It cannot make one (``socket`` is refused, ``socketpair`` makes only
 stream and seqpacket pairs), and besides its stdio (``/dev/null``, the
 stderr pipe, a stdout pipe when its output is forwarded, or an fd the
-caller passed as ``stdout``) it holds only the unix stream sockets it was given (its channels) and the
-pairs it made.  In ``net/unix/af_unix.c``,
+caller passed as ``stdout``) it holds only the unix stream sockets it was
+given (its channels) and the pairs it made.  In ``net/unix/af_unix.c``,
 ``unix_stream_sendmsg`` fails any message with a name (``EISCONN`` when
 connected, ``EOPNOTSUPP`` otherwise) and ``unix_seqpacket_sendmsg`` sets
 ``msg_namelen = 0`` and sends to the connected peer.  Verified on this
