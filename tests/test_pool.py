@@ -34,7 +34,6 @@ from _process_support import (
 from _zygote_support import interpreter
 
 from trio_mojo import (
-    MAX_ATTACHED_HANDLES,
     Handle,
     Message,
     SandboxPolicy,
@@ -43,7 +42,7 @@ from trio_mojo import (
     WorkerTargetError,
     open_worker_pool,
 )
-from trio_mojo._workers._pool import HELD_REPLY_HANDLES
+from trio_mojo._workers._pool import HELD_REPLY_HANDLES, WORKER_FD_BUDGET
 
 BASIC = SandboxPolicy.basic()
 TARGETS = "trio_mojo._examples_pool"
@@ -141,6 +140,9 @@ async def test_bad_arguments_are_refused_before_any_process() -> None:
                 raise AssertionError("not reached")
     with pytest.raises(ValueError, match="request_timeout"):
         async with open_worker_pool(f"{TARGETS}:upper", request_timeout=0):
+            raise AssertionError("not reached")
+    with pytest.raises(ValueError, match=r"stdout=None is refused.*forward_output"):
+        async with open_worker_pool(f"{TARGETS}:upper", stdout=None):
             raise AssertionError("not reached")
     assert children() == {}
 
@@ -458,9 +460,10 @@ async def test_a_target_that_does_not_serve_fails_the_pool() -> None:
 async def test_a_worker_cannot_make_the_parent_hold_fds_past_the_bounds() -> None:
     # Hostile: each reply carries 100 fds; the consumer takes one reply and
     # stops.  The pool stops reading from the worker once the replies nobody
-    # took hold more than HELD_REPLY_HANDLES fds, so what this process holds
-    # is that bound and one reply, plus what the channel itself may queue
-    # (one message here, and fds ahead of their message), not window x 100.
+    # took hold more than HELD_REPLY_HANDLES fds, and the worker's channel
+    # reads no fd ahead of it, so what this process holds is that bound and
+    # one reply, plus one message's worth in the channel (WORKER_FD_BUDGET
+    # at most), not window x 100.
     # fds in flight count against the sender's RLIMIT_NOFILE (ETOOMANYREFS):
     # a high one lets the attack go on as long as this test needs.
     roomy = attrs.evolve(BASIC, max_open_files=8192)
@@ -472,8 +475,7 @@ async def test_a_worker_cannot_make_the_parent_hold_fds_past_the_bounds() -> Non
             (await replies.__anext__()).close()
             await trio.sleep(1.0)
             held = len(open_fds()) - before
-    channel_bound = 100 + 2 * MAX_ATTACHED_HANDLES
-    assert held <= HELD_REPLY_HANDLES + 100 + channel_bound < 40 * 100, held
+    assert held <= min(HELD_REPLY_HANDLES + 3 * 100, WORKER_FD_BUDGET), held
 
 
 # ----------------------------------------------------------------------

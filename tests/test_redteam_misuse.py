@@ -10,18 +10,15 @@ from typing import Any
 
 import pytest
 import trio
-from _redteam_support import PROBE, STRICT, ask, finding
+from _redteam_support import PROBE, STRICT, ask
 
 import trio_mojo._examples
 from trio_mojo import open_worker
 
 
-@finding(
-    "open_worker(stdout=subprocess.PIPE) is accepted, but nothing reads the pipe "
-    "and the Worker does not expose it: a worker that prints 64 KiB blocks for "
-    "ever in write(), and its requests never get an answer"
-)
 async def test_a_stdout_pipe_is_refused_or_drained() -> None:
+    """``stdout=subprocess.PIPE`` is refused (it was accepted, never read, and
+    a worker that printed 64 KiB blocked for ever)."""
     try:
         async with open_worker(
             PROBE, sandbox=STRICT, stdout=subprocess.PIPE, grace_period=0.5
@@ -41,13 +38,17 @@ async def test_a_function_object_is_a_working_target() -> None:
 
 @pytest.mark.parametrize(
     ("target", "options"),
-    [("trio_mojo._examples:echo", {"stdout": subprocess.STDOUT})],
-    ids=["stdout-STDOUT"],
+    [
+        ("trio_mojo._examples:echo", {"stdout": subprocess.STDOUT}),
+        ("trio_mojo._examples:echo", {"stdout": -7}),
+        ("trio_mojo._examples:echo", {"stdout": "out.txt"}),
+    ],
+    ids=["stdout-STDOUT", "stdout-negative", "stdout-path"],
 )
-@finding("stdout=subprocess.STDOUT raises a bare OSError(EBADF) from the spawn")
 async def test_a_plausible_argument_works_or_gets_a_clear_error(
     target: Any, options: dict[str, Any]
 ) -> None:
+    """(``stdout=subprocess.STDOUT`` raised a bare ``OSError(EBADF)``.)"""
     try:
         async with open_worker(target, sandbox=STRICT, **options):
             pass

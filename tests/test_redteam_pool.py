@@ -13,7 +13,7 @@ from typing import Final
 import pytest
 import trio
 from _fds import open_fds
-from _redteam_support import STRICT, finding, own_uid_policy
+from _redteam_support import STRICT, own_uid_policy
 
 from trio_mojo import Message, WorkerError, open_worker_pool
 from trio_mojo._workers import _spawn
@@ -43,14 +43,9 @@ def _live_workers() -> int:
     return found
 
 
-@finding(
-    "a worker recycled after max_requests is closed normally (EOF, grace_period, "
-    "SIGTERM, grace_period, SIGKILL) while its replacement starts at once: "
-    "workers that ignore EOF and SIGTERM pile up, each for 2 x grace_period; "
-    "measured 9 live workers for a pool of workers=1 after 8 requests in "
-    "0.47 s (forked by the pool's zygote), 21 after 20 requests spawned"
-)
 async def test_recycled_workers_that_will_not_exit_do_not_pile_up() -> None:
+    """At most ``workers`` recycled workers stay alive (they piled up, each
+    for 2 x grace_period: 9 live workers after 8 requests)."""
     workers = 1
     async with open_worker_pool(
         LINGER, workers=workers, max_requests=1, sandbox=STRICT, grace_period=1.0
@@ -61,16 +56,11 @@ async def test_recycled_workers_that_will_not_exit_do_not_pile_up() -> None:
     assert alive <= 2 * workers, f"{alive} worker processes for a pool of {workers}"
 
 
-@finding(
-    "the pool's zygote routes its workers' exit statuses from a task that a "
-    "cancellation of the pool's block cancels too: each worker killed on the way "
-    "out waits 5 s for a status that never comes, then again, and the log says "
-    "'did not exit 5 s after SIGKILL (uninterruptible sleep?); it is left "
-    "unreaped' for processes that are dead; cancelling a default pool takes 10 s"
-)
 async def test_cancelling_a_pool_kills_its_workers_at_once(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The zygote relays the exit statuses of the workers a cancelled pool
+    kills (it took 10 s and logged false 'left unreaped' warnings)."""
     monkeypatch.setattr(_spawn, "_KILL_WAIT", 0.5)  # not 5 s per wait in a test
     with trio.CancelScope() as scope:
         async with open_worker_pool(UPPER, workers=2, sandbox=STRICT) as pool:
@@ -80,12 +70,9 @@ async def test_cancelling_a_pool_kills_its_workers_at_once(
     assert not unreaped, unreaped
 
 
-@finding(
-    "request_timeout restarts at every reply: a worker that answers each request "
-    "just under the timeout is never killed, and the last of max_in_flight "
-    "requests waits max_in_flight x request_timeout (32x by default) for its reply"
-)
 async def test_request_timeout_bounds_how_long_a_request_waits_for_its_worker() -> None:
+    """request_timeout counts from the oldest request's send (it restarted
+    at every reply: the last of 32 waited 32 x the timeout)."""
     outcomes: list[str] = []
     async with open_worker_pool(
         REPLY_AFTER,
@@ -111,14 +98,9 @@ async def test_request_timeout_bounds_how_long_a_request_waits_for_its_worker() 
     assert outcomes.count("failed") >= 3, f"every request was answered: {outcomes}"
 
 
-@finding(
-    "one pool worker can make the parent hold its channel's receive-queue bound "
-    "(506 + 128 fds) plus the pool's held replies (506 + one reply): measured "
-    "1,204 fds from one strict() worker whose replies a map's consumer has not "
-    "taken yet, more than the soft RLIMIT_NOFILE most users get (1024): the "
-    "parent's every open, accept and spawn then fails with EMFILE"
-)
 async def test_one_pool_worker_holds_well_under_a_default_fd_limit() -> None:
+    """One fd budget per pool worker (it held 1,204 fds, past the usual soft
+    RLIMIT_NOFILE of 1024, while a map's consumer was behind)."""
     before = len(open_fds())
     async with open_worker_pool(
         FD_HOARDER, workers=1, sandbox=own_uid_policy()

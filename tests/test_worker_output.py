@@ -31,7 +31,12 @@ from trio_mojo import (
     open_worker_pool,
     open_zygote,
 )
-from trio_mojo._workers._output import MAX_LINE_BYTES, LineSplitter, format_line
+from trio_mojo._workers._output import (
+    MAX_LINE_BYTES,
+    LineSplitter,
+    ReadBudget,
+    format_line,
+)
 
 BASIC = SandboxPolicy.basic()
 TARGET = "output_targets:write_as_told"
@@ -61,6 +66,33 @@ def test_a_long_line_is_cut_at_once_and_the_rest_dropped_to_its_newline() -> Non
     assert lines.feed(b"l\nmn\n") == [(b"mn", False)]
     assert lines.feed(b"opqrstuvwxyz") == [(b"opqr", True)]
     assert lines.end() == []  # what was dropped is not a last line
+
+
+def test_the_read_budget_allows_a_burst_then_the_rate() -> None:
+    budget = ReadBudget(100, now=0.0)
+    assert budget.spend(100, now=0.0) == 0.0  # the first burst
+    assert budget.spend(50, now=0.0) == pytest.approx(0.5)
+    assert budget.spend(50, now=1.0) == 0.0  # the wait paid, 50 bytes saved
+    assert budget.spend(60, now=1.0) == pytest.approx(0.6)
+    assert budget.spend(0, now=60.0) == 0.0
+    assert budget.spend(100, now=60.0) == 0.0  # saves up one burst, no more
+    assert budget.spend(1, now=60.0) == pytest.approx(0.01)
+
+
+@given(
+    reads=st.lists(
+        st.tuples(st.integers(0, 500), st.floats(0, 2, allow_nan=False)), max_size=50
+    )
+)
+def test_reads_that_wait_as_told_average_the_rate(
+    reads: list[tuple[int, float]],
+) -> None:
+    budget = ReadBudget(100, now=0.0)
+    now = total = 0.0
+    for nbytes, pause in reads:
+        total += nbytes
+        now += pause + budget.spend(nbytes, now)
+        assert total <= 100 + 100 * now + 1e-6
 
 
 def _model(data: bytes, max_line: int) -> list[tuple[bytes, bool]]:
@@ -188,7 +220,10 @@ async def test_by_default_nothing_is_forwarded(
 async def test_stdout_and_forwarding_exclude_each_other() -> None:
     with pytest.raises(ValueError, match=re.escape("leave stdout= unset")):
         async with open_worker(
-            "trio_mojo._examples:echo", sandbox=BASIC, stdout=None, forward_output=True
+            "trio_mojo._examples:echo",
+            sandbox=BASIC,
+            stdout=None,  # type: ignore[arg-type]
+            forward_output=True,
         ):
             pytest.fail("the block must not run")
 

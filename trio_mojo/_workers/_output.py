@@ -27,6 +27,15 @@ every control character but newline and tab (:func:`escape_controls`).  The line
 (:class:`ChildOutput`).  The streams of this process are looked up at each
 write, so ``contextlib.redirect_stderr`` and test capture see the lines;
 the write blocks the loop as a ``print`` would.
+
+**The rate.**  Keeping a fixed amount is not enough: a worker that writes
+as fast as the parent reads made it read gigabytes a second, a core's
+worth of its CPU, to keep 8 KiB.  So while the child runs, each pipe is
+read at most :data:`DRAIN_RATE` bytes a second on average (a
+:class:`ReadBudget`, after a first burst of as much); a worker that
+writes more waits in ``write`` once its pipe is full, and the kernel
+holds the pipe's 64 KiB, charged to it.  Once the child has exited
+(:meth:`ChildOutput.settle`), the rest is read at full speed.
 """
 
 from __future__ import annotations
@@ -41,10 +50,12 @@ from typing import Final, Protocol, TextIO
 import trio
 
 __all__ = [
+    "DRAIN_RATE",
     "MAX_LINE_BYTES",
     "STDERR_TAIL_BYTES",
     "ChildOutput",
     "LineSplitter",
+    "ReadBudget",
     "Tail",
     "escape_controls",
     "format_line",
@@ -54,6 +65,8 @@ STDERR_TAIL_BYTES: Final = 8192
 """How much of a worker's stderr the parent keeps (the end of it)."""
 MAX_LINE_BYTES: Final = 4096
 """The longest forwarded line; a longer one is cut there."""
+DRAIN_RATE: Final = 1024 * 1024
+"""Bytes per second the parent reads of each pipe of a running child."""
 _SETTLE_TIME: Final = 1.0
 """Seconds to wait for the rest of a dead worker's output."""
 _log = logging.getLogger("trio_mojo")
@@ -150,6 +163,27 @@ class LineSplitter:
         return [(partial, False)] if partial else []
 
 
+class ReadBudget:
+    """A token bucket: ``rate`` bytes a second, at most ``rate`` saved up.
+
+    :meth:`spend` counts what was read and says how long to wait before
+    the next read, so that reads average ``rate`` bytes a second after a
+    first burst of ``rate`` bytes.  Pure: the caller gives the time.
+    """
+
+    def __init__(self, rate: float, now: float) -> None:
+        self._rate = rate
+        self._tokens = rate
+        self._last = now
+
+    def spend(self, nbytes: int, now: float) -> float:
+        """``nbytes`` were read at ``now``: seconds to wait before reading on."""
+        self._tokens = min(self._rate, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        self._tokens -= nbytes
+        return 0.0 if self._tokens >= 0 else -self._tokens / self._rate
+
+
 def format_line(pid: int, line: bytes, cut: bool) -> str:
     """A forwarded line: ``[worker PID] text``, escaped, with a newline."""
     text = escape_controls(line.decode(errors="replace"))  # (no newline in it)
@@ -181,6 +215,7 @@ class ChildOutput:
         self.pid = 0
         self._tail = Tail()
         self._ended: list[trio.Event] = []
+        self._exited = trio.Event()
         self._write_failed = False
 
     def start(self, nursery: trio.Nursery, child: _Pipe) -> None:
@@ -196,13 +231,15 @@ class ChildOutput:
         return self._tail.text()
 
     async def settle(self) -> None:
-        """Wait until the pipes ended, so the tail is complete (bounded).
+        """The child has exited: read the rest of its pipes at full speed,
+        and wait until they ended, so the tail is complete (bounded).
 
         A child that exited has closed its end, but the tasks may not have
         read the last bytes yet (a traceback written just before the
         exit).  The wait is bounded because a grandchild can hold a pipe
         open.
         """
+        self._exited.set()
         with trio.move_on_after(_SETTLE_TIME):
             for ended in self._ended:
                 await ended.wait()
@@ -226,12 +263,17 @@ class ChildOutput:
         ended: trio.Event,
     ) -> None:
         lines = LineSplitter() if self.forward else None
+        budget = ReadBudget(DRAIN_RATE, trio.current_time())
         try:
             async for chunk in stream:
                 if tail is not None:
                     tail.add(chunk)
                 if lines is not None:
                     self._write(target, lines.feed(chunk))
+                delay = budget.spend(len(chunk), trio.current_time())
+                if delay and not self._exited.is_set():
+                    with trio.move_on_after(delay):
+                        await self._exited.wait()
             if lines is not None:
                 self._write(target, lines.end())
         finally:

@@ -37,13 +37,17 @@ requests, whatever the number of callers.
 Held replies.  A reply waits in its request until the caller takes it (a
 map's consumer may be behind).  Each lane counts the payload bytes and
 fds of such replies, and stops reading from its worker while they exceed
-:data:`HELD_REPLY_BYTES` or :data:`HELD_REPLY_HANDLES` (the channel's own
-receive-queue bounds), so a worker cannot make this process hold more
-than that, plus one reply and what its channel queues, however large the
-window: the kernel then holds the rest, charged to the worker.
+:data:`HELD_REPLY_BYTES` or :data:`HELD_REPLY_HANDLES`, so a worker cannot
+make this process hold more than that, plus one reply and what its
+channel queues, however large the window: the kernel then holds the
+rest, charged to the worker.  fds are the scarce kind (a process has
+1024 by default), so a pool's worker channels read no fd ahead of the
+pool (:data:`WORKER_CHANNEL_OPTIONS`): one worker makes this process hold
+at most :data:`WORKER_FD_BUDGET` fds.
 
 Faults.  A lane whose worker dies (the channel ends or breaks), sends no
-reply within ``request_timeout`` (the worker is killed), or sends a reply
+reply within ``request_timeout`` of sending its oldest request in flight
+(the worker is killed), or sends a reply
 nobody asked for (killed) is replaced by a fresh worker.  The requests it
 had *sent* fail with :class:`WorkerError` (the pool cannot know whether the
 worker started them, and never sends a request twice); those it held but
@@ -59,7 +63,11 @@ with that error rather than respawning.
 Recycling.  With ``max_requests``, a lane that was given that many
 requests stops taking more; a replacement starts at once, and the old
 worker answers what it holds and is closed normally (fresh process and
-sandbox, as Chromium recycles renderers).  No request fails.
+sandbox, as Chromium recycles renderers).  No request fails.  At most
+``workers`` recycled workers live at once: beyond that, the oldest that
+has answered everything is killed instead of given its grace period, and
+a replacement waits until one has gone (``_bound_retiring``), so the
+pool runs at most twice ``workers`` processes.
 
 Closing.  Leaving the block normally stops accepting requests, lets every
 accepted one be answered, and closes the workers normally.  Leaving it by
@@ -76,6 +84,8 @@ import enum
 import logging
 import math
 import os
+import signal
+import subprocess
 import weakref
 from collections.abc import (
     AsyncIterable,
@@ -93,7 +103,7 @@ import trio
 
 from trio_mojo._channel import Channel
 from trio_mojo._core._message import Message
-from trio_mojo._core._wire import MAX_ATTACHED_HANDLES
+from trio_mojo._core._wire import MAX_ATTACHED_HANDLES, MAX_SENDMSG_HANDLES
 from trio_mojo._errors import WorkerError
 from trio_mojo._sandbox import SandboxPolicy
 
@@ -101,7 +111,7 @@ from ._broker import FileAccess
 from ._pool_map import WorkerPoolMap
 from ._requests import Request, RequestQueue, RequestState, fail_all
 from ._target import target_spec
-from ._worker import Worker, check_target, open_worker
+from ._worker import Worker, check_stdout, check_target, open_worker
 from ._zygote import Zygote, open_zygote
 
 __all__ = ["WorkerPool", "WorkerPoolStatistics", "open_worker_pool"]
@@ -111,10 +121,22 @@ _log = logging.getLogger("trio_mojo")
 DEFAULT_MAX_IN_FLIGHT: Final = 32
 """Requests one worker holds (sent or about to be) by default."""
 HELD_REPLY_BYTES: Final = 8 * 1024 * 1024
-HELD_REPLY_HANDLES: Final = 2 * MAX_ATTACHED_HANDLES
+HELD_REPLY_HANDLES: Final = MAX_SENDMSG_HANDLES
 """Per worker: payload bytes and fds of replies it sent that nobody has
-taken yet, beyond which the pool stops reading from it (the channel's own
-receive-queue bounds, kept end to end)."""
+taken yet, beyond which the pool stops reading from it."""
+WORKER_CHANNEL_OPTIONS: Final = {
+    "max_queued_handles": MAX_ATTACHED_HANDLES,
+    "receive_queue_handles": 1,
+}
+"""The :func:`open_channel` options of a pool's workers, unless given: fds
+that wait for their message are bounded by one message's worth, and no
+message with fds is read ahead of one already queued."""
+_HELD_AT_MOST: Final = HELD_REPLY_HANDLES + MAX_ATTACHED_HANDLES
+"""The held replies: the bound, and the reply that went past it."""
+_QUEUED_AT_MOST: Final = MAX_ATTACHED_HANDLES + MAX_SENDMSG_HANDLES
+"""The channel: one message's worth queued or waiting, and one read more."""
+WORKER_FD_BUDGET: Final = _HELD_AT_MOST + _QUEUED_AT_MOST
+"""The most fds one worker of a pool can make this process hold (762)."""
 
 _QUEUED = RequestState.QUEUED
 _SENT = RequestState.SENT
@@ -173,6 +195,7 @@ class _Lane:
         "held_bytes",
         "held_handles",
         "in_flight",
+        "killed",
         "outbox",
         "recycled",
         "retired",
@@ -196,6 +219,7 @@ class _Lane:
         self.recycled = False  # retired after max_requests: replaced already
         self.done_sending = False
         self.finished = False  # answered all it was given and was closed normally
+        self.killed = False  # finished, then killed to bound the retiring workers
         self.error: Exception | None = None
         # Replies handed to requests and not yet taken (see HELD_REPLY_*).
         self.held_bytes = 0
@@ -250,6 +274,8 @@ class WorkerPool:
         self._queue = RequestQueue(queue_size)
         self._lanes: list[_Lane] = []  # live and taking requests
         self._live: list[_Lane] = []  # every live worker, in start order
+        # A recycled lane finished or ended: _bound_retiring looks again.
+        self._retiring_moved = trio.lowlevel.ParkingLot()
         self._state = _State.OPEN
         self._fatal: BaseException | None = None
         self._nursery: trio.Nursery | None = None
@@ -396,7 +422,7 @@ class WorkerPool:
             self._retire(lane)
             lane.recycled = True
             self._recycled += 1
-            self._start_replacement()
+            self._start_replacement(recycled=True)
 
     def _refill(self, lane: _Lane) -> None:
         """Give ``lane`` queued requests while it has room."""
@@ -451,6 +477,8 @@ class WorkerPool:
                 task_status.started()
                 await self._serve(lane)
                 lane.finished = True
+                if lane.recycled:
+                    self._retiring_moved.unpark_all()  # it may be killed now
         except Exception as exc:
             if lane is None:
                 raise  # it never started
@@ -492,8 +520,10 @@ class WorkerPool:
                     continue  # cancelled by a finalizer
                 message = request.take_message()
                 in_flight.append(request)
-                if len(in_flight) == 1 and self._timeout != math.inf:
-                    lane.timer.deadline = trio.current_time() + self._timeout
+                if self._timeout != math.inf:
+                    request.sent_at = trio.current_time()
+                    if len(in_flight) == 1:
+                        lane.timer.deadline = request.sent_at + self._timeout
                 try:
                     await channel.send(message)
                 except (TypeError, ValueError) as exc:
@@ -535,8 +565,8 @@ class WorkerPool:
             lane.answered += 1
             self._answered += 1
             if in_flight:
-                if timeout != math.inf:
-                    timer.deadline = trio.current_time() + timeout
+                if timeout != math.inf:  # the oldest request sets the deadline
+                    timer.deadline = in_flight[0].sent_at + timeout
             else:
                 timer.deadline = math.inf
                 if lane.done_sending:
@@ -568,21 +598,46 @@ class WorkerPool:
             self._lanes.remove(lane)
             lane.wakeup.unpark()
 
-    def _start_replacement(self) -> None:
+    def _start_replacement(self, *, recycled: bool = False) -> None:
         if self._nursery is None or self._state is _State.CLOSED:
             return
         if self._state is _State.DRAINING and not self._queue:
             return
-        self._nursery.start_soon(self._run_replacement)
+        self._nursery.start_soon(self._run_replacement, recycled)
 
-    async def _run_replacement(self) -> None:
+    async def _run_replacement(self, recycled: bool) -> None:
         try:
+            if recycled:
+                await self._bound_retiring()
             await self._run_lane()
         except Exception as exc:
             self._fail(exc)
 
+    async def _bound_retiring(self) -> None:
+        """Wait until at most ``size`` recycled workers are still alive.
+
+        A recycled worker answers what it holds, then is closed normally
+        (end of channel, ``grace_period``, ``SIGTERM``, ``grace_period``):
+        workers that ignore all that would pile up, one per
+        ``max_requests`` requests.  So beyond ``size`` of them, the oldest
+        one that has answered everything is killed at once, and a
+        replacement starts only once one has gone.
+        """
+        while True:
+            retiring = [lane for lane in self._live if lane.recycled]
+            if len(retiring) <= self._size:
+                return
+            closing = [lane for lane in retiring if lane.finished and not lane.killed]
+            if closing:
+                closing[0].killed = True
+                closing[0].worker._process.send_signal(signal.SIGKILL)
+            await self._retiring_moved.park()
+
     def _lane_failed(self, lane: _Lane, exc: Exception) -> None:
         worker = lane.worker
+        if lane.killed:
+            _log.debug("recycled worker pid %d was killed: %s", worker.pid, exc)
+            return
         if lane.finished:
             # It answered everything it was given; only its exit failed.
             _log.warning("worker pid %d failed when it was closed: %s", worker.pid, exc)
@@ -619,6 +674,7 @@ class WorkerPool:
     def _lane_ended(self, lane: _Lane) -> None:
         self._retire(lane)
         self._live.remove(lane)
+        self._retiring_moved.unpark_all()
         fail_all(lane.in_flight, self._closed_error)
         fail_all(lane.outbox, self._closed_error)
         lane.in_flight.clear()
@@ -719,14 +775,17 @@ async def open_worker_pool(
             file broker.
         max_requests: recycle a worker after it was given this many
             requests: it answers them, exits, and a fresh one (new process,
-            new sandbox) takes its place.  ``None`` (default): never.
+            new sandbox) takes its place.  At most ``workers`` recycled
+            workers stay alive meanwhile; the oldest that answered
+            everything is killed beyond that.  ``None`` (default): never.
         max_in_flight: requests one worker holds at a time.  More lets
             requests and replies travel several per ``sendmsg``; fewer
             fail fewer requests when a worker dies.  Default 32.
         queue_size: requests the pool queues when every worker is full,
             before ``run`` waits (default ``workers * max_in_flight``).
         request_timeout: seconds a worker may take over its oldest
-            request; a worker that takes longer is killed and replaced,
+            request, counted from when that request was sent; a worker
+            that takes longer is killed and replaced,
             and the requests it held fail with :class:`WorkerError`.
             ``None`` (default): wait for ever.
         zygote: ``True`` (default): start a zygote for the pool
@@ -738,7 +797,10 @@ async def open_worker_pool(
             each worker as an interpreter of its own.
         worker_options: passed to :func:`open_worker` (``python``,
             ``env``, ``cwd``, ``forward_output``, ``startup_timeout``,
-            ``grace_period``, channel options...).
+            ``grace_period``, channel options...).  The channel options
+            ``receive_queue_handles`` and ``max_queued_handles`` default
+            to 1 and 253 here, so that one worker makes this process hold
+            at most 762 fds.
 
     Leaving the block normally waits until every accepted request was
     answered, then closes the workers as :func:`open_worker` does.  Leaving
@@ -756,8 +818,9 @@ async def open_worker_pool(
             With a zygote: the zygote could not start, or died.
         SandboxUnavailableError: the policy requires a layer this machine
             cannot apply.
-        ValueError: an argument is out of range, or ``python`` or ``env``
-            with a :class:`Zygote` (they are the zygote's).
+        ValueError: an argument is out of range, ``python`` or ``env``
+            with a :class:`Zygote` (they are the zygote's), or a ``stdout``
+            that :func:`open_worker` refuses.
     """
     spec = target_spec(target)
     size = _positive_int(
@@ -769,6 +832,7 @@ async def open_worker_pool(
     )
     if max_requests is not None:
         _positive_int("max_requests", max_requests)
+    check_stdout(worker_options.get("stdout", subprocess.DEVNULL))
     if request_timeout is not None and not request_timeout > 0:
         raise ValueError(
             f"request_timeout={request_timeout!r} must be positive or None"
@@ -802,6 +866,8 @@ async def open_worker_pool(
             )
             if "startup_timeout" in launch:
                 worker_options["startup_timeout"] = launch["startup_timeout"]
+        for option, value in WORKER_CHANNEL_OPTIONS.items():
+            worker_options.setdefault(option, value)
         async with _open_pool(
             spec,
             size=size,

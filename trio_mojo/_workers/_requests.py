@@ -96,7 +96,16 @@ class _Holder(Protocol):
 class Request:
     """One request to a worker and, later, its reply or error."""
 
-    __slots__ = ("_error", "_release", "_reply", "holder", "message", "state", "waker")
+    __slots__ = (
+        "_error",
+        "_release",
+        "_reply",
+        "holder",
+        "message",
+        "sent_at",
+        "state",
+        "waker",
+    )
 
     def __init__(self, message: Message) -> None:
         self.message: Message | None = message
@@ -106,6 +115,8 @@ class Request:
         self._release: Callable[[Message], None] | None = None
         self._error: BaseException | None = None
         self.waker: Waker | None = None  # fired once the request is done
+        self.sent_at = 0.0
+        """When the pool sent it (:func:`trio.current_time`), if it times requests."""
 
     # ------------------------------------------------------------------
     # The pool's side

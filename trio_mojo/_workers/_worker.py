@@ -40,6 +40,12 @@ Theory of operation
    cancellation** kills it at once.  Either way the child is reaped in a
    shielded scope: no zombie, no orphan, no fd left behind.
 
+The worker's exit, not only the end of its channel, tells the parent that
+it is gone: a task waits for the process (its pidfd, or the status its
+zygote relays) and then shuts the parent's end of the channel down, so a
+worker that handed the parent a copy of its own end and exited is noticed
+all the same (``_end_channel_on_exit``).
+
 A child that dies by itself with a non-zero status, or that fails to
 start, surfaces as :class:`WorkerError` with its exit status and the tail of
 its stderr (control characters escaped); when the body was leaving because
@@ -54,6 +60,7 @@ kept in ``FileBroker.error`` and never raised from this block.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -99,7 +106,14 @@ from ._target import check_importable, target_module, target_spec
 if TYPE_CHECKING:
     from ._zygote import Zygote
 
-__all__ = ["ENV_ALLOWLIST", "Worker", "check_target", "open_worker", "owned_child"]
+__all__ = [
+    "ENV_ALLOWLIST",
+    "Worker",
+    "check_stdout",
+    "check_target",
+    "open_worker",
+    "owned_child",
+]
 
 ENV_ALLOWLIST: Final = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
 """Variables a worker inherits from the parent when ``env`` is not given."""
@@ -216,6 +230,42 @@ async def check_target(
         )
 
 
+_STDOUT_REFUSED: Final = {
+    subprocess.PIPE: "nothing would read the pipe, and a worker that fills it "
+    "blocks for ever",
+    subprocess.STDOUT: "a worker's stderr is a pipe of the parent's, kept as "
+    "Worker.stderr_tail",
+}
+_FIRST_OWN_FD: Final = 3
+
+
+def check_stdout(stdout: object) -> None:
+    """Refuse a ``stdout`` for a worker other than ``DEVNULL`` or an fd >= 3.
+
+    ``None`` (or fd 0, 1, 2) would give the hostile worker this process's
+    own stdio, the same open file description: made non-blocking there,
+    this process's next ``print`` to a slow pipe raises
+    ``BlockingIOError``.
+
+    Raises:
+        TypeError: not an int.
+        ValueError: anything else refused, with what to do instead.
+    """
+    if stdout is not None and type(stdout) is not int:
+        raise TypeError(f"stdout must be subprocess.DEVNULL or an fd, not {stdout!r}")
+    if stdout is not None and (stdout == subprocess.DEVNULL or stdout >= _FIRST_OWN_FD):
+        return
+    if stdout is None or stdout >= 0:
+        why = "it would give the worker this process's own stdio"
+    else:
+        why = _STDOUT_REFUSED.get(stdout, "it is not an fd")
+    raise ValueError(
+        f"stdout={stdout!r} is refused: {why}; use forward_output=True to see "
+        "the worker's output, or pass subprocess.DEVNULL (the default) or an "
+        "fd >= 3 opened for the worker"
+    )
+
+
 def _cause(exc: BaseException) -> BaseException | None:
     """What a WorkerError shows as its cause: a channel failure says
     something; a clean end of channel only that the worker is gone."""
@@ -267,7 +317,7 @@ async def open_worker(
     python: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
-    stdout: int | None = subprocess.DEVNULL,
+    stdout: int = subprocess.DEVNULL,
     forward_output: bool = False,
     startup_timeout: float = 30.0,
     grace_period: float = 5.0,
@@ -311,8 +361,12 @@ async def open_worker(
             ``PATH``, ``LANG``, ``LC_ALL``, ``LC_CTYPE`` and ``TZ``, nothing
             else.
         cwd: the worker's working directory.
-        stdout: where the worker's stdout goes (default ``/dev/null``;
-            ``None`` inherits the parent's).
+        stdout: where the worker's stdout goes: ``subprocess.DEVNULL``
+            (default) or an fd >= 3 opened for it.  The worker shares that
+            fd's open file description, and so can change its flags
+            (``O_NONBLOCK``, ``O_APPEND``) for every holder: give it one
+            that nothing else writes.  To see its output, use
+            ``forward_output``.
         forward_output: write each line of the worker's stderr and stdout
             to this process's :data:`sys.stderr` and :data:`sys.stdout` as
             it comes, as ``[worker PID] text``: control characters escaped,
@@ -342,7 +396,11 @@ async def open_worker(
             status, or its report was malformed.
         ValueError: a read-write ``file_access`` rule with a policy whose
             ``max_file_size`` is 0 (``strict()``), ``python`` or ``env``
-            with a ``zygote``, or ``stdout`` with ``forward_output``.
+            with a ``zygote``, ``stdout`` with ``forward_output``, or a
+            ``stdout`` that is not ``subprocess.DEVNULL`` or an fd >= 3
+            (``None``, ``subprocess.PIPE``, ``subprocess.STDOUT``, this
+            process's stdio).
+        TypeError: ``stdout`` is not an int.
     """
     spec = target_spec(target)
     if zygote is not None and (python is not None or env is not None):
@@ -354,6 +412,7 @@ async def open_worker(
         raise ValueError(
             "forward_output=True forwards the worker's stdout: leave stdout= unset"
         )
+    check_stdout(stdout)
     if sandbox is not None:
         policy = sandbox
     else:
@@ -426,6 +485,7 @@ async def open_worker(
             owned_child(process, output) as nursery,
             open_channel(local, **channel_options) as channel,
         ):
+            nursery.start_soon(_end_channel_on_exit, process, channel)
             broker_scope = trio.CancelScope()
             if broker is not None and broker_local is not None:
                 nursery.start_soon(_serve_broker, broker, broker_local, broker_scope)
@@ -535,12 +595,11 @@ async def _handshake(
     located = False
     try:
         pid = process.pid
-        namespaced = report.layers.get("namespaces") == "applied"
-        if namespaced and process.supervises_namespaced_worker:
+        if process.supervises_namespaced_worker:  # in a PID namespace, or reaped
             pid = worker_pid(process.pid)
             process.forward_signals(pid)
         located = True
-        verify_report(pid, policy, report)
+        verify_report(pid, policy, report, identity_pid=process.pid)
     except (SandboxUnavailableError, OSError) as exc:
         # A worker that died meanwhile (killed from outside: its target has
         # not run) leaves /proc entries that are gone or half torn down.
@@ -555,6 +614,23 @@ async def _handshake(
         ) from exc
     await channel.send(go_ahead(report))
     return report, pid
+
+
+async def _end_channel_on_exit(process: ProcessLike, channel: Channel) -> None:
+    """End ``channel`` for this process once the worker has exited.
+
+    The end of the channel is how the parent learns that a worker died,
+    but only if nothing else holds the worker's end of the socket: a
+    worker can hand this process a copy of it, then exit.  So the worker's
+    exit (its pidfd, or the status its zygote relays) shuts the socket
+    down both ways: what the worker wrote before it exited is still
+    received, then ``EndOfChannel``; a send fails as to a vanished peer.
+    """
+    await process.wait()
+    sock = channel._sock
+    if sock.fileno() >= 0:  # else the channel is closed: nothing to end
+        with contextlib.suppress(OSError):  # not connected any more
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 async def _died(process: ProcessLike, located: bool) -> bool:

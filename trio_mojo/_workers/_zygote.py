@@ -316,7 +316,7 @@ class Zygote:
         policy: SandboxPolicy,
         endpoints: Mapping[str, Endpoint],
         *,
-        stdout: int | None = subprocess.DEVNULL,
+        stdout: int = subprocess.DEVNULL,
         cwd: str | os.PathLike[str] | None = None,
         startup_timeout: float = 30.0,
     ) -> ForkedProcess:
@@ -325,8 +325,8 @@ class Zygote:
         ``endpoints`` maps :data:`CHANNEL_SWITCH` (required) and
         :data:`BROKER_SWITCH` to the ends the worker gets; they are closed
         here whatever happens.  ``stdout`` is ``subprocess.DEVNULL``,
-        ``None`` (this process's stdout), ``subprocess.PIPE`` (a pipe to
-        this process: the handle's ``stdout``) or an fd; the worker waits at
+        ``subprocess.PIPE`` (a pipe to this process: the handle's
+        ``stdout``) or an fd (``open_worker`` checked it); the worker waits at
         most ``startup_timeout`` seconds for its go-ahead.
 
         Raises:
@@ -350,7 +350,7 @@ class Zygote:
                 stdout_end = read_ends[-1]
             elif stdout != subprocess.DEVNULL:
                 roles.append("stdout")
-                handles.append(Handle.dup(1 if stdout is None else stdout))
+                handles.append(Handle.dup(stdout))
             request = protocol.SpawnRequest(
                 id=0,  # numbered once a slot is ours
                 target=target,
@@ -673,15 +673,16 @@ async def open_zygote(
         local.close()
         raise
     zygote: Zygote | None = None
+    # The control channel and the dispatcher run shielded until the block
+    # is left, even by a cancellation: the workers killed on the way out
+    # (a pool's, say) learn their exit status through them.
+    control = trio.CancelScope(shield=True)
+    dispatcher = trio.CancelScope(shield=True)
     try:
         output = ChildOutput()
         async with owned_child(process, output) as nursery:
-            async with open_channel(
-                local,
-                max_message_size=protocol.MAX_CONTROL_MESSAGE,
-                max_handles_per_message=1,
-                max_queued_handles=1,
-            ) as channel:
+            try:
+                channel = await nursery.start(_run_control_channel, local, control)
                 ready = await _ready(channel, process, output, startup_timeout)
                 zygote = Zygote(
                     process,
@@ -693,13 +694,33 @@ async def open_zygote(
                     python=interpreter,
                     env=environment,
                 )
-                dispatcher = trio.CancelScope()
                 nursery.start_soon(zygote._dispatch, dispatcher)
                 yield zygote
+                # The zygote sees the end of its channel and exits.
+                await channel.aclose()
+            finally:
                 dispatcher.cancel()
-            # The channel is closed: the zygote sees its end and exits.
+                control.cancel()
             await reap(process, grace_period=grace_period)
     finally:
         if zygote is not None:
             zygote._release()
         local.close()
+
+
+async def _run_control_channel(
+    endpoint: Endpoint,
+    scope: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[Channel],
+) -> None:
+    """Own the zygote's control channel until ``scope`` is cancelled."""
+    with scope:
+        async with open_channel(
+            endpoint,
+            max_message_size=protocol.MAX_CONTROL_MESSAGE,
+            max_handles_per_message=1,
+            max_queued_handles=1,
+        ) as channel:
+            task_status.started(channel)
+            await trio.sleep_forever()
