@@ -124,8 +124,7 @@ def soak(session: nox.Session) -> None:
     """Soak the parent and its sandboxed workers: ``nox -s soak -- --minutes N``.
 
     Mixed traffic (0 B to 1 MiB, 0 to 16 fds, random cancellations) between
-    the parent and ``strict()`` workers (with a uid of their own), a
-    recycling pool and ``open_worker`` churn; every reply checked against
+    the parent and ``strict()`` workers, a recycling pool and ``open_worker`` churn; every reply checked against
     digests, every fd by identity.  The
     parent's RSS, fds and tasks are sampled at quiet points every few
     seconds; after a warm-up (the first half), a least-squares slope over

@@ -13,7 +13,6 @@ import time
 
 import pytest
 import trio
-from _redteam_support import own_uid_policy
 
 from trio_mojo import Handle, Message, SandboxPolicy, open_worker, open_zygote
 from trio_mojo._channel import _YIELD_EVERY
@@ -77,7 +76,7 @@ ECHOES = 24
     reason=(
         "the kernel charges fds in flight on an AF_UNIX socket to the sending "
         "user and refuses (ETOOMANYREFS) past its RLIMIT_NOFILE (256 in "
-        "strict(), shared by every worker of a uid: nobody by default); the channel "
+        "strict(); a fixed worker_uid shares it among workers); the channel "
         "takes that for a fatal write error, so a worker whose replies carry "
         "fds dies as soon as the parent reads them slower than it answers"
     ),
@@ -85,12 +84,9 @@ ECHOES = 24
 async def test_a_worker_answering_with_fds_waits_while_too_many_are_in_flight() -> None:
     # The parent's channel reads ahead at most 16 fds: the rest of the
     # worker's replies wait in the socket, their fds in flight.  strict(),
-    # with a uid of its own: as nobody, the fds in flight would count
-    # against every other nobody process on the machine.
+    # whose worker has ids of its own: nothing else counts against them.
     async with open_worker(
-        "trio_mojo._examples_pool:echo",
-        sandbox=own_uid_policy(),
-        receive_queue_handles=FDS_PER_MESSAGE,
+        "trio_mojo._examples_pool:echo", receive_queue_handles=FDS_PER_MESSAGE
     ) as worker:
         for serial in range(ECHOES):
             handles = [
@@ -123,9 +119,7 @@ async def test_a_worker_answering_with_fds_waits_while_too_many_are_in_flight() 
 async def test_a_strict_worker_reads_ahead_no_more_fds_than_it_may_open() -> None:
     gates: list[int] = []
     try:
-        async with open_worker(
-            "trio_mojo._examples_pool:gated", sandbox=own_uid_policy()
-        ) as worker:
+        async with open_worker("trio_mojo._examples_pool:gated") as worker:
             for serial in range(ECHOES):
                 handles = []
                 for _ in range(FDS_PER_MESSAGE):

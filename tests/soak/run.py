@@ -42,16 +42,15 @@ not judged at all (the machine is shared).  Then, after every worker was
 closed: no child process is left (running or zombie), and the parent's
 fds and tasks are exactly those it had before the workload.
 
-The workers run ``strict()`` with a uid and gid of their own
-(``own_uid_policy``), not ``nobody``: the kernel's per-user counts (fds in
-flight, processes) would otherwise be shared with every other ``nobody``
-process on the machine, other test sessions included.
+The workers run ``strict()``, each with ids of its own (the default): no
+other process shares the kernel's per-user counts (fds in flight,
+processes) with one of them.
 
 Three findings of this soak shaped its defaults (their regression tests are
 in ``tests/test_soak_findings.py``).  ``--max-in-flight`` is 2, not the
-pool's 32: every ``strict()`` worker of a uid (``nobody`` by default) has
-256 open files; the kernel refuses (``ETOOMANYREFS``) a ``sendmsg`` once
-the fds in flight from that user pass 256, which kills the worker, and a
+pool's 32: a ``strict()`` worker has 256 open files; the kernel refuses
+(``ETOOMANYREFS``) a ``sendmsg`` once the fds in flight from its user pass
+256, which kills the worker, and a
 worker whose target falls behind reads ahead more than 256 fds
 (``MSG_CTRUNC``), which kills it too.  With 3 workers holding 32 requests
 of up to 16 fds each, the first came within 2 minutes.  And a zygote
@@ -90,7 +89,6 @@ if str(TESTS) not in sys.path:  # for ``_fds`` and ``_process_support``
 from _chaos_support import all_tasks  # noqa: E402
 from _fds import open_fds  # noqa: E402
 from _process_support import children  # noqa: E402
-from _redteam_support import own_uid_policy  # noqa: E402
 from soak_target import ECHO, digests  # noqa: E402
 
 from trio_mojo import (  # noqa: E402
@@ -364,7 +362,7 @@ async def soak(
     """
     rng = random.Random(args.seed)
     gate = Gate()
-    policy = own_uid_policy(SandboxPolicy.strict())
+    policy = SandboxPolicy.strict()
     fds_before, tasks_before = open_fds(), all_tasks()
     started = time.monotonic()
     async with (
@@ -568,7 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"workers (max_requests={args.max_requests}, "
             f"max_in_flight={args.max_in_flight}, "
             f"{'forked by a zygote' if args.zygote else 'no zygote'}), "
-            f"{args.clients} clients, 1 churn task; strict() sandbox, own uid",
+            f"{args.clients} clients, 1 churn task; strict() sandbox",
         )
         say(HEADER)
         failures: list[str] = []
