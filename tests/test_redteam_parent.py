@@ -43,12 +43,6 @@ async def test_a_worker_cannot_make_the_parent_read_its_stderr_without_bound() -
     assert result["written_mib"] <= 16, f"the parent read {result} in 1 s"
 
 
-@finding(
-    "an fd a worker hands over shares its open file description with the copy "
-    "the worker keeps: the worker clears O_NONBLOCK on a pipe the parent reads "
-    "with trio.lowlevel.FdStream, and the parent's read blocks its whole event "
-    "loop (no task, timeout or cancellation runs) until the worker writes"
-)
 async def test_a_worker_cannot_freeze_the_event_loop_through_a_pipe_it_handed_over() -> (
     None
 ):
