@@ -13,11 +13,13 @@ import os
 from collections.abc import Iterator
 from typing import Final
 
+import pytest
 import trio
 from _redteam_support import PROBE, STRICT, ask, ask_once, finding, require
 
 from trio_mojo import (
     ChannelError,
+    MalformedMessageError,
     Message,
     WorkerError,
     open_worker,
@@ -26,6 +28,7 @@ from trio_mojo import (
 
 SHARE_A_PIPE: Final = "trio_mojo._hostile:share_a_pipe"
 HAND_BACK: Final = "trio_mojo._hostile:hand_back_channel_and_die"
+SEND_LARGE: Final = "trio_mojo._hostile:send_large"
 
 
 # ----------------------------------------------------------------------
@@ -64,6 +67,28 @@ async def test_a_worker_cannot_freeze_the_event_loop_through_a_pipe_it_handed_ov
                 require(await stream.receive_some(1) == b"!", "nothing came")
                 frozen = not ticked.is_set()
     assert not frozen, "no other task ran while the parent waited for the pipe"
+
+
+# ----------------------------------------------------------------------
+# Memory
+
+
+async def test_a_worker_cannot_make_the_parent_hold_a_256_mib_message() -> None:
+    async with open_worker(SEND_LARGE, sandbox=STRICT) as worker:
+        await worker.channel.send(Message(b"32"))
+        with pytest.raises(MalformedMessageError, match="max_message_size"):
+            await worker.channel.receive()
+        held = worker.channel.statistics().read_buffer_bytes
+        assert held == 0, f"the parent holds {held} bytes of a refused message"
+
+
+async def test_a_worker_channel_takes_larger_messages_when_asked_to() -> None:
+    async with open_worker(
+        SEND_LARGE, sandbox=STRICT, max_message_size=64 << 20
+    ) as worker:
+        await worker.channel.send(Message(b"32"))
+        with await worker.channel.receive() as reply:
+            assert len(reply.payload) == 32 << 20
 
 
 @contextlib.contextmanager
