@@ -223,23 +223,28 @@ def test_reopened_pipes_are_out_of_the_sender_s_reach(
     a, b = pair
     r, w = os.pipe()
     null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    sock, other = socket.socketpair()
     try:
         os.set_blocking(r, False)  # the receiver's FdStream would do this
-        send_fds(a, b"x", [r, w, null])
-        pipe_read, pipe_write, device = _received(b, reopen)
-        with pipe_read, pipe_write, device:
+        send_fds(a, b"x", [r, w, null, sock.fileno()])
+        pipe_read, pipe_write, device, received_sock = _received(b, reopen)
+        with pipe_read, pipe_write, device, received_sock:
             os.set_blocking(r, True)  # ... and the sender undoes it on its copy
             assert os.get_blocking(pipe_read.fileno()) is not reopen
             os.set_blocking(w, False)
             assert os.get_blocking(pipe_write.fileno()) is reopen
-            # A device is never reopened: its description is still shared.
+            # A device or a socket is never reopened: still shared.
             os.set_blocking(null, False)
             assert not os.get_blocking(device.fileno())
+            sock.setblocking(False)
+            assert not os.get_blocking(received_sock.fileno())
             os.write(pipe_write.fileno(), b"!")
             assert os.read(r, 1) == b"!"
     finally:
         for fd in (r, w, null):
             os.close(fd)
+        sock.close()
+        other.close()
 
 
 def test_a_fifo_write_end_without_reader_fails_the_read_and_closes_every_fd(

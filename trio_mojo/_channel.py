@@ -1283,8 +1283,8 @@ async def open_channel(
             (:meth:`Handle.reopen`) before ``receive`` returns it, so the
             peer cannot change the flags (``O_NONBLOCK``) of the description
             you read or write; on for the channels of :func:`open_worker`.
-            Costs an ``fstat`` per fd and an ``open`` per pipe; a FIFO write
-            end without a reader fails the channel
+            Costs an ``lseek`` per fd and an ``open`` per pipe; a FIFO
+            write end without a reader fails the channel
             (:exc:`MalformedMessageError`).
 
     Yields:
