@@ -380,6 +380,9 @@ class Zygote:
         request = attrs.evolve(request, id=self._next_id)
         message = Message(protocol.encode(request), tuple(handles))
         handles.clear()  # the message (and then the channel) owns them
+        # Pending before it is sent: send() may yield after writing, and the
+        # reply may be routed before send() returns.
+        self._pending[request.id] = pending
         try:
             # Never waits for long: the send queue holds far more than
             # max_pending requests.  Shielded, so that the request is either
@@ -387,12 +390,12 @@ class Zygote:
             with trio.CancelScope(shield=True):
                 await self._channel.send(message)
         except BaseException as exc:
+            self._pending.pop(request.id, None)
             close_all(message.handles)
             pending.close()
             if isinstance(exc, trio.ClosedResourceError | ChannelError):
                 raise self._lost_error() from None
             raise
-        self._pending[request.id] = pending
         try:
             await pending.done.wait()
         except BaseException:
