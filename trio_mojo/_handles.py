@@ -112,7 +112,7 @@ class Handle:
         description, with its offset and its ``O_NONBLOCK`` and
         ``O_APPEND`` flags, is shared with every copy the sender kept, and
         the sender can change those flags under you (a pipe you read with
-        :class:`trio.lowlevel.FdStream` made blocking again freezes your
+        ``trio.lowlevel.FdStream`` made blocking again freezes your
         event loop).  ``reopen`` opens ``/proc/self/fd/N`` with the same
         access mode, ``O_APPEND`` and ``O_NONBLOCK`` as the original
         (close-on-exec), closes the original and keeps the new fd, whose
