@@ -217,7 +217,7 @@ class Channel(trio.abc.Channel[Message]):
         receive_queue_bytes: int,
         receive_queue_handles: int,
         flush_timeout: float | None,
-        reopen_pipes: bool = False,
+        reopen_pipes: bool,
     ) -> None:
         self._decoder = MessageDecoder(
             framing=framing,
