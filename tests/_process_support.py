@@ -39,6 +39,7 @@ __all__ = [
     "pipe_with",
     "proc_status",
     "shown_chain",
+    "wait_confined",
     "wait_exited",
     "wait_until",
     "wait_until_gone",
@@ -107,6 +108,45 @@ async def wait_exited(pidfd: Handle) -> None:
     with trio.fail_after(10):  # readable once the process has exited
         await trio.lowlevel.wait_readable(pidfd.fileno())
     trio.lowlevel.notify_closing(pidfd.fileno())
+
+
+_CAPABILITY_SETS = ("CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb")
+_HELPER_LIMITS = (
+    "Max open files",
+    "Max processes",
+    "Max file size",
+    "Max core file size",
+)
+_CONFINED_HELPER = {
+    **dict.fromkeys(_CAPABILITY_SETS, "0" * 16),
+    "NoNewPrivs": "1",
+    "Max open files": "8 8",
+    "Max processes": "0 0",
+    "Max file size": "0 0",
+    "Max core file size": "0 0",
+    "owner": "0",
+}
+"""What a worker's supervisor, init or reaper (``_sandbox._pidns``) keeps,
+as :func:`_confined` reads it once it waits: no capability, no new
+privileges, next to no resources, not dumpable (its ``/proc`` is root's)."""
+
+
+def _confined(pid: int) -> dict[str, str]:
+    """The fields of :data:`_CONFINED_HELPER`, as ``/proc/<pid>`` shows them."""
+    status = proc_status(pid)
+    facts = {field: status[field] for field in (*_CAPABILITY_SETS, "NoNewPrivs")}
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        for label in _HELPER_LIMITS:
+            if line.startswith(label):
+                facts[label] = " ".join(line[len(label) :].split()[:2])
+    facts["owner"] = str(os.stat(f"/proc/{pid}/status").st_uid)
+    return facts
+
+
+async def wait_confined(pid: int) -> None:
+    """Wait until the helper ``pid`` keeps no more than
+    :data:`_CONFINED_HELPER` (it confines itself once it runs)."""
+    await wait_until(lambda: _confined(pid) == _CONFINED_HELPER)
 
 
 def proc_status(pid: int) -> dict[str, str]:

@@ -26,6 +26,7 @@ import trio
 from trio_mojo import Message, SandboxPolicy, Worker, open_worker
 
 __all__ = [
+    "DEGRADED_BASIC",
     "PROBE",
     "STRICT",
     "ControlError",
@@ -39,6 +40,15 @@ __all__ = [
 
 PROBE: Final = "trio_mojo._hostile:probe"
 STRICT: Final = SandboxPolicy.strict()
+DEGRADED_BASIC: Final = attrs.evolve(
+    SandboxPolicy.basic(),
+    name="basic, no seccomp or namespaces",
+    seccomp="off",
+    namespaces="off",
+    rootfs="off",
+)
+"""``basic()`` on a machine without seccomp and user namespaces: the worker
+may fork, and no PID namespace ends what it forks."""
 
 
 class ControlError(Exception):
@@ -90,10 +100,12 @@ async def ask_once(policy: SandboxPolicy, probe: str, **args: Any) -> Any:
 
 
 def own_uid_policy(policy: SandboxPolicy = STRICT) -> SandboxPolicy:
-    """``policy`` with a uid and gid no other test or user shares.
+    """``policy`` with one fixed uid and gid for all its workers, which no
+    other test session or user shares (outside the per-worker range).
 
-    The attacks on per-uid kernel counts would otherwise reach every
-    ``nobody`` process on the machine, other test sessions included.
+    The attacks on per-uid kernel counts need workers that share a uid (the
+    controls of the per-worker ids); a well-known uid such as ``nobody``
+    would carry them to every process of that uid on the machine.
     """
     uid = 0x7E000000 + os.getpid() % 0x10000
     return attrs.evolve(policy, worker_uid=uid, worker_gid=uid)

@@ -95,9 +95,12 @@ def test_docstrings_that_restate_constants_still_match_them() -> None:
     """Docstrings name a few private constants by value, not by link."""
     from trio_mojo._core import _encoder
     from trio_mojo._sandbox._policy import (
+        DEFAULT_MAX_ADDRESS_SPACE,
         DEFAULT_MAX_DATA,
         DEFAULT_MAX_PROCESSES,
         LAYERS,
+        PID_MAX_LIMIT,
+        WORKER_ID_BASE,
     )
     from trio_mojo._workers._worker import ENV_ALLOWLIST
 
@@ -105,11 +108,17 @@ def test_docstrings_that_restate_constants_still_match_them() -> None:
     assert all(f"``{name}``" in worker_doc for name in ENV_ALLOWLIST)
     level_doc = trio_mojo.SandboxPolicy.level.__doc__ or ""
     assert re.findall(r'``"(\w+)"``', level_doc) == list(LAYERS)
-    policy_doc = trio_mojo.SandboxPolicy.__doc__ or ""
+    policy_doc = " ".join((trio_mojo.SandboxPolicy.__doc__ or "").split())
     assert DEFAULT_MAX_DATA == 8 << 30
-    assert "8 GiB" in policy_doc
+    assert "``max_data`` defaults to 8 GiB" in policy_doc
+    assert DEFAULT_MAX_ADDRESS_SPACE == 16 << 30
+    assert "``max_address_space`` to 16 GiB" in policy_doc
     assert DEFAULT_MAX_PROCESSES == 64
-    assert "(default\n      64)" in policy_doc
+    assert "``RLIMIT_NPROC`` (default 64)" in policy_doc
+    assert WORKER_ID_BASE == 1879048192
+    assert PID_MAX_LIMIT == 4194304
+    assert "(default 1879048192," in policy_doc
+    assert "the range holds 4194304 ids" in policy_doc
     append_doc = trio_mojo.OutgoingMessage.append.__doc__ or ""
     assert _encoder.INLINE_PAYLOAD == 1024
     assert "1 KiB" in append_doc

@@ -96,14 +96,14 @@ async def test_a_worker_killed_during_the_checks_is_a_worker_error(
     real_verify = _verify.verify_report
     killed = []
 
-    def kill_then_verify(pid: int, *args: object) -> None:
+    def kill_then_verify(pid: int, *args: object, **options: object) -> None:
         os.kill(pid, signal.SIGKILL)
         killed.append(pid)
         if moment == "exited":
             _wait_exited(pid)  # a zombie, or already reaped by its init
         else:
             _wait_gone(pid)  # reaped: every /proc read fails with ENOENT
-        real_verify(pid, *args)  # type: ignore[arg-type]
+        real_verify(pid, *args, **options)  # type: ignore[arg-type]
 
     monkeypatch.setattr(_worker, "verify_report", kill_then_verify)
     before = children()

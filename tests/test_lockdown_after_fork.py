@@ -56,7 +56,10 @@ async def test_a_forked_child_locks_down_and_waits_for_its_go_ahead() -> None:
                 with await channel.receive() as first:
                     report = SandboxReport.from_bytes(first.payload)
                 worker = worker_pid(child)
-                verify_report(worker, SandboxPolicy.strict(), report)  # no raise
+                # The forked child took the worker's ids, and is its supervisor.
+                verify_report(
+                    worker, SandboxPolicy.strict(), report, identity_pid=child
+                )  # no raise
                 await channel.send(go_ahead(report))
                 await channel.send(Message(b"from a forked worker"))
                 with await channel.receive() as reply:

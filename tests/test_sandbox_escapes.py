@@ -24,6 +24,7 @@ from _process_support import assert_reaped, proc_status
 
 from trio_mojo import Message, SandboxPolicy, WorkerError, open_worker
 from trio_mojo._sandbox._namespaces import HOSTNAME
+from trio_mojo._sandbox._policy import PID_MAX_LIMIT, WORKER_ID_BASE
 
 STRICT = SandboxPolicy.strict()
 RUN_ATTEMPTS = "trio_mojo._sandbox._escapes:run_attempts"
@@ -259,28 +260,51 @@ async def test_a_thread_bomb_stops_at_rlimit_nproc_and_spares_the_others() -> No
 # Item 9: not root
 
 
-async def test_a_root_parent_s_worker_is_nobody_with_no_capability() -> None:
-    async with open_worker("trio_mojo._examples:echo", sandbox=STRICT) as worker:
+async def test_a_root_parent_s_worker_has_ids_of_its_own_and_no_capability() -> None:
+    async with (
+        open_worker("trio_mojo._examples:echo", sandbox=STRICT) as worker,
+        open_worker("trio_mojo._examples:echo", sandbox=STRICT) as other,
+    ):
         status = proc_status(worker.pid)
         owner = os.stat(f"/proc/{worker.pid}/status").st_uid
-    assert status["Uid"].split() == ["65534"] * 4
-    assert status["Gid"].split() == ["65534"] * 4
+        other_status = proc_status(other.pid)
+    # The range's base plus the host pid of the process that dropped to
+    # them: the process open_worker started, the worker's supervisor.
+    supervisor = worker._process.pid
+    uid = WORKER_ID_BASE + supervisor
+    assert STRICT.worker_ids(supervisor) == (uid, uid)
+    assert status["Uid"].split() == [str(uid)] * 4
+    assert status["Gid"].split() == [str(uid)] * 4
+    assert other_status["Uid"].split() == [str(WORKER_ID_BASE + other._process.pid)] * 4
     assert status["Groups"] == ""
     for field in ("CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb"):
         assert status[field] == "0000000000000000", field
     assert owner == 0  # not dumpable: its /proc files belong to root
 
 
-async def test_the_uid_is_configurable() -> None:
+async def test_the_ids_are_configurable() -> None:
     policy = attrs.evolve(STRICT, name="uid-4242", worker_uid=4242, worker_gid=4343)
     async with open_worker("trio_mojo._examples:echo", sandbox=policy) as worker:
         status = proc_status(worker.pid)
     assert status["Uid"].split() == ["4242"] * 4
     assert status["Gid"].split() == ["4343"] * 4
-    bad_ids: list[Any] = [0, -1, 2**32, "65534"]
+    same = attrs.evolve(STRICT, worker_uid=4242)  # the gid follows the uid
+    assert same.worker_ids(100) == same.worker_ids(200) == (4242, 4242)
+    moved = attrs.evolve(STRICT, worker_id_base=2_000_000_000)
+    async with open_worker("trio_mojo._examples:echo", sandbox=moved) as worker:
+        status = proc_status(worker.pid)
+    assert status["Uid"].split() == [str(2_000_000_000 + worker._process.pid)] * 4
+    bad_ids: list[Any] = [0, -1, 2**32 - 1, 2**32, "65534"]
     for bad in bad_ids:
         with pytest.raises(ValueError, match="unprivileged id"):
             attrs.evolve(STRICT, worker_uid=bad)
+    bad_bases: list[Any] = [0, 2**32 - PID_MAX_LIMIT, "1"]
+    for bad in bad_bases:
+        with pytest.raises(ValueError, match="room for a range"):
+            attrs.evolve(STRICT, worker_id_base=bad)
+    for bad_pid in (0, PID_MAX_LIMIT, "2"):
+        with pytest.raises(ValueError, match="is not a pid"):
+            STRICT.worker_ids(bad_pid)  # type: ignore[arg-type]
 
 
 async def test_without_the_uid_drop_root_owned_files_stay_writable(

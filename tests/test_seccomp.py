@@ -133,6 +133,7 @@ ZERO_ARGUMENTS = {
     "recvmsg": RET_ALLOW,
     "sendmmsg": RET_ALLOW,
     "recvmmsg": RET_ALLOW,
+    "getsockopt": EPERM,  # level 0
     "ioctl": EPERM,  # request 0
     "fcntl": RET_ALLOW,  # F_DUPFD
     "prctl": EPERM,  # option 0
@@ -169,6 +170,7 @@ REFUSED = {
     "sched_setaffinity": (203, 122),
     "clock_settime": (227, 112),
     "seccomp": (317, 277),
+    "setsockopt": (54, 208),
 }
 """Calls the filter refuses whatever their arguments, with their numbers."""
 
@@ -332,6 +334,29 @@ def test_ioctl_fcntl_prctl_only_harmless_requests(decide: Decide) -> None:
     assert decide("prctl", 16) == RET_ALLOW  # PR_GET_NAME
     for option in (22, 38, 4, 1, 59):  # SET_SECCOMP, NO_NEW_PRIVS, DUMPABLE, ...
         assert decide("prctl", option) == EPERM
+
+
+def test_getsockopt_only_reads_a_few_socket_options(decide: Decide) -> None:
+    sol_socket, ipproto_tcp = 1, 6
+    # SO_TYPE, SO_ERROR, SO_PEERCRED, SO_PROTOCOL, SO_DOMAIN
+    for option in (3, 4, 17, 38, 39):
+        assert decide("getsockopt", 3, sol_socket, option) == RET_ALLOW
+        # Both are C ints: the kernel ignores the upper halves of the registers.
+        assert decide("getsockopt", 3, sol_socket | 1 << 32, option | 1 << 32) == (
+            RET_ALLOW
+        )
+        assert decide("getsockopt", 3, ipproto_tcp, option) == EPERM
+    # SO_PEERPIDFD (a pidfd of the parent), SO_PEERSEC, SO_PEERGROUPS,
+    # SO_ATTACH_FILTER, SO_SNDBUF, SO_RCVBUF, SO_PEEK_OFF
+    for option in (77, 31, 59, 26, 7, 8, 42):
+        assert decide("getsockopt", 3, sol_socket, option) == EPERM
+    assert _seccomp.SOCKET_OPTIONS_READ == {
+        "SO_TYPE": socket.SO_TYPE,
+        "SO_ERROR": socket.SO_ERROR,
+        "SO_PEERCRED": socket.SO_PEERCRED,
+        "SO_PROTOCOL": socket.SO_PROTOCOL,
+        "SO_DOMAIN": socket.SO_DOMAIN,
+    }
 
 
 def test_signals_only_to_the_worker_itself(decide: Decide) -> None:

@@ -49,7 +49,12 @@ def test_spawn_bench_runs_end_to_end(
     assert result["mp_forkserver_concurrent_s"] > 0
     steps = list(result["child_steps"])
     assert steps[0] == "fork (and the namespace's init)"
-    assert steps[-2:] == ["trio.run start", "channel, report, go-ahead"]
+    # Seccomp goes on inside trio.run, after the run's own setsockopt calls.
+    assert steps[-3:] == [
+        "trio.run start",
+        "sandbox: seccomp",
+        "channel, report, go-ahead",
+    ]
     # Every layer a strict() worker gets, in the order it gets them.
     layers = [name for name in steps if name.startswith("sandbox: ")]
     for earlier, later in [("namespaces", "rootfs"), ("landlock", "seccomp")]:

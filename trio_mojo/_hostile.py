@@ -36,6 +36,7 @@ import select
 import signal
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final
@@ -188,6 +189,57 @@ def _park_in_socket_buffers(args: Args) -> dict[str, Any]:
         for sock in sockets:
             sock.close()
     return {"parked_mib": parked // _MIB, "sockets": len(sockets), "sndbuf": sndbuf}
+
+
+def _fill(sock: socket.socket) -> int:
+    """Send zeros on non-blocking ``sock`` until its buffer is full; the bytes."""
+    chunk = bytes(64 * 1024)
+    sent = 0
+    sock.setblocking(False)
+    while True:
+        try:
+            sent += sock.send(chunk)
+        except BlockingIOError:
+            return sent
+
+
+@_probe
+def _park_everywhere(args: Args) -> dict[str, Any]:
+    """Park all the kernel buffer memory a worker can: socket pairs full both
+    ways until no fd is left, and, first, as many more as the kernel keeps
+    in flight for us (both ends of each full pair sent into a carrier pair,
+    then closed: a socket in flight keeps its queue).  All closed before
+    replying."""
+    carrier = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    held: list[socket.socket] = [*carrier]
+    parked = in_flight = 0
+    stop = None
+    try:
+        while True:
+            pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            held += pair
+            parked += sum(_fill(sock) for sock in pair)
+            if stop is None:
+                try:
+                    _send_fds(carrier[0], [sock.fileno() for sock in pair])
+                except OSError as exc:
+                    stop = _errno_name(exc)  # the kernel's in-flight limit
+                    continue
+                in_flight += 2
+                for sock in pair:
+                    held.remove(sock)
+                    sock.close()
+    except OSError as exc:  # out of fds
+        return {
+            "parked_mib": parked // _MIB,
+            "in_flight": in_flight,
+            "held": len(held),
+            "in_flight_stopped_by": stop,
+            "held_stopped_by": _errno_name(exc),
+        }
+    finally:
+        for sock in held:
+            sock.close()
 
 
 # ---------------------------------------------------------------- counts the kernel keeps per uid
@@ -351,6 +403,47 @@ def _leave_a_process(args: Args) -> dict[str, Any]:
         finally:
             os._exit(0)
     return {"pid": pid, "error": None}
+
+
+@_probe
+def _leave_orphans(args: Args) -> dict[str, Any]:
+    """Leave ``count`` processes that sleep ``seconds``, each in a session of
+    its own and orphaned (its parent exited at once), the first forked from
+    a thread; reply with their pids (or the errno of a failed fork)."""
+    read_end, write_end = os.pipe()
+
+    def orphan() -> None:
+        middle = os.fork()
+        if middle == 0:
+            status = 0
+            try:
+                os.setsid()
+                if os.fork() == 0:
+                    os.write(write_end, struct.pack("i", os.getpid()))
+                    os.close(write_end)  # so that the worker reads to the end
+                    time.sleep(args["seconds"])
+            except OSError as exc:
+                status = exc.errno or 1
+            finally:
+                os._exit(status)
+        status = os.waitstatus_to_exitcode(os.waitpid(middle, 0)[1])
+        if status:
+            raise OSError(status, os.strerror(status))
+
+    error = None
+    try:
+        first = threading.Thread(target=orphan)
+        first.start()
+        first.join()
+        for _ in range(args["count"] - 1):
+            orphan()
+    except OSError as exc:
+        error = _errno_name(exc)
+    finally:
+        os.close(write_end)
+    with os.fdopen(read_end, "rb") as pids:
+        data = pids.read()
+    return {"pids": [pid for (pid,) in struct.iter_unpack("i", data)], "error": error}
 
 
 # ---------------------------------------------------------------- targets

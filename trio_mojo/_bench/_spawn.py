@@ -334,13 +334,13 @@ def _install_probes() -> None:
         ("load_target", "import target (preloaded)"),
     ):
         setattr(_zygote_main, name, _stamped(step, getattr(_zygote_main, name)))
-    apply = _apply._Lockdown.apply
+    apply = _apply.Lockdown.apply
 
     def apply_and_stamp(self: Any, layer: str, action: Callable[[], None]) -> None:
         apply(self, layer, action)
         _STAMPS(f"sandbox: {layer}")
 
-    _apply._Lockdown.apply = apply_and_stamp  # type: ignore[method-assign]
+    _apply.Lockdown.apply = apply_and_stamp  # type: ignore[method-assign]
     run = _bootstrap._run
 
     async def run_and_stamp(*args: Any) -> int:

@@ -30,25 +30,29 @@ has the details, the threat model and the measured escape matrix):
 * ``fd_hygiene`` (always on): the child holds only 0, 1, 2 and its
   channels; stdin is ``/dev/null``; a new session; ``PR_SET_PDEATHSIG``.
 * ``credentials`` (``_credentials``): a root parent's worker drops to an
-  unprivileged uid and gid (default ``nobody``/``nogroup``) and, after the
+  unprivileged uid and gid (by default ids of its own, from a range no
+  distribution uses) and, after the
   namespaces, holds no capability in any set and is not dumpable.
 * ``namespaces`` (``_namespaces``, ``_pidns``): new user (identity map of
   the worker's uid), network, IPC, UTS (own host name), mount and PID
   namespaces; in the PID namespace a supervisor outside, an init (pid 1)
   that reaps, and the worker (pid 2) that runs the target (a root
-  zygote's worker has no supervisor: the zygote is its parent).
+  zygote's worker has no supervisor: the zygote is its parent); without
+  the layer, a reaper that kills the worker's tree when it exits.
 * ``rootfs`` (``_rootfs``): an empty read-only tmpfs as the root; no path
   resolves.
 * ``rlimits``: ``RLIMIT_NOFILE`` (also caps the fds a worker can be sent),
-  ``RLIMIT_CORE = 0``, ``RLIMIT_DATA``, ``RLIMIT_NPROC`` (in the worker's
-  own user namespace), optionally ``RLIMIT_FSIZE`` and ``RLIMIT_AS``.
+  ``RLIMIT_CORE = 0``, ``RLIMIT_DATA``, ``RLIMIT_AS``, ``RLIMIT_NPROC``
+  (where the worker's tasks are counted alone: its own user namespace or
+  uid), optionally ``RLIMIT_FSIZE``.
 * ``no_new_privs``: ``PR_SET_NO_NEW_PRIVS`` (no setuid elevation, ever).
 * ``landlock`` (``_landlock``): no file-system right at all, no TCP
   bind/connect, no abstract unix sockets or signals outside the worker.
   The worker still uses every fd it holds or is sent.
 * ``seccomp`` (``_seccomp``): a system-call allowlist (x86_64, aarch64;
   the numbers in ``_syscalls``); anything else gets ``EPERM``.  On another architecture a policy that requires it
-  raises :class:`SandboxUnavailableError` before spawning.
+  raises :class:`SandboxUnavailableError` before spawning.  It goes on
+  last, once ``trio.run`` has started (``setsockopt`` is refused after).
 
 Running a worker with no sandbox at all takes the explicit, named opt-out
 ``SandboxPolicy.none(i_understand_this_is_unsandboxed=True)``.  The

@@ -1,4 +1,4 @@
-"""Locking a worker down: every layer of a policy, in order, in one call.
+"""Locking a worker down: every layer of a policy, in order.
 
 Theory of operation
 -------------------
@@ -13,19 +13,24 @@ order, each step needing the ones before it:
 1. **fd hygiene** (always): close every fd but 0, 1, 2 and ``keep_fds``;
    note the fd table and the thread count while ``/proc`` is reachable.
 2. **credentials**, first phase, root only: drop to the policy's
-   unprivileged uid and gid (``_credentials``), then re-arm the parent-death
-   signal the uid change cleared.
+   unprivileged uid and gid (``_credentials``; by default ids of the
+   worker's own, from the host pid of this process), then re-arm the
+   parent-death signal the uid change cleared.
 3. **namespaces**: user, network, IPC, UTS (own host name), mount and PID
    (``_namespaces``), then fork into the PID namespace (``_pidns``): from
    here on this code runs in the worker process proper, and the calling
    process is its supervisor, which never returns from this call.  A
    process that was forked into a PID namespace of its own already
    (``own_pid_namespace``: a zygote's, ``_pidns.NamespaceForker``) makes
-   the other namespaces only, and does not fork.
+   the other namespaces only, and does not fork.  Without the PID
+   namespace (the layer off or unavailable) it forks below a **reaper**
+   instead (``_pidns.fork_below_reaper``): either way nothing the worker
+   starts outlives it, and the calling process is its supervisor.
 4. **rootfs**: an empty read-only root (``_rootfs``); needs 3.
 5. **rlimits**: ``NOFILE``, ``CORE`` 0, and ``FSIZE``, ``AS``, ``DATA`` as
-   set; ``NPROC`` only inside a user namespace of the worker's own, where
-   the kernel counts the worker's tasks alone.
+   set; ``NPROC`` only where the kernel counts the worker's tasks alone
+   (:func:`counted_alone`): in a user namespace of its own, or under a uid
+   of its own.
 6. **credentials**, second phase: no capability left in any set, and not
    dumpable when the uid was dropped.
 7. **no_new_privs**, 8. **landlock**, 9. **seccomp** (last, so that the
@@ -33,6 +38,14 @@ order, each step needing the ones before it:
    worker's own pid as the worker sees it, 2 in its PID namespace).  The
    program is built once per process and pid: a zygote builds it before
    forking (:func:`prepare`), so its workers only load it.
+
+:func:`begin_lock_down` applies steps 1 to 8 and returns a
+:class:`Lockdown`, whose :meth:`~Lockdown.finish` applies step 9 and
+reports; :func:`lock_down` does both at once.  The bootstrap finishes
+inside ``trio.run``, before its first await: the run makes Trio's wakeup
+socket pairs when it starts, and sets their buffer sizes with
+``setsockopt`` (``SO_RCVBUF``, ``SO_SNDBUF``), which the filter refuses
+from then on (``_seccomp``).
 
 Each layer is applied if its level is not ``OFF``.  A failure is recorded
 as ``"unavailable: <reason>"``; for a ``REQUIRED`` layer it also stops the
@@ -47,7 +60,7 @@ import functools
 import os
 import resource
 import signal
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from typing import Final
 
 from . import _credentials, _landlock, _namespaces, _pidns, _rootfs, _seccomp
@@ -56,7 +69,10 @@ from ._policy import Requirement, SandboxPolicy
 from ._report import SandboxReport
 
 __all__ = [
+    "Lockdown",
+    "begin_lock_down",
     "close_other_fds",
+    "counted_alone",
     "lock_down",
     "prepare",
     "rlimits_of",
@@ -88,11 +104,13 @@ def close_other_fds(keep: Collection[int]) -> None:
             low = fd + 1
 
 
-class _Lockdown:
-    """The layers applied so far, and the first required one that failed."""
+class Lockdown:
+    """A lockdown under way: the layers applied so far, and the first
+    required one that failed (:func:`begin_lock_down`)."""
 
-    def __init__(self, policy: SandboxPolicy) -> None:
+    def __init__(self, policy: SandboxPolicy, fds: tuple[int, ...]) -> None:
         self.policy = policy
+        self.fds = fds
         self.layers: dict[str, str] = {"fd_hygiene": "applied"}
         self.failed: str | None = None
         self.reason: str | None = None
@@ -115,7 +133,22 @@ class _Lockdown:
         self.layers[layer] = "applied"
 
     def applied(self, layer: str) -> bool:
+        """Whether ``layer`` is applied (so far)."""
         return self.layers.get(layer) == "applied"
+
+    def finish(self) -> SandboxReport:
+        """Apply the last layer, seccomp, and report; once, in the process
+        that runs the target, before any of its code."""
+        self.apply("seccomp", _install_seccomp)
+        return SandboxReport(
+            policy=self.policy.name,
+            pid=os.getpid(),
+            uid=os.getuid(),
+            layers=self.layers,
+            fds=self.fds,
+            failed=self.failed,
+            reason=self.reason,
+        )
 
 
 def lock_down(
@@ -123,19 +156,31 @@ def lock_down(
 ) -> SandboxReport:
     """Apply ``policy`` to this process, every layer in order, and report.
 
-    With the namespaces layer this forks (see the module docstring): the
-    call returns in the worker process only; with ``own_pid_namespace``
-    (this process was forked into a new PID namespace, as its pid 2, by
-    ``_pidns.NamespaceForker``) it does not.  Stops at the first required
-    layer that fails; the report then names it and the caller must not run
-    target code.
+    :func:`begin_lock_down`, then :meth:`Lockdown.finish`.
+    """
+    return begin_lock_down(
+        policy, keep_fds, own_pid_namespace=own_pid_namespace
+    ).finish()
+
+
+def begin_lock_down(
+    policy: SandboxPolicy, keep_fds: Collection[int], *, own_pid_namespace: bool = False
+) -> Lockdown:
+    """Apply every layer of ``policy`` but seccomp, in order.
+
+    This forks (see the module docstring): the call returns in the worker
+    process only, unless this process was forked into a PID namespace of
+    its own, as its pid 2, by ``_pidns.NamespaceForker``
+    (``own_pid_namespace``).  Stops at the first required layer that
+    fails; the report of :meth:`Lockdown.finish` then names it and the
+    caller must not run target code.
     """
     parent = os.getppid()
     close_other_fds(keep_fds)
     fds = tuple(sorted(_open_fds()))  # while /proc is still reachable
     threads = len(os.listdir("/proc/self/task"))
     as_root = os.geteuid() == 0
-    run = _Lockdown(policy)
+    run = Lockdown(policy, fds)
 
     def single_threaded(layer: str) -> None:
         if threads != 1:
@@ -144,7 +189,8 @@ def lock_down(
             )
 
     def drop_identity() -> None:
-        _credentials.drop_identity(policy.worker_uid, policy.worker_gid)
+        uid, gid = policy.worker_ids(_credentials.own_host_pid())
+        _credentials.drop_identity(uid, gid)
         set_parent_death_signal(parent)  # a uid change clears it
 
     def enter_namespaces() -> None:
@@ -158,6 +204,9 @@ def lock_down(
             raise OSError("the empty root needs the namespaces layer")
         _rootfs.enter_empty_root()
 
+    def set_rlimits() -> None:
+        _set_rlimits(policy, counted_alone(policy, run.layers, as_root=as_root))
+
     def drop_capabilities() -> None:
         _credentials.drop_capabilities()
         if as_root:  # the uid was dropped: no process of that uid may ptrace it
@@ -170,38 +219,48 @@ def lock_down(
     if as_root:
         run.apply("credentials", drop_identity)
     run.apply("namespaces", enter_namespaces)
+    if run.failed is None and not own_pid_namespace and not run.applied("namespaces"):
+        _pidns.fork_below_reaper(parent)  # returns in the worker only
     run.apply("rootfs", empty_root)
-    run.apply("rlimits", lambda: _set_rlimits(policy, run.applied("namespaces")))
+    run.apply("rlimits", set_rlimits)
     run.apply("credentials", drop_capabilities)
     run.apply("no_new_privs", _set_no_new_privs)
     run.apply("landlock", landlock)
-    run.apply("seccomp", _install_seccomp)
-    return SandboxReport(
-        policy=policy.name,
-        pid=os.getpid(),
-        uid=os.getuid(),
-        layers=run.layers,
-        fds=fds,
-        failed=run.failed,
-        reason=run.reason,
-    )
+    return run
 
 
-def rlimits_of(policy: SandboxPolicy, own_user_namespace: bool) -> dict[str, int]:
-    """The rlimits (by ``RLIMIT_`` suffix) ``policy`` sets on a worker."""
+def counted_alone(
+    policy: SandboxPolicy, layers: Mapping[str, str], *, as_root: bool
+) -> bool:
+    """Whether the kernel's count of processes of the worker's real uid holds
+    the worker's tasks alone (so that ``RLIMIT_NPROC`` may be set).
+
+    ``layers`` are the worker's, as its report names them.  True in a user
+    namespace of its own (Linux 5.14 counts per user namespace), or when a
+    root parent's worker runs under ids of its own.
+    """
+    if layers.get("namespaces") == "applied":
+        return True
+    own_ids = as_root and policy.per_worker_ids
+    return own_ids and layers.get("credentials") == "applied"
+
+
+def rlimits_of(policy: SandboxPolicy, alone: bool) -> dict[str, int]:
+    """The rlimits (by ``RLIMIT_`` suffix) ``policy`` sets on a worker;
+    ``alone``: what :func:`counted_alone` says of it."""
     wanted = {
         "CORE": 0,
         "NOFILE": policy.max_open_files,
         "FSIZE": policy.max_file_size,
         "AS": policy.max_address_space,
         "DATA": policy.max_data,
-        "NPROC": policy.max_processes if own_user_namespace else None,
+        "NPROC": policy.max_processes if alone else None,
     }
     return {name: value for name, value in wanted.items() if value is not None}
 
 
-def _set_rlimits(policy: SandboxPolicy, own_user_namespace: bool) -> None:
-    for name, value in rlimits_of(policy, own_user_namespace).items():
+def _set_rlimits(policy: SandboxPolicy, alone: bool) -> None:
+    for name, value in rlimits_of(policy, alone).items():
         try:
             resource.setrlimit(getattr(resource, f"RLIMIT_{name}"), (value, value))
         except (ValueError, OverflowError) as exc:

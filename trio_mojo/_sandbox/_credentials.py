@@ -9,8 +9,11 @@ root-owned file) and gets a full capability set inside.  So the layer works
 in two phases around the namespaces (sandbox_security.md A4, A9):
 
 1. :func:`drop_identity`, while still root: no supplementary groups, then
-   ``setresgid`` and ``setresuid`` to the policy's unprivileged ids
-   (default 65534, ``nobody``/``nogroup``).  The kernel then clears the
+   ``setresgid`` and ``setresuid`` to the policy's unprivileged ids: by
+   default ids of the worker's own, ``worker_id_base`` plus the host pid
+   of the dropping process (:func:`own_host_pid`; see
+   ``SandboxPolicy.worker_ids``), so that no other worker shares the
+   kernel's per-uid counts with it.  The kernel then clears the
    effective, permitted and ambient sets (no ``SECBIT_KEEP_CAPS``), the
    dumpable flag and the parent-death signal (the caller re-arms it).  The
    bounding set is dropped first, while ``CAP_SETPCAP`` is still held, in
@@ -45,17 +48,14 @@ from typing import Final
 from . import _libc
 
 __all__ = [
-    "NOBODY",
     "drop_bounding_set",
     "drop_capabilities",
     "drop_identity",
     "effective_capabilities",
     "is_dumpable",
+    "own_host_pid",
     "set_dumpable",
 ]
-
-NOBODY: Final = 65534
-"""The uid of ``nobody`` and gid of ``nogroup`` (the kernel's overflow ids)."""
 
 _PR_GET_DUMPABLE: Final = 3
 _PR_SET_DUMPABLE: Final = 4
@@ -90,6 +90,17 @@ def drop_identity(uid: int, gid: int) -> None:
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
+
+
+def own_host_pid() -> int:
+    """This process's pid as ``/proc`` shows it: its host pid, also inside a
+    PID namespace of its own (``getpid()`` says 2 there), as long as
+    ``/proc`` is the parent's (before the empty root).
+
+    Raises:
+        OSError: ``/proc`` is not mounted.
+    """
+    return int(os.readlink("/proc/self"))
 
 
 def drop_bounding_set() -> None:

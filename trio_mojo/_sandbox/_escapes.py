@@ -14,7 +14,8 @@ file, sockets, its own pid, ...) that returns a short outcome:
   of the host (its host name, ``/`` as its working directory, ...);
 * an exception's name when something else failed (a module that had to be
   imported lazily, after the lockdown, cannot be);
-* a few outcomes name what was seen instead (``"uid 65534"``, ``"none"``).
+* a few outcomes name what was seen instead (``"uid of its own"``,
+  ``"none"``).
 
 :func:`run_attempts` is the target that runs a list of attempts in one
 worker and replies with their outcomes; an attempt marked ``isolated`` (it
@@ -37,6 +38,7 @@ import json
 import mmap
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -49,6 +51,7 @@ from trio_mojo._channel import Channel
 from trio_mojo._core._message import Message
 
 from . import _credentials, _libc
+from ._policy import DEFAULT_MAX_DATA, PID_MAX_LIMIT, WORKER_ID_BASE
 
 __all__ = [
     "ATTEMPTS",
@@ -67,7 +70,8 @@ Context = Mapping[str, Any]
 """What the parent prepared, from JSON: ``file``, ``directory``, ``dgram``
 (a pathname datagram socket), ``tcp``/``udp`` (``[host, port]``),
 ``abstract`` (an abstract unix socket name), ``parent``, ``victim`` (pids),
-``cwd``, ``hostname``."""
+``cwd``, ``hostname``; and, added by :func:`run_attempts`, ``channel``
+(the fd of the worker's channel, whose peer is the parent)."""
 
 ALLOWED: Final = "ALLOWED"
 HIDDEN: Final = "hidden"
@@ -243,6 +247,47 @@ def _oob(context: Context) -> None:
         left.send(b"!", socket.MSG_OOB)
 
 
+# ---------------------------------------------------------------- socket options
+
+_SO_ATTACH_FILTER: Final = 26
+_SO_PEERPIDFD: Final = 77
+_ACCEPT_ALL: Final = struct.pack("HBBI", 0x06, 0, 0, 0xFFFFFFFF)
+"""A classic BPF socket filter of one instruction: ``ret #-1``."""
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
+
+
+@attempt("attach classic BPF to a socket (SO_ATTACH_FILTER)")
+def _attach_filter(context: Context) -> None:
+    program = ctypes.create_string_buffer(_ACCEPT_ALL)
+    fprog = bytes(_SockFprog(1, ctypes.addressof(program)))
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with left, right:
+        left.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+
+
+@attempt("get a pidfd of the parent (SO_PEERPIDFD)")
+def _peer_pidfd(context: Context) -> None:
+    channel = socket.socket(fileno=os.dup(context["channel"]))
+    with channel:
+        os.close(channel.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD))
+
+
+_BIG_SOCKET_BUFFER: Final = 64 * 1024 * 1024
+
+
+@attempt("raise a socket's send buffer (SO_SNDBUF)")
+def _raise_sndbuf(context: Context) -> str | None:
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with left, right:
+        left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _BIG_SOCKET_BUFFER)
+        raised = left.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        default = right.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    return None if raised > default else f"unchanged ({raised} bytes)"
+
+
 # ---------------------------------------------------------------- kernel surface
 
 
@@ -336,7 +381,10 @@ def _hostname(context: Context) -> str | None:
 @attempt("run as uid 0")
 def _uid(context: Context) -> str | None:
     uid = os.getuid()
-    return None if uid == 0 else f"uid {uid}"
+    if uid == 0:
+        return None
+    own = WORKER_ID_BASE < uid < WORKER_ID_BASE + PID_MAX_LIMIT
+    return "uid of its own" if own else f"uid {uid}"
 
 
 @attempt("hold capabilities")
@@ -347,13 +395,29 @@ def _capabilities(context: Context) -> str | None:
 # ---------------------------------------------------------------- resources
 
 _BIG_ALLOCATION: Final = 12 * 1024**3
+_BIG_MAPPING: Final = 2 * DEFAULT_MAX_DATA
 _THREADS: Final = 500
+_MAP_GROWSDOWN: Final = 0x0100
 
 
 @attempt("allocate 12 GiB (past RLIMIT_DATA)")
 def _allocate(context: Context) -> None:
     block = bytes(_BIG_ALLOCATION)  # calloc: mapped, never touched
     del block
+
+
+def _map(flags: int) -> None:
+    mmap.mmap(-1, _BIG_MAPPING, flags=flags).close()  # mapped, never touched
+
+
+@attempt("map 16 GiB shared (RLIMIT_DATA does not count it)")
+def _map_shared(context: Context) -> None:
+    _map(mmap.MAP_SHARED)
+
+
+@attempt("map 16 GiB growing down (RLIMIT_DATA does not count it)")
+def _map_growsdown(context: Context) -> None:
+    _map(mmap.MAP_PRIVATE | _MAP_GROWSDOWN)
 
 
 @attempt(f"start {_THREADS} threads")
@@ -384,13 +448,12 @@ async def run_attempts(channel: Channel) -> None:
     async for message in channel:
         message.close()
         request = json.loads(message.payload)
+        context = {**request["context"], "channel": channel._sock.fileno()}
         outcomes = {}
         for name in request["attempts"]:
             entry = by_name.get(name)
             outcomes[name] = (
-                "unknown"
-                if entry is None
-                else outcome_of(entry.action, request["context"])
+                "unknown" if entry is None else outcome_of(entry.action, context)
             )
         await channel.send(Message(json.dumps(outcomes).encode()))
 

@@ -1,7 +1,23 @@
-"""The PID namespace: a supervisor, an init, and the worker.
+"""The worker's supervisor: a PID namespace (supervisor, init, worker), or a reaper.
 
 Theory of operation
 -------------------
+
+Nothing a worker starts may outlive it: not a thread (they die with it),
+not a child, nor a child's child in a session of its own.  Two shapes give
+that, and every worker gets one of them (the process the parent started,
+or the zygote forked, is always the worker's supervisor, unless the
+zygote forked the worker into a PID namespace itself; see "Forked from
+outside" below):
+
+* with the namespaces layer, a **PID namespace**, whose init takes every
+  process in it along when it dies (:func:`fork_into_namespace`);
+* without it, a **reaper** (:func:`fork_below_reaper`): a supervisor that
+  is the child subreaper of the worker's tree and kills it whole when the
+  worker exits.
+
+A PID namespace
+---------------
 
 ``unshare(CLONE_NEWPID)`` (done by ``_namespaces``) moves only the
 caller's future children into the new PID namespace; its first child is
@@ -27,12 +43,20 @@ pid 1::
   it inherits, and it waits for that pipe to close.
 * The **supervisor** is the process the launcher started and waits for.  It
   closes every fd but stdio and its pipe (the channels belong to the
-  worker), drops its capabilities, and waits for the worker, its own child.
-  Then it kills the init (which empties the namespace: the kernel kills
-  whatever is left and the init's exit waits for it), reaps it, and exits
-  *the way the worker did*: the same exit code, or the same signal sent to
-  itself.  So its launcher sees the worker's real status (negative for a
-  signal), exactly as if it had started the worker itself.
+  worker) and waits for the worker, its own child.  Then it kills the init
+  (which empties the namespace: the kernel kills whatever is left and the
+  init's exit waits for it), reaps it, and exits *the way the worker did*:
+  the same exit code, or the same signal sent to itself.  So its launcher
+  sees the worker's real status (negative for a signal), exactly as if it
+  had started the worker itself.
+
+The init and the supervisor run no worker code and outside the worker's
+filters, so each gives up what it does not need before it waits
+(:func:`_confine_helper`): every capability (the init was forked inside the
+worker's user namespace, with a full set there), the dumpable flag (no
+process of its uid may ptrace it), new privileges (``no_new_privs``), and
+most resources (``RLIMIT_NOFILE`` :data:`HELPER_MAX_OPEN_FILES`,
+``RLIMIT_NPROC``, ``RLIMIT_FSIZE`` and ``RLIMIT_CORE`` 0).
 
 Dying together: the init and the worker have ``PR_SET_PDEATHSIG(SIGKILL)``
 towards the supervisor (the kernel delivers it to an init because it comes
@@ -48,6 +72,36 @@ The launcher learns the worker's host pid from the kernel, not from the
 worker: :func:`worker_pid` reads the supervisor's children in
 ``/proc/<pid>/task/<pid>/children`` and takes the one that is not pid 1 of
 its namespace.
+
+Without a PID namespace: a reaper
+---------------------------------
+
+Where the namespaces layer is off or unavailable, nothing kills what a
+worker forks (seccomp refuses ``fork``, but it may be missing too), so
+:func:`fork_below_reaper` forks the worker below a reaper::
+
+    reaper (the caller; host pid P): PR_SET_CHILD_SUBREAPER
+     └── worker (host pid W): the one process that returns here
+
+The reaper is a *child subreaper*: a descendant of the worker whose parent
+dies is reparented to it, not to the host's init, so every process the
+worker's tree holds stays its descendant.  It waits until the worker has
+exited without reaping it (``waitid(WNOWAIT)``: while the worker is a
+zombie its pid, and the launcher's pidfd of it, stay valid), then
+``SIGKILL`` s every descendant it finds in ``/proc/<pid>/task/*/children``,
+over and over until none is left but the worker, reaps them, reaps the
+worker and exits the way the worker did.  A fork cannot race that: each
+round kills every process found, a process killed cannot fork any more,
+and a child of one killed becomes the reaper's own child, found in the
+next round.  ``RLIMIT_NPROC`` (set when the worker's uid is its own)
+bounds how many there can be.  Its death signal is ``SIGTERM``, which it
+handles: if its launcher dies, it kills the worker and the rest the same
+way before it exits.  The worker's death signal points at the reaper.
+
+The reaper runs as the worker's uid, outside its filters: a worker with
+neither seccomp nor Landlock (whose signal scope keeps it from signalling
+a process outside its domain) could kill or stop it, and leave processes
+behind; ``docs/security.rst`` lists it.
 
 Forked from outside: no supervisor
 ----------------------------------
@@ -70,8 +124,10 @@ is the same pid 2 next to an init, so signals, exit statuses and
 ``getpid()`` behave as above, and the zygote sees the worker's own exit
 status.  The init (forked without Python's at-fork handlers, which it does
 not need) closes every fd, takes the lowest priority (the worker it was
-forked with needs the CPU, an init that waits does not), drops to the
-worker's unprivileged uid and gid, and ignores ``SIGCHLD``; it dies with the zygote
+forked with needs the CPU, an init that waits does not), drops to an
+unprivileged uid and gid (those the policy gives a process with its own
+host pid: with per-worker ids, ids of its own, not the worker's), gives up
+the rest as above, and ignores ``SIGCHLD``; it dies with the zygote
 (``PR_SET_PDEATHSIG``; it checks a pidfd of the zygote afterwards, as its
 parent lives outside its namespace and ``getppid()`` says 0 either way),
 and with it the whole namespace: the worker, whose own death signal
@@ -91,13 +147,29 @@ import resource
 import select
 import signal
 import sys
+from collections.abc import Callable
 from typing import Final, NoReturn
 
 from . import _credentials, _libc
 
-__all__ = ["WORKER_PID", "NamespaceForker", "fork_into_namespace", "worker_pid"]
+__all__ = [
+    "HELPER_MAX_OPEN_FILES",
+    "WORKER_PID",
+    "Identity",
+    "NamespaceForker",
+    "fork_below_reaper",
+    "fork_into_namespace",
+    "kill_descendants",
+    "worker_pid",
+]
+
+Identity = Callable[[int], tuple[int, int]]
+"""The uid and gid a process drops to, given its host pid
+(``SandboxPolicy.worker_ids``)."""
 
 _PR_SET_PDEATHSIG: Final = 1
+_PR_SET_NO_NEW_PRIVS: Final = 38
+_PR_SET_CHILD_SUBREAPER: Final = 36
 _ORPHANED_EXIT: Final = 70
 """Exit status of a process whose supervisor died before it could notice."""
 _FD_CEILING: Final = 2**31 - 1
@@ -106,6 +178,21 @@ _CLONE_NEWPID: Final = 0x20000000
 _LOWEST_PRIORITY: Final = 19
 WORKER_PID: Final = 2
 """The worker's pid in its PID namespace, next to its init (pid 1)."""
+HELPER_MAX_OPEN_FILES: Final = 8
+"""``RLIMIT_NOFILE`` of a supervisor, an init or a reaper: stdio, its pipe
+or pidfd, and the one ``/proc`` file a reaper reads at a time."""
+_HELPER_LIMITS: Final = {
+    resource.RLIMIT_NOFILE: HELPER_MAX_OPEN_FILES,
+    resource.RLIMIT_NPROC: 0,
+    resource.RLIMIT_FSIZE: 0,
+    resource.RLIMIT_CORE: 0,
+}
+"""What a helper may still use once it waits (it forks nothing more)."""
+
+
+def _flush_stdio() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()  # or every process forked would flush the same buffer
 
 
 def fork_into_namespace() -> None:
@@ -115,8 +202,7 @@ def fork_into_namespace() -> None:
     process.  The calling process becomes the supervisor; it does not
     return from this call, nor does the init.
     """
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()  # or three processes would flush the same buffer
+    _flush_stdio()
     alive_r, alive_w = os.pipe()  # only the supervisor keeps alive_w
     init = os.fork()
     if init == 0:
@@ -141,29 +227,152 @@ def _close_all_but(keep: tuple[int, ...]) -> None:
             low = fd + 1
 
 
+def _confine_helper() -> None:
+    """Give up what a supervisor, an init or a reaper does not need to wait.
+
+    Best effort, each step on its own: the helper holds nothing worth
+    protecting and runs no worker code, and it waits alike either way (the
+    parent checks the worker in ``/proc``; the tests check the helpers).
+    """
+    _best_effort(_credentials.drop_capabilities)
+    _best_effort(_credentials.set_dumpable, False)
+    _best_effort(_libc.prctl, _PR_SET_NO_NEW_PRIVS, 1)
+    for limit, value in _HELPER_LIMITS.items():
+        _best_effort(resource.setrlimit, limit, (value, value))
+
+
+def _best_effort(call: Callable[..., object], *args: object) -> None:
+    with contextlib.suppress(OSError, ValueError):  # setrlimit: ValueError
+        call(*args)
+
+
 def _hold_namespace(alive_r: int) -> NoReturn:
     """The init: reap orphans (by ignoring SIGCHLD) until the supervisor goes."""
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    _close_all_but((alive_r,))
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps them
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # an init ignores it then
-    os.read(alive_r, 1)  # end of file: the supervisor exited, or is exiting
-    os._exit(_ORPHANED_EXIT)
+    try:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        _close_all_but((alive_r,))
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps them
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # an init ignores it then
+        _confine_helper()
+        os.read(alive_r, 1)  # end of file: the supervisor exited, or is exiting
+    finally:
+        os._exit(_ORPHANED_EXIT)  # never back into the lockdown's code
 
 
 def _supervise(worker: int, init: int, keep: tuple[int, ...]) -> NoReturn:
     """The supervisor: wait for the worker, end the namespace, exit alike."""
-    _close_all_but(keep)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    # Best effort: it holds nothing worth protecting, and mirroring the
-    # worker's status works either way.
-    with contextlib.suppress(OSError, ValueError):
-        _credentials.drop_capabilities()
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core when mirroring
-    _, status = os.waitpid(worker, 0)
-    os.kill(init, signal.SIGKILL)  # and with it whatever is left inside
-    os.waitpid(init, 0)
-    _exit_like(os.waitstatus_to_exitcode(status))
+    try:
+        _close_all_but(keep)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        _confine_helper()
+        _, status = os.waitpid(worker, 0)
+        os.kill(init, signal.SIGKILL)  # and with it whatever is left inside
+        os.waitpid(init, 0)
+        _exit_like(os.waitstatus_to_exitcode(status))
+    finally:
+        os._exit(_ORPHANED_EXIT)  # never back into the lockdown's code
+
+
+class _LauncherDiedError(Exception):
+    """The reaper's death signal came: its launcher died."""
+
+
+def _launcher_died(signum: int, frame: object) -> None:
+    raise _LauncherDiedError
+
+
+def fork_below_reaper(launcher: int) -> None:
+    """Fork the worker below this process, which becomes its reaper; return
+    only in the worker.
+
+    ``launcher`` is this process's parent (the reaper dies with it, after
+    killing the worker's tree).  Call in a single-threaded process.
+    """
+    _flush_stdio()
+    _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1)  # not inherited by the worker
+    reaper = os.getpid()
+    worker = os.fork()
+    if worker:
+        _reap(worker, launcher)
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != reaper:  # the reaper is gone already
+        os._exit(_ORPHANED_EXIT)
+
+
+def _reap(worker: int, launcher: int) -> NoReturn:
+    """The reaper: wait for the worker, kill what it left, exit alike."""
+    try:
+        _close_all_but(())
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        _wait_for_exit(worker, launcher)
+        kill_descendants(spare=worker)
+        _, status = os.waitpid(worker, 0)
+        _exit_like(os.waitstatus_to_exitcode(status))
+    finally:
+        os._exit(_ORPHANED_EXIT)  # never back into the lockdown's code
+
+
+def _wait_for_exit(worker: int, launcher: int) -> None:
+    """Until the worker exited (not reaped: its pid and the launcher's pidfd
+    stay valid), or the launcher died (the worker is then killed with the
+    rest)."""
+    signal.signal(signal.SIGTERM, _launcher_died)
+    try:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        _confine_helper()
+        if os.getppid() == launcher:  # else it died before the signal was armed
+            os.waitid(os.P_PID, worker, os.WEXITED | os.WNOWAIT)
+    except _LauncherDiedError:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def kill_descendants(*, spare: int) -> None:
+    """SIGKILL every descendant of this process and reap each, until none is
+    left but ``spare`` (a child, killed but not reaped).
+
+    For a child subreaper: orphans of the tree become its own children.
+    """
+    me = os.getpid()
+    while True:
+        found = _descendants(me)
+        for pid in found:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        children = [pid for pid in _children(me) if pid != spare]
+        if not children and found in ([], [spare]):
+            return
+        for pid in children:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+
+def _children(pid: int) -> list[int]:
+    """The children of every thread of ``pid`` (none if it is gone)."""
+    children = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return []
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as file:
+                children += [int(child) for child in file.read().split()]
+        except FileNotFoundError:
+            continue  # the thread exited meanwhile
+    return children
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every descendant of ``pid``, parents before their children."""
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        children = _children(pending.pop())
+        found += children
+        pending += children
+    return found
 
 
 def _exit_like(code: int) -> NoReturn:
@@ -231,13 +440,14 @@ class NamespaceForker:
             self.close()
             raise
 
-    def fork(self, identity: tuple[int, int] | None) -> tuple[int, int]:
+    def fork(self, identity: Identity | None) -> tuple[int, int]:
         """Fork an init (pid 1) and a worker (pid 2) into a new PID namespace.
 
         Returns the host pids ``(init, worker)`` in this process and
         ``(init, 0)`` in the worker; the init never returns.  ``identity``
-        is the ``(uid, gid)`` the init drops to (``None``: it keeps this
-        process's).  The caller must be single-threaded; it reaps both.
+        gives the ``(uid, gid)`` the init drops to from its host pid
+        (``None``: it keeps this process's).  The caller must be
+        single-threaded; it reaps both.
 
         Raises:
             OSError: a fork failed (nothing is left running).
@@ -245,8 +455,7 @@ class NamespaceForker:
                 namespace (its later children would land in the new one):
                 it must not fork again.
         """
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()  # or both children would flush the same buffer
+        _flush_stdio()
         self._enter()
         try:
             init = _bare_fork()
@@ -302,7 +511,7 @@ def _bare_fork() -> int:
     return _libc.call("fork")
 
 
-def _hold_namespace_for(alive: int, identity: tuple[int, int] | None) -> NoReturn:
+def _hold_namespace_for(alive: int, identity: Identity | None) -> NoReturn:
     """The init of a worker forked from outside: hold the namespace, reap orphans.
 
     First it closes the forking process's fds (its control socket, the
@@ -316,16 +525,14 @@ def _hold_namespace_for(alive: int, identity: tuple[int, int] | None) -> NoRetur
         signal.set_wakeup_fd(-1)  # the forking process's, if any: not ours
         os.nice(_LOWEST_PRIORITY)
         if identity is not None:
-            uid, gid = identity
-            os.setgroups([])
-            os.setresgid(gid, gid, gid)
-            os.setresuid(uid, uid, uid)
+            _credentials.drop_identity(*identity(_credentials.own_host_pid()))
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # after the uid change
         if select.select([alive], [], [], 0)[0]:  # the pidfd: its parent exited
             os._exit(_ORPHANED_EXIT)
         os.close(alive)
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps orphans
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # an init ignores it then
+        _confine_helper()
         while True:
             signal.pause()
     finally:

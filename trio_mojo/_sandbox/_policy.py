@@ -17,12 +17,14 @@ import attrs
 from trio_mojo._errors import SandboxUnavailableError
 
 from . import _probe
-from ._credentials import NOBODY
 
 __all__ = [
+    "DEFAULT_MAX_ADDRESS_SPACE",
     "DEFAULT_MAX_DATA",
     "DEFAULT_MAX_PROCESSES",
     "LAYERS",
+    "PID_MAX_LIMIT",
+    "WORKER_ID_BASE",
     "Requirement",
     "SandboxPolicy",
 ]
@@ -72,17 +74,47 @@ def _positive_or_none(
         )
 
 
+_MAX_ID: Final = 2**32 - 2
+"""The highest uid or gid: ``(uid_t) -1`` means "unchanged" to the kernel."""
+
+PID_MAX_LIMIT: Final = 1 << 22
+"""The kernel's ceiling for ``/proc/sys/kernel/pid_max``: no pid reaches it."""
+
+WORKER_ID_BASE: Final = 0x70000000
+"""The first uid and gid of the per-worker range: 1879048192.
+
+A worker's ids are this plus a host pid, so the range is
+``1879048192 .. 1883242495`` (:data:`PID_MAX_LIMIT` ids).  No distribution
+allocates there: systemd's table of ranges (``UIDS-GIDS.md``) marks
+``1879048192 .. 2147352575`` unused, between the container ranges of
+``systemd-nspawn`` (up to 1879048191) and its foreign range (from
+2147352576); the subordinate ids of ``/etc/subuid`` stay below 600100000
+by shadow's defaults.  ``docs/security.rst`` says how to move it."""
+
+
 def _unprivileged_id(
     instance: object, attribute: attrs.Attribute[Any], value: object
 ) -> None:
-    if type(value) is not int or not 0 < value < 2**32 - 1:
+    if value is not None and (type(value) is not int or not 0 < value <= _MAX_ID):
         raise ValueError(
-            f"{attribute.name}={value!r} must be an unprivileged id (1 .. 2**32-2)"
+            f"{attribute.name}={value!r} must be an unprivileged id "
+            f"(1 .. 2**32-2) or None (one of its own for each worker)"
+        )
+
+
+def _id_base(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if type(value) is not int or not 0 < value <= _MAX_ID - PID_MAX_LIMIT + 1:
+        raise ValueError(
+            f"{attribute.name}={value!r} must leave room for a range of "
+            f"{PID_MAX_LIMIT} unprivileged ids (1 .. 2**32-2)"
         )
 
 
 DEFAULT_MAX_DATA: Final = 8 * 1024**3
 """``RLIMIT_DATA`` of the policies' default: 8 GiB (see ``docs/security.rst``)."""
+DEFAULT_MAX_ADDRESS_SPACE: Final = 2 * DEFAULT_MAX_DATA
+"""``RLIMIT_AS`` of the policies' default: 16 GiB, twice ``RLIMIT_DATA``,
+which does not count shared or grows-down mappings (``docs/security.rst``)."""
 DEFAULT_MAX_PROCESSES: Final = 64
 """``RLIMIT_NPROC`` of the policies' default: tasks (threads included) of the
 worker's user namespace, its supervisor and init among them."""
@@ -100,19 +132,30 @@ class SandboxPolicy:
       ``no_new_privs``, ``landlock``, ``seccomp``: a :class:`Requirement`
       each (``rootfs`` needs ``namespaces``).
     * ``worker_uid``, ``worker_gid``: the unprivileged ids a root parent's
-      worker runs as (default 65534, ``nobody``/``nogroup``); a non-root
-      parent's worker keeps the parent's ids.
+      worker runs as.  ``None`` (the default) gives each worker ids of its
+      own, ``worker_id_base`` plus the host pid of the process that drops
+      to them (:meth:`worker_ids`): no two live workers share a uid, so
+      none shares the kernel's per-uid counts (fds in flight, queued
+      signals, processes) with another.  A fixed ``worker_uid`` is shared
+      by every worker of the policy; ``worker_gid=None`` is then the same
+      number.  A non-root parent's worker keeps the parent's ids.
+    * ``worker_id_base``: the first id of the per-worker range (default
+      1879048192, where no distribution allocates ids); the range holds
+      4194304 ids, one per possible pid (``docs/security.rst``).
     * ``max_open_files``: ``RLIMIT_NOFILE`` (soft = hard) when ``rlimits``
-      is applied; it also caps how many fds the worker can be sent.
+      is applied; it also caps how many fds the worker can be sent, and
+      keep in flight.
     * ``max_file_size``, ``max_address_space``, ``max_data``:
       ``RLIMIT_FSIZE``, ``RLIMIT_AS`` and ``RLIMIT_DATA`` in bytes, or
-      ``None`` to leave them alone.  ``max_data`` defaults to
-      8 GiB.
-    * ``max_processes``: ``RLIMIT_NPROC`` (default
-      64): how many tasks, threads included, the
-      worker's user namespace may hold.  Set only when the worker has a user
-      namespace of its own (otherwise the kernel would count every process
-      of the uid).
+      ``None`` to leave them alone.  ``max_data`` defaults to 8 GiB and
+      ``max_address_space`` to 16 GiB (``RLIMIT_DATA`` does not count
+      shared anonymous or grows-down mappings; ``RLIMIT_AS`` counts every
+      mapping): lower both together.
+    * ``max_processes``: ``RLIMIT_NPROC`` (default 64): how many tasks,
+      threads included, the worker may hold.  Set only where the kernel
+      counts the worker's tasks alone: in a user namespace of its own, or
+      under a uid of its own (otherwise it would count every process of
+      the uid).
     """
 
     name: str = "custom"
@@ -123,12 +166,13 @@ class SandboxPolicy:
     no_new_privs: Requirement = attrs.field(default=_R.REQUIRED, converter=_requirement)
     landlock: Requirement = attrs.field(default=_R.REQUIRED, converter=_requirement)
     seccomp: Requirement = attrs.field(default=_R.REQUIRED, converter=_requirement)
-    worker_uid: int = attrs.field(default=NOBODY, validator=_unprivileged_id)
-    worker_gid: int = attrs.field(default=NOBODY, validator=_unprivileged_id)
+    worker_uid: int | None = attrs.field(default=None, validator=_unprivileged_id)
+    worker_gid: int | None = attrs.field(default=None, validator=_unprivileged_id)
+    worker_id_base: int = attrs.field(default=WORKER_ID_BASE, validator=_id_base)
     max_open_files: int | None = attrs.field(default=256, validator=_positive_or_none)
     max_file_size: int | None = attrs.field(default=None, validator=_positive_or_none)
     max_address_space: int | None = attrs.field(
-        default=None, validator=_positive_or_none
+        default=DEFAULT_MAX_ADDRESS_SPACE, validator=_positive_or_none
     )
     max_data: int | None = attrs.field(
         default=DEFAULT_MAX_DATA, validator=_positive_or_none
@@ -199,9 +243,34 @@ class SandboxPolicy:
             seccomp=_R.OFF,
             landlock=_R.OFF,
             max_open_files=None,
+            max_address_space=None,
             max_data=None,
             max_processes=None,
         )
+
+    @property
+    def per_worker_ids(self) -> bool:
+        """True when each worker of a root parent gets ids of its own
+        (``worker_uid`` is ``None``)."""
+        return self.worker_uid is None
+
+    def worker_ids(self, pid: int) -> tuple[int, int]:
+        """The uid and gid a root parent's worker runs as, when ``pid`` is
+        the host pid of the process that drops to them.
+
+        With :attr:`per_worker_ids` that is ``worker_id_base + pid`` for
+        both: the pid is unique among live processes, so the ids are unique
+        among live workers, whatever parent started them, as long as the
+        parents share a PID namespace.
+
+        Raises:
+            ValueError: ``pid`` is not a pid (outside ``1 ..``
+                :data:`PID_MAX_LIMIT`).
+        """
+        if type(pid) is not int or not 0 < pid < PID_MAX_LIMIT:
+            raise ValueError(f"{pid!r} is not a pid")
+        uid = self.worker_id_base + pid if self.worker_uid is None else self.worker_uid
+        return uid, uid if self.worker_gid is None else self.worker_gid
 
     @property
     def is_unsandboxed(self) -> bool:

@@ -46,6 +46,9 @@ The program, in order:
      and ``recvmsg`` (argument 2): unix-socket out-of-band data is a
      kernel path with a history of use-after-free bugs, and nothing here
      needs it;
+   * ``getsockopt`` only at ``SOL_SOCKET`` and only the options of
+     :data:`SOCKET_OPTIONS_READ` (no ``SO_PEERPIDFD``: a pidfd of the
+     parent); ``setsockopt`` not at all (see below);
    * ``ioctl`` only ``FIONBIO``/``FIOCLEX``/``FIONCLEX``/``FIONREAD``/
      ``TCGETS``; ``fcntl`` only to dup and get/set fd and status flags
      (no ``F_SETOWN``/``F_SETSIG``, which would let ``O_ASYNC`` signal
@@ -58,9 +61,22 @@ The program, in order:
      static clocks (:data:`STATIC_CLOCKS`) and the worker's own CPU clocks
      (below);
 3. the calls of :data:`ALLOWED`; everything else, including ``open*``,
-   ``socket``, ``connect``, ``execve``, ``fork``, ``ptrace``, ``unshare``,
-   ``getcwd``, ``bpf``, ``io_uring_*`` and every call newer than the
-   table, returns ``EPERM``.
+   ``socket``, ``connect``, ``setsockopt``, ``execve``, ``fork``,
+   ``ptrace``, ``unshare``, ``getcwd``, ``bpf``, ``io_uring_*`` and every
+   call newer than the table, returns ``EPERM``.
+
+**Why no** ``setsockopt``.  Its options reach far into the kernel
+(``SO_ATTACH_FILTER`` loads classic BPF through the verifier and the JIT)
+and ``SO_SNDBUF``/``SO_RCVBUF`` raise a socket's buffer to twice
+``net.core.wmem_max``/``rmem_max``: unswappable kernel memory that no
+rlimit counts.  The value sits behind a pointer, out of a filter's sight,
+so the filter cannot tell a raise from a cut.  A worker needs none once
+the filter is in place: the only calls are Trio's, lowering the buffers
+of its wakeup socket pairs when ``trio.run`` starts, and the bootstrap
+installs the filter inside the run, after them (``_apply``).  A target
+that starts a second ``trio.run`` (in a thread) cannot; the sockets a
+worker makes keep ``net.core.wmem_default`` (``docs/security.rst``
+measures what that bounds).
 
 **Why** ``sendmsg``/``sendmmsg`` **with a** ``msg_name`` **reach nothing.**
 A filter cannot read the ``msghdr`` behind the pointer, so those calls are
@@ -127,6 +143,7 @@ __all__ = [
     "RET_ALLOW",
     "RET_ERRNO",
     "RET_KILL_PROCESS",
+    "SOCKET_OPTIONS_READ",
     "STATIC_CLOCKS",
     "SUPPORTED",
     "X86_64",
@@ -182,8 +199,8 @@ ALLOWED: Final = (
     # the event loop
     "epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait", "epoll_pwait2",
     "poll", "ppoll", "select", "pselect6", "eventfd2", "pipe2",
-    # sockets already held (sending and receiving are checked)
-    "shutdown", "getsockname", "getpeername", "getsockopt", "setsockopt",
+    # sockets already held (sending, receiving and getsockopt are checked)
+    "shutdown", "getsockname", "getpeername",
     # identity, randomness, time
     "getpid", "getppid", "getuid", "geteuid", "getgid", "getegid", "getresuid",
     "getresgid", "uname", "getrandom", "gettimeofday", "nanosleep", "getrusage",
@@ -201,6 +218,7 @@ CHECKED: Final = {
     "recvmmsg": "no_oob_arg3",
     "sendmsg": "no_oob_arg2",
     "recvmsg": "no_oob_arg2",
+    "getsockopt": "getsockopt",
     "ioctl": "ioctl",
     "fcntl": "fcntl",
     "prctl": "prctl",
@@ -240,6 +258,22 @@ _IOCTLS: Final = (
     0x5401,
 )  # FIONBIO FIOCLEX FIONCLEX FIONREAD TCGETS
 _PRCTLS: Final = (15, 16)  # PR_SET_NAME, PR_GET_NAME
+_SOL_SOCKET: Final = 1
+SOCKET_OPTIONS_READ: Final = {
+    "SO_TYPE": 3,
+    "SO_ERROR": 4,
+    "SO_PEERCRED": 17,
+    "SO_PROTOCOL": 38,
+    "SO_DOMAIN": 39,
+}
+"""The ``SOL_SOCKET`` options ``getsockopt`` may read (the same numbers on
+x86_64 and aarch64): what ``socket.socket(fileno=...)`` asks (``SO_TYPE``,
+``SO_PROTOCOL``; ``SO_DOMAIN`` on newer Pythons), a connect's outcome
+(``SO_ERROR``), and the peer's pid, uid and gid (``SO_PEERCRED``, which the
+kernel translates into the worker's namespaces: its parent's pid reads 0).
+Not ``SO_PEERPIDFD`` (a pidfd of the peer: the parent), ``SO_PEERSEC``,
+``SO_PEERGROUPS`` or anything else.  ``setsockopt`` is refused whatever its
+arguments."""
 _FCNTLS: Final = (0, 1, 2, 3, 4, 1030)
 """F_DUPFD, F_GETFD, F_SETFD, F_GETFL, F_SETFL, F_DUPFD_CLOEXEC.  Not F_SETOWN /
 F_SETSIG / F_SETOWN_EX: with O_ASYNC they would make the kernel signal any
@@ -412,6 +446,13 @@ def _no_oob(index: int) -> Callable[[_Assembler, Architecture, int], None]:
     return rule
 
 
+def _getsockopt(asm: _Assembler, arch: Architecture, own_pid: int) -> None:
+    # getsockopt(fd, level, optname, optval, optlen): level and optname are ints
+    asm.load(_arg_low(1))
+    asm.jump(_JEQ_K, _SOL_SOCKET, None, "deny")
+    _one_of(asm, _arg_low(2), tuple(SOCKET_OPTIONS_READ.values()))
+
+
 def _ioctl(asm: _Assembler, arch: Architecture, own_pid: int) -> None:
     _one_of(asm, _arg_low(1), _IOCTLS)
 
@@ -480,6 +521,7 @@ _RULES: Final[dict[str, Callable[[_Assembler, Architecture, int], None]]] = {
     "sendto": _sendto,
     "no_oob_arg2": _no_oob(2),
     "no_oob_arg3": _no_oob(3),
+    "getsockopt": _getsockopt,
     "ioctl": _ioctl,
     "fcntl": _fcntl,
     "prctl": _prctl,

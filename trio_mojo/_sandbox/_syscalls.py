@@ -91,7 +91,6 @@ _X86_64_TABLE: Final = """
 51   common  getsockname
 52   common  getpeername
 53   common  socketpair
-54   64      setsockopt
 55   64      getsockopt
 56   common  clone
 60   common  exit
@@ -225,7 +224,6 @@ _AARCH64_TABLE: Final = """
 205  common  getpeername
 206  common  sendto
 207  common  recvfrom
-208  common  setsockopt
 209  common  getsockopt
 210  common  shutdown
 211  common  sendmsg

@@ -11,15 +11,19 @@ is applied (and every ``REQUIRED`` layer must be):
 
 * **identity**: ``NSpid`` of ``/proc/<pid>/status`` ends with the pid the
   report names (the worker's pid inside its own PID namespace);
-* **credentials**: ``Uid`` and ``Gid`` (all four ids) are the policy's
-  unprivileged ids under a root parent, the parent's own otherwise; no
+* **credentials**: ``Uid`` and ``Gid`` (all four ids) are exactly the ids
+  the policy gives the process that dropped to them under a root parent
+  (``SandboxPolicy.worker_ids`` of its host pid: the process the parent
+  started or the zygote forked), the parent's own otherwise; no
   supplementary group under a root parent; ``CapEff``, ``CapPrm``,
   ``CapInh``, ``CapBnd`` and ``CapAmb`` all zero; and, under a root
   parent, not dumpable (its ``/proc`` files belong to root);
 * **namespaces**: every ``/proc/<pid>/ns`` inode differs from ours;
 * **rootfs**: ``/proc/<pid>/root`` is another file system than ours, empty
   and read-only (``_rootfs.check_empty_root``);
-* **rlimits**: each limit of ``/proc/<pid>/limits`` is the policy's;
+* **rlimits**: each limit of ``/proc/<pid>/limits`` is the policy's
+  (``RLIMIT_NPROC`` where the kernel counts the worker alone:
+  ``_apply.counted_alone``);
 * **no_new_privs**, **seccomp**: ``NoNewPrivs: 1``, ``Seccomp: 2``.
 
 Landlock leaves no trace in ``/proc``; the escape tests check it.  A
@@ -35,7 +39,7 @@ from typing import Final
 from trio_mojo._errors import SandboxUnavailableError
 
 from . import _namespaces, _rootfs
-from ._apply import rlimits_of
+from ._apply import counted_alone, rlimits_of
 from ._policy import Requirement, SandboxPolicy
 from ._report import SandboxReport
 
@@ -82,8 +86,18 @@ def _proc_soft_limits(pid: int) -> dict[str, str]:
     return limits
 
 
-def verify_report(pid: int, policy: SandboxPolicy, report: SandboxReport) -> None:
+def verify_report(
+    pid: int,
+    policy: SandboxPolicy,
+    report: SandboxReport,
+    *,
+    identity_pid: int | None = None,
+) -> None:
     """Check the claims of the worker ``pid`` (its host pid) in ``/proc``.
+
+    ``identity_pid`` is the host pid of the process that dropped to the
+    worker's ids, whose ids it inherited: the process the parent started
+    (the worker's supervisor) or the zygote forked (default: ``pid``).
 
     Raises:
         SandboxUnavailableError: the report is for another process, lacks a
@@ -115,7 +129,7 @@ def verify_report(pid: int, policy: SandboxPolicy, report: SandboxReport) -> Non
     if applied("seccomp"):
         status.expect("seccomp", "Seccomp", "2")
     if applied("credentials"):
-        _verify_credentials(status, policy)
+        _verify_credentials(status, policy, identity_pid or pid)
     if applied("namespaces"):
         same = set(_namespaces.NAMESPACES) - set(_namespaces.differing_namespaces(pid))
         if same:
@@ -128,12 +142,13 @@ def verify_report(pid: int, policy: SandboxPolicy, report: SandboxReport) -> Non
         if problem is not None:
             raise SandboxUnavailableError("rootfs", f"claimed, but {problem}")
     if applied("rlimits"):
-        _verify_rlimits(pid, policy, own_user_namespace=applied("namespaces"))
+        alone = counted_alone(policy, report.layers, as_root=os.geteuid() == 0)
+        _verify_rlimits(pid, policy, alone)
 
 
-def _verify_credentials(status: _Status, policy: SandboxPolicy) -> None:
+def _verify_credentials(status: _Status, policy: SandboxPolicy, dropped: int) -> None:
     if os.geteuid() == 0:
-        uid, gid = policy.worker_uid, policy.worker_gid
+        uid, gid = policy.worker_ids(dropped)
         status.expect("credentials", "Groups", "")
         # A non-dumpable process's /proc files belong to root, whatever its uid.
         owner = os.stat(f"/proc/{status.pid}/status").st_uid
@@ -150,9 +165,9 @@ def _verify_credentials(status: _Status, policy: SandboxPolicy) -> None:
         status.expect("credentials", field, "0" * 16)
 
 
-def _verify_rlimits(pid: int, policy: SandboxPolicy, own_user_namespace: bool) -> None:
+def _verify_rlimits(pid: int, policy: SandboxPolicy, alone: bool) -> None:
     seen = _proc_soft_limits(pid)
-    for name, value in rlimits_of(policy, own_user_namespace).items():
+    for name, value in rlimits_of(policy, alone).items():
         if seen.get(name) != str(value):
             raise SandboxUnavailableError(
                 "rlimits",

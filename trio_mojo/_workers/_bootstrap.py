@@ -22,11 +22,15 @@ and it does, in this order (each step needs the ones before it):
    the report (:func:`report_target_failure`) and exit with
    :data:`~trio_mojo._workers._handshake.TARGET_FAILED_EXIT`;
    otherwise, in :func:`lock_down_and_run`, lock down
-   (``_sandbox._apply.lock_down``: every layer of the policy, in order;
-   with a PID namespace this process becomes the worker's supervisor and
-   the rest runs in the worker process proper);
-5. under ``trio.run``: open the channel, send the sandbox report as the
-   first message; if a required layer failed, exit with
+   (``_sandbox._apply.begin_lock_down``: every layer of the policy but
+   seccomp, in order; this process becomes the worker's supervisor, in a
+   PID namespace or as its reaper, and the rest runs in the worker process
+   proper);
+5. under ``trio.run``: first install seccomp (``Lockdown.finish``: only
+   now, because ``trio.run`` sets its wakeup sockets' buffer sizes when it
+   starts, a ``setsockopt`` the filter refuses afterwards), then open the
+   channel, send the sandbox report as the first message; if a required
+   layer failed, exit with
    :data:`~trio_mojo._workers._handshake.SANDBOX_FAILED_EXIT`; otherwise
    wait for the parent's go-ahead (``_handshake``; at most ``S`` seconds)
    and only then call ``await target(channel)``.
@@ -56,10 +60,11 @@ from trio_mojo._channel import open_channel
 from trio_mojo._core._message import Message
 from trio_mojo._core._wire import encode_message
 from trio_mojo._endpoint import Endpoint
-from trio_mojo._sandbox import SandboxPolicy, SandboxReport
+from trio_mojo._sandbox import SandboxPolicy
 from trio_mojo._sandbox._apply import (
+    Lockdown,
+    begin_lock_down,
     close_other_fds,
-    lock_down,
     set_parent_death_signal,
 )
 
@@ -120,11 +125,14 @@ def report_target_failure(
 
 async def _run(
     target: Target,
-    report: SandboxReport,
+    lockdown: Lockdown,
     channel_ep: Endpoint,
     broker_ep: Endpoint | None,
     startup_timeout: float,
 ) -> int:
+    # Before the first checkpoint: nothing but trio.run's own start-up ran
+    # since the other layers, and no task of ours is scheduled yet.
+    report = with_nonce(lockdown.finish())
     async with AsyncExitStack() as stack:
         channel = await stack.enter_async_context(open_channel(channel_ep))
         if broker_ep is not None:
@@ -154,14 +162,14 @@ def lock_down_and_run(
     It assumes nothing about how the process started: this bootstrap calls
     it after ``exec``, and a child forked from a pre-imported process (a
     zygote) calls it alike, with ``own_pid_namespace`` when the zygote
-    forked it into a PID namespace of its own (``_sandbox._apply.lock_down``).
+    forked it into a PID namespace of its own (``_sandbox._apply``).
     The process must be single-threaded.
     """
     keep = {channel_ep.fileno()}
     if broker_ep is not None:
         keep.add(broker_ep.fileno())
-    report = with_nonce(lock_down(policy, keep, own_pid_namespace=own_pid_namespace))
-    return trio.run(_run, target, report, channel_ep, broker_ep, startup_timeout)
+    lockdown = begin_lock_down(policy, keep, own_pid_namespace=own_pid_namespace)
+    return trio.run(_run, target, lockdown, channel_ep, broker_ep, startup_timeout)
 
 
 def main(argv: Sequence[str]) -> int:

@@ -194,8 +194,9 @@ class Process(SignalForwarding):
     """
 
     supervises_namespaced_worker: Final = True
-    """Once its lockdown made a PID namespace, this process is the worker's
-    supervisor (``_sandbox._pidns``): the target runs in its child."""
+    """Once it locked down, this process is the worker's supervisor, in a
+    PID namespace or as its reaper (``_sandbox._pidns``): the target runs
+    in its child."""
 
     def __init__(
         self,

@@ -551,12 +551,11 @@ async def _handshake(
     located = False
     try:
         pid = process.pid
-        namespaced = report.layers.get("namespaces") == "applied"
-        if namespaced and process.supervises_namespaced_worker:
+        if process.supervises_namespaced_worker:  # in a PID namespace, or reaped
             pid = worker_pid(process.pid)
             process.forward_signals(pid)
         located = True
-        verify_report(pid, policy, report)
+        verify_report(pid, policy, report, identity_pid=process.pid)
     except (SandboxUnavailableError, OSError) as exc:
         # A worker that died meanwhile (killed from outside: its target has
         # not run) leaves /proc entries that are gone or half torn down.

@@ -93,7 +93,7 @@ from trio_mojo._sandbox._apply import (
     prepare,
     set_parent_death_signal,
 )
-from trio_mojo._sandbox._pidns import NamespaceForker
+from trio_mojo._sandbox._pidns import Identity, NamespaceForker
 
 from . import _zygote_protocol as protocol
 from ._bootstrap import _fd_of, _option, lock_down_and_run, report_target_failure
@@ -327,11 +327,11 @@ class _Zygote:
             self.send(protocol.Exited(pid=pid, returncode=returncode))
 
 
-def _init_identity(policy: SandboxPolicy) -> tuple[int, int] | None:
-    """The uid and gid a worker's init drops to: the worker's, under a root zygote."""
+def _init_identity(policy: SandboxPolicy) -> Identity | None:
+    """The ids a worker's init drops to, from its host pid, under a root zygote."""
     if os.geteuid() != 0 or policy.level("credentials") is Requirement.OFF:
         return None
-    return policy.worker_uid, policy.worker_gid
+    return policy.worker_ids
 
 
 def _install_fds(fds: Mapping[str, int]) -> None:
