@@ -74,12 +74,14 @@ async def test_a_worker_cannot_freeze_the_event_loop_through_a_pipe_it_handed_ov
 
 
 async def test_a_worker_cannot_make_the_parent_hold_a_256_mib_message() -> None:
-    async with open_worker(SEND_LARGE, sandbox=STRICT) as worker:
-        await worker.channel.send(Message(b"32"))
-        with pytest.raises(MalformedMessageError, match="max_message_size"):
-            await worker.channel.receive()
-        held = worker.channel.statistics().read_buffer_bytes
-        assert held == 0, f"the parent holds {held} bytes of a refused message"
+    # Cut off, the worker fails too (its send's write error), or not.
+    with contextlib.suppress(WorkerError):
+        async with open_worker(SEND_LARGE, sandbox=STRICT) as worker:
+            await worker.channel.send(Message(b"32"))
+            with pytest.raises(MalformedMessageError, match="max_message_size"):
+                await worker.channel.receive()
+            held = worker.channel.statistics().read_buffer_bytes
+            assert held == 0, f"the parent holds {held} bytes of a refused message"
 
 
 async def test_a_worker_channel_takes_larger_messages_when_asked_to() -> None:

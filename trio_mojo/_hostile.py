@@ -25,7 +25,6 @@ anything but the tests.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import functools
@@ -45,7 +44,7 @@ import trio
 
 from trio_mojo._channel import Channel
 from trio_mojo._core._message import Message
-from trio_mojo._errors import BrokerError, ChannelError
+from trio_mojo._errors import BrokerError
 from trio_mojo._handles import Handle
 from trio_mojo._workers._broker import current_broker
 
@@ -497,12 +496,10 @@ async def reply_after(channel: Channel) -> None:
 
 async def send_large(channel: Channel) -> None:
     """Answer each request ``n`` (ASCII digits) with a message of ``n`` MiB:
-    the parent holds all of it before ``receive`` can return it.  Returns
-    when the parent cuts it off."""
-    with contextlib.suppress(ChannelError):
-        async for request in channel:
-            with request:
-                await channel.send(Message(bytes(int(request.payload) << 20)))
+    the parent holds all of it before ``receive`` can return it."""
+    async for request in channel:
+        with request:
+            await channel.send(Message(bytes(int(request.payload) << 20)))
 
 
 async def linger(channel: Channel) -> None:
