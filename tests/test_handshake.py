@@ -225,12 +225,12 @@ async def test_a_worker_that_never_reports_is_given_up_in_time(tmp_path: Path) -
     )
     silent.chmod(stat.S_IRWXU)
     started = time.monotonic()
-    with pytest.raises(WorkerError, match=r"sent no sandbox report within 0\.5 s"):
+    with pytest.raises(WorkerError, match=r"sent no sandbox report within 2 s"):
         async with open_worker(
             "trio_mojo._examples:echo",
             sandbox=STRICT,
             python=silent,
-            startup_timeout=0.5,
+            startup_timeout=2,
         ):
             pytest.fail("the block must not run")  # pragma: no cover
     assert time.monotonic() - started < 10

@@ -32,9 +32,10 @@ async def worker_crashes() -> None:
 
 
 async def worker_cancelled() -> None:
-    with trio.move_on_after(0.5):
+    with trio.CancelScope() as scope:
         async with trio_mojo.open_worker("trio_mojo._examples:ignore_eof") as worker:
             await worker.channel.receive()  # b"ready"
+            scope.deadline = trio.current_time() + 0.5
             await worker.channel.receive()  # never comes: cancelled
     print("cancelled: the worker was killed and reaped:", worker.returncode)
 
