@@ -9,12 +9,21 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trio
 from _helpers import open_fds, pipe_tagged, read_tags, send_fds
 
-from trio_mojo import DisconnectedError, Handle, MalformedMessageError, _fdpass
+from trio_mojo import (
+    DisconnectedError,
+    Handle,
+    MalformedMessageError,
+    Message,
+    _fdpass,
+    channel_pair,
+    open_channel,
+)
 
 
 @pytest.fixture
@@ -195,3 +204,88 @@ def test_received_fd_is_wrapped_even_with_a_short_buffer(
 
 def test_recv_control_size_holds_exactly_128_fds() -> None:
     assert socket.CMSG_SPACE(128 * 4) == _fdpass.RECV_CONTROL_SIZE
+
+
+# ----------------------------------------------------------------------
+# reopen: received pipes get a description of their own
+
+
+def _received(sock: socket.socket, reopen: bool) -> list[Handle]:
+    received = _fdpass.receive(sock, 100, reopen=reopen)
+    assert received is not None
+    return received[1]
+
+
+@pytest.mark.parametrize("reopen", [True, False])
+def test_reopened_pipes_are_out_of_the_sender_s_reach(
+    pair: tuple[socket.socket, socket.socket], reopen: bool
+) -> None:
+    a, b = pair
+    r, w = os.pipe()
+    null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    sock, other = socket.socketpair()
+    try:
+        os.set_blocking(r, False)  # the receiver's FdStream would do this
+        send_fds(a, b"x", [r, w, null, sock.fileno()])
+        pipe_read, pipe_write, device, received_sock = _received(b, reopen)
+        with pipe_read, pipe_write, device, received_sock:
+            os.set_blocking(r, True)  # ... and the sender undoes it on its copy
+            assert os.get_blocking(pipe_read.fileno()) is not reopen
+            os.set_blocking(w, False)
+            assert os.get_blocking(pipe_write.fileno()) is reopen
+            # A device or a socket is never reopened: still shared.
+            os.set_blocking(null, False)
+            assert not os.get_blocking(device.fileno())
+            sock.setblocking(False)
+            assert not os.get_blocking(received_sock.fileno())
+            os.write(pipe_write.fileno(), b"!")
+            assert os.read(r, 1) == b"!"
+    finally:
+        for fd in (r, w, null):
+            os.close(fd)
+        sock.close()
+        other.close()
+
+
+def test_a_fifo_write_end_without_reader_fails_the_read_and_closes_every_fd(
+    pair: tuple[socket.socket, socket.socket], tmp_path: Path
+) -> None:
+    a, b = pair
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    r, w = os.pipe()
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    os.close(reader)
+    try:
+        before = open_fds()
+        send_fds(a, b"x", [r, writer, w])
+        with pytest.raises(MalformedMessageError, match="ENXIO"):
+            _fdpass.receive(b, 100, reopen=True)
+        assert open_fds() == before
+    finally:
+        for fd in (r, w, writer):
+            os.close(fd)
+
+
+@pytest.mark.parametrize("reopen_pipes", [True, False])
+async def test_open_channel_reopens_received_pipes_on_request(
+    reopen_pipes: bool,
+) -> None:
+    left, right = channel_pair()
+    r, w = os.pipe()
+    try:
+        async with (
+            open_channel(left) as sender,
+            open_channel(right, reopen_pipes=reopen_pipes) as receiver,
+        ):
+            await sender.send(Message(b"pipe", [Handle.dup(r)]))
+            with await receiver.receive() as message:
+                os.set_blocking(r, not os.get_blocking(r))
+                received = message.handles[0].fileno()
+                assert (os.get_blocking(received) == os.get_blocking(r)) is not (
+                    reopen_pipes
+                )
+    finally:
+        os.close(r)
+        os.close(w)

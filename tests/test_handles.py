@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import enum
+import errno
 import gc
 import os
+import socket
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -219,3 +221,116 @@ def test_close_all_closes_everything_and_reraises_the_first_error(
 def test_close_all_of_nothing() -> None:
     close_all([])
     close_all(iter(()))
+
+
+# ----------------------------------------------------------------------
+# reopen(): a description of one's own
+
+
+def _shares_description(first: int, second: int) -> bool:
+    """True if changing ``first``'s O_NONBLOCK changes ``second``'s."""
+    before = os.get_blocking(second)
+    os.set_blocking(first, not os.get_blocking(first))
+    changed = os.get_blocking(second) != before
+    os.set_blocking(first, not os.get_blocking(first))
+    return changed
+
+
+@pytest.mark.parametrize("end", [0, 1], ids=["read end", "write end"])
+def test_reopen_gives_a_pipe_end_a_description_of_its_own(
+    pipe: tuple[int, int], end: int
+) -> None:
+    kept = pipe[end]  # the sender's copy
+    os.set_blocking(kept, False)
+    with Handle.dup(kept) as handle:
+        shared_before = _shares_description(kept, handle.fileno())
+        handle.reopen()
+        assert shared_before
+        assert not _shares_description(kept, handle.fileno())
+        assert not os.get_blocking(handle.fileno())  # kept as it was
+        assert os.get_inheritable(handle.fileno()) is False
+        assert file_identity(handle.fileno()) == file_identity(kept)
+        if end:
+            os.write(handle.fileno(), b"through the new end")
+            assert os.read(pipe[0], 100) == b"through the new end"
+        else:
+            os.write(pipe[1], b"to the new end")
+            assert os.read(handle.fileno(), 100) == b"to the new end"
+
+
+def test_reopen_keeps_a_blocking_description_blocking(pipe: tuple[int, int]) -> None:
+    with Handle.dup(pipe[0]) as handle:
+        handle.reopen()
+        assert os.get_blocking(handle.fileno())
+
+
+def test_reopen_of_a_regular_file_keeps_its_mode_and_starts_at_zero(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "file"
+    path.write_bytes(b"abc")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+    with Handle(fd) as handle:
+        original = os.dup(fd)
+        try:
+            handle.reopen()
+            assert not _shares_description(original, handle.fileno())
+        finally:
+            os.close(original)
+        os.write(handle.fileno(), b"d")  # O_APPEND kept
+        with pytest.raises(OSError, match="Bad file descriptor"):  # write-only
+            os.read(handle.fileno(), 1)
+    assert path.read_bytes() == b"abcd"
+
+
+def test_reopen_refuses_fds_without_a_path_to_open_again() -> None:
+    a, b = socket.socketpair()
+    refused = [
+        Handle(a.detach()),
+        Handle(os.eventfd(0, os.EFD_CLOEXEC)),
+        Handle(os.pidfd_open(os.getpid())),
+        Handle.open("/dev/null"),
+        Handle.open("/", os.O_RDONLY | os.O_DIRECTORY),
+    ]
+    b.close()
+    try:
+        for handle in refused:
+            number = handle.fileno()
+            with pytest.raises(ValueError, match="can be reopened"):
+                handle.reopen()
+            assert handle.fileno() == number  # untouched, still owned
+    finally:
+        close_all(refused)
+
+
+def test_reopen_refuses_an_o_path_fifo_without_opening_it(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with Handle.open(fifo, os.O_PATH) as handle:
+        with pytest.raises(ValueError, match="O_PATH"):
+            handle.reopen()
+        # Nobody opened the FIFO for reading: a non-blocking writer is refused.
+        with pytest.raises(OSError, match="No such device or address"):
+            os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+def test_reopen_of_a_fifo_write_end_without_reader_fails_and_keeps_the_fd(
+    tmp_path: Path,
+) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with Handle.open(fifo, os.O_WRONLY | os.O_NONBLOCK) as handle:
+        os.close(reader)
+        number = handle.fileno()
+        with pytest.raises(OSError, match="No such device or address") as caught:
+            handle.reopen()
+        assert caught.value.errno == errno.ENXIO
+        assert handle.fileno() == number
+
+
+def test_reopen_of_a_closed_handle_raises(pipe: tuple[int, int]) -> None:
+    handle = Handle.dup(pipe[0])
+    handle.close()
+    with pytest.raises(ValueError, match="closed"):
+        handle.reopen()

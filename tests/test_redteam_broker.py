@@ -12,26 +12,22 @@ import ctypes
 import errno
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Final
 
 import trio
-from _redteam_support import STRICT, finding, request, require
+from _redteam_support import STRICT, request, require
 from test_broker import resolver
 
 from trio_mojo import BrokerError, FileAccess, FileBroker, open_worker
+from trio_mojo._workers._broker import DEFAULT_REQUESTS_PER_SECOND
 
 __all__ = ["resolver"]  # the fixture, from test_broker
 
 BROKER_OPEN: Final = "trio_mojo._hostile:broker_open"
 
 
-@finding(
-    "the broker opens a path before it checks that it is a regular file: a "
-    "worker that asks for a FIFO under its rule gets EACCES, but the parent has "
-    "opened the FIFO for reading, which wakes a writer blocked in open() (and "
-    "opening a device node runs its driver's open)"
-)
 async def test_the_broker_opens_nothing_it_refuses(tmp_path: Path) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
@@ -59,6 +55,28 @@ async def test_the_broker_opens_nothing_it_refuses(tmp_path: Path) -> None:
         for fd in opened:
             os.close(fd)
     assert not was_opened, "the broker opened the FIFO it refused"
+
+
+async def test_a_flood_of_open_requests_is_served_at_the_broker_s_rate(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "file").write_bytes(b"x")
+    seconds = 2.0
+    cpu = time.process_time()
+    async with open_worker(
+        BROKER_OPEN, sandbox=STRICT, file_access=FileAccess.read_only(tmp_path)
+    ) as worker:
+        reply = await request(
+            worker, {"path": str(tmp_path / "file"), "seconds": seconds}
+        )
+    cpu = time.process_time() - cpu
+    require(reply["errno"] is None, f"refused: {reply}")
+    rate = DEFAULT_REQUESTS_PER_SECOND
+    # One second's worth at once, then the rate; 10% for the clocks.
+    bound = 1.1 * (rate + rate * seconds)
+    assert reply["opened"] <= bound, (
+        f"{reply['opened']} opens in {seconds} s ({cpu:.2f} s of the parent's CPU)"
+    )
 
 
 _AT_FDCWD: Final = -100

@@ -19,6 +19,7 @@ from _redteam_support import PROBE, STRICT, ask, ask_once, finding, require
 
 from trio_mojo import (
     ChannelError,
+    MalformedMessageError,
     Message,
     WorkerError,
     open_worker,
@@ -27,6 +28,7 @@ from trio_mojo import (
 
 SHARE_A_PIPE: Final = "trio_mojo._hostile:share_a_pipe"
 HAND_BACK: Final = "trio_mojo._hostile:hand_back_channel_and_die"
+SEND_LARGE: Final = "trio_mojo._hostile:send_large"
 
 
 # ----------------------------------------------------------------------
@@ -40,12 +42,6 @@ async def test_a_worker_cannot_make_the_parent_read_its_stderr_without_bound() -
     assert result["written_mib"] <= 16, f"the parent read {result} in 1 s"
 
 
-@finding(
-    "an fd a worker hands over shares its open file description with the copy "
-    "the worker keeps: the worker clears O_NONBLOCK on a pipe the parent reads "
-    "with trio.lowlevel.FdStream, and the parent's read blocks its whole event "
-    "loop (no task, timeout or cancellation runs) until the worker writes"
-)
 async def test_a_worker_cannot_freeze_the_event_loop_through_a_pipe_it_handed_over() -> (
     None
 ):
@@ -67,6 +63,30 @@ async def test_a_worker_cannot_freeze_the_event_loop_through_a_pipe_it_handed_ov
                 require(await stream.receive_some(1) == b"!", "nothing came")
                 frozen = not ticked.is_set()
     assert not frozen, "no other task ran while the parent waited for the pipe"
+
+
+# ----------------------------------------------------------------------
+# Memory
+
+
+async def test_a_worker_cannot_make_the_parent_hold_a_256_mib_message() -> None:
+    # Cut off, the worker fails too (its send's write error), or not.
+    with contextlib.suppress(WorkerError):
+        async with open_worker(SEND_LARGE, sandbox=STRICT) as worker:
+            await worker.channel.send(Message(b"32"))
+            with pytest.raises(MalformedMessageError, match="max_message_size"):
+                await worker.channel.receive()
+            held = worker.channel.statistics().read_buffer_bytes
+            assert held == 0, f"the parent holds {held} bytes of a refused message"
+
+
+async def test_a_worker_channel_takes_larger_messages_when_asked_to() -> None:
+    async with open_worker(
+        SEND_LARGE, sandbox=STRICT, max_message_size=64 << 20
+    ) as worker:
+        await worker.channel.send(Message(b"32"))
+        with await worker.channel.receive() as reply:
+            assert len(reply.payload) == 32 << 20
 
 
 @contextlib.contextmanager

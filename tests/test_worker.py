@@ -197,7 +197,7 @@ async def _failing_worker(
 
 
 async def test_killing_the_worker_while_the_parent_sends_a_large_message() -> None:
-    size = 16 * 1024 * 1024
+    size = 8 * 1024 * 1024
 
     async def body(worker: Worker) -> None:
         assert (await worker.channel.receive()).payload == b"ready"
@@ -220,7 +220,7 @@ async def test_killing_the_worker_while_the_parent_sends_a_large_message() -> No
 
 async def test_killing_the_worker_while_the_parent_receives_a_large_message() -> None:
     async def body(worker: Worker) -> None:
-        await worker.channel.send(Message(bytes(64 * 1024 * 1024)))
+        await worker.channel.send(Message(bytes(12 * 1024 * 1024)))
         # Wait until part of the echo has arrived (the reader takes at most
         # 256 KiB per turn, so this task runs between two reads).
         with trio.fail_after(30):

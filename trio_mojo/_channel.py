@@ -217,6 +217,7 @@ class Channel(trio.abc.Channel[Message]):
         receive_queue_bytes: int,
         receive_queue_handles: int,
         flush_timeout: float | None,
+        reopen_pipes: bool,
     ) -> None:
         self._decoder = MessageDecoder(
             framing=framing,
@@ -244,6 +245,7 @@ class Channel(trio.abc.Channel[Message]):
         self.max_message_size: Final = self._decoder.max_message_size
         self._header_size = IPCZ_HEADER_SIZE if framing is Framing.IPCZ else HEADER_SIZE
         self._fail_on_truncation = fail_on_truncated_handles
+        self._reopen_pipes = reopen_pipes
         self._flush_timeout = math.inf if flush_timeout is None else flush_timeout
         self._sock = sock
         self._started = False
@@ -914,7 +916,10 @@ class Channel(trio.abc.Channel[Message]):
         decoder = self._decoder
         size = decoder.read_size(_RECV_SIZE, _MAX_RECV_SIZE)
         received = _fdpass.receive(
-            self._sock, size, fail_on_truncation=self._fail_on_truncation
+            self._sock,
+            size,
+            fail_on_truncation=self._fail_on_truncation,
+            reopen=self._reopen_pipes,
         )
         if received is None:
             self._wait_first = True
@@ -1222,6 +1227,7 @@ async def open_channel(
     receive_queue_bytes: int = 8 * 1024 * 1024,
     receive_queue_handles: int = 2 * MAX_ATTACHED_HANDLES,
     flush_timeout: float | None = 30.0,
+    reopen_pipes: bool = False,
 ) -> AsyncIterator[Channel]:
     """Open a :class:`Channel` on ``endpoint`` for the duration of the block.
 
@@ -1273,6 +1279,13 @@ async def open_channel(
             brings at most 128 more, so with the defaults the receive path
             holds at most 506 + 128 fds whatever the peer does.
         flush_timeout: seconds a normal exit waits for the queue to drain.
+        reopen_pipes: reopen every pipe and FIFO the peer sends
+            (:meth:`Handle.reopen`) before ``receive`` returns it, so the
+            peer cannot change the flags (``O_NONBLOCK``) of the description
+            you read or write; on for the channels of :func:`open_worker`.
+            Costs an ``lseek`` per fd and an ``open`` per pipe; a FIFO
+            write end without a reader fails the channel
+            (:exc:`MalformedMessageError`).
 
     Yields:
         The open :class:`Channel`.
@@ -1300,6 +1313,7 @@ async def open_channel(
             receive_queue_bytes=receive_queue_bytes,
             receive_queue_handles=receive_queue_handles,
             flush_timeout=flush_timeout,
+            reopen_pipes=reopen_pipes,
         )
     except BaseException:
         sock.close()

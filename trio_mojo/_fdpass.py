@@ -27,13 +27,24 @@ if the kernel had to truncate the control data (``MSG_CTRUNC``: the peer
 sent more fds than fit, or we hit ``RLIMIT_NOFILE``) the fds that did arrive
 are closed and the read fails with :class:`MalformedMessageError`
 (Chromium only asserts this in debug builds and would then lose fds).
+
+With ``reopen=True`` every pipe and FIFO that arrives is reopened
+(:meth:`Handle.reopen`) before the caller sees it, so that the peer's
+copies share no open file description (and no ``O_NONBLOCK`` flag) with
+ours.  It costs an ``lseek(fd, 0, SEEK_CUR)`` per received fd (a seekable
+fd is no pipe), and an ``fstat``, an ``open`` and a ``close`` per pipe.  A
+FIFO's write end that has lost its last reader cannot be reopened
+(``ENXIO``): the read fails with :class:`MalformedMessageError`, every fd
+closed.
 """
 
 from __future__ import annotations
 
 import array
 import errno
+import os
 import socket
+import stat
 from typing import Final
 
 import trio
@@ -42,7 +53,7 @@ from ._core._wire import MAX_SENDMSG_HANDLES
 from ._errors import ChannelError, DisconnectedError, MalformedMessageError
 from ._handles import Handle, close_all
 
-__all__ = ["RECV_CONTROL_SIZE", "receive", "send"]
+__all__ = ["RECV_CONTROL_SIZE", "receive", "reopen_pipes", "send"]
 
 RECV_CONTROL_SIZE: Final = socket.CMSG_SPACE(
     MAX_SENDMSG_HANDLES * array.array("i").itemsize
@@ -86,18 +97,50 @@ def send(
         raise _translate(exc, "sendmsg") from exc
 
 
+def reopen_pipes(handles: list[Handle]) -> None:
+    """Give each pipe and FIFO of ``handles`` an open file description of its own.
+
+    Other fds are left as they are, and so is an ``O_PATH`` FIFO (it does no
+    I/O; reopening it would open the FIFO).
+
+    Raises:
+        OSError: a reopen failed; the handles are the caller's to close.
+    """
+    for handle in handles:
+        fd = handle.fileno()
+        try:
+            # Seekable (a file, a memfd, /dev/null): no pipe.  A third of an
+            # fstat's cost, the common case of the fd path; io.open asks the
+            # same question.
+            os.lseek(fd, 0, os.SEEK_CUR)
+            continue
+        except OSError:  # ESPIPE: a pipe, FIFO, socket or terminal
+            pass
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            try:
+                handle.reopen()
+            except ValueError:  # O_PATH
+                continue
+
+
 def receive(
-    sock: socket.socket, size: int, *, fail_on_truncation: bool = True
+    sock: socket.socket,
+    size: int,
+    *,
+    fail_on_truncation: bool = True,
+    reopen: bool = False,
 ) -> tuple[bytes, list[Handle]] | None:
     """One non-blocking ``recvmsg`` of up to ``size`` bytes.
 
     Returns ``(data, handles)``; ``data == b""`` means end of stream.
-    Returns ``None`` when nothing is available.
+    Returns ``None`` when nothing is available.  With ``reopen``, each pipe
+    and FIFO received has been reopened (:func:`reopen_pipes`).
 
     Raises:
         MalformedMessageError: control data was truncated (unless
-            ``fail_on_truncation`` is false) or was not ``SCM_RIGHTS``; every
-            fd that arrived has been closed.
+            ``fail_on_truncation`` is false) or was not ``SCM_RIGHTS``, or
+            a FIFO could not be reopened for want of a reader; every fd
+            that arrived has been closed.
         DisconnectedError, ChannelError, trio.ClosedResourceError: see above.
     """
     try:
@@ -133,4 +176,15 @@ def receive(
             f"arrived, more were sent than the {MAX_SENDMSG_HANDLES} a sendmsg may carry "
             "or RLIMIT_NOFILE was reached"
         )
+    if reopen:
+        try:
+            reopen_pipes(handles)
+        except OSError as exc:
+            close_all(handles)
+            if exc.errno == errno.ENXIO:
+                raise MalformedMessageError(
+                    "the peer sent the write end of a FIFO that has no reader: it "
+                    "cannot be reopened (ENXIO)"
+                ) from exc
+            raise ChannelError(f"reopening a received pipe failed: {exc}") from exc
     return data, handles

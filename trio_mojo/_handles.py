@@ -14,17 +14,32 @@ number that the kernel has meanwhile reused for another file, and a second
 ``close()`` is a no-op.  A handle that is garbage-collected while still open
 closes its fd and emits :class:`ResourceWarning`, which the test suite turns
 into an error: a leak is a bug, the safety net only keeps it from growing.
+
+An fd passed by another process shares its *open file description* with
+the sender's copy: the offset and the status flags (``O_NONBLOCK``,
+``O_APPEND``) are one object in the kernel, which the sender can still
+change.  :meth:`Handle.reopen` replaces a pipe's, FIFO's or regular file's
+fd by a new description of the same file, opened through
+``/proc/self/fd/N``, that belongs to this process alone.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import stat
 import warnings
 from collections.abc import Iterable
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Final, Protocol, Self
 
 __all__ = ["Handle", "close_all"]
+
+_KEPT_FLAGS: Final = os.O_ACCMODE | os.O_APPEND
+"""Status flags a reopened description copies from the original.
+
+``O_NONBLOCK`` is set for the open itself (a FIFO's open would otherwise
+wait for its other end) and then put back as the original had it."""
 
 
 class _HasFileno(Protocol):
@@ -90,6 +105,51 @@ class Handle:
             raise ValueError("I/O operation on a closed Handle")
         return self._fd
 
+    def reopen(self) -> None:
+        """Own a new open file description of the same pipe, FIFO or file.
+
+        The fd came from another process (a worker, a peer): its open file
+        description, with its offset and its ``O_NONBLOCK`` and
+        ``O_APPEND`` flags, is shared with every copy the sender kept, and
+        the sender can change those flags under you (a pipe you read with
+        ``trio.lowlevel.FdStream`` made blocking again freezes your
+        event loop).  ``reopen`` opens ``/proc/self/fd/N`` with the same
+        access mode, ``O_APPEND`` and ``O_NONBLOCK`` as the original
+        (close-on-exec), closes the original and keeps the new fd, whose
+        description nobody else holds.  A regular file's new offset is 0.
+        ``open_worker`` does this for every pipe and FIFO a worker sends
+        (``open_channel(..., reopen_pipes=True)``).
+
+        Only pipes, FIFOs and regular files can be reopened.  A socket, an
+        eventfd, a timerfd, a pidfd or any other anonymous inode has no
+        path to open again, and a device's open would run its driver: each
+        raises :exc:`ValueError`, as does an ``O_PATH`` fd, which does no
+        I/O (and whose reopening would open a FIFO that nobody opened).
+
+        Raises:
+            ValueError: the handle is closed, or the fd is of another kind.
+            OSError: the open failed (``ENXIO``: the write end of a pipe
+                or FIFO that has no reader left; ``ENOENT``: no ``/proc``);
+                the handle then keeps its original fd.
+        """
+        fd = self.fileno()
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        mode = os.fstat(fd).st_mode
+        if flags & os.O_PATH:
+            raise ValueError("an O_PATH fd does no I/O and is not reopened")
+        if not (stat.S_ISFIFO(mode) or stat.S_ISREG(mode)):
+            raise ValueError(
+                f"only a pipe, FIFO or regular file can be reopened, not {_kind(mode)}"
+            )
+        new = os.open(
+            f"/proc/self/fd/{fd}",
+            (flags & _KEPT_FLAGS) | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY,
+        )
+        if not flags & os.O_NONBLOCK:
+            os.set_blocking(new, True)
+        self._fd = new
+        os.close(fd)
+
     def detach(self) -> int:
         """Give up ownership and return the fd without closing it.
 
@@ -137,6 +197,20 @@ class Handle:
                     stacklevel=2,
                     source=self,
                 )
+
+
+def _kind(mode: int) -> str:
+    """What an ``st_mode`` is, for an error message."""
+    for test, name in (
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISLNK, "a symbolic link"),
+    ):
+        if test(mode):
+            return name
+    return "an anonymous inode (eventfd, timerfd, pidfd, ...)"
 
 
 def close_all(handles: Iterable[Handle]) -> None:

@@ -55,6 +55,7 @@ __all__ = [
     "linger",
     "probe",
     "reply_after",
+    "send_large",
     "share_a_pipe",
 ]
 
@@ -491,6 +492,14 @@ async def reply_after(channel: Channel) -> None:
         with request:
             await trio.sleep(float(request.payload))
             await channel.send(Message(request.payload))
+
+
+async def send_large(channel: Channel) -> None:
+    """Answer each request ``n`` (ASCII digits) with a message of ``n`` MiB:
+    the parent holds all of it before ``receive`` can return it."""
+    async for request in channel:
+        with request:
+            await channel.send(Message(bytes(int(request.payload) << 20)))
 
 
 async def linger(channel: Channel) -> None:

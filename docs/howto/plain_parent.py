@@ -15,7 +15,9 @@ async def main() -> None:
     argv = [sys.executable, str(CHILD)]  # the switch is appended to argv
     async with (
         trio_mojo.open_process_with_channel(argv) as child,
-        trio_mojo.open_channel(child.endpoint) as channel,
+        # reopen_pipes: a pipe the child sends is reopened, so the child
+        # cannot make our end blocking again while we read it with Trio.
+        trio_mojo.open_channel(child.endpoint, reopen_pipes=True) as channel,
     ):
         read_end, write_end = os.pipe()
         os.write(write_end, b"shout this")
@@ -25,7 +27,10 @@ async def main() -> None:
 
         await channel.send(trio_mojo.Message(b"pipe"))
         with await channel.receive() as reply:
-            print(reply.payload, os.read(reply.handles[0].fileno(), 100))
+            # Read a received fd with Trio, never with a blocking os.read:
+            # that would stop every task until the child writes.
+            async with trio.lowlevel.FdStream(reply.handles[0].detach()) as pipe:
+                print(reply.payload, await pipe.receive_some(100))
     # Leaving the block closes the channel first: the child reads a clean end
     # of stream and returns.  Then it waits for the child and reaps it.
     print("child exited with", child.process.returncode)

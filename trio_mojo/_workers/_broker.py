@@ -30,11 +30,23 @@ The parent treats every request as hostile:
   root, so ``..``, symlinks and absolute escapes are refused by the kernel;
   where ``openat2`` is missing we walk the components ourselves with
   ``O_NOFOLLOW`` at every step and refuse ``..``;
-* writing needs a read-write rule; only regular files are served (a FIFO
-  or device is refused, opened with ``O_NONBLOCK`` so the attempt cannot
-  hang); every open has ``O_CLOEXEC | O_NOCTTY``;
-* the open runs in a worker thread, so a slow file system never blocks the
-  Trio loop, and requests are served one at a time (a natural rate limit);
+* writing needs a read-write rule; only regular files are served, and the
+  file type is checked before anything is opened: the path is resolved
+  to an ``O_PATH`` fd (which opens nothing: a FIFO's writer is not woken,
+  a device's driver does not run), ``fstat`` must say a regular file, and
+  only then is that very inode opened with the requested mode through
+  ``/proc/self/fd/N``.  A file that ``"w"`` or ``"a"`` must create is
+  created with ``O_CREAT | O_EXCL`` (which never opens an existing file);
+  every open has ``O_CLOEXEC | O_NOCTTY | O_NONBLOCK`` (a lease cannot
+  make it wait), and the fd sent is blocking;
+* the open runs in a thread of the broker's own (a
+  :class:`trio.CapacityLimiter` of one per worker, not Trio's default
+  limiter that the rest of the program shares), so a slow file system
+  never blocks the Trio loop nor another part of the program; requests
+  are served one at a time, at most ``requests_per_second`` of them (a
+  token bucket: a flood costs the parent a bounded share of its CPU); an
+  open that hangs (a dead network file system) is abandoned when the
+  broker stops, and its fd closed whenever it comes;
 * a request that breaks the protocol gets an ``EINVAL`` reply; a channel
   failure ends the broker for that worker but never the parent.
 """
@@ -47,7 +59,9 @@ import errno
 import os
 import stat
 import struct
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import Final
 
 import attrs
@@ -78,11 +92,22 @@ _MAX_REASON_BYTES: Final = 512
 _MODES: Final = ("r", "w", "a", "r+")
 _MODE_FLAGS: Final = {
     "r": os.O_RDONLY,
-    "w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
-    "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+    "w": os.O_WRONLY | os.O_TRUNC,
+    "a": os.O_WRONLY | os.O_APPEND,
     "r+": os.O_RDWR,
 }
+"""How the regular file found is opened (through ``/proc/self/fd/N``)."""
+_CREATE_FLAGS: Final = {
+    "w": os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+    "a": os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND,
+}
+"""How a missing file is created, for the modes that create."""
+_CREATE_ATTEMPTS: Final = 3
+"""Looks for a file that another process creates and removes meanwhile."""
 _ALWAYS: Final = os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+_LOCATE: Final = os.O_PATH | os.O_CLOEXEC
+DEFAULT_REQUESTS_PER_SECOND: Final = 200.0
+"""Default rate of a worker's open requests (:class:`FileBroker`)."""
 
 _RESOLVE_NO_MAGICLINKS: Final = 0x02
 _RESOLVE_NO_SYMLINKS: Final = 0x04
@@ -235,6 +260,39 @@ def _walk_nofollow(dirfd: int, relative: bytes, flags: int) -> int:
         os.close(current)
 
 
+def _open_regular(root: str, relative: bytes, mode: str) -> int:
+    """Open the regular file ``relative`` beneath ``root`` for ``mode``.
+
+    Nothing but an ``O_PATH`` fd is opened before ``fstat`` has said
+    "regular file"; ``"w"`` and ``"a"`` create a missing file with
+    ``O_EXCL``, and look again if another process created one meanwhile.
+
+    Raises:
+        BrokerError: not a regular file (``EACCES``).
+        OSError: the resolution or the open failed (``ELOOP`` for a symlink).
+    """
+    for _ in range(_CREATE_ATTEMPTS):
+        try:
+            located = _open_beneath(root, relative, _LOCATE)
+        except FileNotFoundError:
+            if mode not in _CREATE_FLAGS:
+                raise
+            try:
+                return _open_beneath(root, relative, _CREATE_FLAGS[mode] | _ALWAYS)
+            except FileExistsError:
+                continue
+        try:
+            kind = os.fstat(located).st_mode
+            if stat.S_ISLNK(kind):  # O_PATH | O_NOFOLLOW gives the link itself
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+            if not stat.S_ISREG(kind):
+                raise BrokerError(errno.EACCES, "not a regular file")
+            return os.open(f"/proc/self/fd/{located}", _MODE_FLAGS[mode] | _ALWAYS)
+        finally:
+            os.close(located)
+    raise OSError(errno.EEXIST, "the file kept changing while it was opened")
+
+
 def _open_beneath(root: str, relative: bytes, flags: int) -> int:
     if not relative:
         # The rule names this very file: open it, refusing a symlink.
@@ -247,14 +305,85 @@ def _open_beneath(root: str, relative: bytes, flags: int) -> int:
         os.close(dirfd)
 
 
-class FileBroker:
-    """Serves a worker's open requests according to a list of rules."""
+class RequestRate:
+    """A token bucket: at most ``per_second`` requests a second on average,
+    and a burst of one second's worth.  Pure: the caller tells the time."""
 
-    def __init__(self, rules: Iterable[FileAccess]) -> None:
+    def __init__(self, per_second: float, now: float) -> None:
+        if not per_second > 0:
+            raise ValueError(f"requests_per_second={per_second} must be > 0")
+        self.per_second: Final = per_second
+        self._burst = max(1.0, per_second)
+        self._tokens = self._burst
+        self._last = now
+
+    def delay(self, now: float) -> float:
+        """Take a token for a request at ``now``; the seconds it must wait."""
+        elapsed = max(0.0, now - self._last)
+        self._tokens = min(self._burst, self._tokens + elapsed * self.per_second)
+        self._last = now
+        self._tokens -= 1.0
+        return 0.0 if self._tokens >= 0 else -self._tokens / self.per_second
+
+
+class _Opening:
+    """One open that runs in a thread the broker may stop waiting for.
+
+    The thread keeps its fd here unless the broker has abandoned it, in
+    which case it closes the fd itself: no fd is lost whichever comes first.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._fd: int | None = None
+
+    def run(self, open_file: Callable[[], int]) -> None:
+        fd = open_file()
+        with self._lock:
+            if not self._abandoned:
+                self._fd = fd
+                return
+        os.close(fd)
+
+    def take(self) -> int:
+        with self._lock:
+            fd, self._fd = self._fd, None
+        assert fd is not None, "run() returned without an fd"
+        return fd
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._abandoned = True
+            fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+class FileBroker:
+    """Serves a worker's open requests according to a list of rules.
+
+    At most ``requests_per_second`` requests are served a second (with a
+    burst of one second's worth); a worker that asks faster waits.
+
+    Raises:
+        TypeError: a rule is not a :class:`FileAccess`.
+        ValueError: ``requests_per_second`` is not positive.
+    """
+
+    def __init__(
+        self,
+        rules: Iterable[FileAccess],
+        *,
+        requests_per_second: float = DEFAULT_REQUESTS_PER_SECOND,
+    ) -> None:
         self.rules: Final = tuple(rules)
         for rule in self.rules:
             if not isinstance(rule, FileAccess):
                 raise TypeError(f"file_access takes FileAccess rules, not {rule!r}")
+        if not requests_per_second > 0:
+            raise ValueError(f"requests_per_second={requests_per_second} must be > 0")
+        self.requests_per_second: Final = requests_per_second
         self.served = 0
         self.refused = 0
         self.error: Exception | None = None
@@ -295,7 +424,9 @@ class FileBroker:
             raise BrokerError(errno.EINVAL, "a path cannot contain a NUL byte")
         root, relative = self._match(path, mode)
         try:
-            fd = _open_beneath(root, relative, _MODE_FLAGS[mode] | _ALWAYS)
+            fd = _open_regular(root, relative, mode)
+        except BrokerError:
+            raise
         except OSError as exc:
             code = exc.errno or errno.EACCES
             if code in (errno.ELOOP, errno.EXDEV):
@@ -304,30 +435,29 @@ class FileBroker:
                 ) from None
             raise BrokerError(code, os.strerror(code)) from None
         try:
-            regular = stat.S_ISREG(os.fstat(fd).st_mode)
-            if regular:
-                os.set_blocking(fd, True)
+            os.set_blocking(fd, True)
         except BaseException:
             os.close(fd)
             raise
-        if not regular:
-            os.close(fd)
-            raise BrokerError(errno.EACCES, "not a regular file")
         return fd
 
     async def serve(self, channel: Channel) -> None:
         """Answer requests on ``channel`` until the worker closes it.
 
-        Each file is opened in a worker thread, so the event loop never
-        blocks on the file system.  Cancelled, it stops: an open already
-        running in its thread finishes first, and the fd it opened is
-        closed, not sent.
+        Each file is opened in a thread of this broker's own, so neither
+        the event loop nor another user of Trio's threads waits on the file
+        system; requests beyond ``requests_per_second`` wait their turn.
+        Cancelled, it stops at once: an open still running in its thread is
+        abandoned, and the fd it opens is closed, not sent.
         """
+        threads = trio.CapacityLimiter(1)
+        rate = RequestRate(self.requests_per_second, trio.current_time())
         async for request in channel:
             request.close()  # a request carries no handles (the channel rejects them)
+            await trio.sleep(rate.delay(trio.current_time()))
             try:
                 path, mode = _decode_request(request.payload)
-                fd = await trio.to_thread.run_sync(self.open, path, mode)
+                fd = await self._open_in_thread(path, mode, threads)
             except BrokerError as exc:
                 self.refused += 1
                 code = exc.errno or errno.EACCES
@@ -347,6 +477,22 @@ class FileBroker:
                 handle.close()
                 raise
             self.served += 1
+
+    async def _open_in_thread(
+        self, path: bytes, mode: str, threads: trio.CapacityLimiter
+    ) -> int:
+        opening = _Opening()
+        try:
+            await trio.to_thread.run_sync(
+                opening.run,
+                partial(self.open, path, mode),
+                limiter=threads,
+                abandon_on_cancel=True,
+            )
+        except BaseException:
+            opening.abandon()
+            raise
+        return opening.take()
 
 
 class BrokerClient:

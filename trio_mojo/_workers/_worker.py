@@ -122,6 +122,16 @@ _EXIT_WAIT: Final = 2.0
 """Seconds to wait for the exit status of a worker seen dying."""
 BROKER_SEND_QUEUE: Final = 4
 """Replies the broker queues for a worker before it stops serving it."""
+WORKER_MAX_MESSAGE_SIZE: Final = 16 * 1024 * 1024
+"""Default ``max_message_size`` of a worker's channel (header included):
+a worker can make the parent hold a message this large in memory (while
+it arrives, and in the receive queue), not 256 MiB as a plain channel."""
+WORKER_CHANNEL_DEFAULTS: Final = {
+    "max_message_size": WORKER_MAX_MESSAGE_SIZE,
+    "reopen_pipes": True,
+}
+"""What :func:`open_worker` passes to :func:`open_channel` unless
+``channel_options`` says otherwise: a worker is an untrusted peer."""
 _BROKER_SNDBUF: Final = 4096
 """``SO_SNDBUF`` of the broker's socket: bounds the replies (and their
 fds) in flight in the kernel towards a worker that does not read them."""
@@ -376,7 +386,11 @@ async def open_worker(
             the longest the worker waits for its go-ahead after sending it).
         grace_period: seconds a normal exit waits for the worker to finish
             before ``SIGTERM`` (and as long again before ``SIGKILL``).
-        channel_options: passed to :func:`open_channel` for the main channel.
+        channel_options: passed to :func:`open_channel` for the main
+            channel, over the defaults of a worker's channel:
+            ``max_message_size`` 16 MiB (raise it to exchange larger
+            messages) and ``reopen_pipes=True`` (each pipe or FIFO the
+            worker sends gets an open file description of its own).
 
     Yields:
         The running :class:`Worker`.
@@ -483,7 +497,9 @@ async def open_worker(
     try:
         async with (
             owned_child(process, output) as nursery,
-            open_channel(local, **channel_options) as channel,
+            open_channel(
+                local, **{**WORKER_CHANNEL_DEFAULTS, **channel_options}
+            ) as channel,
         ):
             nursery.start_soon(_end_channel_on_exit, process, channel)
             broker_scope = trio.CancelScope()
