@@ -15,7 +15,7 @@ from typing import Any, Final
 
 import pytest
 import trio
-from _redteam_support import PROBE, STRICT, ask, ask_once, finding, require
+from _redteam_support import PROBE, STRICT, ask, ask_once, require
 
 from trio_mojo import (
     ChannelError,
