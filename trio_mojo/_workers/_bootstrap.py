@@ -47,6 +47,7 @@ target could not be loaded.
 from __future__ import annotations
 
 import contextlib
+import resource
 import socket
 import sys
 import traceback
@@ -58,7 +59,11 @@ import trio
 
 from trio_mojo._channel import open_channel
 from trio_mojo._core._message import Message
-from trio_mojo._core._wire import encode_message
+from trio_mojo._core._wire import (
+    MAX_ATTACHED_HANDLES,
+    MAX_SENDMSG_HANDLES,
+    encode_message,
+)
 from trio_mojo._endpoint import Endpoint
 from trio_mojo._sandbox import SandboxPolicy
 from trio_mojo._sandbox._apply import (
@@ -123,6 +128,27 @@ def report_target_failure(
     return TARGET_FAILED_EXIT
 
 
+FD_RESERVE: Final = 64
+"""Fds a worker's channels leave to the target and to Trio, out of its
+``RLIMIT_NOFILE``, when they bound how many received fds they read ahead."""
+
+
+def read_ahead_handles(open_files_limit: int) -> int:
+    """The ``receive_queue_handles`` of a worker's channels.
+
+    A channel stops reading once it holds that many received fds, but one
+    more ``recvmsg`` can bring :data:`~trio_mojo._core._wire.MAX_SENDMSG_HANDLES`
+    more; what the kernel cannot install in the fd table it drops and
+    flags ``MSG_CTRUNC``, which fails the channel.  So a worker reads ahead
+    at most what its fd limit leaves after one such read and
+    :data:`FD_RESERVE` (64 under ``strict()``'s 256 open files, the
+    channel's default of 506 where the limit is 1024 or more), and always
+    at least 1 (a message's fds are read even when nothing else fits).
+    """
+    room = open_files_limit - MAX_SENDMSG_HANDLES - FD_RESERVE
+    return max(1, min(2 * MAX_ATTACHED_HANDLES, room))
+
+
 async def _run(
     target: Target,
     lockdown: Lockdown,
@@ -133,10 +159,18 @@ async def _run(
     # Before the first checkpoint: nothing but trio.run's own start-up ran
     # since the other layers, and no task of ours is scheduled yet.
     report = with_nonce(lockdown.finish())
+    soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    handles = read_ahead_handles(
+        soft_limit if soft_limit != resource.RLIM_INFINITY else 1 << 20
+    )
     async with AsyncExitStack() as stack:
-        channel = await stack.enter_async_context(open_channel(channel_ep))
+        channel = await stack.enter_async_context(
+            open_channel(channel_ep, receive_queue_handles=handles)
+        )
         if broker_ep is not None:
-            broker_channel = await stack.enter_async_context(open_channel(broker_ep))
+            broker_channel = await stack.enter_async_context(
+                open_channel(broker_ep, receive_queue_handles=handles)
+            )
             set_current_broker(BrokerClient(broker_channel))
         await channel.send(Message(report.to_bytes()))
         if not report.ok:
