@@ -16,6 +16,7 @@ import trio
 
 from trio_mojo import Handle, Message, SandboxPolicy, open_worker, open_zygote
 from trio_mojo._channel import _YIELD_EVERY
+from trio_mojo._workers._bootstrap import read_ahead_handles
 
 BASIC = SandboxPolicy.basic()
 MODULE = "trio_mojo._examples_pool"
@@ -133,8 +134,6 @@ async def test_a_strict_worker_reads_ahead_no_more_fds_than_it_may_open() -> Non
 
 
 def test_a_worker_reads_ahead_what_its_fd_limit_leaves() -> None:
-    from trio_mojo._workers._bootstrap import read_ahead_handles
-
     assert read_ahead_handles(256) == 64  # strict(): 256 - 128 - 64
     assert read_ahead_handles(1024) == 506  # the channel's own default
     assert read_ahead_handles(100) == 1  # always room for one message's fds
