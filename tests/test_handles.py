@@ -15,7 +15,7 @@ from _core_support import file_identity
 from _fds import fd_is_open
 
 from trio_mojo import Handle
-from trio_mojo._handles import close_all
+from trio_mojo._handles import adopt_all, check_sendable, close_all, filenos
 
 
 @pytest.fixture
@@ -219,3 +219,40 @@ def test_close_all_closes_everything_and_reraises_the_first_error(
 def test_close_all_of_nothing() -> None:
     close_all([])
     close_all(iter(()))
+
+
+def test_adopt_all_owns_what_the_kernel_handed_over(pipe: tuple[int, int]) -> None:
+    r, _ = pipe
+    numbers = [os.dup(r), os.dup(r)]
+    handles = adopt_all(numbers)
+    assert [type(h) for h in handles] == [Handle, Handle]
+    assert [h.fileno() for h in handles] == numbers
+    close_all(handles)
+    assert not any(fd_is_open(fd) for fd in numbers)
+    assert adopt_all([]) == []
+
+
+def test_filenos_of_open_handles_only(pipe: tuple[int, int]) -> None:
+    r, w = pipe
+    handles = [Handle(os.dup(r)), Handle(os.dup(w))]
+    assert filenos(handles) == [h.fileno() for h in handles]
+    assert filenos([]) == []
+    handles[1].close()
+    with pytest.raises(ValueError, match="closed Handle"):
+        filenos(handles)
+    close_all(handles)
+
+
+def test_check_sendable_refuses_closed_and_repeated_handles(
+    pipe: tuple[int, int],
+) -> None:
+    r, _ = pipe
+    one, two = Handle(os.dup(r)), Handle(os.dup(r))
+    check_sendable((one,))
+    check_sendable((one, two))
+    with pytest.raises(ValueError, match="appears twice"):
+        check_sendable((one, two, one))
+    two.close()
+    with pytest.raises(ValueError, match="closed handle"):
+        check_sendable((one, two))
+    one.close()

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Final, Protocol, Self
 
-__all__ = ["Handle", "close_all"]
+__all__ = ["Handle", "adopt_all", "check_sendable", "close_all", "filenos"]
 
 
 class _HasFileno(Protocol):
@@ -120,8 +120,8 @@ class Handle:
         return f"<trio_mojo.Handle fd={self._fd}>"
 
     def __del__(self) -> None:
-        fd = self._fd
-        if fd >= 0:
+        if self._fd >= 0:  # (runs for every handle: kept short)
+            fd = self._fd
             self._fd = -1
             try:
                 os.close(fd)
@@ -153,3 +153,47 @@ def close_all(handles: Iterable[Handle]) -> None:
                     first = exc
     if first is not None:
         raise first
+
+
+_new: Final = object.__new__
+
+
+def adopt_all(fds: Iterable[int]) -> list[Handle]:
+    """Wrap fds the kernel has just handed us, each in a new :class:`Handle`.
+
+    The receive path's way to build handles: the numbers come from
+    ``SCM_RIGHTS``, so they are non-negative ints and the checks of
+    ``Handle(fd)`` are skipped (its ``__init__`` costs a Python call per fd).
+    """
+    handles: list[Handle] = []
+    append = handles.append
+    for fd in fds:
+        handle: Handle = _new(Handle)
+        handle._fd = fd
+        append(handle)
+    return handles
+
+
+def filenos(handles: Sequence[Handle]) -> list[int]:
+    """The fd numbers of ``handles``, which stay their owners'.
+
+    Raises:
+        ValueError: a handle is closed or detached.
+    """
+    numbers = [handle._fd for handle in handles]
+    if numbers and min(numbers) < 0:
+        raise ValueError("I/O operation on a closed Handle")
+    return numbers
+
+
+def check_sendable(handles: Sequence[Handle]) -> None:
+    """Check that ``handles`` can be sent: all open, none twice.
+
+    Raises:
+        ValueError: a handle is closed (or detached), or appears twice.
+    """
+    for handle in handles:
+        if handle._fd < 0:
+            raise ValueError(f"cannot send a closed handle ({handle!r})")
+    if len(handles) > 1 and len(set(map(id, handles))) != len(handles):
+        raise ValueError("the same Handle appears twice in one message")
