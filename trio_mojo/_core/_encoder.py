@@ -54,7 +54,7 @@ import struct
 from collections.abc import Sequence
 from typing import Final, TypeAlias
 
-from trio_mojo._handles import Handle, close_all
+from trio_mojo._handles import Handle, close_all, filenos
 
 from ._message import Message
 from ._wire import (
@@ -71,11 +71,13 @@ Buffer: TypeAlias = bytes | bytearray | memoryview
 """What a plan is made of: whole encoded entries or views into them."""
 
 __all__ = [
+    "INLINE_PAYLOAD",
     "MAX_BATCH_BYTES",
     "MAX_PLAN_BUFFERS",
     "MAX_PLAN_BYTES",
     "MessageEncoder",
     "OutgoingMessage",
+    "plain_frame",
 ]
 
 MAX_PLAN_BYTES: Final = 512 * 1024
@@ -93,6 +95,19 @@ _NORMAL_HEADER: Final = struct.Struct("<IHHH6x")
 _NORMAL: Final = MessageType.NORMAL
 _MOJO: Final = Framing.MOJO
 _FAST_MAX_PAYLOAD: Final = MAX_MESSAGE_SIZE_LIMIT - HEADER_SIZE
+
+
+def plain_frame(payload: bytes) -> bytes:
+    """The wire bytes of a *plain* message without handles: header and payload.
+
+    A plain message is a ``NORMAL`` message in ``Framing.MOJO`` whose
+    payload is at most :data:`INLINE_PAYLOAD` bytes (what the decoder's
+    ``next_batch`` calls plain, too).  Without handles it is the
+    request/response case, which the channel writes without building an
+    :class:`OutgoingMessage` when the kernel takes it whole.  The caller
+    checks that the message is plain.
+    """
+    return _NORMAL_HEADER.pack(HEADER_SIZE + len(payload), HEADER_SIZE, 1, 0) + payload
 
 
 def _header(message: Message, framing: Framing) -> bytes:
@@ -206,6 +221,33 @@ class OutgoingMessage:
         self.count += 1
         return True
 
+    def append_plain(self, payload: bytes, handles: tuple[Handle, ...] = ()) -> bool:
+        """:meth:`append` for a plain message (see :func:`plain_frame`).
+
+        The same rules without the checks that a plain message passes
+        anyway (the caller checked that it is plain and its handles valid):
+        the per-message path of a burst of small messages.
+        """
+        size = HEADER_SIZE + len(payload)
+        new_size = self.size + size
+        if self.tail or self.offset or new_size > MAX_BATCH_BYTES:
+            return False
+        if handles:
+            batch = self.handles
+            if len(batch) + len(handles) > MAX_SENDMSG_HANDLES:
+                return False
+            if not isinstance(batch, list):
+                batch = self.handles = list(batch)
+            batch.extend(handles)
+        head = self.head
+        if head.__class__ is not bytearray:
+            head = self.head = bytearray(head)
+        head += _NORMAL_HEADER.pack(size, HEADER_SIZE, 1, len(handles))
+        head += payload
+        self.size = new_size
+        self.count += 1
+        return True
+
     def unsent(self) -> list[Buffer]:
         """The buffers that hold this message's unsent bytes."""
         offset = self.offset
@@ -287,13 +329,13 @@ class MessageEncoder:
                     batch = entry.handles[
                         entry.handles_sent : entry.handles_sent + MAX_SENDMSG_HANDLES
                     ]
-                    fds.extend(h.fileno() for h in batch)
+                    fds += filenos(batch)
                     planned.append((entry, MAX_SENDMSG_HANDLES))
                     buffers.append(entry.first_unsent_byte())
                     break
                 if len(fds) + pending > MAX_SENDMSG_HANDLES:
                     break  # rule 2: this message starts the next plan
-                fds.extend(h.fileno() for h in entry.handles[entry.handles_sent :])
+                fds += filenos(entry.handles[entry.handles_sent :])
                 planned.append((entry, pending))
             elif entry.handles_sent and buffers:
                 early = True  # not the first: its fds went before its bytes
