@@ -1188,29 +1188,43 @@ def outcome(
     feeds: Sequence[tuple[bytes, int]],
     fds: FdFactory,
     eof: bool,
-    batched: bool,
+    mode: str,
 ) -> list[object]:
-    """Everything a decoder reports for ``feeds`` (bytes, fds to queue first)."""
+    """Everything a decoder reports for ``feeds`` (bytes, fds to queue first).
+
+    ``mode``: ``"message"`` drains with next_message, ``"batch"`` with
+    next_batch wherever it applies, ``"fed"`` also feeds each chunk through
+    receive_batch.
+    """
     seen: list[object] = []
 
-    def pull() -> None:
-        if batched:
-            messages, event = drain_in_batches(decoder, max_messages=3, max_bytes=50)
-        else:
-            messages, event = drain(decoder)
+    def record(messages: list[Message], event: object) -> None:
         for message in messages:
             seen.append((message.payload, message.type, len(message.handles)))
             message.close()
         seen.append(event)
 
+    def pull(fed: list[Message]) -> None:
+        if mode == "message":
+            messages, event = drain(decoder)
+        else:
+            messages, event = drain_in_batches(decoder, max_messages=3, max_bytes=50)
+        record(fed + messages, event)
+
     try:
         for data, count in feeds:
             decoder.receive_handles(fds.make(count))
-            decoder.receive_data(data)
-            pull()
+            fed: list[Message] = []
+            if mode == "fed":
+                fed, payload_bytes, handles, _ = decoder.receive_batch(data, 3, 50)
+                assert payload_bytes == sum(len(m.payload) for m in fed)
+                assert handles == sum(len(m.handles) for m in fed)
+            else:
+                decoder.receive_data(data)
+            pull(fed)
         if eof:
             decoder.receive_eof()
-            pull()
+            pull([])
     except ChannelError as exc:
         seen.append(type(exc))
     seen.append(decoder.queued_handles)
@@ -1248,7 +1262,7 @@ def test_next_batch_reports_exactly_what_next_message_would(
         for i, (lo, hi) in enumerate(itertools.pairwise(points))
     ]
     results = []
-    for batched in (False, True):
+    for mode in ("message", "batch", "fed"):
         with FdFactory() as fds:
             decoder = MessageDecoder(
                 max_message_size=200,
@@ -1256,9 +1270,9 @@ def test_next_batch_reports_exactly_what_next_message_would(
                 max_queued_handles=6,
                 strict_handles=strict,
             )
-            results.append(outcome(decoder, feeds, fds, eof, batched))
+            results.append(outcome(decoder, feeds, fds, eof, mode))
             decoder.close()
-    assert results[0] == results[1]
+    assert results[0] == results[1] == results[2]
 
 
 def test_next_batch_takes_many_plain_messages_at_once(fds: FdFactory) -> None:
@@ -1289,6 +1303,14 @@ def test_next_batch_stops_at_its_limits() -> None:
     assert (len(batch), payload_bytes, drained) == (2, 20, False)
     batch, _, _, drained = decoder.next_batch(10, 0)
     assert (len(batch), drained) == (1, True)
+
+
+def test_next_batch_without_room_takes_nothing() -> None:
+    decoder = MessageDecoder()
+    decoder.receive_data(encode_message(b"x"))
+    assert decoder.next_batch(0, 1 << 20) == ([], 0, 0, False)
+    assert decoder.next_batch(10, -1) == ([], 0, 0, False)
+    assert decoder.next_batch(1, 0)[0][0].payload == b"x"
 
 
 @pytest.mark.parametrize(
@@ -1379,3 +1401,25 @@ def test_read_size_follows_what_arrived_of_a_large_message() -> None:
     decoder.receive_data(wire[2000:4990])
     assert decoder.read_size(64, 1000) == 64  # what it still needs is small
     assert decoder.read_size(5, 1000) == 26  # ... exactly that
+
+
+def test_receive_batch_is_receive_data_then_next_batch() -> None:
+    decoder = MessageDecoder()
+    two = encode_message(b"one") + encode_message(b"two")
+    batch, payload_bytes, handles, drained = decoder.receive_batch(
+        bytearray(two[:20]), 10, 1 << 20
+    )  # a bytearray is copied, as receive_data does
+    assert (len(batch), payload_bytes, handles, drained) == (1, 3, 0, False)
+    assert batch[0].payload == b"one"
+    batch, _, _, drained = decoder.receive_batch(two[20:], 10, 1 << 20)
+    assert [m.payload for m in batch] == [b"two"]
+    assert drained
+    decoder.receive_eof()
+    with pytest.raises(RuntimeError, match="after receive_eof"):
+        decoder.receive_batch(b"x", 10, 1 << 20)
+    failed = MessageDecoder()
+    assert failed.receive_batch(normal(mtype=9), 10, 1 << 20)[0] == []
+    with pytest.raises(MalformedMessageError):
+        failed.next_message()  # (next_batch leaves the bad header to it)
+    with pytest.raises(MalformedMessageError, match="failed earlier"):
+        failed.receive_batch(b"more", 10, 1 << 20)

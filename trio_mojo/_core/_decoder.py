@@ -124,12 +124,22 @@ MAX_BUFFERED_WHILE_WAITING: Final = 1024 * 1024
 complete message waits for its fds (then the stream is malformed)."""
 
 _FIRST8 = struct.Struct("<IHH")  # num_bytes, (num_handles|num_header_bytes), type
-_HEADER10 = struct.Struct("<IHHH")  # Header without its padding: + num_handles
+_PLAIN_HEADER = struct.Struct("<IIH")  # num_bytes, (num_header_bytes|type), handles
+_PLAIN_TAG = HEADER_SIZE | 1 << 16
+"""The middle field of a plain message's header: num_header_bytes == 16 and
+message_type == NORMAL (1), read as one little-endian u32."""
+_unpack_plain = _PLAIN_HEADER.unpack_from
 _U16 = struct.Struct("<H")
 _IPCZ_FIRST8 = struct.Struct("<HHI")  # size, num_handles, num_bytes
 _TYPES = tuple(MessageType)
 _MAX_TYPE = len(_TYPES) - 1
 _NORMAL = MessageType.NORMAL
+
+
+def _take(queue: collections.deque[Handle], count: int) -> tuple[Handle, ...]:
+    """The first ``count`` handles of ``queue`` (which holds that many)."""
+    popleft = queue.popleft
+    return tuple([popleft() for _ in range(count)])
 
 
 class MessageDecoder:
@@ -429,55 +439,81 @@ class MessageDecoder:
             :meth:`next_message` would return :data:`NEED_DATA` (then the
             caller may skip it).
         """
-        messages: list[Message] = []
+        return self.receive_batch(b"", max_messages, max_bytes)
+
+    def receive_batch(
+        self, data: bytes | bytearray | memoryview, max_messages: int, max_bytes: int
+    ) -> tuple[list[Message], int, int, bool]:
+        """:meth:`receive_data` then :meth:`next_batch`, in one call.
+
+        The receive path's hot spot: a read that brought one or a few
+        plain messages costs one call, not two.
+
+        Raises:
+            ChannelError, RuntimeError: as :meth:`receive_data` (only when
+                ``data`` is not empty; nothing was parsed then).
+        """
         if (
-            self._ipcz
-            or self._need
-            or self._complete is not None
-            or self._failure is not None
+            self._pos >= len(self._buf)
+            and data.__class__ is bytes
+            and not self._need
+            and self._complete is None
+            and self._failure is None
+            and not self._eof
+            and not self._ipcz
         ):
-            return messages, 0, 0, False
-        buf = self._buf
-        pos = self._pos
-        end = len(buf)
-        limit = self.max_message_size
-        max_handles = self.max_handles_per_message if self._accept_handles else 0
-        queued = self._handles
-        unpack = _HEADER10.unpack_from
-        append = messages.append
-        payload_bytes = 0
-        handles_taken = 0
-        while (
-            end - pos >= HEADER_SIZE
-            and len(messages) < max_messages
-            and payload_bytes <= max_bytes
-        ):
-            num_bytes, header_size, raw_type, num_handles = unpack(buf, pos)
+            # Nothing buffered: parse ``data`` itself (the common case).
+            buf = self._buf = data
+            pos = 0
+        else:
+            if data:
+                self.receive_data(data)
             if (
-                raw_type != 1  # NORMAL
-                or header_size != HEADER_SIZE
-                or num_bytes > end - pos
-                or num_bytes < HEADER_SIZE
-                or num_bytes > limit
+                self._need
+                or self._complete is not None
+                or self._failure is not None
+                or self._ipcz
             ):
-                break
-            if num_handles:
-                if num_handles > max_handles or num_handles > len(queued):
+                return [], 0, 0, False
+            buf = self._buf
+            pos = self._pos
+        end = len(buf)
+        messages: list[Message] = []
+        payload_bytes = handles_taken = 0
+        if max_messages > 0 and max_bytes >= 0:
+            limit = self.max_message_size
+            while end - pos >= HEADER_SIZE:
+                num_bytes, tag, num_handles = _unpack_plain(buf, pos)
+                if tag != _PLAIN_TAG or not HEADER_SIZE <= num_bytes <= end - pos:
                     break
-                popleft = queued.popleft
-                handles = tuple([popleft() for _ in range(num_handles)])
-                handles_taken += num_handles
-            else:
-                handles = ()
-            payload = buf[pos + HEADER_SIZE : pos + num_bytes]
-            payload_bytes += num_bytes - HEADER_SIZE
-            pos += num_bytes
-            # received_message(), inlined: this runs once per message.
-            message = _new(Message)
-            _set_payload(message, payload)
-            _set_handles(message, handles)
-            _set_type(message, _NORMAL)
-            append(message)
+                if num_bytes > limit:
+                    break
+                if num_handles:
+                    queued = self._handles
+                    if (
+                        not self._accept_handles
+                        or num_handles > self.max_handles_per_message
+                        or num_handles > len(queued)
+                    ):
+                        break
+                    handles: tuple[Handle, ...] = (
+                        (queued.popleft(),)
+                        if num_handles == 1
+                        else _take(queued, num_handles)
+                    )
+                    handles_taken += num_handles
+                else:
+                    handles = ()
+                # received_message(), inlined: this runs once per message.
+                message = _new(Message)
+                _set_payload(message, buf[pos + HEADER_SIZE : pos + num_bytes])
+                _set_handles(message, handles)
+                _set_type(message, _NORMAL)
+                messages.append(message)
+                payload_bytes += num_bytes - HEADER_SIZE
+                pos += num_bytes
+                if len(messages) >= max_messages or payload_bytes > max_bytes:
+                    break
         if pos < end:
             self._pos = pos
             return messages, payload_bytes, handles_taken, False
@@ -485,7 +521,9 @@ class MessageDecoder:
         self._pos = 0
         # The checks next_message() would make on an empty buffer (_short).
         queue_limit = self.max_queued_handles
-        drained = not self._eof and (queue_limit is None or len(queued) <= queue_limit)
+        drained = not self._eof and (
+            queue_limit is None or len(self._handles) <= queue_limit
+        )
         return messages, payload_bytes, handles_taken, drained
 
     def read_size(self, default: int, maximum: int) -> int:
@@ -533,8 +571,7 @@ class MessageDecoder:
                     f"{len(queued)}; at most {MAX_BUFFERED_WHILE_WAITING} bytes wait)"
                 )
             return None
-        popleft = queued.popleft
-        return tuple([popleft() for _ in range(num_handles)])
+        return _take(queued, num_handles)
 
     def close(self) -> None:
         """Close every queued fd and drop buffered bytes.  Idempotent."""
