@@ -457,10 +457,13 @@ async def test_internal_bug_in_the_reader_is_one_chained_exception(
             await peer.send(encode_message(b"fine"))
             assert (await channel.receive()).payload == b"fine"
 
-            def broken(data: bytes) -> None:
+            def broken(data: bytes, *limits: int) -> None:
                 raise ZeroDivisionError("decoder bug")
 
+            # (The reader task feeds receive_data; a receive() that reads on
+            # its own task feeds receive_batch.)
             monkeypatch.setattr(channel._decoder, "receive_data", broken)
+            monkeypatch.setattr(channel._decoder, "receive_batch", broken)
             await peer.send(encode_message(b"boom"))
             with pytest.raises(ChannelError, match="reading failed") as info:
                 await channel.receive()

@@ -97,7 +97,12 @@ import trio
 
 from . import _fdpass
 from ._core._decoder import END_OF_STREAM, NEED_DATA, MessageDecoder
-from ._core._encoder import MessageEncoder, OutgoingMessage
+from ._core._encoder import (
+    INLINE_PAYLOAD,
+    MessageEncoder,
+    OutgoingMessage,
+    plain_frame,
+)
 from ._core._message import Message
 from ._core._wire import (
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -118,7 +123,7 @@ from ._errors import (
     FlushTimeoutError,
     MalformedMessageError,
 )
-from ._handles import close_all
+from ._handles import Handle, check_sendable, close_all
 
 __all__ = ["Channel", "ChannelStatistics", "open_channel"]
 
@@ -137,6 +142,7 @@ never past the fairness cap in one call)."""
 _LEND_IDLE: Final = 0.005
 """Seconds the read side stays lent while nobody borrows it."""
 _NORMAL: Final = MessageType.NORMAL
+_checkpoint_if_cancelled: Final = trio.lowlevel.checkpoint_if_cancelled
 _DATA_TYPES: Final = frozenset((MessageType.NORMAL, MessageType.NORMAL_LEGACY))
 _REJECT_SIZE: Final = HEADER_SIZE
 """Wire size of the UPGRADE_REJECT we answer an offer with."""
@@ -243,6 +249,13 @@ class Channel(trio.abc.Channel[Message]):
         self.handle_policy: Final = handle_policy
         self.max_message_size: Final = self._decoder.max_message_size
         self._header_size = IPCZ_HEADER_SIZE if framing is Framing.IPCZ else HEADER_SIZE
+        # The largest plain message (see plain_frame): 0 in IPCZ framing,
+        # which has no plain messages.
+        self._plain_max_size = (
+            min(HEADER_SIZE + INLINE_PAYLOAD, self.max_message_size)
+            if framing is Framing.MOJO
+            else 0
+        )
         self._fail_on_truncation = fail_on_truncated_handles
         self._flush_timeout = math.inf if flush_timeout is None else flush_timeout
         self._sock = sock
@@ -311,8 +324,10 @@ class Channel(trio.abc.Channel[Message]):
         self._receive_streak = 0
         # Tasks in receive() waiting for a message (or for the socket).
         self._receivers = trio.lowlevel.ParkingLot()
+        self._parked_receivers = 0  # ... so many (ParkingLot.__bool__ is slow)
         # The reader task waits here for room in the receive queue.
         self._room = trio.lowlevel.ParkingLot()
+        self._reader_wants_room = False  # ... and it waits there now
         self._reads_done = False  # end of stream or failure: the inbox is final
         self._read_error: BaseException | None = None
         # An UPGRADE_OFFER whose answer waits for room in the send queue.
@@ -353,29 +368,40 @@ class Channel(trio.abc.Channel[Message]):
             ChannelError: the channel failed (:class:`DisconnectedError`,
                 :class:`MalformedMessageError`), cause chained.
         """
-        await trio.lowlevel.checkpoint_if_cancelled()
-        if (
-            message.__class__ is Message
-            and message.type is _NORMAL
-            and not message.handles
-            and self._header_size + len(message.payload) <= self.max_message_size
-        ):
+        await _checkpoint_if_cancelled()
+        if message.__class__ is Message and message.type is _NORMAL:
+            handles = message.handles
+            if handles:
+                self._check_handles(handles)
             size = self._header_size + len(message.payload)  # the common case
+            plain = size <= self._plain_max_size
+            if not plain and size > self.max_message_size:
+                self._validate(message)  # raises
         else:
             size = self._validate(message)
+            handles = message.handles
+            plain = False
         if self._refusing:
             self._refuse(message)
         if self._pending:
             batch = self._open_batch
             if (
                 batch is not None
-                and not self._send_queue_full(size, len(message.handles))
-                and batch.append(message, self.framing)
+                and self._pending < self._send_queue_messages_limit
+                and self._pending_bytes + size <= self._send_queue_bytes_limit
+                and self._pending_handles + len(handles)
+                <= self._send_queue_handles_limit
+                and (
+                    batch.append_plain(message.payload, handles)
+                    if plain
+                    else batch.append(message, self.framing)
+                )
             ):
                 # Packed behind the messages queued before it.
                 self._pending += 1
                 self._pending_bytes += size
-                self._pending_handles += len(message.handles)
+                if handles:
+                    self._pending_handles += len(handles)
             else:
                 await self._enqueue(message, size)
         elif not self._corked:
@@ -386,7 +412,10 @@ class Channel(trio.abc.Channel[Message]):
             # _YIELD_EVERY sends), unless the peer answers first (then the
             # reader uncorks and the next send is again written at once).
             self._corked = True
-            self._write_now(OutgoingMessage.encode(message, self.framing))
+            if plain and not handles:
+                self._write_frame(plain_frame(message.payload))
+            else:
+                self._write_now(OutgoingMessage.encode(message, self.framing))
             if self._write_error is not None:
                 self._raise_write_error()
         else:
@@ -450,15 +479,15 @@ class Channel(trio.abc.Channel[Message]):
                 the messages that arrived before the bad one.
             trio.ClosedResourceError: this channel was closed.
         """
-        await trio.lowlevel.checkpoint_if_cancelled()
         inbox = self._inbox
         if inbox:  # (_abort empties it)
+            await _checkpoint_if_cancelled()
             message = inbox.popleft()
             self._inbox_bytes -= len(message.payload)
             if message.handles:
                 self._inbox_handles -= len(message.handles)
-            if self._room and self._reader_may_read():
-                self._room.unpark_all()
+            if self._reader_wants_room:
+                self._let_reader_on()
             self._receive_streak += 1
             if self._receive_streak >= _YIELD_EVERY:
                 self._receive_streak = 0
@@ -515,20 +544,8 @@ class Channel(trio.abc.Channel[Message]):
             raise TypeError(
                 f"send() needs a trio_mojo.Message, not {type(message).__name__}"
             )
-        handles = message.handles
-        if handles:
-            if len(handles) > MAX_ATTACHED_HANDLES:
-                raise ValueError(
-                    f"a message carries at most {MAX_ATTACHED_HANDLES} handles, "
-                    f"not {len(handles)}"
-                )
-            if self.handle_policy is HandlePolicy.REJECT:
-                raise ValueError("this channel's handle_policy is REJECT: no handles")
-            for handle in handles:
-                if handle.closed:
-                    raise ValueError(f"cannot send a closed handle ({handle!r})")
-            if len({id(h) for h in handles}) != len(handles):
-                raise ValueError("the same Handle appears twice in one message")
+        if message.handles:
+            self._check_handles(message.handles)
         mtype = message.type
         if mtype is _NORMAL:
             size = self._header_size + len(message.payload)
@@ -542,6 +559,17 @@ class Channel(trio.abc.Channel[Message]):
                 f"max_message_size={self.max_message_size}"
             )
         return size
+
+    def _check_handles(self, handles: tuple[Handle, ...]) -> None:
+        """Check that a message may carry ``handles`` (not empty) here."""
+        if len(handles) > MAX_ATTACHED_HANDLES:
+            raise ValueError(
+                f"a message carries at most {MAX_ATTACHED_HANDLES} handles, "
+                f"not {len(handles)}"
+            )
+        if self.handle_policy is HandlePolicy.REJECT:
+            raise ValueError("this channel's handle_policy is REJECT: no handles")
+        check_sendable(handles)
 
     def _refuse(self, message: Message) -> NoReturn:
         """Raise why ``send`` cannot take ``message``, closing its handles."""
@@ -599,6 +627,26 @@ class Channel(trio.abc.Channel[Message]):
         self._pending_handles += len(message.handles)
         self._open_batch = None if entry.tail else entry
 
+    def _write_frame(self, frame: bytes) -> None:
+        """Write a plain message's frame on the caller's task (nothing is pending).
+
+        Only what the kernel does not take becomes an :class:`OutgoingMessage`.
+        """
+        try:
+            sent = _fdpass.send_bytes(self._sock, frame)
+        except BaseException as exc:
+            self._fail_writes(exc)
+            return
+        if sent == len(frame):
+            self._messages_sent += 1
+            self._bytes_sent += sent
+            return
+        entry = OutgoingMessage(frame, b"", ())
+        if sent:
+            self._bytes_sent += sent
+            entry.offset = sent
+        self._queue_unsent(entry)
+
     def _write_now(self, entry: OutgoingMessage) -> None:
         """Write ``entry`` on the caller's task (nothing is pending)."""
         if not entry.handles:
@@ -617,6 +665,10 @@ class Channel(trio.abc.Channel[Message]):
                     self._messages_sent += 1
                     return
                 entry.offset = sent
+        self._queue_unsent(entry)
+
+    def _queue_unsent(self, entry: OutgoingMessage) -> None:
+        """Queue what the kernel did not take of an inline write, and flush."""
         self._pending += entry.count
         self._pending_bytes += entry.size - entry.offset
         self._pending_handles += len(entry.handles)
@@ -761,7 +813,13 @@ class Channel(trio.abc.Channel[Message]):
         handles = message.handles
         if handles:
             self._inbox_handles -= len(handles)
-        if self._room and self._reader_may_read():
+        if self._reader_wants_room:
+            self._let_reader_on()
+
+    def _let_reader_on(self) -> None:
+        """Wake the reader waiting for room, if the receive queue has some."""
+        if self._reader_may_read():
+            self._reader_wants_room = False
             self._room.unpark_all()
 
     def _reader_may_read(self) -> bool:
@@ -823,7 +881,7 @@ class Channel(trio.abc.Channel[Message]):
                     return _STALLED
         finally:
             arrived = len(inbox) - queued - keep
-            if arrived > 0 and self._receivers:
+            if arrived > 0 and self._parked_receivers:
                 self._receivers.unpark(count=arrived)
 
     def _on_control(self, message: Message) -> bool:
@@ -892,46 +950,57 @@ class Channel(trio.abc.Channel[Message]):
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)
 
-    def _read_once(self) -> int:
-        """One ``recvmsg`` into the decoder (the reader's or a borrower's).
+    def _read_once(self) -> bytes | None:
+        """One ``recvmsg`` by the reader.
 
-        Returns the number of bytes read (0: end of stream, now recorded in
-        the decoder), or -1 if the socket had nothing.  Remembers whether
-        the read drained the socket.
+        Returns the bytes read, for the caller to feed to the decoder;
+        ``b""`` at the end of the stream (already recorded in the decoder),
+        or None if the socket had nothing.  The fds that came with them
+        are in the decoder already.  Remembers whether the read drained the
+        socket.
         """
-        decoder = self._decoder
-        size = decoder.read_size(_RECV_SIZE, _MAX_RECV_SIZE)
+        size = self._decoder.read_size(_RECV_SIZE, _MAX_RECV_SIZE)
         received = _fdpass.receive(
             self._sock, size, fail_on_truncation=self._fail_on_truncation
         )
         if received is None:
             self._wait_first = True
-            return -1
+            return None
         data, handles = received
+        self._arrived(data, handles, size)
+        return data
+
+    def _arrived(self, data: bytes, handles: list[Handle], size: int) -> None:
+        """Count what a read of ``size`` bytes brought; fds and EOF to the decoder."""
         if handles:
             self._handles_received += len(handles)
-            decoder.receive_handles(handles)
-        if not data:
-            decoder.receive_eof()
-            return 0
-        self._bytes_received += len(data)
-        decoder.receive_data(data)
-        self._wait_first = len(data) < size
-        return len(data)
+            self._decoder.receive_handles(handles)
+        if data:
+            self._bytes_received += len(data)
+            self._wait_first = len(data) < size
+        else:
+            self._decoder.receive_eof()
 
     # ------------------------------------------------------------------
     # Receiving: receive() when the queue is empty, and read lending
 
     async def _receive_waiting(self) -> Message:
-        """``receive()`` found the queue empty: borrow the socket, or wait."""
+        """``receive()`` found the queue empty: borrow the socket, or wait.
+
+        A borrower waits and reads on its own task (see the module
+        docstring) until a read brings it a message, or brings anything but
+        complete plain messages: then the read side goes back to the reader
+        task (``_hand_back``) and this receiver waits like any other.
+        Cancelled while it waits, it leaves everything as it was: the bytes
+        stay in the kernel.  Waiting on the socket is this call's
+        checkpoint; every path that does not wait first checks for
+        cancellation before it changes anything.
+        """
+        checkpointed = False
         while True:
-            if self._aborted:
-                raise trio.ClosedResourceError("the channel was closed")
-            if self._inbox:
-                return self._take_one()
-            if self._reads_done:
-                self._raise_end()
-            if not self._borrowed:
+            if (self._lent or self._reader_idle_scope is not None) and not (
+                self._borrowed or self._inbox or self._reads_done or self._aborted
+            ):
                 scope = self._reader_idle_scope
                 if scope is not None:
                     # The reader waits for data that we are waiting for:
@@ -940,58 +1009,61 @@ class Channel(trio.abc.Channel[Message]):
                     self._reader_idle_scope = None
                     scope.cancel()
                     self._lent = True
-                if self._lent:
-                    message = await self._borrow()
-                    if message is not None:
-                        return message
-                    continue
-            await self._receivers.park()
+                message = await self._borrow(checkpointed)
+                if message is not None:
+                    return message
+                checkpointed = True
+                continue
+            if not checkpointed:
+                await _checkpoint_if_cancelled()
+                checkpointed = True
+            if self._aborted:
+                raise trio.ClosedResourceError("the channel was closed")
+            if self._inbox:
+                return self._take_one()
+            if self._reads_done:
+                self._raise_end()
+            self._parked_receivers += 1
+            try:
+                await self._receivers.park()
+            finally:
+                self._parked_receivers -= 1
             self._receive_streak = 0
 
-    def _take_one(self) -> Message:
-        message = self._inbox.popleft()
-        self._took(message)
-        return message
+    async def _borrow(self, checkpointed: bool) -> Message | None:
+        """Wait and read on this task: a message, or None to wait as usual.
 
-    async def _borrow(self) -> Message | None:
-        """Wait and read on this task; return a message, or None to wait.
-
-        The read side goes back to the reader task (``_hand_back``) as soon
-        as a read brings anything but complete plain messages: an end of
-        stream, a failure, a control message, a queue that must absorb a
-        burst, or a message that is still arriving.  Cancelled while it
-        waits, it leaves everything as it was: the bytes stay in the kernel.
+        None once the read side went back to the reader task, or the
+        channel was closed.  ``checkpointed``: this ``receive()`` call has
+        already been through a checkpoint.
         """
         self._borrowed = True
         self._borrows += 1
-        handed_back = False
+        message: Message | None = None
         failure: BaseException | None = None
         try:
             while True:
                 if self._wait_first:
                     await trio.lowlevel.wait_readable(self._sock)
-                    self._corked = False  # the peer answered: a new burst may begin
+                    self._corked = False  # the peer answered: a new burst
                     self._receive_streak = 0
+                elif not checkpointed:
+                    await _checkpoint_if_cancelled()
+                checkpointed = True
                 try:
-                    if self._read_once() < 0:
-                        continue
-                    status = self._pump(keep=1)
+                    message = self._read_lent()
                 except Exception as exc:
                     failure = exc
                     break
-                if status is not _NEED_DATA or not self._inbox:
-                    handed_back = True
-                    self._hand_back()
-                if self._inbox:
-                    return self._take_one()
-                return None
+                if message is not None or not self._lent:
+                    break
         except trio.ClosedResourceError:
             if not self._aborted:
                 raise
         finally:
             self._borrowed = False
-            if not handed_back and self._lent:
-                if self._receivers:
+            if self._lent:
+                if self._parked_receivers:
                     self._receivers.unpark()  # the next receiver borrows it
                 elif self._reader_untimed:
                     self._reader_lot.unpark()  # the reader re-arms its timer
@@ -1000,7 +1072,68 @@ class Channel(trio.abc.Channel[Message]):
             if self._inbox:  # messages before the failure come first
                 return self._take_one()
             self._raise_end()
-        raise trio.ClosedResourceError("the channel was closed")
+        return message
+
+    def _take_one(self) -> Message:
+        message = self._inbox.popleft()
+        self._took(message)
+        return message
+
+    def _read_lent(self) -> Message | None:
+        """One read by a borrower: the message it returns, or None.
+
+        None with the socket still lent: the socket was empty (wait and
+        read again).  None after handing the socket back: the read brought
+        anything but complete plain messages (the inbox got what it
+        brought).  With the socket still lent, the messages beyond the
+        first go into the inbox and wake that many parked receivers.
+        Raises what reading or the decoder raises.
+        """
+        received = _fdpass.receive(
+            self._sock, _RECV_SIZE, fail_on_truncation=self._fail_on_truncation
+        )
+        if received is None:
+            self._wait_first = True
+            return None  # the socket was empty: wait for it
+        data, handles = received
+        if handles or not data:
+            self._arrived(data, handles, _RECV_SIZE)
+        else:
+            self._bytes_received += len(data)
+            self._wait_first = len(data) < _RECV_SIZE
+        keep = 1  # the message this borrower takes wakes nobody else
+        if data:
+            inbox = self._inbox
+            batch, payload_bytes, nhandles, drained = self._decoder.receive_batch(
+                data,
+                self._receive_queue_messages_limit - len(inbox),
+                self._receive_queue_bytes_limit - self._inbox_bytes,
+            )
+            if batch:
+                self._messages_received += len(batch)
+                if drained:
+                    # Only complete plain messages: ours is the first.
+                    message = batch[0]
+                    if len(batch) > 1:
+                        del batch[0]
+                        inbox.extend(batch)
+                        self._inbox_bytes += payload_bytes - len(message.payload)
+                        self._inbox_handles += nhandles - len(message.handles)
+                        if self._parked_receivers:
+                            self._receivers.unpark(count=len(batch))
+                    return message
+                inbox.extend(batch)
+                self._inbox_bytes += payload_bytes
+                self._inbox_handles += nhandles
+                if len(batch) > 1 and self._parked_receivers:
+                    self._receivers.unpark(count=len(batch) - 1)
+                keep = 0
+        status = self._pump(keep)
+        if status is not _NEED_DATA or not self._inbox:
+            self._hand_back()
+        if self._inbox:
+            return self._take_one()
+        return None
 
     def _hand_back(self) -> None:
         if self._lent:
@@ -1064,7 +1197,11 @@ class Channel(trio.abc.Channel[Message]):
             if status is _FULL or (
                 status is _NEED_DATA and not self._reader_may_read()
             ):
-                await self._room.park()
+                self._reader_wants_room = True
+                try:
+                    await self._room.park()
+                finally:
+                    self._reader_wants_room = False
                 continue
             if status is _STALLED:
                 continue
@@ -1073,12 +1210,14 @@ class Channel(trio.abc.Channel[Message]):
                 await trio.lowlevel.checkpoint()
                 continue
             if not self._wait_first:
-                nbytes = self._read_once()
-                if nbytes >= 0:
-                    total += nbytes
+                data = self._read_once()
+                if data is not None:
+                    if data:
+                        self._decoder.receive_data(data)
+                        total += len(data)
                     continue
             total = 0
-            if self._receivers and not self._inbox:
+            if self._parked_receivers and not self._inbox:
                 # Someone waits for a message: let them read themselves.
                 self._lent = True
                 self._receivers.unpark()
