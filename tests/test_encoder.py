@@ -693,6 +693,30 @@ def test_append_plain_refuses_what_does_not_fit(fds: FdFactory) -> None:
     assert not extra[1].closed
 
 
+def test_a_batch_whose_fds_went_early_holds_back_further_fds(fds: FdFactory) -> None:
+    # Rule 4 for a batch: its fds all ride on its first byte, so those of its
+    # later messages are ahead of their bytes until the batch is written.
+    # (Found by the round-trip property test: the next entry's fds went out
+    # too, and the receiver held 129 early fds.)
+    batch = OutgoingMessage.encode(Message(b""))
+    assert batch.append(Message(b"", fds.make(64)))
+    after = OutgoingMessage.encode(Message(b"", fds.make(65)))
+    encoder = MessageEncoder()
+    encoder.push(batch)
+    encoder.push(after)
+    buffers, plan_fds = encoder.plan()
+    assert len(plan_fds) == 64  # (with the next entry's 65: past 128)
+    assert joined(buffers) == bytes(batch.head)
+    encoder.advance(1)  # the batch's fds are out, its second message is not
+    buffers, plan_fds = encoder.plan()
+    assert plan_fds == []
+    assert joined(buffers) == bytes(batch.head)[1:]
+    encoder.advance(batch.size - 1)
+    buffers, plan_fds = encoder.plan()
+    assert len(plan_fds) == 65
+    assert encoder.advance(len(joined(buffers))) == 1
+
+
 def test_append_propagates_header_errors() -> None:
     entry = OutgoingMessage.encode(Message(b"a"), Framing.IPCZ)
     with pytest.raises(ValueError, match="IPCZ carries only NORMAL"):

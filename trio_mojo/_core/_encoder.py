@@ -35,7 +35,8 @@ the receiver's FIFO matching fds to messages:
    (:meth:`OutgoingMessage.encode` refuses more), there are always enough
    bytes.
 4. While fds that went out ahead of their message's bytes are outstanding,
-   no further fds are planned.  Without this, a run of short writes would
+   no further fds are planned.  (A batch's fds all ride on its first byte,
+   so a partly written batch counts as outstanding until it is done.)  Without this, a run of short writes would
    deliver another 128 early fds per ``sendmsg`` and push the receiver past
    its cap on queued fds (``max_queued_handles``, 2 x 253); with it the
    receiver holds at most one plan's worth of early fds beside those of the
@@ -111,17 +112,18 @@ def plain_frame(payload: bytes) -> bytes:
 
 
 def _header(message: Message, framing: Framing) -> bytes:
-    """The header of ``message``; raises ValueError as ``encode_header``."""
-    size = len(message.payload)
-    if framing is _MOJO and message.type is _NORMAL and size <= _FAST_MAX_PAYLOAD:
-        # The common case without encode_header's argument checks and its
-        # MessageType() call (the caller checked the handle count, the type
-        # and the size are checked just now).
-        return _NORMAL_HEADER.pack(
-            HEADER_SIZE + size, HEADER_SIZE, _NORMAL, len(message.handles)
-        )
+    """The header of ``message``; raises ValueError as ``encode_header``.
+
+    The general case: :meth:`OutgoingMessage.encode` and
+    :meth:`~OutgoingMessage.append` pack a ``NORMAL`` header in
+    ``Framing.MOJO`` themselves, without ``encode_header``'s argument checks
+    and its ``MessageType()`` call.
+    """
     return encode_header(
-        size, num_handles=len(message.handles), type=message.type, framing=framing
+        len(message.payload),
+        num_handles=len(message.handles),
+        type=message.type,
+        framing=framing,
     )
 
 
@@ -171,8 +173,15 @@ class OutgoingMessage:
                 f"not {len(handles)}"
             )
         payload = message.payload
-        header = _header(message, framing)
-        if len(payload) <= INLINE_PAYLOAD:
+        size = len(payload)
+        if framing is _MOJO and message.type is _NORMAL and size <= _FAST_MAX_PAYLOAD:
+            # The common case (the caller checked the handle count).
+            header = _NORMAL_HEADER.pack(
+                HEADER_SIZE + size, HEADER_SIZE, _NORMAL, len(handles)
+            )
+        else:
+            header = _header(message, framing)
+        if size <= INLINE_PAYLOAD:
             return cls(header + payload, b"", handles)
         return cls(header, payload, handles)
 
@@ -337,8 +346,11 @@ class MessageEncoder:
                     break  # rule 2: this message starts the next plan
                 fds += filenos(entry.handles[entry.handles_sent :])
                 planned.append((entry, pending))
-            elif entry.handles_sent and buffers:
-                early = True  # not the first: its fds went before its bytes
+            elif entry.handles_sent and (buffers or entry.count > 1):
+                # Its fds went before its bytes (not the first entry), or it
+                # is a batch whose fds all rode on its first byte: those of
+                # its later messages may still be ahead of their bytes.
+                early = True
             parts = entry.unsent()
             buffers.extend(parts)
             nbytes += entry.size - entry.offset
