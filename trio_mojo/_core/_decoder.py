@@ -463,6 +463,26 @@ class MessageDecoder:
             and not self._ipcz
         ):
             # Nothing buffered: parse ``data`` itself (the common case).
+            if (
+                len(data) >= HEADER_SIZE
+                and max_messages > 0
+                and max_bytes >= 0
+                and not self._handles
+            ):
+                num_bytes, tag, num_handles = _unpack_plain(data)
+                if (
+                    num_bytes == len(data)
+                    and tag == _PLAIN_TAG
+                    and not num_handles
+                    and num_bytes <= self.max_message_size
+                ):
+                    # Exactly one plain message without fds (request/response):
+                    # the loop below, unrolled.  The buffer stays empty.
+                    message = _new(Message)
+                    _set_payload(message, data[HEADER_SIZE:])
+                    _set_handles(message, ())
+                    _set_type(message, _NORMAL)
+                    return [message], num_bytes - HEADER_SIZE, 0, True
             buf = self._buf = data
             pos = 0
         else:
