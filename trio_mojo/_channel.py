@@ -297,7 +297,7 @@ class Channel(trio.abc.Channel[Message]):
         self._pending_bytes = 0
         self._pending_handles = 0
         self._send_space = trio.lowlevel.ParkingLot()
-        self._send_streak = 0
+        self._send_credit = _YIELD_EVERY  # non-blocking sends until a yield
         # An inline write happened and neither the writer nor a wake-up by
         # the peer's data has happened since: further sends join the
         # writer's next sendmsg.
@@ -321,7 +321,7 @@ class Channel(trio.abc.Channel[Message]):
         self._receive_queue_messages_limit = queue_messages
         self._receive_queue_bytes_limit = queue_bytes
         self._receive_queue_handles_limit = queue_handles
-        self._receive_streak = 0
+        self._receive_credit = _YIELD_EVERY  # ... receives until a yield
         # Tasks in receive() waiting for a message (or for the socket).
         self._receivers = trio.lowlevel.ParkingLot()
         self._parked_receivers = 0  # ... so many (ParkingLot.__bool__ is slow)
@@ -420,9 +420,9 @@ class Channel(trio.abc.Channel[Message]):
                 self._raise_write_error()
         else:
             await self._enqueue(message, size)
-        self._send_streak += 1
-        if self._send_streak >= _YIELD_EVERY:
-            self._send_streak = 0
+        self._send_credit -= 1
+        if not self._send_credit:
+            self._send_credit = _YIELD_EVERY
             await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def send_eof(self) -> None:
@@ -488,9 +488,9 @@ class Channel(trio.abc.Channel[Message]):
                 self._inbox_handles -= len(message.handles)
             if self._reader_wants_room:
                 self._let_reader_on()
-            self._receive_streak += 1
-            if self._receive_streak >= _YIELD_EVERY:
-                self._receive_streak = 0
+            self._receive_credit -= 1
+            if not self._receive_credit:
+                self._receive_credit = _YIELD_EVERY
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return message
         return await self._receive_waiting()
@@ -998,14 +998,21 @@ class Channel(trio.abc.Channel[Message]):
         """
         checkpointed = False
         while True:
-            if (self._lent or self._reader_idle_scope is not None) and not (
+            if (
+                self._lent
+                or (
+                    self._reader_idle_scope is not None
+                    and not self._decoder.buffered_bytes
+                )
+            ) and not (
                 self._borrowed or self._inbox or self._reads_done or self._aborted
             ):
                 scope = self._reader_idle_scope
                 if scope is not None:
                     # The reader waits for data that we are waiting for:
                     # take the read side over rather than be handed each
-                    # message by another task.
+                    # message by another task.  (Not while a message is
+                    # arriving: its next read would only give it back.)
                     self._reader_idle_scope = None
                     scope.cancel()
                     self._lent = True
@@ -1028,7 +1035,7 @@ class Channel(trio.abc.Channel[Message]):
                 await self._receivers.park()
             finally:
                 self._parked_receivers -= 1
-            self._receive_streak = 0
+            self._receive_credit = _YIELD_EVERY
 
     async def _borrow(self, checkpointed: bool) -> Message | None:
         """Wait and read on this task: a message, or None to wait as usual.
@@ -1046,7 +1053,7 @@ class Channel(trio.abc.Channel[Message]):
                 if self._wait_first:
                     await trio.lowlevel.wait_readable(self._sock)
                     self._corked = False  # the peer answered: a new burst
-                    self._receive_streak = 0
+                    self._receive_credit = _YIELD_EVERY
                 elif not checkpointed:
                     await _checkpoint_if_cancelled()
                 checkpointed = True
@@ -1103,11 +1110,11 @@ class Channel(trio.abc.Channel[Message]):
             self._wait_first = len(data) < _RECV_SIZE
         keep = 1  # the message this borrower takes wakes nobody else
         if data:
-            inbox = self._inbox
+            # (A borrower reads only while the inbox is empty: all of it is room.)
             batch, payload_bytes, nhandles, drained = self._decoder.receive_batch(
                 data,
-                self._receive_queue_messages_limit - len(inbox),
-                self._receive_queue_bytes_limit - self._inbox_bytes,
+                self._receive_queue_messages_limit,
+                self._receive_queue_bytes_limit,
             )
             if batch:
                 self._messages_received += len(batch)
@@ -1116,13 +1123,13 @@ class Channel(trio.abc.Channel[Message]):
                     message = batch[0]
                     if len(batch) > 1:
                         del batch[0]
-                        inbox.extend(batch)
+                        self._inbox.extend(batch)
                         self._inbox_bytes += payload_bytes - len(message.payload)
                         self._inbox_handles += nhandles - len(message.handles)
                         if self._parked_receivers:
                             self._receivers.unpark(count=len(batch))
                     return message
-                inbox.extend(batch)
+                self._inbox.extend(batch)
                 self._inbox_bytes += payload_bytes
                 self._inbox_handles += nhandles
                 if len(batch) > 1 and self._parked_receivers:
@@ -1217,8 +1224,14 @@ class Channel(trio.abc.Channel[Message]):
                         total += len(data)
                     continue
             total = 0
-            if self._parked_receivers and not self._inbox:
+            if (
+                self._parked_receivers
+                and not self._inbox
+                and not self._decoder.buffered_bytes
+            ):
                 # Someone waits for a message: let them read themselves.
+                # (Not while a message is arriving: its next read would
+                # only give the socket back.)
                 self._lent = True
                 self._receivers.unpark()
             else:
