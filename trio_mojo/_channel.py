@@ -998,21 +998,15 @@ class Channel(trio.abc.Channel[Message]):
         """
         checkpointed = False
         while True:
-            if (
-                self._lent
-                or (
-                    self._reader_idle_scope is not None
-                    and not self._decoder.buffered_bytes
-                )
-            ) and not (
+            if (self._lent or self._reader_idle_scope is not None) and not (
                 self._borrowed or self._inbox or self._reads_done or self._aborted
             ):
                 scope = self._reader_idle_scope
                 if scope is not None:
                     # The reader waits for data that we are waiting for:
                     # take the read side over rather than be handed each
-                    # message by another task.  (Not while a message is
-                    # arriving: its next read would only give it back.)
+                    # message by another task.  (It waits without a scope
+                    # while a message is arriving.)
                     self._reader_idle_scope = None
                     scope.cancel()
                     self._lent = True
@@ -1224,14 +1218,15 @@ class Channel(trio.abc.Channel[Message]):
                         total += len(data)
                     continue
             total = 0
-            if (
-                self._parked_receivers
-                and not self._inbox
-                and not self._decoder.buffered_bytes
-            ):
+            arriving = self._decoder.buffered_bytes
+            if arriving:
+                # A message is arriving: no lending (its next read would only
+                # give the socket back), so no cancel scope to lend with.
+                await trio.lowlevel.wait_readable(sock)
+                self._corked = False  # the peer answered: a new burst may begin
+                self._wait_first = False
+            elif self._parked_receivers and not self._inbox:
                 # Someone waits for a message: let them read themselves.
-                # (Not while a message is arriving: its next read would
-                # only give the socket back.)
                 self._lent = True
                 self._receivers.unpark()
             else:

@@ -502,11 +502,16 @@ class MessageDecoder:
         payload_bytes = handles_taken = 0
         if max_messages > 0 and max_bytes >= 0:
             limit = self.max_message_size
+            room = max_messages
             while end - pos >= HEADER_SIZE:
                 num_bytes, tag, num_handles = _unpack_plain(buf, pos)
-                if tag != _PLAIN_TAG or not HEADER_SIZE <= num_bytes <= end - pos:
-                    break
-                if num_bytes > limit:
+                stop = pos + num_bytes
+                if (
+                    tag != _PLAIN_TAG
+                    or stop > end
+                    or num_bytes < HEADER_SIZE
+                    or num_bytes > limit
+                ):
                     break
                 if num_handles:
                     queued = self._handles
@@ -526,13 +531,14 @@ class MessageDecoder:
                     handles = ()
                 # received_message(), inlined: this runs once per message.
                 message = _new(Message)
-                _set_payload(message, buf[pos + HEADER_SIZE : pos + num_bytes])
+                _set_payload(message, buf[pos + HEADER_SIZE : stop])
                 _set_handles(message, handles)
                 _set_type(message, _NORMAL)
                 messages.append(message)
                 payload_bytes += num_bytes - HEADER_SIZE
-                pos += num_bytes
-                if len(messages) >= max_messages or payload_bytes > max_bytes:
+                pos = stop
+                room -= 1
+                if not room or payload_bytes > max_bytes:
                     break
         if pos < end:
             self._pos = pos
