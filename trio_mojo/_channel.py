@@ -389,8 +389,11 @@ class Channel(trio.abc.Channel[Message]):
                 batch is not None
                 and self._pending < self._send_queue_messages_limit
                 and self._pending_bytes + size <= self._send_queue_bytes_limit
-                and self._pending_handles + len(handles)
-                <= self._send_queue_handles_limit
+                and (
+                    not handles
+                    or self._pending_handles + len(handles)
+                    <= self._send_queue_handles_limit
+                )
                 and (
                     batch.append_plain(message.payload, handles)
                     if plain
@@ -589,12 +592,16 @@ class Channel(trio.abc.Channel[Message]):
 
         An empty queue always has room, so a message larger than
         ``send_queue_bytes`` (or with more fds than ``send_queue_handles``)
-        can still be sent.
+        can still be sent; a message without fds is not held back by the
+        fds of the messages before it.
         """
         return bool(self._pending) and (
             self._pending >= self._send_queue_messages_limit
             or self._pending_bytes + size > self._send_queue_bytes_limit
-            or self._pending_handles + handles > self._send_queue_handles_limit
+            or (
+                handles > 0
+                and self._pending_handles + handles > self._send_queue_handles_limit
+            )
         )
 
     async def _enqueue(self, message: Message, size: int) -> None:
