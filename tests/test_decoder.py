@@ -37,6 +37,7 @@ from trio_mojo import (
     encode_message,
 )
 from trio_mojo._core._decoder import MAX_BUFFERED_WHILE_WAITING
+from trio_mojo._handles import close_all
 
 LEGACY = struct.Struct("<IHH")  # num_bytes, num_handles, type
 NORMAL = struct.Struct("<IHHH6x")  # num_bytes, num_header_bytes, type, num_handles
@@ -1322,7 +1323,6 @@ def test_next_batch_without_room_takes_nothing() -> None:
         encode_message(b"x" * 300),  # above max_message_size: next_message fails it
         normal(b"", num_bytes=12),  # below the header size: next_message fails it
         encode_message(b"fds", num_handles=2),  # its fds have not arrived
-        encode_message(b"partial")[:-1],
         encode_message(b"header")[:10],
     ],
 )
@@ -1330,6 +1330,53 @@ def test_next_batch_leaves_anything_unusual_to_next_message(wire: bytes) -> None
     decoder = MessageDecoder(max_message_size=200)
     decoder.receive_data(wire)
     assert decoder.next_batch(10, 1 << 20) == ([], 0, 0, False)
+
+
+def test_next_batch_collects_a_plain_message_across_chunks(fds: FdFactory) -> None:
+    # A plain message that is still arriving is collected as next_message()
+    # would, and returned first once complete, ahead of the plain ones after.
+    wire = encode_message(b"a" * 40, num_handles=1) + encode_message(b"b")
+    decoder = MessageDecoder()
+    decoder.receive_data(encode_message(b"first") + wire[:30])
+    batch, payload_bytes, _, drained = decoder.next_batch(10, 1 << 20)
+    assert [m.payload for m in batch] == [b"first"]
+    assert drained  # collecting: next_message() would say NEED_DATA too
+    assert decoder.buffered_bytes == 30
+    assert decoder.next_batch(10, 1 << 20) == ([], 0, 0, False)
+    assert decoder.next_message() is NEED_DATA
+    decoder.receive_handles(fds.make(1))
+    decoder.receive_data(wire[30:])
+    assert decoder.buffered_bytes == len(wire) - 16
+    assert decoder.next_batch(0, 1 << 20) == ([], 0, 0, False)  # no room
+    batch, payload_bytes, handles, drained = decoder.next_batch(10, 1 << 20)
+    assert [(m.payload, len(m.handles)) for m in batch] == [(b"a" * 40, 1), (b"b", 0)]
+    assert (payload_bytes, handles, drained) == (41, 1, True)
+    close_all([h for m in batch for h in m.handles])
+    # The byte bound counts the completed message too.
+    assert decoder.receive_batch(wire[:30], 10, 0) == ([], 0, 0, True)
+    decoder.receive_handles(fds.make(1))
+    batch, _, _, drained = decoder.receive_batch(wire[30:], 10, 0)
+    assert [m.payload for m in batch] == [b"a" * 40]
+    assert not drained
+    assert decoder.next_message().payload == b"b"  # type: ignore[union-attr]
+    close_all(batch[0].handles)
+
+
+def test_next_batch_leaves_a_collected_message_that_is_not_plain(
+    fds: FdFactory,
+) -> None:
+    legacy = encode_message(b"L" * 30, type=MessageType.NORMAL_LEGACY)
+    waiting = encode_message(b"W" * 30, num_handles=1)
+    for wire, decoder in (
+        (legacy, MessageDecoder()),
+        (waiting, MessageDecoder(strict_handles=False)),  # its fd is late
+    ):
+        decoder.receive_data(wire[:20])
+        assert decoder.next_message() is NEED_DATA  # collecting
+        decoder.receive_data(wire[20:])
+        assert decoder.next_batch(10, 1 << 20) == ([], 0, 0, False)
+    decoder.receive_handles(fds.make(1))
+    assert decoder.next_batch(10, 1 << 20)[0][0].payload == b"W" * 30
 
 
 def test_next_batch_leaves_handles_to_next_message_when_over_a_limit(
@@ -1405,6 +1452,16 @@ def test_read_size_follows_what_arrived_of_a_large_message() -> None:
 
 def test_receive_batch_is_receive_data_then_next_batch() -> None:
     decoder = MessageDecoder()
+    batch, payload_bytes, handles, drained = decoder.receive_batch(
+        encode_message(b"solo"), 10, 1 << 20
+    )  # exactly one plain message: the request/response case
+    assert ([m.payload for m in batch], payload_bytes, handles, drained) == (
+        [b"solo"],
+        4,
+        0,
+        True,
+    )
+    assert decoder.buffered_bytes == 0
     two = encode_message(b"one") + encode_message(b"two")
     batch, payload_bytes, handles, drained = decoder.receive_batch(
         bytearray(two[:20]), 10, 1 << 20

@@ -426,10 +426,13 @@ class MessageDecoder:
         trio_mojo or Chromium peer sends.  This is the receive path's hot
         loop; it stops at ``max_messages``, once the payloads returned add up
         to more than ``max_bytes``, or before the first message that is not
-        plain (or not complete), which :meth:`next_message` then
-        handles with every check.  Calling it never raises and never changes
-        what :meth:`next_message` would return next, except that the
-        messages it returns are gone.
+        plain, which :meth:`next_message` then handles with every check.  A
+        plain message that is still arriving is collected exactly as
+        :meth:`next_message` would collect it (so the buffer then holds its
+        first bytes, and the following calls return it first once it is
+        complete).  Calling it never raises and never changes what
+        :meth:`next_message` would return next, except that the messages it
+        returns are gone.
 
         Returns:
             ``(messages, payload_bytes, handles, drained)``: the messages
@@ -485,21 +488,30 @@ class MessageDecoder:
                     return [message], num_bytes - HEADER_SIZE, 0, True
             buf = self._buf = data
             pos = 0
+            messages: list[Message] = []
+            payload_bytes = handles_taken = 0
         else:
             if data:
                 self.receive_data(data)
+            if max_messages > 0 and max_bytes >= 0:
+                messages, payload_bytes, handles_taken = self._completed_batch()
+            else:
+                messages, payload_bytes, handles_taken = [], 0, 0
             if (
                 self._need
                 or self._complete is not None
                 or self._failure is not None
                 or self._ipcz
             ):
-                return [], 0, 0, False
+                return messages, payload_bytes, handles_taken, False
             buf = self._buf
             pos = self._pos
+            if messages:
+                max_messages -= 1
+                if payload_bytes > max_bytes:
+                    max_messages = 0  # that one message passed the byte bound
         end = len(buf)
-        messages: list[Message] = []
-        payload_bytes = handles_taken = 0
+        collecting = False
         if max_messages > 0 and max_bytes >= 0:
             limit = self.max_message_size
             room = max_messages
@@ -512,14 +524,22 @@ class MessageDecoder:
                     or num_bytes < HEADER_SIZE
                     or num_bytes > limit
                 ):
+                    if (
+                        stop > end
+                        and tag == _PLAIN_TAG
+                        and HEADER_SIZE <= num_bytes <= limit
+                        and not self._eof
+                        and (not num_handles or self._may_carry(num_handles))
+                    ):
+                        # A plain message that is still arriving: collect
+                        # it as next_message() would.
+                        self._partial = (HEADER_SIZE, num_handles, _NORMAL, num_bytes)
+                        self._need = stop - end
+                        collecting = True
                     break
                 if num_handles:
                     queued = self._handles
-                    if (
-                        not self._accept_handles
-                        or num_handles > self.max_handles_per_message
-                        or num_handles > len(queued)
-                    ):
+                    if not self._may_carry(num_handles) or num_handles > len(queued):
                         break
                     handles: tuple[Handle, ...] = (
                         (queued.popleft(),)
@@ -540,17 +560,47 @@ class MessageDecoder:
                 room -= 1
                 if not room or payload_bytes > max_bytes:
                     break
-        if pos < end:
+        if collecting:
+            self._buf = buf
+            self._pos = pos
+        elif pos < end:
             self._pos = pos
             return messages, payload_bytes, handles_taken, False
-        self._buf = b""
-        self._pos = 0
-        # The checks next_message() would make on an empty buffer (_short).
+        else:
+            self._buf = b""
+            self._pos = 0
+        # The checks next_message() would make now (_short).
         queue_limit = self.max_queued_handles
         drained = not self._eof and (
             queue_limit is None or len(self._handles) <= queue_limit
         )
         return messages, payload_bytes, handles_taken, drained
+
+    def _may_carry(self, num_handles: int) -> bool:
+        """True if a header may declare ``num_handles`` (> 0) fds here."""
+        return self._accept_handles and num_handles <= self.max_handles_per_message
+
+    def _completed_batch(self) -> tuple[list[Message], int, int]:
+        """The message collected across chunks, if it is plain and its fds are in.
+
+        (:meth:`next_batch` returns it first; anything else about it is
+        left to :meth:`next_message`.)
+        """
+        payload = self._complete
+        if payload is not None:
+            header_size, num_handles, mtype, _ = self._partial
+            if (
+                mtype is _NORMAL
+                and header_size == HEADER_SIZE
+                and num_handles <= len(self._handles)
+            ):
+                self._complete = None
+                message = _new(Message)
+                _set_payload(message, payload)
+                _set_handles(message, _take(self._handles, num_handles))
+                _set_type(message, _NORMAL)
+                return [message], len(payload), num_handles
+        return [], 0, 0
 
     def read_size(self, default: int, maximum: int) -> int:
         """How many bytes the next read should ask for.
