@@ -46,9 +46,11 @@ Workloads (full counts; --quick uses about 1/10 to 1/50 of them):
 
 Systems: trio_mojo; mp (multiprocessing.connection + reduction.sendfds,
 the reference of the "vs mp" ratios); raw (blocking sockets, batched: about
-the fastest Python can go); trio_floor (W4 only: one Trio task on a plain
-socket, the least any Trio program pays per round trip); and when
-installed anyio_trio, anyio_asyncio
+the fastest Python can go); raw_bytes (W2, W3 only: raw with every payload
+copied into bytes, the least a receiver of bytes payloads pays); trio_floor
+(W1, W4 only: one Trio task on a plain socket, the least any Trio program
+pays per round trip, and per message through an awaited, cancellable
+send/receive of a Message); and when installed anyio_trio, anyio_asyncio
 (anyio UNIX streams), asyncio, uvloop (asyncio streams; no fd API, so no
 W5/W5x8).
 
