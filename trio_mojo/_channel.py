@@ -416,7 +416,18 @@ class Channel(trio.abc.Channel[Message]):
             # reader uncorks and the next send is again written at once).
             self._corked = True
             if plain and not handles:
-                self._write_frame(plain_frame(message.payload))
+                # (What _write_now does, for one buffer and no planning.)
+                frame = plain_frame(message.payload)
+                try:
+                    sent = _fdpass.send_bytes(self._sock, frame)
+                except BaseException as exc:
+                    self._fail_writes(exc)
+                else:
+                    if sent == len(frame):
+                        self._messages_sent += 1
+                        self._bytes_sent += sent
+                    else:
+                        self._queue_rest(frame, sent)
             else:
                 self._write_now(OutgoingMessage.encode(message, self.framing))
             if self._write_error is not None:
@@ -496,7 +507,14 @@ class Channel(trio.abc.Channel[Message]):
                 self._receive_credit = _YIELD_EVERY
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return message
-        return await self._receive_waiting()
+        if self._lent and not (self._borrowed or self._reads_done or self._aborted):
+            # The read side is lent to receivers and free: borrow it (the
+            # request/response path: one coroutine less than below).
+            borrowed = await self._borrow(False)
+            if borrowed is not None:
+                return borrowed
+            return await self._receive_waiting(True)
+        return await self._receive_waiting(False)
 
     async def aclose(self) -> None:
         """Flush what is queued (up to ``flush_timeout``) and close.
@@ -634,20 +652,8 @@ class Channel(trio.abc.Channel[Message]):
         self._pending_handles += len(message.handles)
         self._open_batch = None if entry.tail else entry
 
-    def _write_frame(self, frame: bytes) -> None:
-        """Write a plain message's frame on the caller's task (nothing is pending).
-
-        Only what the kernel does not take becomes an :class:`OutgoingMessage`.
-        """
-        try:
-            sent = _fdpass.send_bytes(self._sock, frame)
-        except BaseException as exc:
-            self._fail_writes(exc)
-            return
-        if sent == len(frame):
-            self._messages_sent += 1
-            self._bytes_sent += sent
-            return
+    def _queue_rest(self, frame: bytes, sent: int | None) -> None:
+        """Queue what the kernel did not take of an inline write of ``frame``."""
         entry = OutgoingMessage(frame, b"", ())
         if sent:
             self._bytes_sent += sent
@@ -991,7 +997,7 @@ class Channel(trio.abc.Channel[Message]):
     # ------------------------------------------------------------------
     # Receiving: receive() when the queue is empty, and read lending
 
-    async def _receive_waiting(self) -> Message:
+    async def _receive_waiting(self, checkpointed: bool) -> Message:
         """``receive()`` found the queue empty: borrow the socket, or wait.
 
         A borrower waits and reads on its own task (see the module
@@ -1001,9 +1007,9 @@ class Channel(trio.abc.Channel[Message]):
         Cancelled while it waits, it leaves everything as it was: the bytes
         stay in the kernel.  Waiting on the socket is this call's
         checkpoint; every path that does not wait first checks for
-        cancellation before it changes anything.
+        cancellation before it changes anything (``checkpointed``: this
+        ``receive()`` call has been through a checkpoint already).
         """
-        checkpointed = False
         while True:
             if (self._lent or self._reader_idle_scope is not None) and not (
                 self._borrowed or self._inbox or self._reads_done or self._aborted

@@ -597,7 +597,9 @@ class MessageDecoder:
                 self._complete = None
                 message = _new(Message)
                 _set_payload(message, payload)
-                _set_handles(message, _take(self._handles, num_handles))
+                _set_handles(
+                    message, _take(self._handles, num_handles) if num_handles else ()
+                )
                 _set_type(message, _NORMAL)
                 return [message], len(payload), num_handles
         return [], 0, 0
