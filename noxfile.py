@@ -1,6 +1,7 @@
 """Developer and CI task runner: ``nox`` runs lint, typing and tests.
 
-Extra sessions (not run by default): ``nox -s slow`` and ``nox -s bench``.
+Extra sessions (not run by default): ``nox -s slow``, ``nox -s bench`` and
+``nox -s docs`` and ``nox -s fuzz -- --minutes N``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ CORE_INCLUDE = ",".join(f"*/trio_mojo/_core/{name}" for name in CORE_MODULES)
 # source tree would shadow the installed copy; PYTHONSAFEPATH=1 prevents that, and
 # tests/conftest.py checks it when TRIO_MOJO_REQUIRE_INSTALLED=1.
 INSTALLED_ENV = {"PYTHONSAFEPATH": "1", "TRIO_MOJO_REQUIRE_INSTALLED": "1"}
+
+# The tutorial's example project: tests/test_docs_examples.py runs the
+# tutorial's programs, whose workers (``python -I``) import it.
+TUTORIAL_PROJECT = "./docs/tutorial/project"
 
 
 def _group(name: str) -> list[str]:
@@ -46,7 +51,7 @@ def typing(session: nox.Session) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """Run the test suite under coverage; the sans-I/O core must be 100% covered."""
-    session.install(".", *_group("test"))
+    session.install(".", TUTORIAL_PROJECT, *_group("test"))
     session.run("coverage", "erase")
     session.run("coverage", "run", "-m", "pytest", *session.posargs, env=INSTALLED_ENV)
     # Paths in the data file point into this venv's site-packages; the
@@ -58,7 +63,7 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def slow(session: nox.Session) -> None:
     """Run only the tests marked ``slow`` (no coverage gate)."""
-    session.install(".", *_group("test"))
+    session.install(".", TUTORIAL_PROJECT, *_group("test"))
     session.run("pytest", "-m", "slow", *session.posargs, env=INSTALLED_ENV)
 
 
@@ -68,4 +73,44 @@ def bench(session: nox.Session) -> None:
     session.install(".", *_group("bench"))
     session.run(
         "python", "-m", "trio_mojo", "bench", *session.posargs, env=INSTALLED_ENV
+    )
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation: every warning is an error, every reference
+    must resolve (nitpicky), and nothing is fetched from the network."""
+    session.install(".", *_group("docs"))
+    session.run(
+        "sphinx-build",
+        "-W",
+        "-n",
+        "--keep-going",
+        "-b",
+        "html",
+        "docs",
+        "docs/_build/html",
+        *session.posargs,
+    )
+
+
+@nox.session
+def fuzz(session: nox.Session) -> None:
+    """Fuzz the parsers with atheris, bounded by time: ``nox -s fuzz -- --minutes N``.
+
+    The time is split over the targets in ``tests/fuzz/``; per target it
+    prints executions and new corpus entries, then the branch coverage of
+    ``trio_mojo/_core`` that the corpora reach.  Any finding fails the
+    session.  ``-- --merge`` adds new coverage to ``tests/corpus/``; see
+    ``tests/fuzz/run.py --help`` for the rest.
+    """
+    session.install(".", *_group("fuzz"))
+    workdir = session.create_tmp()
+    session.run(
+        "python",
+        "tests/fuzz/run.py",
+        "--workdir",
+        workdir,
+        *session.posargs,
+        env=INSTALLED_ENV,
     )

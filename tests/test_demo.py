@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -79,8 +80,13 @@ def test_demo_prints_progress_and_caps_workers_at_the_files(tmp_path: Path) -> N
     assert result.returncode == 0, result.stderr
     assert "1 file(s) hashed by 1 worker(s)" in result.stdout
     assert result.stdout.count("policy=basic [ok]") == 1
-    assert "starting 1 sandboxed worker(s)..." in result.stderr
-    assert "1 worker(s) ready; hashing 1 file(s)" in result.stderr
+    assert "starting a zygote and 1 sandboxed worker(s) forked from it..." in (
+        result.stderr
+    )
+    assert re.search(
+        r"1 worker\(s\) forked from zygote pid \d+ ready; hashing 1 file\(s\)",
+        result.stderr,
+    )
     assert "[1/1] hashed" in result.stderr
 
 

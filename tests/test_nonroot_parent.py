@@ -3,8 +3,12 @@ gets every other layer, and the parent still verifies it in /proc.
 
 The parent runs as ``nobody`` (``setpriv``) on Debian's interpreter, with
 the installed packages on ``sys.path``: the usual interpreter lives under
-``/root``, mode 0700.  Its workers run the bootstrap through a small
+``/root``, mode 0700.  Its workers (and its zygote) run through a small
 wrapper that does the same (isolated mode would ignore ``PYTHONPATH``).
+
+A non-root zygote may not make PID namespaces itself, so each of its
+workers gets the spawned worker's tree: the process the zygote forked
+becomes the supervisor of the worker proper.
 """
 
 from __future__ import annotations
@@ -45,22 +49,29 @@ pytestmark = pytest.mark.skipif(
 )
 
 WRAPPER = """#!/bin/sh
-# open_worker runs: <this> -I -m trio_mojo._workers._bootstrap ARGS...
+# open_worker and open_zygote run: <this> -I -m MODULE ARGS...
+module="$3"
 shift 3
 exec {python} -c "import runpy, sys; sys.path[:0] = {paths!r}; \\
-runpy.run_module('trio_mojo._workers._bootstrap', run_name='__main__')" "$@"
+runpy.run_module(sys.argv.pop(1), run_name='__main__')" "$module" "$@"
 """
 
 PARENT = """
-import json, os, sys
+import contextlib, json, os, sys
 sys.path[:0] = {paths!r}
 import trio, trio_mojo
 
 async def main():
-    async with trio_mojo.open_worker(
-        "trio_mojo._examples:echo", sandbox=trio_mojo.SandboxPolicy.strict(),
-        python={wrapper!r},
-    ) as worker:
+    async with contextlib.AsyncExitStack() as stack:
+        options = dict(python={wrapper!r})
+        if {zygote!r}:
+            options = dict(zygote=await stack.enter_async_context(
+                trio_mojo.open_zygote(python={wrapper!r})
+            ))
+        worker = await stack.enter_async_context(trio_mojo.open_worker(
+            "trio_mojo._examples:echo", sandbox=trio_mojo.SandboxPolicy.strict(),
+            **options,
+        ))
         await worker.channel.send(trio_mojo.Message(b"as nobody"))
         echoed = (await worker.channel.receive()).payload.decode()
         status = dict(
@@ -71,6 +82,7 @@ async def main():
             "layers": worker.sandbox_report.layers,
             "status": {{k: v.split() for k, v in status.items()}},
             "parent_uid": os.getuid(),
+            "supervised": worker._process.pid != worker.pid,
         }}))
 
 trio.run(main)
@@ -88,11 +100,14 @@ def shared_directory() -> Iterator[Path]:
         shutil.rmtree(directory)
 
 
-def test_a_nobody_parent_gets_a_fully_sandboxed_worker(shared_directory: Path) -> None:
+@pytest.mark.parametrize("zygote", [False, True], ids=["spawned", "zygote"])
+def test_a_nobody_parent_gets_a_fully_sandboxed_worker(
+    shared_directory: Path, zygote: bool
+) -> None:
     wrapper = shared_directory / "python"
     wrapper.write_text(WRAPPER.format(python=SYSTEM_PYTHON, paths=PATHS))
     wrapper.chmod(0o755)
-    program = PARENT.format(paths=PATHS, wrapper=str(wrapper))
+    program = PARENT.format(paths=PATHS, wrapper=str(wrapper), zygote=zygote)
     as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     result = subprocess.run(
         [*as_nobody, str(SYSTEM_PYTHON), "-c", program],
@@ -113,3 +128,4 @@ def test_a_nobody_parent_gets_a_fully_sandboxed_worker(shared_directory: Path) -
         assert status[field] == ["0000000000000000"], field
     assert status["NSpid"][-1] == "2"
     assert status["Seccomp"] == ["2"]
+    assert info["supervised"]  # below a supervisor, forked or spawned

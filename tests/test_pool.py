@@ -9,15 +9,13 @@ until it writes to a pipe, so queue depths are exact, not timing-dependent.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,7 +24,13 @@ import pytest
 import trio
 import trio.testing
 from _fds import open_fds
-from _process_support import assert_reaped, children
+from _process_support import (
+    adopting_orphans,
+    assert_reaped,
+    children,
+    wait_until,
+    wait_until_gone,
+)
 
 from trio_mojo import (
     MAX_ATTACHED_HANDLES,
@@ -58,15 +62,6 @@ def _readable_pipe(data: bytes) -> Handle:
     os.write(write_end, data)
     os.close(write_end)
     return Handle(read_end)
-
-
-async def _wait_until(predicate: Callable[[], bool]) -> None:
-    """Poll ``predicate`` (the pool has no event for it) for up to 10 s."""
-    for _ in range(500):
-        if predicate():
-            return
-        await trio.sleep(0.02)
-    raise AssertionError("the condition did not come true in 10 s")
 
 
 def _pids(pool: WorkerPool) -> set[int]:
@@ -171,7 +166,7 @@ async def test_map_keeps_order_when_a_later_request_finishes_first() -> None:
                 nursery.start_soon(consume)
                 # The second worker answers the rest of the window while the
                 # first waits; nothing beyond the window is sent.
-                await _wait_until(lambda: pool.statistics().answered == 9)
+                await wait_until(lambda: pool.statistics().answered == 9)
                 await trio.sleep(0.1)
                 assert pool.statistics().answered == 9
                 assert got == []
@@ -245,7 +240,7 @@ async def test_stopping_a_map_early_cancels_what_it_sent_ahead() -> None:
         async for reply in pool.map(messages(), window=10):
             reply.close()
             break
-        await _wait_until(lambda: pool.statistics().in_flight == 0)
+        await wait_until(lambda: pool.statistics().in_flight == 0)
         assert (await pool.run(Message(b"after"))).payload == b"AFTER"
     # Every handle of every message taken was sent or closed: conftest checks.
 
@@ -378,7 +373,7 @@ async def test_a_crashed_worker_is_replaced_and_its_request_fails() -> None:
         assert error.returncode == 7
         assert "(exit status 7)" in str(error)
         assert "faulty: crashing as asked" in error.stderr_tail
-        await _wait_until(lambda: len(pool.workers) == 2)
+        await wait_until(lambda: len(pool.workers) == 2)
         assert dead not in _pids(pool)
         assert_reaped(dead)
         stats = pool.statistics()
@@ -426,7 +421,7 @@ async def test_a_flooding_worker_is_killed_and_replaced() -> None:
     async with open_worker_pool(f"{TARGETS}:faulty", workers=1, sandbox=BASIC) as pool:
         (flooder,) = _pids(pool)
         assert (await pool.run(Message(b"flood"))).payload == b"flood"
-        await _wait_until(lambda: pool.statistics().workers_replaced == 1)
+        await wait_until(lambda: pool.statistics().workers_replaced == 1)
         assert (await pool.run(Message(b"calm"))).payload == b"calm"
         assert flooder not in _pids(pool)
     assert_reaped(flooder)
@@ -436,11 +431,33 @@ async def test_a_target_that_cannot_start_fails_the_pool_once() -> None:
     started = time.monotonic()
     with pytest.raises(WorkerError, match="exited before it was ready") as caught:
         async with open_worker_pool(
-            "trio_mojo.no_such_module:main", workers=3, sandbox=BASIC
+            "trio_mojo.no_such_module:main", workers=3, sandbox=BASIC, zygote=False
         ):
             raise AssertionError("not reached")
     assert "ModuleNotFoundError" in caught.value.stderr_tail
     assert time.monotonic() - started < 20
+    assert children() == {}
+
+
+async def test_a_target_its_zygote_cannot_preload_fails_the_pool_in_one_line() -> None:
+    with pytest.raises(WorkerError) as caught:
+        async with open_worker_pool(
+            "trio_mojo.no_such_module:main", workers=3, sandbox=BASIC
+        ):
+            raise AssertionError("not reached")
+    (line,) = str(caught.value).splitlines()
+    assert line.startswith(
+        "zygote preload 'trio_mojo.no_such_module' failed: ModuleNotFoundError"
+    )
+    assert "must be installed" in line
+    assert children() == {}
+
+
+async def test_a_target_function_that_is_missing_fails_the_pool_once() -> None:
+    with pytest.raises(WorkerError, match="exited before it was ready") as caught:
+        async with open_worker_pool(f"{TARGETS}:no_such_function", workers=3):
+            raise AssertionError("not reached")
+    assert "AttributeError" in caught.value.stderr_tail
     assert children() == {}
 
 
@@ -654,61 +671,36 @@ import sys, trio, trio_mojo
 async def main():
     async with trio_mojo.open_worker_pool(
         "trio_mojo._examples_pool:upper", workers=2,
-        sandbox=trio_mojo.SandboxPolicy.basic(),
+        sandbox=trio_mojo.SandboxPolicy.basic(), zygote={zygote},
     ) as pool:
-        print(" ".join(str(w.pid) for w in pool.workers), flush=True)
+        zygote = [pool.zygote.pid] if pool.zygote is not None else []
+        print(" ".join(str(pid) for pid in zygote + [w.pid for w in pool.workers]))
+        sys.stdout.flush()
         await trio.sleep_forever()
 trio.run(main)
 """
 
-_PR_SET_CHILD_SUBREAPER = 36
 
-
-def _set_subreaper(on: bool) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
-
-
-def _exists(pid: int) -> bool:
-    """True while ``pid`` is a process that has not exited (zombies count as gone)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")
-
-
-def test_killing_the_parent_kills_its_workers() -> None:
+@pytest.mark.parametrize("zygote", [True, False], ids=["zygote", "spawned"])
+def test_killing_the_parent_kills_its_workers(zygote: bool) -> None:
     # As a subreaper, this process inherits the orphans and can reap them.
-    _set_subreaper(True)
-    try:
+    with adopting_orphans():
         parent = subprocess.Popen(
-            [sys.executable, "-c", _PARENT], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", _PARENT.format(zygote=zygote)],
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert parent.stdout is not None
         with parent.stdout:
             line = parent.stdout.readline()
-        workers = [int(pid) for pid in line.split()]
-        assert len(workers) == 2, line
+        pids = [int(pid) for pid in line.split()]
+        assert len(pids) == 2 + zygote, line
         parent.kill()
         parent.wait()
-        # PR_SET_PDEATHSIG down the chain (parent -> supervisor -> worker):
-        # every worker dies with its parent.  A worker is not our child (its
-        # supervisor, or its PID namespace's init, reaps it); as a subreaper
-        # we reap whatever is orphaned to us meanwhile.
-        deadline = time.monotonic() + 10
-        while any(_exists(pid) for pid in workers) and time.monotonic() < deadline:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(-1, os.WNOHANG)
-            time.sleep(0.02)
-        assert not [pid for pid in workers if _exists(pid)]
-        while children() and time.monotonic() < deadline:  # the orphans' exits
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(-1, os.WNOHANG)
-            time.sleep(0.02)
-    finally:
-        _set_subreaper(False)
+        # PR_SET_PDEATHSIG down the chain (parent -> zygote -> worker and
+        # its namespace's init, or parent -> supervisor -> worker and init):
+        # every worker dies with its parent, and no zombie is left.
+        assert wait_until_gone(pids) == []
     assert children() == {}
 
 

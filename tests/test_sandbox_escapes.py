@@ -20,7 +20,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
-from _process_support import assert_reaped
+from _process_support import assert_reaped, proc_status
 
 from trio_mojo import Message, SandboxPolicy, WorkerError, open_worker
 from trio_mojo._sandbox._namespaces import HOSTNAME
@@ -58,14 +58,6 @@ def _children(pid: int) -> list[int]:
         int(child)
         for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     ]
-
-
-def _status(pid: int) -> dict[str, str]:
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        fields[key] = value.strip()
-    return fields
 
 
 # ----------------------------------------------------------------------
@@ -164,10 +156,10 @@ async def test_a_worker_sees_no_host_process_and_its_own_host_name(
 
 async def test_the_worker_pid_is_its_host_pid_in_a_pid_namespace() -> None:
     async with open_worker("trio_mojo._examples:echo", sandbox=STRICT) as worker:
-        status = _status(worker.pid)
+        status = proc_status(worker.pid)
         supervisor = int(status["PPid"])
         (init,) = set(_children(supervisor)) - {worker.pid}
-        init_status = _status(init)
+        init_status = proc_status(init)
         hostname = os.readlink(f"/proc/{worker.pid}/ns/uts")
     assert status["NSpid"].split() == [str(worker.pid), "2"]
     assert init_status["NSpid"].split() == [str(init), "1"]
@@ -269,7 +261,7 @@ async def test_a_thread_bomb_stops_at_rlimit_nproc_and_spares_the_others() -> No
 
 async def test_a_root_parent_s_worker_is_nobody_with_no_capability() -> None:
     async with open_worker("trio_mojo._examples:echo", sandbox=STRICT) as worker:
-        status = _status(worker.pid)
+        status = proc_status(worker.pid)
         owner = os.stat(f"/proc/{worker.pid}/status").st_uid
     assert status["Uid"].split() == ["65534"] * 4
     assert status["Gid"].split() == ["65534"] * 4
@@ -282,7 +274,7 @@ async def test_a_root_parent_s_worker_is_nobody_with_no_capability() -> None:
 async def test_the_uid_is_configurable() -> None:
     policy = attrs.evolve(STRICT, name="uid-4242", worker_uid=4242, worker_gid=4343)
     async with open_worker("trio_mojo._examples:echo", sandbox=policy) as worker:
-        status = _status(worker.pid)
+        status = proc_status(worker.pid)
     assert status["Uid"].split() == ["4242"] * 4
     assert status["Gid"].split() == ["4343"] * 4
     bad_ids: list[Any] = [0, -1, 2**32, "65534"]

@@ -14,7 +14,7 @@ from trio_mojo._sandbox._escapes import ATTEMPTS
 SECURITY_RST = Path(__file__).resolve().parents[1] / "docs" / "security.rst"
 BEGIN = ".. escape-matrix-begin\n\n"
 END = "\n.. escape-matrix-end"
-LABELS = [label for label, _ in COLUMNS]
+LABELS = [column.label for column in COLUMNS]
 
 
 def _documented_matrix() -> str:

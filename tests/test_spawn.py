@@ -22,11 +22,10 @@ from typing import Any
 
 import pytest
 import trio
-from _process_support import assert_reaped, children, inheritable_fds
+from _process_support import assert_reaped, children, inheritable_fds, pipe_with
 
 from trio_mojo import (
     CHANNEL_SWITCH,
-    Handle,
     Message,
     channel_pair,
     open_channel,
@@ -118,15 +117,6 @@ time.sleep(60)
 """
 
 SLEEPER = "import time; time.sleep(60)"
-
-
-def _pipe_with(data: bytes) -> Handle:
-    read_end, write_end = os.pipe()
-    try:
-        os.write(write_end, data)
-    finally:
-        os.close(write_end)
-    return Handle(read_end)
 
 
 def _socket_fds() -> set[int]:
@@ -284,7 +274,7 @@ async def test_plain_child_exchanges_framed_messages_with_fds(tmp_path: Path) ->
             assert _socket_fds() - sockets_before == {child.endpoint.fileno()}
             async with open_channel(child.endpoint) as channel:
                 await channel.send(
-                    Message(b"hello, plain child", (_pipe_with(b"from the parent"),))
+                    Message(b"hello, plain child", (pipe_with(b"from the parent"),))
                 )
                 reply = await channel.receive()
             with reply:

@@ -20,7 +20,16 @@ from typing import Any, TypeVar
 import attrs
 import pytest
 import trio
-from _process_support import assert_reaped, children, inheritable_fds
+from _process_support import (
+    assert_reaped,
+    children,
+    echo_a_pipe,
+    inheritable_fds,
+    pidfds_from_a_parent,
+    pipe_with,
+    wait_exited,
+    worker_block_error,
+)
 
 from trio_mojo import (
     CHANNEL_SWITCH,
@@ -54,15 +63,6 @@ def _own_pid(host_pid: int) -> int:
     raise AssertionError(f"no NSpid in /proc/{host_pid}/status")
 
 
-def _pipe_with(data: bytes) -> Handle:
-    read_end, write_end = os.pipe()
-    try:
-        os.write(write_end, data)
-    finally:
-        os.close(write_end)
-    return Handle(read_end)
-
-
 async def _describe(worker_channel: Channel, *handles: Handle) -> dict[str, Any]:
     await worker_channel.send(Message(b"describe", handles))
     reply = await worker_channel.receive()
@@ -80,13 +80,7 @@ async def test_worker_exchanges_framed_messages_with_fds(policy: SandboxPolicy) 
     async with open_worker("trio_mojo._examples:echo", sandbox=policy) as worker:
         assert worker.sandbox_report.policy == policy.name
         assert worker.sandbox_report.pid == _own_pid(worker.pid)
-        await worker.channel.send(Message(b"ping", (_pipe_with(b"parent's pipe"),)))
-        reply = await worker.channel.receive()
-        with reply:
-            assert reply.payload == b"ping"
-            (handle,) = reply.handles
-            assert not os.get_inheritable(handle.fileno())
-            assert os.read(handle.fileno(), 100) == b"parent's pipe"
+        await echo_a_pipe(worker)
         running = worker.returncode
     assert running is None
     assert worker.returncode == 0
@@ -100,7 +94,7 @@ async def test_worker_receives_fds_close_on_exec(policy: SandboxPolicy) -> None:
     async with open_worker(
         "trio_mojo._examples:describe_self", sandbox=policy
     ) as worker:
-        info = await _describe(worker.channel, _pipe_with(b"one"), _pipe_with(b"two"))
+        info = await _describe(worker.channel, pipe_with(b"one"), pipe_with(b"two"))
         assert info["pid"] == _own_pid(worker.pid)
     assert info["received"] == ["one", "two"]
     assert info["cloexec"] == [True, True]
@@ -195,18 +189,11 @@ async def _failing_worker(
     expected: type[E], target: str, body: Callable[[Worker], Awaitable[object]]
 ) -> tuple[Worker, E]:
     """Run ``body`` in an ``open_worker`` block that must raise ``expected``."""
-    started: list[Worker] = []
-
-    async def run() -> None:
-        async with open_worker(target, sandbox=BASIC) as worker:
-            started.append(worker)
-            await body(worker)
-
-    with pytest.raises(expected) as info:
-        await run()
-    (worker,) = started
+    worker, error = await worker_block_error(
+        expected, lambda: open_worker(target, sandbox=BASIC), body
+    )
     assert_reaped(worker.pid)
-    return worker, info.value
+    return worker, error
 
 
 async def test_killing_the_worker_while_the_parent_sends_a_large_message() -> None:
@@ -407,27 +394,10 @@ trio.run(main)
 async def test_a_worker_dies_with_its_parent() -> None:
     """PR_SET_PDEATHSIG: a parent killed outright leaves no orphan: not the
     worker, nor its init and supervisor in a PID namespace."""
-    parent = await trio.lowlevel.open_process(
-        [sys.executable, "-I", "-c", ORPHAN_MAKER],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-    )
-    try:
-        assert parent.stdout is not None
-        with trio.fail_after(30):
-            line = await parent.stdout.receive_some()
-        pidfds = [Handle(os.pidfd_open(int(pid))) for pid in line.split()]
-    finally:
-        parent.kill()
-        await parent.wait()
-        if parent.stdout is not None:
-            await parent.stdout.aclose()
-    assert len(pidfds) == 3  # basic() gets a PID namespace on this machine
-    for pidfd in pidfds:
-        with pidfd:
-            with trio.fail_after(10):  # readable once that process has exited
-                await trio.lowlevel.wait_readable(pidfd.fileno())
-            trio.lowlevel.notify_closing(pidfd.fileno())
+    async with pidfds_from_a_parent(ORPHAN_MAKER) as pidfds:
+        assert len(pidfds) == 3  # basic() gets a PID namespace on this machine
+        for pidfd in pidfds:
+            await wait_exited(pidfd)
 
 
 @pytest.mark.slow

@@ -56,6 +56,9 @@ from ._workers._spawn import (
 from ._workers._spawn import recover_endpoint as recover_endpoint
 from ._workers._worker import Worker as Worker
 from ._workers._worker import open_worker as open_worker
+from ._workers._zygote import ForkedProcess as ForkedProcess
+from ._workers._zygote import Zygote as Zygote
+from ._workers._zygote import open_zygote as open_zygote
 
 __version__ = "0.1.0"
 
@@ -77,6 +80,7 @@ __all__ = [
     "FileAccess",
     "FileBroker",
     "FlushTimeoutError",
+    "ForkedProcess",
     "Framing",
     "Handle",
     "HandlePolicy",
@@ -96,6 +100,7 @@ __all__ = [
     "WorkerPool",
     "WorkerPoolMap",
     "WorkerPoolStatistics",
+    "Zygote",
     "channel_pair",
     "current_broker",
     "encode_header",
@@ -104,6 +109,7 @@ __all__ = [
     "open_process_with_channel",
     "open_worker",
     "open_worker_pool",
+    "open_zygote",
     "recover_endpoint",
     "serve",
 ]

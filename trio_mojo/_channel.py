@@ -485,6 +485,14 @@ class Channel(trio.abc.Channel[Message]):
     async def receive(self) -> Message:
         """Return the next message; wait while none has arrived.
 
+        Cancellation loses nothing: a message is taken from the receive
+        queue (or read from the socket) only by a call that then returns
+        it.  Several tasks may wait at once; each message goes to exactly
+        one of them, in the order the peer sent them.
+
+        Returns:
+            The next :class:`Message`; its handles now belong to the caller.
+
         Raises:
             trio.EndOfChannel: the peer closed its end (or its sending side)
                 cleanly, after every message it sent was returned.
@@ -538,7 +546,11 @@ class Channel(trio.abc.Channel[Message]):
         self._raise_unreported()
 
     def statistics(self) -> ChannelStatistics:
-        """Return a snapshot of the channel's counters and queue depths."""
+        """Return a snapshot of the channel's counters and queue depths.
+
+        Returns:
+            A frozen :class:`ChannelStatistics`.
+        """
         return ChannelStatistics(
             messages_sent=self._messages_sent,
             bytes_sent=self._bytes_sent,
@@ -1390,26 +1402,40 @@ async def open_channel(
         handle_policy: ``HandlePolicy.REJECT`` refuses fds from the peer.
         max_message_size: largest message accepted or sent, header
             included (default 256 MiB; ``None``: the u32 limit).
-        max_handles_per_message, max_queued_handles, strict_handles,
-            ipcz_parse_threshold: decoder hardening, see
-            :class:`MessageDecoder`.
+        max_handles_per_message: most handles one message may declare
+            (default 253; ``None``: 65535, as Chromium).
+        max_queued_handles: most fds that may wait for their message
+            (default 506; ``None``: unbounded, as Chromium).
+        strict_handles: a complete message whose fds have not all arrived,
+            or fds beyond what messages claim, are malformed (default);
+            ``False`` waits for missing fds, as Chromium.
+        ipcz_parse_threshold: bytes needed before an IPCZ header is parsed,
+            8 (default) or Chromium's 16.
         fail_on_truncated_handles: fail on ``MSG_CTRUNC`` (default) rather
             than carry on without the lost fds as Chromium does.
-        send_queue_messages, send_queue_bytes, send_queue_handles: bound on
-            what ``send`` queues before it waits, in messages, bytes and fds
-            (default 1024: a fast producer of fd-laden messages must not run
-            its own process out of fds); a single message over a bound is
-            still accepted when the queue is empty.
-        receive_queue_messages, receive_queue_bytes: bound on what the
-            reader parses ahead of ``receive``; beyond it the reader stops
-            reading and the peer's sends wait.
+        send_queue_messages: most messages ``send`` queues before it waits
+            (default 4096).
+        send_queue_bytes: most bytes ``send`` queues before it waits
+            (default 8 MiB); a single message over a bound is still
+            accepted when the queue is empty.
+        send_queue_handles: most fds ``send`` queues before it waits
+            (default 1024: a fast producer of fd-laden messages must not
+            run its own process out of fds).
+        receive_queue_messages: most messages the reader parses ahead of
+            ``receive`` (default 4096); beyond it the reader stops reading
+            and the peer's sends wait.
+        receive_queue_bytes: the same bound in payload bytes (default
+            8 MiB).
         receive_queue_handles: bound on the fds received and not yet
             returned by ``receive`` (those of queued messages and those
-            that arrived ahead of their message); at or beyond it the
-            reader stops reading, exactly as for bytes.  One read brings at
-            most 128 more, so with the defaults the receive path holds at
-            most 506 + 128 fds whatever the peer does.
+            that arrived ahead of their message; default 506); at or beyond
+            it the reader stops reading, exactly as for bytes.  One read
+            brings at most 128 more, so with the defaults the receive path
+            holds at most 506 + 128 fds whatever the peer does.
         flush_timeout: seconds a normal exit waits for the queue to drain.
+
+    Yields:
+        The open :class:`Channel`.
 
     Raises:
         ValueError: the endpoint was already consumed, or an option is out

@@ -1,7 +1,8 @@
 """``python -m trio_mojo demo``: hash files in sandboxed workers that cannot open them.
 
 The parent finds the files, opens each one and hands it to a pool of
-sandboxed workers (:func:`open_worker_pool`) as an fd; a worker reads the
+sandboxed workers (:func:`open_worker_pool`, whose workers are forked from
+a zygote: the progress line says so) as an fd; a worker reads the
 fd, computes SHA-256 and answers with the digest.  The parent checks each
 digest against :mod:`hashlib` run on its own descriptor of the same file,
 and prints a table, what it could not hash, and the workers' sandbox
@@ -201,7 +202,7 @@ async def _tick_while_starting(
     progress: _Progress, workers: int, scope: trio.CancelScope
 ) -> None:
     started = time.monotonic()
-    text = f"starting {workers} sandboxed worker(s)"
+    text = f"starting a zygote and {workers} sandboxed worker(s) forked from it"
     progress.show(text + "...", force=True)
     with scope:
         while True:
@@ -303,8 +304,12 @@ async def _run(
             ) as pool:
                 ticker.cancel()
                 reports = [worker.sandbox_report for worker in pool.workers]
+                zygote = pool.zygote  # the pool's default: always there
+                forked = (
+                    "" if zygote is None else f" forked from zygote pid {zygote.pid}"
+                )
                 progress.show(
-                    f"{workers} worker(s) ready; hashing {len(jobs)} file(s)",
+                    f"{workers} worker(s){forked} ready; hashing {len(jobs)} file(s)",
                     force=True,
                 )
                 started = time.monotonic()

@@ -124,6 +124,9 @@ def channel_pair() -> tuple[Endpoint, Endpoint]:
     Both are non-blocking and close-on-exec; pass one to a child with
     ``pass_fds`` (which makes the child's copy inheritable) and keep the
     other.
+
+    Raises:
+        OSError: the socket pair could not be made (``EMFILE``: no fd left).
     """
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     a.setblocking(False)

@@ -6,9 +6,8 @@ The tree::
      └── ChannelError                 the channel cannot carry messages any more
           ├── DisconnectedError       the peer went away: EOF inside a message,
           │                           ECONNRESET, EPIPE on a write
-          └── MalformedMessageError   the peer broke the protocol or one of our
-                                      limits (Mojo's kReceivedMalformedData)
-
+          ├── MalformedMessageError   the peer broke the protocol or one of our
+          │                           limits (Mojo's kReceivedMalformedData)
           └── FlushTimeoutError       a graceful close could not flush the
                                       outgoing queue in time (also a
                                       trio.TooSlowError)

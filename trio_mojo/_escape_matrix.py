@@ -1,8 +1,10 @@
 """``python -m trio_mojo escapes``: the escape matrix, measured on this machine.
 
 Runs every attempt of the catalogue (``_sandbox._escapes``) as a worker's
-target under each policy of :data:`COLUMNS` and prints the outcomes as a
-reStructuredText table (the one in ``docs/security.rst``, which a test
+target under each policy of :data:`COLUMNS` (two of them for workers
+forked from a zygote, which must be confined exactly like spawned ones,
+with and without seccomp in front of the other layers)
+and prints the outcomes as a reStructuredText table (the one in ``docs/security.rst``, which a test
 compares with a fresh run).  The parent prepares what the attempts aim at:
 a world-readable file in a world-traversable directory, a pathname unix
 datagram socket anyone may write to (like ``/dev/log``), TCP and UDP
@@ -34,22 +36,39 @@ from ._errors import WorkerError
 from ._sandbox import SandboxPolicy
 from ._sandbox._escapes import ATTEMPTS, Attempt
 from ._workers._worker import open_worker
+from ._workers._zygote import Zygote, open_zygote
 
-__all__ = ["COLUMNS", "main", "measure", "render"]
+__all__ = ["COLUMNS", "Column", "main", "measure", "render"]
 
 _TARGET: Final = "trio_mojo._sandbox._escapes:run_attempts"
 
-COLUMNS: Final = (
-    ("strict", SandboxPolicy.strict()),
-    ("default", SandboxPolicy.default()),
-    ("basic", SandboxPolicy.basic()),
-    (
-        "strict, no seccomp",
-        attrs.evolve(SandboxPolicy.strict(), name="strict-no-seccomp", seccomp="off"),
-    ),
-    ("none", SandboxPolicy.none(i_understand_this_is_unsandboxed=True)),
+
+@attrs.frozen
+class Column:
+    """A column of the matrix: its label, the policy of its workers, and
+    whether they are forked from a zygote (:func:`open_zygote`) rather than
+    spawned."""
+
+    label: str
+    policy: SandboxPolicy
+    forked: bool = False
+
+
+_NO_SECCOMP: Final = attrs.evolve(
+    SandboxPolicy.strict(), name="strict-no-seccomp", seccomp="off"
 )
-"""The matrix's columns: a label and the policy the workers run under."""
+"""The layers under seccomp, which would otherwise hide them behind ``EPERM``."""
+
+COLUMNS: Final = (
+    Column("strict", SandboxPolicy.strict()),
+    Column("strict (zygote)", SandboxPolicy.strict(), forked=True),
+    Column("default", SandboxPolicy.default()),
+    Column("basic", SandboxPolicy.basic()),
+    Column("strict, no seccomp", _NO_SECCOMP),
+    Column("strict, no seccomp (zygote)", _NO_SECCOMP, forked=True),
+    Column("none", SandboxPolicy.none(i_understand_this_is_unsandboxed=True)),
+)
+"""The matrix's columns, in order."""
 
 
 @contextlib.contextmanager
@@ -110,11 +129,14 @@ async def _context() -> AsyncIterator[dict[str, Any]]:
 
 
 async def _run(
-    policy: SandboxPolicy, attempts: Sequence[Attempt], context: Any
+    policy: SandboxPolicy,
+    zygote: Zygote | None,
+    attempts: Sequence[Attempt],
+    context: Any,
 ) -> dict[str, str]:
     request = {"attempts": [entry.name for entry in attempts], "context": context}
     try:
-        async with open_worker(_TARGET, sandbox=policy) as worker:
+        async with open_worker(_TARGET, sandbox=policy, zygote=zygote) as worker:
             await worker.channel.send(Message(json.dumps(request).encode()))
             with await worker.channel.receive() as reply:
                 outcomes: dict[str, str] = json.loads(reply.payload)
@@ -128,20 +150,24 @@ async def _run(
         return {entry.name: died for entry in attempts}
 
 
-async def measure(
-    columns: Sequence[tuple[str, SandboxPolicy]] = COLUMNS,
-) -> dict[str, dict[str, str]]:
-    """Run the catalogue under each policy: ``{attempt: {column: outcome}}``."""
+async def measure(columns: Sequence[Column] = COLUMNS) -> dict[str, dict[str, str]]:
+    """Run the catalogue under each column: ``{attempt: {label: outcome}}``."""
     matrix: dict[str, dict[str, str]] = {entry.name: {} for entry in ATTEMPTS}
     shared = [entry for entry in ATTEMPTS if not entry.isolated]
     async with _context() as context:
-        for label, policy in columns:
-            outcomes = await _run(policy, shared, context)
-            for entry in ATTEMPTS:
-                if entry.isolated:
-                    outcomes |= await _run(policy, [entry], context)
+        for column in columns:
+            async with contextlib.AsyncExitStack() as stack:
+                zygote = None
+                if column.forked:
+                    zygote = await stack.enter_async_context(
+                        open_zygote(preload=[_TARGET], sandbox=column.policy)
+                    )
+                outcomes = await _run(column.policy, zygote, shared, context)
+                for entry in ATTEMPTS:
+                    if entry.isolated:
+                        outcomes |= await _run(column.policy, zygote, [entry], context)
             for name, outcome in outcomes.items():
-                matrix[name][label] = outcome
+                matrix[name][column.label] = outcome
     return matrix
 
 
@@ -173,5 +199,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.parse_args(argv)
     matrix = trio.run(measure)
-    print(render(matrix, [label for label, _ in COLUMNS]), end="")
+    print(render(matrix, [column.label for column in COLUMNS]), end="")
     return 0

@@ -68,7 +68,11 @@ class Handle:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], flags: int = os.O_RDONLY) -> Handle:
-        """Open ``path`` with ``os.open`` (close-on-exec added) and own the fd."""
+        """Open ``path`` with ``os.open`` (close-on-exec added) and own the fd.
+
+        Raises:
+            OSError: the open failed.
+        """
         return cls(os.open(path, flags | os.O_CLOEXEC))
 
     @property

@@ -57,6 +57,9 @@ W5/W5x8).
 `python -m trio_mojo bench pool --help`: the JSON job through a worker pool
 vs multiprocessing.Pool, trio-parallel and anyio.to_process.
 
+`python -m trio_mojo bench spawn --help`: worker start-up (zygote, spawn,
+multiprocessing) on its own.
+
 The report ends with trio_mojo's speed relative to each peer.  Also
 measured: CPU us per message (both processes, getrusage), the receiver's
 peak RSS, the CPU of an idle open channel, worker start-up time against
@@ -175,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         from ._pool import main as pool_main
 
         return pool_main(argv[1:])
+    if argv and argv[0] == "spawn":  # worker start-up on its own: _spawn.py
+        from ._spawn import main as spawn_main
+
+        return spawn_main(argv[1:])
     args = _parse(argv)
     quick = args.quick
     reps = args.reps if args.reps is not None else (2 if quick else 3)

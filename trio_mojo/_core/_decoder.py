@@ -113,9 +113,9 @@ class _Marker(enum.Enum):
 
 
 NEED_DATA: Final = _Marker.NEED_DATA
-"""Returned by :meth:`MessageDecoder.next_message`: feed more data."""
+"""What :meth:`MessageDecoder.next_message` returns when it needs more data."""
 END_OF_STREAM: Final = _Marker.END_OF_STREAM
-"""Returned by :meth:`MessageDecoder.next_message` after a clean EOF."""
+"""What :meth:`MessageDecoder.next_message` returns after a clean end of stream."""
 
 DecoderEvent: TypeAlias = "Literal[_Marker.NEED_DATA, _Marker.END_OF_STREAM] | Message"
 

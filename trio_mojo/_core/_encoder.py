@@ -190,9 +190,8 @@ class OutgoingMessage:
 
         It can while nothing of the entry was sent, the entry and the
         message are small (no ``tail``; the payload at most
-        :data:`INLINE_PAYLOAD`), the entry stays within
-        :data:`MAX_BATCH_BYTES`, and its fds within
-        :data:`~trio_mojo._core._wire.MAX_SENDMSG_HANDLES`, so that they all
+        1 KiB), the entry stays within 64 KiB, and its fds within
+        :data:`MAX_SENDMSG_HANDLES` (128), so that they all
         ride on the entry's first ``sendmsg`` (fd rule 1).  Otherwise
         nothing changes and the message needs an entry of its own.
 

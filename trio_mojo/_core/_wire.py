@@ -102,10 +102,17 @@ class MessageType(enum.IntEnum):
     """
 
     NORMAL_LEGACY = 0
+    """Application data with the 8-byte ``LegacyHeader``."""
     NORMAL = 1
+    """Application data with the 16-byte ``Header``: what trio_mojo writes."""
     UPGRADE_OFFER = 2
+    """A control message, the peer's offer of a shared-memory upgrade
+    (answered with a rejection, never delivered)."""
     UPGRADE_ACCEPT = 3
+    """A control message, an offer accepted (never sent by trio_mojo; ignored)."""
     UPGRADE_REJECT = 4
+    """A control message, an offer declined (trio_mojo's answer to every
+    offer; ignored when received)."""
 
 
 class Framing(enum.Enum):
@@ -117,7 +124,9 @@ class Framing(enum.Enum):
     """
 
     MOJO = "mojo"
+    """Legacy Mojo core, with the 16-byte ``Header`` and the 8-byte ``LegacyHeader``."""
     IPCZ = "ipcz"
+    """MojoIpcz, with the ``IpczHeader`` (what current Chromium speaks)."""
 
 
 class HandlePolicy(enum.Enum):
@@ -129,7 +138,9 @@ class HandlePolicy(enum.Enum):
     """
 
     ACCEPT = "accept"
+    """Fds from the peer are delivered with their messages (the default)."""
     REJECT = "reject"
+    """Any fd from the peer fails the channel."""
 
 
 _HEADER = struct.Struct("<IHHH6x")

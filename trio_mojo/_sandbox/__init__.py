@@ -35,7 +35,8 @@ has the details, the threat model and the measured escape matrix):
 * ``namespaces`` (``_namespaces``, ``_pidns``): new user (identity map of
   the worker's uid), network, IPC, UTS (own host name), mount and PID
   namespaces; in the PID namespace a supervisor outside, an init (pid 1)
-  that reaps, and the worker (pid 2) that runs the target.
+  that reaps, and the worker (pid 2) that runs the target (a root
+  zygote's worker has no supervisor: the zygote is its parent).
 * ``rootfs`` (``_rootfs``): an empty read-only tmpfs as the root; no path
   resolves.
 * ``rlimits``: ``RLIMIT_NOFILE`` (also caps the fds a worker can be sent),

@@ -18,7 +18,10 @@ order, each step needing the ones before it:
 3. **namespaces**: user, network, IPC, UTS (own host name), mount and PID
    (``_namespaces``), then fork into the PID namespace (``_pidns``): from
    here on this code runs in the worker process proper, and the calling
-   process is its supervisor, which never returns from this call.
+   process is its supervisor, which never returns from this call.  A
+   process that was forked into a PID namespace of its own already
+   (``own_pid_namespace``: a zygote's, ``_pidns.NamespaceForker``) makes
+   the other namespaces only, and does not fork.
 4. **rootfs**: an empty read-only root (``_rootfs``); needs 3.
 5. **rlimits**: ``NOFILE``, ``CORE`` 0, and ``FSIZE``, ``AS``, ``DATA`` as
    set; ``NPROC`` only inside a user namespace of the worker's own, where
@@ -27,7 +30,9 @@ order, each step needing the ones before it:
    dumpable when the uid was dropped.
 7. **no_new_privs**, 8. **landlock**, 9. **seccomp** (last, so that the
    others could still make their system calls; the filter names the
-   worker's own pid as the worker sees it, 2 in its PID namespace).
+   worker's own pid as the worker sees it, 2 in its PID namespace).  The
+   program is built once per process and pid: a zygote builds it before
+   forking (:func:`prepare`), so its workers only load it.
 
 Each layer is applied if its level is not ``OFF``.  A failure is recorded
 as ``"unavailable: <reason>"``; for a ``REQUIRED`` layer it also stops the
@@ -38,6 +43,7 @@ which step 1 checks; nothing here starts a thread.
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import signal
@@ -49,7 +55,13 @@ from ._libc import prctl
 from ._policy import Requirement, SandboxPolicy
 from ._report import SandboxReport
 
-__all__ = ["close_other_fds", "lock_down", "rlimits_of", "set_parent_death_signal"]
+__all__ = [
+    "close_other_fds",
+    "lock_down",
+    "prepare",
+    "rlimits_of",
+    "set_parent_death_signal",
+]
 
 _R = Requirement
 _PR_SET_PDEATHSIG: Final = 1
@@ -106,11 +118,15 @@ class _Lockdown:
         return self.layers.get(layer) == "applied"
 
 
-def lock_down(policy: SandboxPolicy, keep_fds: Collection[int]) -> SandboxReport:
+def lock_down(
+    policy: SandboxPolicy, keep_fds: Collection[int], *, own_pid_namespace: bool = False
+) -> SandboxReport:
     """Apply ``policy`` to this process, every layer in order, and report.
 
     With the namespaces layer this forks (see the module docstring): the
-    call returns in the worker process only.  Stops at the first required
+    call returns in the worker process only; with ``own_pid_namespace``
+    (this process was forked into a new PID namespace, as its pid 2, by
+    ``_pidns.NamespaceForker``) it does not.  Stops at the first required
     layer that fails; the report then names it and the caller must not run
     target code.
     """
@@ -133,8 +149,9 @@ def lock_down(policy: SandboxPolicy, keep_fds: Collection[int]) -> SandboxReport
 
     def enter_namespaces() -> None:
         single_threaded("namespaces")
-        _namespaces.unshare()
-        _pidns.fork_into_namespace()  # returns in the worker only
+        _namespaces.unshare(pid=not own_pid_namespace)
+        if not own_pid_namespace:
+            _pidns.fork_into_namespace()  # returns in the worker only
 
     def empty_root() -> None:
         if not run.applied("namespaces"):
@@ -197,9 +214,25 @@ def _set_no_new_privs() -> None:
     prctl(_PR_SET_NO_NEW_PRIVS, 1)
 
 
+def prepare(worker_pid: int = _pidns.WORKER_PID) -> None:
+    """Build, once, what :func:`lock_down` would build in every worker.
+
+    For a process that forks workers (a zygote): the seccomp program for a
+    worker whose pid is ``worker_pid``, so that each worker forked
+    afterwards only loads it.  Nothing is applied to this process.
+    """
+    if _seccomp.SUPPORTED:
+        _seccomp_filter(worker_pid)
+
+
+@functools.cache
+def _seccomp_filter(own_pid: int) -> _seccomp.CompiledFilter:
+    return _seccomp.CompiledFilter(_seccomp.build_filter(own_pid))
+
+
 def _install_seccomp() -> None:
     _set_no_new_privs()  # the kernel requires it (or CAP_SYS_ADMIN)
-    _seccomp.install(_seccomp.build_filter(os.getpid()))
+    _seccomp.install(_seccomp_filter(os.getpid()))
 
 
 def _open_fds() -> list[int]:

@@ -62,8 +62,12 @@ def syscall(name: str, *args: object) -> int:
     return _checked(result, f"{name}()")
 
 
+_PRCTL: Final = _LIBC["prctl"]  # its own function object: typed once, called often
+_PRCTL.argtypes = (ctypes.c_int, *[ctypes.c_ulong] * 4)
+_PRCTL.restype = ctypes.c_int
+
+
 def prctl(option: int, arg2: int = 0, arg3: int = 0) -> int:
     """``prctl(option, arg2, arg3, 0, 0)``; its result, or OSError on failure."""
-    longs = (ctypes.c_ulong(value) for value in (arg2, arg3, 0, 0))
-    result: int = _LIBC.prctl(option, *longs)
+    result: int = _PRCTL(option, arg2, arg3, 0, 0)
     return _checked(result, f"prctl({option})")

@@ -13,7 +13,8 @@ CLONE_NEWNS | CLONE_NEWPID)`` gives the worker namespaces of its own:
 * **mount**: its own mount table, where ``_rootfs`` replaces the root by an
   empty one;
 * **PID**: the *children* of the caller are in a new PID namespace and see
-  no process outside it (``_pidns`` forks them);
+  no process outside it (``_pidns`` forks them); a process that was forked
+  into a new PID namespace already (a zygote's worker) leaves this one out;
 * **user**: needed to create the others without privilege.  The mapping is
   the identity of the process's own uid and gid only, written after
   ``setgroups`` is denied, as the kernel requires.  Under a root parent the
@@ -69,10 +70,12 @@ def _write(path: str, text: str) -> None:
         os.close(fd)
 
 
-def unshare() -> None:
+def unshare(*, pid: bool = True) -> None:
     """Enter new user/net/ipc/uts/mount/PID namespaces, keeping uid and gid.
 
     The PID namespace applies to the children forked after this call.
+    ``pid=False`` leaves it out, for a process that was forked into a PID
+    namespace of its own already (``_pidns.NamespaceForker``).
 
     Raises:
         OSError: the kernel refused (``EPERM``: unprivileged user namespaces
@@ -82,7 +85,7 @@ def unshare() -> None:
     dumpable = _credentials.is_dumpable()
     _credentials.set_dumpable(True)
     try:
-        _libc.call("unshare", _FLAGS)
+        _libc.call("unshare", _FLAGS if pid else _FLAGS & ~_CLONE_NEWPID)
         _write("/proc/self/setgroups", "deny")
         _write("/proc/self/uid_map", f"{uid} {uid} 1")
         _write("/proc/self/gid_map", f"{gid} {gid} 1")

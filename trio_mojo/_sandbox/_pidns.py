@@ -48,6 +48,39 @@ The launcher learns the worker's host pid from the kernel, not from the
 worker: :func:`worker_pid` reads the supervisor's children in
 ``/proc/<pid>/task/<pid>/children`` and takes the one that is not pid 1 of
 its namespace.
+
+Forked from outside: no supervisor
+----------------------------------
+
+A process that forks many workers and outlives them all (a zygote) is
+already what a supervisor is for: their parent, which reaps them and
+passes their exit status on.  When it may create PID namespaces itself
+(``CAP_SYS_ADMIN``: a root zygote), :class:`NamespaceForker` forks each
+worker straight into a new one, and the supervisor, its two extra forks
+and its copy-on-write faults go away::
+
+    zygote (outside, for all its workers)
+     ├── init (pid 1 inside): as above, but forked by the zygote
+     └── worker (pid 2 inside): the zygote's own child
+
+For each worker it enters a new PID namespace for its children
+(``unshare(CLONE_NEWPID)``), forks the init, forks the worker, and goes
+back to its own namespace for its next children (``setns``).  The worker
+is the same pid 2 next to an init, so signals, exit statuses and
+``getpid()`` behave as above, and the zygote sees the worker's own exit
+status.  The init (forked without Python's at-fork handlers, which it does
+not need) closes every fd, takes the lowest priority (the worker it was
+forked with needs the CPU, an init that waits does not), drops to the
+worker's unprivileged uid and gid, and ignores ``SIGCHLD``; it dies with the zygote
+(``PR_SET_PDEATHSIG``; it checks a pidfd of the zygote afterwards, as its
+parent lives outside its namespace and ``getppid()`` says 0 either way),
+and with it the whole namespace: the worker, whose own death signal
+points at the zygote too, cannot outlive it even if the zygote died before
+that signal was armed (or re-armed, after the uid drop).  The zygote kills
+the init once it has reaped the worker, and the kernel's rule that an
+init's exit waits until every process of its namespace is reaped (those
+forked from outside included) makes "the init was reaped" mean "the
+namespace is empty".
 """
 
 from __future__ import annotations
@@ -55,18 +88,24 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import select
 import signal
 import sys
 from typing import Final, NoReturn
 
 from . import _credentials, _libc
 
-__all__ = ["fork_into_namespace", "worker_pid"]
+__all__ = ["WORKER_PID", "NamespaceForker", "fork_into_namespace", "worker_pid"]
 
 _PR_SET_PDEATHSIG: Final = 1
 _ORPHANED_EXIT: Final = 70
 """Exit status of a process whose supervisor died before it could notice."""
 _FD_CEILING: Final = 2**31 - 1
+_CLONE_NEWPID: Final = 0x20000000
+
+_LOWEST_PRIORITY: Final = 19
+WORKER_PID: Final = 2
+"""The worker's pid in its PID namespace, next to its init (pid 1)."""
 
 
 def fork_into_namespace() -> None:
@@ -167,3 +206,127 @@ def _own_pid(pid: int) -> int | None:
     except FileNotFoundError:
         return None
     return None
+
+
+class NamespaceForker:
+    """Forks workers into PID namespaces of their own, from outside (a zygote).
+
+    See "Forked from outside" in the module docstring.  It holds two fds
+    for its life: this process's PID namespace (to come back to) and a
+    pidfd of this process (for the inits to check that it lives).
+
+    Raises:
+        OSError: this process may not create PID namespaces (it lacks
+            ``CAP_SYS_ADMIN``, or a seccomp filter refuses).
+    """
+
+    def __init__(self) -> None:
+        self._own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        self._alive = -1
+        try:
+            self._alive = os.pidfd_open(os.getpid())
+            self._enter()
+            self._leave()  # so that fork() knows it can
+        except BaseException:
+            self.close()
+            raise
+
+    def fork(self, identity: tuple[int, int] | None) -> tuple[int, int]:
+        """Fork an init (pid 1) and a worker (pid 2) into a new PID namespace.
+
+        Returns the host pids ``(init, worker)`` in this process and
+        ``(init, 0)`` in the worker; the init never returns.  ``identity``
+        is the ``(uid, gid)`` the init drops to (``None``: it keeps this
+        process's).  The caller must be single-threaded; it reaps both.
+
+        Raises:
+            OSError: a fork failed (nothing is left running).
+            RuntimeError: this process could not go back to its own PID
+                namespace (its later children would land in the new one):
+                it must not fork again.
+        """
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()  # or both children would flush the same buffer
+        self._enter()
+        try:
+            init = _bare_fork()
+            if init == 0:
+                _hold_namespace_for(self._alive, identity)
+            try:
+                worker = os.fork()
+            except BaseException:
+                os.kill(init, signal.SIGKILL)  # not reaped yet: still our child
+                raise
+        except BaseException:
+            self._leave()
+            raise
+        if worker:
+            try:
+                self._leave()
+            except RuntimeError:
+                for pid in (worker, init):
+                    os.kill(pid, signal.SIGKILL)
+                raise
+        return init, worker
+
+    def close(self) -> None:
+        """Close the two fds."""
+        for fd in (self._own, self._alive):
+            if fd >= 0:
+                os.close(fd)
+        self._own = self._alive = -1
+
+    def _enter(self) -> None:
+        _libc.call("unshare", _CLONE_NEWPID)
+
+    def _leave(self) -> None:
+        try:
+            _libc.call("setns", self._own, _CLONE_NEWPID)
+        except OSError as exc:
+            raise RuntimeError(
+                f"cannot go back to its own PID namespace: {exc}"
+            ) from exc
+
+
+def _bare_fork() -> int:
+    """``fork()`` through the C library alone, without Python's at-fork work.
+
+    ``os.fork()`` also runs the interpreter's after-fork handlers in the
+    child (``threading``, ``random``, ``logging``...): about half a
+    millisecond and a hundred copy-on-write faults, for a child that needs
+    none of them.  Only for a child of a single-threaded process that
+    calls a few functions of modules already imported and never returns
+    (the init below): no thread held the GIL or a lock across the fork,
+    and no Python state the handlers would fix is used.
+    """
+    return _libc.call("fork")
+
+
+def _hold_namespace_for(alive: int, identity: tuple[int, int] | None) -> NoReturn:
+    """The init of a worker forked from outside: hold the namespace, reap orphans.
+
+    First it closes the forking process's fds (its control socket, the
+    worker's channel: their peers must see them close with their owners),
+    then it gives way to the worker, which starts at the same moment and is
+    the one that matters (the lowest priority, ``nice`` 19: an init needs
+    no CPU once it waits), and only then does the rest.
+    """
+    try:
+        _close_all_but((alive,))
+        signal.set_wakeup_fd(-1)  # the forking process's, if any: not ours
+        os.nice(_LOWEST_PRIORITY)
+        if identity is not None:
+            uid, gid = identity
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # after the uid change
+        if select.select([alive], [], [], 0)[0]:  # the pidfd: its parent exited
+            os._exit(_ORPHANED_EXIT)
+        os.close(alive)
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps orphans
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # an init ignores it then
+        while True:
+            signal.pause()
+    finally:
+        os._exit(_ORPHANED_EXIT)  # never back into the forking process's code

@@ -107,9 +107,9 @@ class SandboxPolicy:
     * ``max_file_size``, ``max_address_space``, ``max_data``:
       ``RLIMIT_FSIZE``, ``RLIMIT_AS`` and ``RLIMIT_DATA`` in bytes, or
       ``None`` to leave them alone.  ``max_data`` defaults to
-      :data:`DEFAULT_MAX_DATA` (8 GiB).
+      8 GiB.
     * ``max_processes``: ``RLIMIT_NPROC`` (default
-      :data:`DEFAULT_MAX_PROCESSES`): how many tasks, threads included, the
+      64): how many tasks, threads included, the
       worker's user namespace may hold.  Set only when the worker has a user
       namespace of its own (otherwise the kernel would count every process
       of the uid).
@@ -213,7 +213,15 @@ class SandboxPolicy:
         return {layer: getattr(self, layer) for layer in LAYERS}
 
     def level(self, layer: str) -> Requirement:
-        """The :class:`Requirement` of ``layer`` (one of :data:`LAYERS`)."""
+        """The :class:`Requirement` of ``layer``.
+
+        ``layer`` is one of ``"credentials"``, ``"namespaces"``,
+        ``"rootfs"``, ``"rlimits"``, ``"no_new_privs"``, ``"landlock"``
+        and ``"seccomp"`` (the order in which a worker applies them).
+
+        Raises:
+            KeyError: ``layer`` is not one of them.
+        """
         return self._levels()[layer]
 
     def check(self) -> None:

@@ -19,7 +19,8 @@ class SandboxReport:
     """What the worker says it applied; the worker's first message.
 
     ``layers`` maps each layer to ``"applied"``, ``"off"`` or
-    ``"unavailable: <reason>"``, in the order they were applied; ``failed``
+    ``"unavailable: <reason>"`` (in the parent, sorted by name: the report
+    travels as JSON with sorted keys); ``failed``
     names a required layer that could not be applied (the worker then never
     ran its target).  ``pid`` and ``uid`` are as the worker sees them (in its
     own PID namespace the worker is pid 2; ``Worker.pid`` is its host pid).

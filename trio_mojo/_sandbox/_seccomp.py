@@ -131,6 +131,7 @@ __all__ = [
     "SUPPORTED",
     "X86_64",
     "Architecture",
+    "CompiledFilter",
     "Instruction",
     "build_filter",
     "cpu_clock",
@@ -507,9 +508,25 @@ class _SockFprog(ctypes.Structure):
 
 _SECCOMP_SET_MODE_FILTER: Final = 1
 _SECCOMP_FILTER_FLAG_TSYNC: Final = 1
+_LIBC: Final = ctypes.CDLL(None, use_errno=True)
 
 
-def install(program: Sequence[Instruction]) -> None:
+class CompiledFilter:
+    """A program as the kernel loads it (a ``struct sock_fprog``), built once.
+
+    A process that forks workers (a zygote) builds it before forking, so
+    that each worker only has to load it: building the structure from the
+    program costs about as much as loading it.
+    """
+
+    def __init__(self, program: Sequence[Instruction]) -> None:
+        self._filters = (_SockFilter * len(program))(
+            *(_SockFilter(*insn) for insn in program)
+        )
+        self.fprog: Final = _SockFprog(len(program), self._filters)
+
+
+def install(program: Sequence[Instruction] | CompiledFilter) -> None:
     """Install ``program`` (built for this machine) for every thread, irreversibly.
 
     Raises:
@@ -517,14 +534,14 @@ def install(program: Sequence[Instruction]) -> None:
             missing (``EACCES``), or a thread could not be synchronised.
     """
     number = _host().numbers["seccomp"]
-    filters = (_SockFilter * len(program))(*(_SockFilter(*insn) for insn in program))
-    prog = _SockFprog(len(program), filters)
-    libc = ctypes.CDLL(None, use_errno=True)
-    result = libc.syscall(
+    compiled = (
+        program if isinstance(program, CompiledFilter) else CompiledFilter(program)
+    )
+    result = _LIBC.syscall(
         number,
         _SECCOMP_SET_MODE_FILTER,
         _SECCOMP_FILTER_FLAG_TSYNC,
-        ctypes.byref(prog),
+        ctypes.byref(compiled.fprog),
     )
     if result < 0:
         err = ctypes.get_errno()

@@ -124,18 +124,22 @@ def lock_down_and_run(
     channel_ep: Endpoint,
     broker_ep: Endpoint | None = None,
     startup_timeout: float = GO_AHEAD_TIMEOUT,
+    *,
+    own_pid_namespace: bool = False,
 ) -> int:
     """All a worker does after its imports: lock down, report, await the
     go-ahead, run the target.  Returns the exit status.
 
     It assumes nothing about how the process started: this bootstrap calls
     it after ``exec``, and a child forked from a pre-imported process (a
-    zygote) calls it alike.  The process must be single-threaded.
+    zygote) calls it alike, with ``own_pid_namespace`` when the zygote
+    forked it into a PID namespace of its own (``_sandbox._apply.lock_down``).
+    The process must be single-threaded.
     """
     keep = {channel_ep.fileno()}
     if broker_ep is not None:
         keep.add(broker_ep.fileno())
-    report = with_nonce(lock_down(policy, keep))
+    report = with_nonce(lock_down(policy, keep, own_pid_namespace=own_pid_namespace))
     return trio.run(_run, target, report, channel_ep, broker_ep, startup_timeout)
 
 

@@ -111,12 +111,20 @@ class FileAccess:
 
     @classmethod
     def read_only(cls, root: str | os.PathLike[str]) -> FileAccess:
-        """Allow reading ``root`` (a file, or a directory and all beneath it)."""
+        """Allow reading ``root`` (a file, or a directory and all beneath it).
+
+        Raises:
+            ValueError: ``root`` is not an absolute path.
+        """
         return cls(os.path.realpath(_absolute(root)), writable=False)
 
     @classmethod
     def read_write(cls, root: str | os.PathLike[str]) -> FileAccess:
-        """Allow reading and writing (creating, truncating) under ``root``."""
+        """Allow reading and writing (creating, truncating) under ``root``.
+
+        Raises:
+            ValueError: ``root`` is not an absolute path.
+        """
         return cls(os.path.realpath(_absolute(root)), writable=True)
 
 
@@ -285,7 +293,13 @@ class FileBroker:
         return fd
 
     async def serve(self, channel: Channel) -> None:
-        """Answer requests on ``channel`` until the worker closes it."""
+        """Answer requests on ``channel`` until the worker closes it.
+
+        Each file is opened in a worker thread, so the event loop never
+        blocks on the file system.  Cancelled, it stops: an open already
+        running in its thread finishes first, and the fd it opened is
+        closed, not sent.
+        """
         async for request in channel:
             request.close()  # a request carries no handles (the channel rejects them)
             try:

@@ -5,8 +5,12 @@ Theory of operation
 
 :func:`open_worker_pool` starts ``workers`` workers with
 :func:`open_worker` (through its local ``start_worker()``, the one place a
-worker process is started, where a zygote can be plugged in) and yields a
-:class:`WorkerPool`.  A worker's
+worker process is started) and yields a :class:`WorkerPool`.  By default
+(``zygote=True``) it first starts a zygote for the pool
+(:func:`open_zygote`, preloading the target's module) and every worker,
+the first ones, replacements and recycled ones alike, is forked from it:
+a few milliseconds instead of an interpreter start.  The zygote lives as
+long as the pool's block.  A worker's
 target answers each request with exactly one message, in order
 (:func:`serve` is that loop), so the pool matches replies to requests by
 position: no request id travels on the wire.
@@ -48,7 +52,9 @@ start fails the pool: at :func:`open_worker_pool`'s start, one clear error
 and no retry; later, the block is cancelled and that error raised.  So is
 a worker that exits on its own before it answered anything with no
 request in flight: its target does not serve requests, and replacing it
-would only loop.
+would only loop.  A dead zygote is the same: its workers die with it, and
+the first replacement fails (the zygote is gone), which fails the pool
+with that error rather than respawning.
 
 Recycling.  With ``max_requests``, a lane that was given that many
 requests stops taking more; a replacement starts at once, and the old
@@ -79,7 +85,7 @@ from collections.abc import (
     Iterable,
     Sequence,
 )
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any, Final
 
 import attrs
@@ -94,6 +100,7 @@ from ._broker import FileAccess
 from ._pool_map import WorkerPoolMap
 from ._requests import Request, RequestQueue, RequestState, fail_all
 from ._worker import Worker, open_worker
+from ._zygote import Zygote, open_zygote
 
 __all__ = ["WorkerPool", "WorkerPoolStatistics", "open_worker_pool"]
 
@@ -250,6 +257,8 @@ class WorkerPool:
         self._started = 0
         self._replaced = 0
         self._recycled = 0
+        self.zygote: Zygote | None = None
+        """The zygote the workers are forked from, if any (``zygote=``)."""
 
     # ------------------------------------------------------------------
     # Public API
@@ -295,7 +304,16 @@ class WorkerPool:
         At most ``window`` requests are outstanding at once (default: as
         many as the workers and the queue hold).  Use it as ``async for
         reply in pool.map(messages)``, or as ``async with pool.map(...) as
-        replies`` to stop early: see :class:`WorkerPoolMap`.
+        replies`` to stop early: see :class:`WorkerPoolMap`.  The messages
+        are read, and the requests sent, while the consumer iterates.
+
+        Returns:
+            A :class:`WorkerPoolMap` of the replies, in the order of
+            ``messages``.
+
+        Raises:
+            TypeError: ``messages`` is neither an iterable nor an async
+                iterable.
         """
         if window is None:
             window = self._size * self._max_in_flight + self._queue.capacity
@@ -569,6 +587,11 @@ class WorkerPool:
             return
         if self._state is _State.CLOSED:
             return  # the pool is going away: _lane_ended fails what it held
+        zygote_failure = None if self.zygote is None else self.zygote._failure()
+        if zygote_failure is not None:
+            # Its workers died with it, and no replacement can be forked.
+            self._fail(zygote_failure)
+            return
         what = _what_happened(exc, self._timeout)
         sent = list(lane.in_flight)
         lane.in_flight.clear()
@@ -670,6 +693,7 @@ async def open_worker_pool(
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     queue_size: int | None = None,
     request_timeout: float | None = None,
+    zygote: Zygote | bool = True,
     **worker_options: Any,
 ) -> AsyncIterator[WorkerPool]:
     """Start a pool of ``workers`` workers running ``target``; yield a :class:`WorkerPool`.
@@ -698,6 +722,13 @@ async def open_worker_pool(
             request; a worker that takes longer is killed and replaced,
             and the requests it held fail with :class:`WorkerError`.
             ``None`` (default): wait for ever.
+        zygote: ``True`` (default): start a zygote for the pool
+            (:func:`open_zygote` with the target's module preloaded, the
+            pool's ``sandbox``, and ``python``, ``env`` and
+            ``startup_timeout`` from ``worker_options``) and fork every
+            worker from it; a :class:`Zygote`: fork them from that one
+            (``python`` and ``env`` are then its own); ``False``: start
+            each worker as an interpreter of its own.
         worker_options: passed to :func:`open_worker` (``python``,
             ``env``, ``cwd``, ``startup_timeout``, ``grace_period``,
             channel options...).
@@ -712,9 +743,12 @@ async def open_worker_pool(
             or a replacement could not start, or a worker exited before
             answering any request with none in flight (its target does
             not serve requests): the block is cancelled and this raised.
+            With a zygote: the zygote could not start (its preload of the
+            target's module failed: one line naming the module), or died.
         SandboxUnavailableError: the policy requires a layer this machine
             cannot apply.
-        ValueError: an argument is out of range.
+        ValueError: an argument is out of range, or ``python`` or ``env``
+            with a :class:`Zygote` (they are the zygote's).
     """
     size = _positive_int(
         "workers", len(os.sched_getaffinity(0)) if workers is None else workers
@@ -729,20 +763,70 @@ async def open_worker_pool(
         raise ValueError(
             f"request_timeout={request_timeout!r} must be positive or None"
         )
+    if not isinstance(zygote, Zygote | bool):
+        raise TypeError(f"zygote must be True, False or a Zygote, not {zygote!r}")
+    if isinstance(zygote, Zygote) and (
+        "python" in worker_options or "env" in worker_options
+    ):
+        raise ValueError(
+            "python= and env= belong to the zygote given: pass them to open_zygote()"
+        )
+    async with AsyncExitStack() as stack:
+        if zygote is True:
+            launch = {
+                key: worker_options.pop(key)
+                for key in ("python", "env", "startup_timeout")
+                if key in worker_options
+            }
+            zygote = await stack.enter_async_context(
+                open_zygote(preload=[target], sandbox=sandbox, **launch)
+            )
+            if "startup_timeout" in launch:
+                worker_options["startup_timeout"] = launch["startup_timeout"]
+        forked_from = zygote if isinstance(zygote, Zygote) else None
+        async with _open_pool(
+            target,
+            size=size,
+            max_in_flight=depth,
+            queue_size=capacity,
+            max_requests=max_requests,
+            request_timeout=request_timeout,
+            zygote=forked_from,
+            worker_options={
+                "sandbox": sandbox,
+                "file_access": file_access,
+                **worker_options,
+            },
+        ) as pool:
+            yield pool
+
+
+@asynccontextmanager
+async def _open_pool(
+    target: str,
+    *,
+    size: int,
+    max_in_flight: int,
+    queue_size: int,
+    max_requests: int | None,
+    request_timeout: float | None,
+    zygote: Zygote | None,
+    worker_options: dict[str, Any],
+) -> AsyncIterator[WorkerPool]:
+    """The pool proper, once its arguments are checked (and its zygote runs)."""
 
     def start_worker() -> AbstractAsyncContextManager[Worker]:
-        return open_worker(
-            target, sandbox=sandbox, file_access=file_access, **worker_options
-        )
+        return open_worker(target, zygote=zygote, **worker_options)
 
     pool = WorkerPool(
         start_worker,
         size=size,
-        max_in_flight=depth,
-        queue_size=capacity,
+        max_in_flight=max_in_flight,
+        queue_size=queue_size,
         max_requests=max_requests,
         request_timeout=request_timeout,
     )
+    pool.zygote = zygote
     raised: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:

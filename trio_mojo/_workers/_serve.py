@@ -44,7 +44,8 @@ async def serve(channel: Channel, handler: Handler) -> None:
     handler put them into the reply or detached them.  If the handler
     raises, the request's handles are closed and the exception propagates:
     the worker exits, and the pool fails the requests this worker held
-    with a :class:`WorkerError` that carries the traceback.
+    with a :class:`WorkerError` that carries the traceback.  Cancelled, it
+    stops at once; the request being handled gets no reply.
 
     Raises:
         TypeError: the handler returned something that is neither a

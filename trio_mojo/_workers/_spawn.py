@@ -50,7 +50,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import trio
 
@@ -61,6 +61,8 @@ __all__ = [
     "CHANNEL_SWITCH",
     "ChildProcess",
     "Process",
+    "ProcessLike",
+    "SignalForwarding",
     "open_process_with_channel",
     "recover_endpoint",
 ]
@@ -122,7 +124,62 @@ def _fd_at_least_3(endpoint: Endpoint) -> Endpoint:
     return Endpoint.from_fd(moved)
 
 
-class Process:
+class SignalForwarding:
+    """Signals for a child whose real work runs in a descendant.
+
+    A sandboxed worker's child is only its supervisor (``_sandbox._pidns``);
+    :meth:`forward_signals` then sends every signal to the worker process
+    itself, through a ``pidfd`` (so a recycled pid is never hit).  Mixed
+    into :class:`Process` and into a zygote's ``ForkedProcess``.
+    """
+
+    _forward_to: Handle | None = None
+    forwarded_pid: int | None = None
+    """The pid given to :meth:`forward_signals`, if any."""
+
+    def forward_signals(self, pid: int) -> None:
+        """From now on, signal ``pid`` (a descendant doing the real work).
+
+        The child itself gets a signal only when that process is gone
+        already, and then only ``SIGKILL``.
+
+        Raises:
+            ProcessLookupError: ``pid`` does not exist (any more).
+        """
+        if self._forward_to is not None:
+            raise RuntimeError("signals are already forwarded")
+        self._forward_to = Handle(os.pidfd_open(pid))
+        self.forwarded_pid = pid
+
+    def forwarded_process_exited(self) -> bool:
+        """Whether the process of :meth:`forward_signals` has exited."""
+        if self._forward_to is None or self._forward_to.closed:
+            return False
+        poller = select.poll()
+        poller.register(self._forward_to.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+
+    def _signal_forwarded(self, sig: int) -> bool:
+        """Send ``sig`` to the forwarded process; True if that settles it.
+
+        False: there is none, or it exited and ``sig`` is ``SIGKILL`` (the
+        caller wants the child itself dead now).  Otherwise the child exits
+        by itself, with the status of the process that exited.
+        """
+        if self._forward_to is None:
+            return False
+        try:
+            signal.pidfd_send_signal(self._forward_to.fileno(), sig)
+        except ProcessLookupError:
+            return sig != signal.SIGKILL
+        return True
+
+    def _stop_forwarding(self) -> None:
+        if self._forward_to is not None:
+            self._forward_to.close()
+
+
+class Process(SignalForwarding):
     """A child process: the part of :class:`trio.Process` trio_mojo uses.
 
     ``pid``, ``args``, ``returncode`` (``None`` while running; negative: the
@@ -132,10 +189,13 @@ class Process:
     were requested as ``subprocess.PIPE``.  Waiting uses a ``pidfd`` (or a
     thread on kernels without one); the child is reaped by ``wait()``.
 
-    A sandboxed worker's child is only its supervisor (``_sandbox._pidns``);
-    :meth:`forward_signals` then sends every signal to the worker process
-    itself, through a ``pidfd`` (so a recycled pid is never hit).
+    Signals to a sandboxed worker go to the worker process itself once
+    :meth:`forward_signals` named it.
     """
+
+    supervises_namespaced_worker: Final = True
+    """Once its lockdown made a PID namespace, this process is the worker's
+    supervisor (``_sandbox._pidns``): the target runs in its child."""
 
     def __init__(
         self,
@@ -150,9 +210,6 @@ class Process:
         self.stderr = stderr
         self._wait_lock = trio.Lock()
         self._pidfd: Handle | None = None
-        self._forward_to: Handle | None = None
-        self.forwarded_pid: int | None = None
-        """The pid given to :meth:`forward_signals`, if any."""
         with contextlib.suppress(OSError, AttributeError):
             self._pidfd = Handle(os.pidfd_open(popen.pid))
 
@@ -179,7 +236,10 @@ class Process:
         return result
 
     async def wait(self) -> int:
-        """Wait until the child exits, reap it, and return its status."""
+        """Wait until the child exits, reap it, and return its status.
+
+        Cancelled, it only stops waiting: the child goes on running.
+        """
         async with self._wait_lock:
             if self.poll() is None:
                 if self._pidfd is not None:
@@ -196,40 +256,10 @@ class Process:
         assert returncode is not None
         return returncode
 
-    def forward_signals(self, pid: int) -> None:
-        """From now on, signal ``pid`` (a descendant doing the real work).
-
-        The child itself gets a signal only when that process is gone
-        already, and then only ``SIGKILL``.
-
-        Raises:
-            ProcessLookupError: ``pid`` does not exist (any more).
-        """
-        if self._forward_to is not None:
-            raise RuntimeError("signals are already forwarded")
-        self._forward_to = Handle(os.pidfd_open(pid))
-        self.forwarded_pid = pid
-
-    def forwarded_process_exited(self) -> bool:
-        """Whether the process of :meth:`forward_signals` has exited."""
-        if self._forward_to is None or self._forward_to.closed:
-            return False
-        poller = select.poll()
-        poller.register(self._forward_to.fileno(), select.POLLIN)
-        return bool(poller.poll(0))
-
     def send_signal(self, sig: int) -> None:
         """Send ``sig`` unless the child was already reaped (no pid reuse race)."""
-        if self._forward_to is not None and self.poll() is None:
-            try:
-                signal.pidfd_send_signal(self._forward_to.fileno(), sig)
-            except ProcessLookupError:
-                # It exited: the child exits too, with its status, unless
-                # the caller wants it dead now.
-                if sig != signal.SIGKILL:
-                    return
-            else:
-                return
+        if self.poll() is None and self._signal_forwarded(sig):
+            return
         self._popen.send_signal(sig)
 
     def terminate(self) -> None:
@@ -241,8 +271,7 @@ class Process:
         self.send_signal(signal.SIGKILL)
 
     def _close_pidfd(self) -> None:
-        if self._forward_to is not None:
-            self._forward_to.close()
+        self._stop_forwarding()
         if self._pidfd is not None:
             # RuntimeError: outside Trio, where nothing can be waiting on it.
             with contextlib.suppress(RuntimeError):
@@ -252,6 +281,30 @@ class Process:
 
     def __repr__(self) -> str:
         return f"<trio_mojo.Process pid={self.pid} returncode={self._popen.returncode}>"
+
+
+class ProcessLike(Protocol):
+    """What :func:`reap`, :func:`kill` and ``open_worker`` use of a child: a
+    :class:`Process`, or a worker forked by a zygote (``ForkedProcess``)."""
+
+    @property
+    def pid(self) -> int: ...
+    @property
+    def returncode(self) -> int | None: ...
+
+    stdin: trio.lowlevel.FdStream | None
+    stdout: trio.lowlevel.FdStream | None
+    stderr: trio.lowlevel.FdStream | None
+    forwarded_pid: int | None
+
+    @property
+    def supervises_namespaced_worker(self) -> bool: ...
+
+    def poll(self) -> int | None: ...
+    async def wait(self) -> int: ...
+    def send_signal(self, sig: int) -> None: ...
+    def forward_signals(self, pid: int) -> None: ...
+    def forwarded_process_exited(self) -> bool: ...
 
 
 def _wait_exited(pid: int) -> None:
@@ -348,7 +401,7 @@ async def start_with_endpoints(
             remote.close()
 
 
-async def reap(process: Process, *, grace_period: float) -> bool:
+async def reap(process: ProcessLike, *, grace_period: float) -> bool:
     """Wait for ``process`` to exit; after ``grace_period`` s terminate it.
 
     Sends ``SIGTERM`` when the grace period runs out and ``SIGKILL`` a
@@ -368,7 +421,7 @@ async def reap(process: Process, *, grace_period: float) -> bool:
     return False
 
 
-async def kill(process: Process) -> None:
+async def kill(process: ProcessLike) -> None:
     """``SIGKILL`` the process and reap it, shielded."""
     with trio.CancelScope(shield=True):
         _signal(process, signal.SIGKILL)
@@ -378,7 +431,7 @@ async def kill(process: Process) -> None:
     _warn_unreaped(process)
 
 
-def _warn_unreaped(process: Process) -> None:
+def _warn_unreaped(process: ProcessLike) -> None:
     """Say so when a SIGKILLed child did not exit (stuck in the kernel)."""
     _log.warning(
         "child pid %d did not exit %.0f s after SIGKILL (uninterruptible sleep?); "
@@ -388,7 +441,7 @@ def _warn_unreaped(process: Process) -> None:
     )
 
 
-async def close_pipes(process: Process) -> None:
+async def close_pipes(process: ProcessLike) -> None:
     """Close whichever of the child's stdio pipes this process holds."""
     with trio.CancelScope(shield=True):
         for stream in (process.stdin, process.stdout, process.stderr):
@@ -396,7 +449,7 @@ async def close_pipes(process: Process) -> None:
                 await stream.aclose()
 
 
-def _signal(process: Process, sig: signal.Signals) -> None:
+def _signal(process: ProcessLike, sig: signal.Signals) -> None:
     if process.returncode is None:
         # ProcessLookupError: it exited in the meantime; wait() reaps it.
         with contextlib.suppress(ProcessLookupError):
@@ -423,7 +476,7 @@ class ChildProcess:
 
     @property
     def returncode(self) -> int | None:
-        """The exit status once the child was reaped (negative: a signal)."""
+        """The exit status once the child was reaped, negative for a signal."""
         return self.process.returncode
 
     def __repr__(self) -> str:
@@ -450,11 +503,25 @@ async def open_process_with_channel(
     trio_mojo child calls :func:`recover_endpoint`; a plain one parses the
     switch and speaks the Mojo wire format on that socket.
 
-    Yields a :class:`ChildProcess`; open a channel on its ``endpoint``.
     Leaving the block normally closes the endpoint if unused and waits for
     the child to exit (``grace_period`` seconds, then ``SIGTERM``, then
     ``SIGKILL``); leaving it by an exception or cancellation kills the child.
     The child is always reaped before the block is left.
+
+    Args:
+        argv: the program and its arguments; the switch is appended.
+        env: the child's environment (default: the parent's).
+        cwd: the child's working directory.
+        stdin: as for :class:`subprocess.Popen` (default ``/dev/null``).
+        stdout: as for :class:`subprocess.Popen` (default: the parent's).
+        stderr: as for :class:`subprocess.Popen` (default: the parent's).
+        start_new_session: start the child in a session of its own
+            (default), so a terminal's signals do not reach it.
+        grace_period: seconds a normal exit waits for the child before
+            ``SIGTERM``, and as long again before ``SIGKILL``.
+
+    Yields:
+        A :class:`ChildProcess`: open a channel on its ``endpoint``.
 
     Raises:
         OSError: the program could not be started.

@@ -14,7 +14,9 @@ Theory of operation
    ``/dev/null``, a new session, stderr into a pipe whose tail we keep, and
    the channel's remote end passed as ``--mojo-platform-channel-handle=N``
    (see ``_spawn``).  With ``file_access`` rules a second channel carries
-   the file broker (``_broker``).
+   the file broker (``_broker``).  With ``zygote=z`` the child is forked
+   from that zygote instead (``_zygote``), and runs the same bootstrap
+   steps from the import of its target on.
 3. The child bootstrap (``_bootstrap``) closes every other fd, arms
    ``PR_SET_PDEATHSIG``, imports the target, locks down (with a PID
    namespace the child becomes a supervisor and the worker is its child,
@@ -53,8 +55,8 @@ import subprocess
 import sys
 import unicodedata
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any, Final
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
@@ -75,12 +77,15 @@ from ._broker import (
 from ._handshake import go_ahead
 from ._spawn import (
     CHANNEL_SWITCH,
-    Process,
+    ProcessLike,
     close_pipes,
     kill,
     reap,
     start_with_endpoints,
 )
+
+if TYPE_CHECKING:
+    from ._zygote import Zygote
 
 __all__ = ["ENV_ALLOWLIST", "Worker", "escape_controls", "open_worker"]
 
@@ -109,7 +114,7 @@ class Worker:
 
     def __init__(
         self,
-        process: Process,
+        process: ProcessLike,
         pid: int,
         channel: Channel,
         report: SandboxReport,
@@ -127,8 +132,9 @@ class Worker:
         """The host process id of the process that runs the target.
 
         In a PID namespace (the ``namespaces`` layer) that process is a
-        child of the one ``open_worker`` started (its supervisor), and sees
-        itself as pid 2 (``sandbox_report.pid``).
+        child of the one ``open_worker`` started (its supervisor), or the
+        zygote's own child when a root zygote forked it, and sees itself as
+        pid 2 (``sandbox_report.pid``).
         """
         return self._pid
 
@@ -137,13 +143,19 @@ class Worker:
         """The exit status once the worker was reaped, else ``None``.
 
         Negative for a signal, as :attr:`subprocess.Popen.returncode`; the
-        supervisor of a namespaced worker exits exactly as the worker did.
+        supervisor of a namespaced worker exits exactly as the worker did,
+        and a zygote relays the status of the workers it forked.
         """
         return self._process.returncode
 
     @property
     def stderr_tail(self) -> str:
-        """The last few KiB the worker wrote to its stderr (see :func:`escape_controls`)."""
+        """The last few KiB the worker wrote to its stderr.
+
+        Decoded leniently, with every control character but newline and tab
+        escaped (``\\x1b``, ``\\r``, ``\\u202e``, ...): the worker's output is
+        hostile.
+        """
         return self._tail.text()
 
     def __repr__(self) -> str:
@@ -229,7 +241,7 @@ def _environment(extra: Mapping[str, str] | None) -> dict[str, str]:
 
 
 async def _worker_error(
-    what: str, process: Process, tail: _Tail, cause: BaseException | None = None
+    what: str, process: ProcessLike, tail: _Tail, cause: BaseException | None = None
 ) -> WorkerError:
     if process.returncode is not None:
         await tail.settle()
@@ -242,7 +254,7 @@ async def _worker_error(
     return error
 
 
-async def _first_message(channel: Channel, process: Process, tail: _Tail) -> bytes:
+async def _first_message(channel: Channel, process: ProcessLike, tail: _Tail) -> bytes:
     try:
         report = await channel.receive()
     except (trio.EndOfChannel, ChannelError) as exc:
@@ -260,6 +272,7 @@ async def open_worker(
     target: str,
     *,
     sandbox: SandboxPolicy | None = None,
+    zygote: Zygote | None = None,
     file_access: Sequence[FileAccess] | FileAccess = (),
     python: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
@@ -271,19 +284,34 @@ async def open_worker(
 ) -> AsyncIterator[Worker]:
     """Start a worker process running ``target`` and yield a :class:`Worker`.
 
+    The block is entered once the worker has applied its sandbox and the
+    parent has checked it in ``/proc``; only then does the target run.
+    Leaving the block normally closes the channel (the target sees
+    ``EndOfChannel`` and should return) and waits ``grace_period`` seconds
+    for the worker to exit, then sends ``SIGTERM``, then ``SIGKILL``.
+    Leaving it by an exception or a cancellation kills the worker at once.
+    Either way the worker is reaped before the block is left; a worker that
+    exited with a non-zero status raises :class:`WorkerError`.
+
     Args:
         target: ``"package.module:function"``; an async function the worker
             calls with its :class:`Channel` (the other end of
             ``worker.channel``).  It must be importable by the worker's
             interpreter in isolated mode (an installed package).
         sandbox: the :class:`SandboxPolicy`; default
-            :meth:`SandboxPolicy.strict`.  Running without one needs
+            :meth:`SandboxPolicy.strict` (with a ``zygote``: its
+            ``sandbox``).  Running without one needs
             ``SandboxPolicy.none(i_understand_this_is_unsandboxed=True)``.
+        zygote: a :class:`Zygote` (:func:`open_zygote`) to fork the worker
+            from instead of starting an interpreter; the worker then has the
+            zygote's interpreter and environment (``python`` and ``env`` are
+            refused).
         file_access: :class:`FileAccess` rules for the file broker; the
             worker opens files with ``await current_broker().open(path)``.
         python: the interpreter (default :data:`sys.executable`).
         env: the worker's environment; default: the parent's variables
-            named in :data:`ENV_ALLOWLIST`, nothing else.
+            ``PATH``, ``LANG``, ``LC_ALL``, ``LC_CTYPE`` and ``TZ``, nothing
+            else.
         cwd: the worker's working directory.
         stdout: where the worker's stdout goes (default ``/dev/null``;
             ``None`` inherits the parent's).
@@ -293,17 +321,29 @@ async def open_worker(
             before ``SIGTERM`` (and as long again before ``SIGKILL``).
         channel_options: passed to :func:`open_channel` for the main channel.
 
+    Yields:
+        The running :class:`Worker`.
+
     Raises:
         SandboxUnavailableError: a required sandbox layer cannot be applied
             (raised before spawning, or when the worker's report or
             ``/proc`` show it missing; the worker is then killed).
         WorkerError: the worker failed to start, exited with a non-zero
             status, or its report was malformed.
-        ValueError: a bad ``target``, or a read-write ``file_access`` rule
-            with a policy whose ``max_file_size`` is 0 (``strict()``).
+        ValueError: a bad ``target``, a read-write ``file_access`` rule
+            with a policy whose ``max_file_size`` is 0 (``strict()``), or
+            ``python`` or ``env`` with a ``zygote``.
     """
     _check_target(target)
-    policy = SandboxPolicy.strict() if sandbox is None else sandbox
+    if zygote is not None and (python is not None or env is not None):
+        raise ValueError(
+            "a worker forked from a zygote has the zygote's interpreter and "
+            "environment: pass python= and env= to open_zygote()"
+        )
+    if sandbox is not None:
+        policy = sandbox
+    else:
+        policy = zygote.sandbox if zygote is not None else SandboxPolicy.strict()
     if not isinstance(policy, SandboxPolicy):
         raise TypeError(f"sandbox must be a SandboxPolicy, not {policy!r}")
     policy.check()
@@ -337,21 +377,76 @@ async def open_worker(
         f"--startup-timeout={startup_timeout}",
     ]
     try:
-        process = await start_with_endpoints(
-            argv,
-            endpoints,
-            env=_environment(env),
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+        if zygote is not None:
+            process: ProcessLike = await zygote._start_worker(
+                target,
+                policy,
+                endpoints,
+                stdout=stdout,
+                cwd=cwd,
+                startup_timeout=startup_timeout,
+            )
+        else:
+            process = await start_with_endpoints(
+                argv,
+                endpoints,
+                env=_environment(env),
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
     except BaseException:
         local.close()
         if broker_local is not None:
             broker_local.close()
         raise
+    try:
+        async with (
+            owned_child(process) as (nursery, tail),
+            open_channel(local, **channel_options) as channel,
+        ):
+            broker_scope = trio.CancelScope()
+            if broker is not None and broker_local is not None:
+                nursery.start_soon(_serve_broker, broker, broker_local, broker_scope)
+            report, pid = await _handshake(
+                channel, process, tail, policy, startup_timeout
+            )
+            worker = Worker(process, pid, channel, report, tail)
+            worker.broker = broker
+            try:
+                yield worker
+                await channel.aclose()
+            except (ChannelError, trio.EndOfChannel) as exc:
+                error = await _explain(exc, process, tail)
+                if error is exc:
+                    raise
+                raise error from exc
+            # The broker serves until the worker has exited: a target may
+            # still use it after its channel's EOF.
+            await _finish(process, tail, grace_period)
+            broker_scope.cancel()
+    finally:
+        local.close()
+        if broker_local is not None:
+            broker_local.close()
+
+
+@asynccontextmanager
+async def owned_child(
+    process: ProcessLike,
+) -> AsyncIterator[tuple[trio.Nursery, _Tail]]:
+    """Own a started child for a block: its stderr tail, its helper tasks.
+
+    Yields a nursery for the block's helper tasks (a stderr drain into the
+    :class:`_Tail` yielded runs there already); they are cancelled when the
+    block ends.  A block that fails (an exception or a cancellation) kills
+    the child at once, and its error reaches the caller bare: not in an
+    exception group, even when the helper tasks saw an outer cancellation
+    too.  Either way the child is killed if it still runs, and its pipes
+    are closed.  ``open_worker`` and ``open_zygote`` own their child so.
+    """
     tail = _Tail()
     raised: BaseException | None = None
     try:
@@ -359,32 +454,7 @@ async def open_worker(
             assert process.stderr is not None
             nursery.start_soon(tail.drain, process.stderr)
             try:
-                async with AsyncExitStack() as stack:
-                    channel = await stack.enter_async_context(
-                        open_channel(local, **channel_options)
-                    )
-                    broker_scope = trio.CancelScope()
-                    if broker is not None and broker_local is not None:
-                        nursery.start_soon(
-                            _serve_broker, broker, broker_local, broker_scope
-                        )
-                    report, pid = await _handshake(
-                        channel, process, tail, policy, startup_timeout
-                    )
-                    worker = Worker(process, pid, channel, report, tail)
-                    worker.broker = broker
-                    try:
-                        yield worker
-                        await channel.aclose()
-                    except (ChannelError, trio.EndOfChannel) as exc:
-                        error = await _explain(exc, process, tail)
-                        if error is exc:
-                            raise
-                        raise error from exc
-                    # The broker serves until the worker has exited: a
-                    # target may still use it after its channel's EOF.
-                    await _finish(process, tail, grace_period)
-                    broker_scope.cancel()
+                yield nursery, tail
             except BaseException as exc:
                 # Raised outside the nursery, so the caller gets it bare.
                 raised = exc
@@ -399,16 +469,13 @@ async def open_worker(
         if process.returncode is None:
             await kill(process)
         await close_pipes(process)
-        local.close()
-        if broker_local is not None:
-            broker_local.close()
     if raised is not None:
         raise raised
 
 
 async def _handshake(
     channel: Channel,
-    process: Process,
+    process: ProcessLike,
     tail: _Tail,
     policy: SandboxPolicy,
     startup_timeout: float,
@@ -435,7 +502,8 @@ async def _handshake(
     located = False
     try:
         pid = process.pid
-        if report.layers.get("namespaces") == "applied":
+        namespaced = report.layers.get("namespaces") == "applied"
+        if namespaced and process.supervises_namespaced_worker:
             pid = worker_pid(process.pid)
             process.forward_signals(pid)
         located = True
@@ -456,7 +524,7 @@ async def _handshake(
     return report, pid
 
 
-async def _died(process: Process, located: bool) -> bool:
+async def _died(process: ProcessLike, located: bool) -> bool:
     """After a failed check: did the worker die (so it is no sandbox failure)?
 
     Once the worker is located, its pidfd (or its supervisor) tells at once;
@@ -469,14 +537,16 @@ async def _died(process: Process, located: bool) -> bool:
     return process.returncode is not None
 
 
-async def _finish(process: Process, tail: _Tail, grace_period: float) -> None:
+async def _finish(process: ProcessLike, tail: _Tail, grace_period: float) -> None:
     """Wait for the worker to exit after its channel closed; check its status."""
     exited = await reap(process, grace_period=grace_period)
     if exited and process.returncode:
         raise await _worker_error("failed", process, tail)
 
 
-async def _explain(exc: BaseException, process: Process, tail: _Tail) -> BaseException:
+async def _explain(
+    exc: BaseException, process: ProcessLike, tail: _Tail
+) -> BaseException:
     """The channel broke: a WorkerError if the worker died by itself."""
     with trio.CancelScope(shield=True), trio.move_on_after(0.5):
         await process.wait()

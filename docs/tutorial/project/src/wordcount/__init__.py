@@ -1,0 +1,1 @@
+"""The trio_mojo tutorial's package: worker targets that count words."""
