@@ -230,7 +230,8 @@ class OutgoingMessage:
         return True
 
     def append_plain(self, payload: bytes, handles: tuple[Handle, ...] = ()) -> bool:
-        """:meth:`append` for a plain message (see :func:`plain_frame`).
+        """:meth:`append` for a *plain* message: ``NORMAL``, ``Framing.MOJO``,
+        a payload of at most 1 KiB.
 
         The same rules without the checks that a plain message passes
         anyway (the caller checked that it is plain and its handles valid):
