@@ -47,7 +47,9 @@ anything but complete plain messages (the end of the stream, a failure, a
 control message, a message still arriving, a queue that must absorb a
 burst), and when nobody has borrowed it for :data:`_LEND_IDLE` seconds, so
 that reading ahead, backpressure and the end of the stream stay the
-reader's.  While a borrower waits on the socket the reader sleeps without a
+reader's.  The reader does not lend while a message is arriving (the next
+read would only give the read side back); it then waits without a cancel
+scope.  While a borrower waits on the socket the reader sleeps without a
 timer: an idle channel costs nothing.
 
 Errors.  The tasks never raise into the nursery; they record the failure
