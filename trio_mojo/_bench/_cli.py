@@ -60,6 +60,10 @@ vs multiprocessing.Pool, trio-parallel and anyio.to_process.
 `python -m trio_mojo bench spawn --help`: worker start-up (zygote, spawn,
 multiprocessing) on its own.
 
+`python -m trio_mojo bench instructions --help`: instructions per message
+(both processes) under valgrind's callgrind, which the load of a shared
+machine does not change.
+
 The report ends with trio_mojo's speed relative to each peer.  Also
 measured: CPU us per message (both processes, getrusage), the receiver's
 peak RSS, the CPU of an idle open channel, worker start-up time against
@@ -182,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         from ._spawn import main as spawn_main
 
         return spawn_main(argv[1:])
+    if argv and argv[0] == "instructions":  # counted under callgrind
+        from ._instructions import main as instructions_main
+
+        return instructions_main(argv[1:])
     args = _parse(argv)
     quick = args.quick
     reps = args.reps if args.reps is not None else (2 if quick else 3)

@@ -26,6 +26,7 @@ import trio
 
 from trio_mojo import Message
 
+from ._clock import trio_clock
 from ._common import (
     FRAME,
     FRAME_TYPE,
@@ -60,7 +61,7 @@ async def _receive_frame(sock: socket.socket) -> bytes:
 
 def sender(spec: RunSpec, sock: socket.socket, ctl: ControlReader) -> SenderResult:
     sock.setblocking(False)
-    return trio.run(_sender, spec, sock, ctl)
+    return trio.run(_sender, spec, sock, ctl, clock=trio_clock(spec))
 
 
 async def _sender(
@@ -170,7 +171,7 @@ def receiver(
 ) -> ReceiverResult:
     sock = socket.socket(fileno=sock_fd)
     sock.setblocking(False)
-    return trio.run(_receiver, spec, sock, ctl)
+    return trio.run(_receiver, spec, sock, ctl, clock=trio_clock(spec))
 
 
 async def _receiver(
