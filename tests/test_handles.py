@@ -15,7 +15,7 @@ from _core_support import file_identity
 from _fds import fd_is_open
 
 from trio_mojo import Handle
-from trio_mojo._handles import adopt_all, check_sendable, close_all, filenos
+from trio_mojo._handles import adopt_all, close_all, filenos, give_back, take_all
 
 
 @pytest.fixture
@@ -243,16 +243,36 @@ def test_filenos_of_open_handles_only(pipe: tuple[int, int]) -> None:
     close_all(handles)
 
 
-def test_check_sendable_refuses_closed_and_repeated_handles(
+def test_take_all_moves_the_fds_into_new_handles(pipe: tuple[int, int]) -> None:
+    r, _ = pipe
+    given = (Handle(os.dup(r)), Handle(os.dup(r)))
+    numbers = [h.fileno() for h in given]
+    taken = take_all(given)
+    assert [h.fileno() for h in taken] == numbers
+    assert all(h.closed for h in given)  # the caller's read as closed
+    assert not any(t is g for t, g in zip(taken, given, strict=True))
+    given[0].close()  # does nothing: the fd is not the caller's any more
+    assert all(fd_is_open(fd) for fd in numbers)
+    with pytest.raises(ValueError, match="already given to send"):
+        take_all(given[:1])  # taking it again: the mistake is caught here
+    give_back(given, taken)  # a cancelled send: the caller's again
+    assert [h.fileno() for h in given] == numbers
+    assert all(h.closed for h in taken)
+    close_all(given)
+    assert take_all(()) == ()
+
+
+def test_take_all_refuses_closed_and_repeated_handles_and_changes_nothing(
     pipe: tuple[int, int],
 ) -> None:
     r, _ = pipe
     one, two = Handle(os.dup(r)), Handle(os.dup(r))
-    check_sendable((one,))
-    check_sendable((one, two))
+    numbers = [one.fileno(), two.fileno()]
     with pytest.raises(ValueError, match="appears twice"):
-        check_sendable((one, two, one))
+        take_all((one, two, one))
+    assert [one.fileno(), two.fileno()] == numbers
     two.close()
     with pytest.raises(ValueError, match="closed handle"):
-        check_sendable((one, two))
+        take_all((one, two))
+    assert one.fileno() == numbers[0]
     one.close()

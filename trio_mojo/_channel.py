@@ -105,7 +105,7 @@ from ._core._encoder import (
     OutgoingMessage,
     plain_frame,
 )
-from ._core._message import Message
+from ._core._message import Message, received_message
 from ._core._wire import (
     DEFAULT_MAX_MESSAGE_SIZE,
     HEADER_SIZE,
@@ -125,7 +125,7 @@ from ._errors import (
     FlushTimeoutError,
     MalformedMessageError,
 )
-from ._handles import Handle, check_sendable, close_all
+from ._handles import Handle, close_all, give_back, take_all
 
 __all__ = ["Channel", "ChannelStatistics", "open_channel"]
 
@@ -355,16 +355,20 @@ class Channel(trio.abc.Channel[Message]):
         """Send ``message``; wait only while the send queue is full.
 
         Cancel-atomic: if cancelled, the message was not queued and the
-        caller still owns its handles.  Otherwise the channel owns the
-        handles from the moment ``send`` is called: it closes them once the
-        kernel has them, or when the message cannot be sent.
+        caller still owns its handles.  Otherwise ``send`` takes the fds:
+        it moves each into a handle of the channel's own, so the message's
+        handles read as closed when ``send`` returns (sending one again is
+        a ``ValueError``, closing it does nothing), and the channel closes
+        the fds once the kernel has them, or when the message cannot be
+        sent.
 
         Raises:
             TypeError: ``message`` is not a :class:`Message`.
             ValueError: the message is invalid (over ``max_message_size``,
-                more than 253 handles, a closed or repeated handle, handles
-                on a ``REJECT`` channel, a type this framing cannot carry);
-                nothing was queued and the caller keeps the handles.
+                more than 253 handles, a closed or repeated handle, or one
+                already given to ``send``, handles on a ``REJECT`` channel,
+                a type this framing cannot carry); nothing was queued and
+                the caller keeps the handles.
             trio.ClosedResourceError: the channel was closed, or
                 :meth:`send_eof` was called.
             ChannelError: the channel failed (:class:`DisconnectedError`,
@@ -385,6 +389,14 @@ class Channel(trio.abc.Channel[Message]):
             plain = False
         if self._refusing:
             self._refuse(message)
+        given: tuple[Handle, ...] = ()
+        if handles:
+            # Accepted: the fds move into handles of our own (the caller's
+            # read as closed, so none is queued twice); given back if this
+            # send is cancelled before the message is queued.
+            given = handles
+            handles = take_all(given)
+            message = received_message(message.payload, handles, message.type)
         if self._pending:
             batch = self._open_batch
             if (
@@ -408,7 +420,7 @@ class Channel(trio.abc.Channel[Message]):
                 if handles:
                     self._pending_handles += len(handles)
             else:
-                await self._enqueue(message, size)
+                await self._enqueue(message, size, given)
         elif not self._corked:
             # Mojo's fast path: the first message of a burst is written at
             # once.  The rest of the burst is corked: queued for the writer
@@ -435,7 +447,7 @@ class Channel(trio.abc.Channel[Message]):
             if self._write_error is not None:
                 self._raise_write_error()
         else:
-            await self._enqueue(message, size)
+            await self._enqueue(message, size, given)
         self._send_credit -= 1
         if not self._send_credit:
             self._send_credit = _YIELD_EVERY
@@ -585,6 +597,12 @@ class Channel(trio.abc.Channel[Message]):
         if mtype is _NORMAL:
             size = self._header_size + len(message.payload)
         elif mtype is MessageType.NORMAL_LEGACY:
+            if self.framing is not Framing.MOJO:
+                # (Checked here, not by the encoder: once send() has taken
+                # the handles, nothing may fail.)
+                raise ValueError(
+                    f"Framing.IPCZ carries only NORMAL messages, not {mtype!r}"
+                )
             size = LEGACY_HEADER_SIZE + len(message.payload)
         else:
             raise ValueError(f"message type {mtype!r} is reserved for the channel")
@@ -596,7 +614,11 @@ class Channel(trio.abc.Channel[Message]):
         return size
 
     def _check_handles(self, handles: tuple[Handle, ...]) -> None:
-        """Check that a message may carry ``handles`` (not empty) here."""
+        """Check that a message may carry so many handles (not 0) here.
+
+        (That each is open and there once, ``take_all`` checks as it takes
+        them.)
+        """
         if len(handles) > MAX_ATTACHED_HANDLES:
             raise ValueError(
                 f"a message carries at most {MAX_ATTACHED_HANDLES} handles, "
@@ -604,7 +626,6 @@ class Channel(trio.abc.Channel[Message]):
             )
         if self.handle_policy is HandlePolicy.REJECT:
             raise ValueError("this channel's handle_policy is REJECT: no handles")
-        check_sendable(handles)
 
     def _refuse(self, message: Message) -> NoReturn:
         """Raise why ``send`` cannot take ``message``, closing its handles."""
@@ -636,18 +657,27 @@ class Channel(trio.abc.Channel[Message]):
             )
         )
 
-    async def _enqueue(self, message: Message, size: int) -> None:
+    async def _enqueue(
+        self, message: Message, size: int, given: tuple[Handle, ...]
+    ) -> None:
         """Queue ``message`` behind what is pending; cancel-atomic.
 
         The only await is the wait for room, before anything is queued, so
         a cancelled send leaves nothing behind and the caller keeps the
-        handles.  (The bounds are checked against ``_pending``, which counts
-        what the writer has already pulled into the encoder too; checking the
-        outbox's capacity alone let the writer's read-ahead of up to 256 KiB
-        exceed ``send_queue_messages`` many times over.)
+        handles: ``message`` holds the fds taken from the caller's handles
+        ``given``, which get them back.  (The bounds are checked against
+        ``_pending``, which counts what the writer has already pulled into
+        the encoder too; checking the outbox's capacity alone let the
+        writer's read-ahead of up to 256 KiB exceed ``send_queue_messages``
+        many times over.)
         """
         while self._send_queue_full(size, len(message.handles)):
-            await self._send_space.park()  # Cancelled: nothing queued yet
+            try:
+                await self._send_space.park()
+            except BaseException:  # Cancelled: nothing queued yet
+                if given:
+                    give_back(given, message.handles)
+                raise
             if self._refusing:
                 self._refuse(message)
         batch = self._open_batch

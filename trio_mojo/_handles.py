@@ -5,8 +5,10 @@ Theory of operation
 
 Every fd that trio_mojo touches is owned by exactly one :class:`Handle` at
 every moment: a received fd is wrapped the instant ``recvmsg`` returns, a
-sent fd is owned by its queued message until the kernel holds its own
-reference, and a message handed to the user transfers its handles with it.
+sent fd is moved by ``send`` (:func:`take_all`) into a handle of the
+channel's own, which its queued message owns until the kernel holds its
+own reference, and a message handed to the user transfers its handles with
+it.
 
 Closing follows Trio's ``_FdHolder`` discipline: the stored number is
 overwritten with -1 *before* ``os.close`` runs, so a handle can never close a
@@ -24,7 +26,14 @@ from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Final, Protocol, Self
 
-__all__ = ["Handle", "adopt_all", "check_sendable", "close_all", "filenos"]
+__all__ = [
+    "Handle",
+    "adopt_all",
+    "close_all",
+    "filenos",
+    "give_back",
+    "take_all",
+]
 
 
 class _HasFileno(Protocol):
@@ -190,14 +199,43 @@ def filenos(handles: Sequence[Handle]) -> list[int]:
     return numbers
 
 
-def check_sendable(handles: Sequence[Handle]) -> None:
-    """Check that ``handles`` can be sent: all open, none twice.
+def take_all(handles: Sequence[Handle]) -> tuple[Handle, ...]:
+    """Move the fds of ``handles`` into new handles, returned in order.
+
+    ``send`` takes a message's fds this way when it accepts the message:
+    the caller's handles read as closed at once, so none of them can be
+    sent (or closed) a second time while the first message still waits in
+    the send queue, and only the returned handles, which nobody else
+    holds, own the fds.
 
     Raises:
-        ValueError: a handle is closed (or detached), or appears twice.
+        ValueError: a handle is closed (or detached, or already taken), or
+            appears twice; then no handle changed.
     """
+    numbers: list[int] = []
     for handle in handles:
-        if handle._fd < 0:
-            raise ValueError(f"cannot send a closed handle ({handle!r})")
-    if len(handles) > 1 and len(set(map(id, handles))) != len(handles):
-        raise ValueError("the same Handle appears twice in one message")
+        fd = handle._fd
+        if fd < 0:
+            repeated = any(seen is handle for seen in handles[: len(numbers)])
+            for seen, number in zip(handles, numbers, strict=False):
+                seen._fd = number
+            if repeated:
+                raise ValueError("the same Handle appears twice in one message")
+            raise ValueError(
+                f"cannot send a closed handle ({handle!r}): it was closed, "
+                "detached, or already given to send()"
+            )
+        handle._fd = -1
+        numbers.append(fd)
+    return tuple(adopt_all(numbers))
+
+
+def give_back(handles: Sequence[Handle], taken: Sequence[Handle]) -> None:
+    """Undo :func:`take_all`: move each fd of ``taken`` back into ``handles``.
+
+    For a ``send`` cancelled after it took the fds: the caller owns them
+    again, in the same :class:`Handle` objects.
+    """
+    for handle, own in zip(handles, taken, strict=True):
+        handle._fd = own._fd
+        own._fd = -1
