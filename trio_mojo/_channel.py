@@ -58,7 +58,10 @@ before a failure (Chromium's ``PeerShutdownDuringRead``), then raises the
 failure as one exception with its cause chained.  A write error
 (``EPIPE``/``ECONNRESET``) stops writing but not reading, as in Chromium:
 ``send()`` raises it, while ``receive()`` goes on delivering what the peer
-sent before it vanished.  A malformed message fails both directions and
+sent before it vanished.  Any other write error (``sendmsg`` refusing an
+fd, ``ENOBUFS``) also shuts the socket down for writing, so that a peer
+holding the first bytes of a message reads the end of the stream instead of
+waiting for the rest.  A malformed message fails both directions and
 shuts the socket down at once, so a hostile peer is cut off immediately.
 An error nobody saw is raised when the ``async with`` block is left (or by
 ``aclose()``; a flush that fails counts), so no failure is ever swallowed;
@@ -775,15 +778,22 @@ class Channel(trio.abc.Channel[Message]):
     def _fail_writes(self, exc: BaseException) -> None:
         """Stop writing for good: drop the queue and close its fds.
 
+        A failure that is not a vanished peer (``sendmsg`` refused an fd,
+        ``ENOBUFS``, a bug) also shuts the socket down for writing: the
+        peer may hold the first bytes of a message whose rest will never
+        come, and must read the end of the stream rather than wait for it.
         A failure while ``aclose()`` flushes is recorded too (the flush lost
         messages, so ``aclose`` must raise); only once ``_abort`` has begun
         are failures the expected fallout of closing and ignored.
         """
         if self._write_error is None and not self._aborted:
-            if not isinstance(exc, (ChannelError, trio.ClosedResourceError)):
-                wrapped = ChannelError(f"writing failed: {exc!r}")
-                wrapped.__cause__ = exc
-                exc = wrapped
+            if not isinstance(exc, (DisconnectedError, trio.ClosedResourceError)):
+                with contextlib.suppress(OSError):  # (reads report a vanished peer)
+                    self._sock.shutdown(socket.SHUT_WR)
+                if not isinstance(exc, ChannelError):
+                    wrapped = ChannelError(f"writing failed: {exc!r}")
+                    wrapped.__cause__ = exc
+                    exc = wrapped
             self._write_error = exc
             self._unreported.append(exc)
         self._refusing = True
