@@ -4,7 +4,7 @@ Shared by the spawn, worker, broker, sandbox, zygote and pool tests:
 deliberately inheritable fds in the parent, checks that a child was reaped
 and that no child process is left over, a pipe holding some bytes, a
 parent process to kill, ``/proc/<pid>/status``, a worker block that must
-fail, and adopting orphans.
+fail, adopting orphans, and the exceptions a traceback shows.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -37,6 +38,7 @@ __all__ = [
     "pidfds_from_a_parent",
     "pipe_with",
     "proc_status",
+    "shown_chain",
     "wait_exited",
     "wait_until",
     "wait_until_gone",
@@ -138,6 +140,29 @@ async def worker_block_error(
         await run()
     (worker,) = started
     return worker, info.value
+
+
+def shown_chain(error: BaseException) -> list[BaseException]:
+    """``error`` and every exception its traceback shows: the causes, and
+    the contexts that are not suppressed (``raise ... from None``).
+
+    Checks the printed traceback too: it names no other exception type.
+    """
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in chain:
+        chain.append(current)
+        if current.__cause__ is not None:
+            current = current.__cause__
+        elif not current.__suppress_context__:
+            current = current.__context__
+        else:
+            current = None
+    printed = "".join(traceback.format_exception(error))
+    shown = {type(exc).__name__ for exc in chain}
+    for name in ("WouldBlock", "EndOfChannel", "TooSlowError", "Cancelled"):
+        assert name in shown or name not in printed, printed
+    return chain
 
 
 @contextlib.contextmanager

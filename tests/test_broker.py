@@ -276,6 +276,17 @@ def test_rules_are_checked_when_made(tmp_path: Path) -> None:
         FileAccess.read_only("relative/dir")
     with pytest.raises(ValueError, match="absolute path"):
         FileAccess("relative")
+    missing = tmp_path / "no such dir"
+    for make in (FileAccess.read_only, FileAccess.read_write, FileAccess):
+        with pytest.raises(FileNotFoundError) as info:
+            make(missing)
+        assert str(info.value) == (
+            f"[Errno 2] a FileAccess root must exist, and this one does not: "
+            f"{str(missing)!r}"
+        )
+    (tmp_path / "dangling").symlink_to(missing)
+    with pytest.raises(FileNotFoundError, match="must exist"):
+        FileAccess.read_only(tmp_path / "dangling")
     (tmp_path / "real").mkdir()
     (tmp_path / "alias").symlink_to(tmp_path / "real")
     assert FileAccess.read_only(tmp_path / "alias").root == str(

@@ -32,9 +32,11 @@ def test_a_traceback_names_the_public_class() -> None:
         trio_mojo.ChannelError("broken"),
         trio_mojo.DisconnectedError("gone"),
         trio_mojo.MalformedMessageError("bad header"),
+        trio_mojo.WorkerTargetError("no such module", target="m:f", returncode=73),
     ],
 )
 def test_public_exceptions_still_pickle_by_reference(error: Exception) -> None:
     again = pickle.loads(pickle.dumps(error))
     assert type(again) is type(error)
     assert again.args == error.args
+    assert vars(again) == vars(error)

@@ -39,7 +39,14 @@ from trio_mojo import (
 )
 from trio_mojo._sandbox import _pidns, _verify
 from trio_mojo._workers import _worker
-from trio_mojo._workers._handshake import NO_GO_AHEAD_EXIT, go_ahead
+from trio_mojo._workers._handshake import (
+    MAX_TARGET_ERROR,
+    NO_GO_AHEAD_EXIT,
+    TARGET_FAILED_PREFIX,
+    go_ahead,
+    parse_target_failed,
+    target_failed,
+)
 
 STRICT = SandboxPolicy.strict()
 RUNS = 5
@@ -211,7 +218,11 @@ async def test_the_go_ahead_lets_the_target_run() -> None:
 
 async def test_a_worker_that_never_reports_is_given_up_in_time(tmp_path: Path) -> None:
     silent = tmp_path / "silent-python"
-    silent.write_text("#!/bin/sh\nexec sleep 60\n")
+    silent.write_text(  # says what it imports, but never runs a worker
+        "#!/bin/sh\n"
+        f'case "$*" in *--find-module=*) exec {sys.executable} "$@";; esac\n'
+        "exec sleep 60\n"
+    )
     silent.chmod(stat.S_IRWXU)
     started = time.monotonic()
     with pytest.raises(WorkerError, match=r"sent no sandbox report within 0\.5 s"):
@@ -223,3 +234,34 @@ async def test_a_worker_that_never_reports_is_given_up_in_time(tmp_path: Path) -
         ):
             pytest.fail("the block must not run")  # pragma: no cover
     assert time.monotonic() - started < 10
+
+
+# ----------------------------------------------------------------------
+# A target failure, in place of the report
+
+
+def test_a_target_failure_is_one_escaped_line() -> None:
+    payload = target_failed("m:f", "raised \x1b[2JError: a\nb\u202e")
+    assert parse_target_failed(payload, "m:f") == ("raised \\x1b[2JError: a\\nb\\u202e")
+    assert parse_target_failed(b'{"policy": "strict"}', "m:f") is None  # a report
+    cut = target_failed("m:f", "x" * (MAX_TARGET_ERROR + 100))
+    assert parse_target_failed(cut, "m:f") == "x" * MAX_TARGET_ERROR
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not JSON",
+        b"[]",
+        b'{"target": "m:f"}',
+        b'{"target": "m:f", "error": "e", "more": 1}',
+        b'{"target": "other:f", "error": "e"}',
+        b'{"target": "m:f", "error": 7}',
+        b'{"target": "m:f", "error": "' + b"x" * (MAX_TARGET_ERROR + 1) + b'"}',
+        b"[" * 100_000,
+    ],
+    ids=["text", "list", "no error", "more", "other target", "int", "long", "deep"],
+)
+def test_a_malformed_target_failure_is_refused(body: bytes) -> None:
+    with pytest.raises(ValueError, match="target failure"):
+        parse_target_failed(TARGET_FAILED_PREFIX + body, "m:f")

@@ -46,7 +46,7 @@ from trio_mojo import (
     open_worker,
 )
 from trio_mojo._workers._handshake import go_ahead
-from trio_mojo._workers._worker import escape_controls
+from trio_mojo._workers._output import escape_controls
 
 NONE = SandboxPolicy.none(i_understand_this_is_unsandboxed=True)
 BASIC = SandboxPolicy.basic()
@@ -242,7 +242,7 @@ async def test_a_worker_that_exits_nonzero_raises_worker_error() -> None:
     _, error = await _failing_worker(WorkerError, "trio_mojo._examples:crash", body)
     assert error.returncode == 5
     assert "crash: exiting with status 5" in error.stderr_tail
-    assert isinstance(error.__cause__, trio.EndOfChannel)
+    assert error.__cause__ is None  # a clean end of channel explains nothing
     assert "exit status 5" in str(error)
 
 
@@ -286,27 +286,11 @@ async def test_a_target_that_raises_gives_its_traceback() -> None:
 
 
 @pytest.mark.parametrize(
-    ("target", "error"),
-    [
-        ("trio_mojo._examples:no_such_target", "AttributeError"),
-        ("trio_mojo.no_such_module:main", "ModuleNotFoundError"),
-    ],
-)
-async def test_a_worker_that_cannot_start(target: str, error: str) -> None:
-    before = children()
-    with pytest.raises(WorkerError, match="exited before it was ready") as info:
-        async with open_worker(target, sandbox=BASIC):
-            pytest.fail("the block must not run")  # pragma: no cover
-    assert info.value.returncode == 1
-    assert error in info.value.stderr_tail
-    assert children() == before
-
-
-@pytest.mark.parametrize(
     "target", ["", "module", "module:", ":function", "module:f-g", "a..b:f", "m:f:g"]
 )
 async def test_a_malformed_target_is_refused_before_spawning(target: str) -> None:
-    with pytest.raises(ValueError, match="target"):
+    # The messages, and every other target error: test_targets.py.
+    with pytest.raises(ValueError, match=r"^worker target "):
         async with open_worker(target, sandbox=NONE):
             pytest.fail("the block must not run")  # pragma: no cover
 

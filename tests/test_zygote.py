@@ -107,24 +107,7 @@ async def test_the_zygote_is_launched_like_a_worker() -> None:
     assert children() == {}
 
 
-async def test_a_preload_that_is_not_installed_fails_in_one_line() -> None:
-    with pytest.raises(WorkerError) as info:
-        async with open_zygote(preload=["trio_mojo_no_such_module"]):
-            pytest.fail("the zygote must not start")
-    text = str(info.value)
-    assert "\n" not in text
-    assert "'trio_mojo_no_such_module'" in text
-    assert "ModuleNotFoundError" in text
-    assert "installed" in text
-    assert children() == {}
-
-
-async def test_a_preload_that_raises_names_its_error(tmp_path: Path) -> None:
-    with pytest.raises(WorkerError, match="this preload is broken on purpose"):
-        async with open_zygote(
-            python=interpreter(tmp_path), preload=["zygote_broken_preload"]
-        ):
-            pytest.fail("the zygote must not start")
+# A preload that is not importable, or raises: test_targets.py.
 
 
 @pytest.mark.parametrize(

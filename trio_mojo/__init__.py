@@ -34,6 +34,7 @@ from ._errors import FlushTimeoutError as FlushTimeoutError
 from ._errors import MalformedMessageError as MalformedMessageError
 from ._errors import SandboxUnavailableError as SandboxUnavailableError
 from ._errors import WorkerError as WorkerError
+from ._errors import WorkerTargetError as WorkerTargetError
 from ._handles import Handle as Handle
 from ._sandbox import Requirement as Requirement
 from ._sandbox import SandboxPolicy as SandboxPolicy
@@ -100,6 +101,7 @@ __all__ = [
     "WorkerPool",
     "WorkerPoolMap",
     "WorkerPoolStatistics",
+    "WorkerTargetError",
     "Zygote",
     "channel_pair",
     "current_broker",

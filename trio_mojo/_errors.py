@@ -14,6 +14,8 @@ The tree::
 
     Exception
      ├── WorkerError                  a worker process failed or died
+     │    └── WorkerTargetError       its target cannot be run (also a
+     │                                ValueError): one line says why
      └── SandboxUnavailableError      a required sandbox layer cannot be applied
 
     OSError
@@ -41,6 +43,7 @@ __all__ = [
     "MalformedMessageError",
     "SandboxUnavailableError",
     "WorkerError",
+    "WorkerTargetError",
 ]
 
 
@@ -105,6 +108,45 @@ class WorkerError(Exception):
         if self.stderr_tail:
             text += "\n--- worker stderr (tail) ---\n" + self.stderr_tail
         return text
+
+
+class WorkerTargetError(WorkerError, ValueError):
+    """A worker's target cannot be run; the message, one line, says why and
+    what to do.
+
+    Raised by :func:`open_worker`, :func:`open_zygote` (a preload) and
+    :func:`open_worker_pool` for every problem with a target:
+
+    * before anything starts, in the parent: a malformed
+      ``"package.module:function"``; a function object a worker cannot
+      import by its name (a lambda, a closure, a method, a function of
+      ``__main__``), or one that is not an ``async def``; a module that the
+      worker's interpreter cannot import in isolated mode (``python -I``);
+    * when the worker (or the zygote) imports it, before its sandbox: the
+      module raised on import, the function does not exist, or it is not an
+      ``async def``.  The worker reports that on its channel, exits, and
+      ``returncode`` and ``stderr_tail`` (an import's traceback) are set.
+
+    It is a :class:`WorkerError` (the worker cannot start: a pool fails with
+    it at once) and a :class:`ValueError` (the ``target`` argument is wrong,
+    or its environment).  ``target`` is the target as a
+    ``"package.module:function"`` string when there is one, else its
+    ``repr``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        target: str = "",
+        returncode: int | None = None,
+        stderr_tail: str = "",
+    ) -> None:
+        super().__init__(message, returncode=returncode, stderr_tail=stderr_tail)
+        self.target = target
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class SandboxUnavailableError(Exception):

@@ -41,6 +41,7 @@ __all__ = [
     "attempt_escapes",
     "attempt_syscall_escapes",
     "broker_reader",
+    "chatty",
     "crash",
     "describe_self",
     "echo",
@@ -81,6 +82,20 @@ async def fail(channel: Channel) -> None:
     message = await channel.receive()
     message.close()
     raise RuntimeError(message.payload.decode(errors="replace"))
+
+
+async def chatty(channel: Channel) -> None:
+    """Echo every message, printing a line about it first; say goodbye on
+    stderr when the channel ends.
+
+    What a worker prints goes nowhere by default (stdout is ``/dev/null``,
+    stderr only kept as a tail); ``open_worker(..., forward_output=True)``
+    shows it.
+    """
+    async for message in channel:
+        print(f"echoing {len(message.payload)} bytes", flush=True)
+        await channel.send(message)
+    print("end of channel, goodbye", file=sys.stderr, flush=True)
 
 
 async def ignore_eof(channel: Channel) -> None:

@@ -5,6 +5,22 @@ import trio
 import trio_mojo
 
 
+async def targets_that_cannot_run() -> None:
+    async def defined_here(channel: trio_mojo.Channel) -> None:
+        await channel.aclose()
+
+    for target in (
+        "wordcount_typo:count",  # not installed: refused before anything starts
+        defined_here,  # a worker could not import it by name
+        "trio_mojo._examples:no_such_target",  # only the worker's import tells
+    ):
+        try:
+            async with trio_mojo.open_worker(target):
+                pass
+        except trio_mojo.WorkerTargetError as exc:
+            print("WorkerTargetError:", exc)
+
+
 async def worker_crashes() -> None:
     try:
         async with trio_mojo.open_worker("trio_mojo._examples:crash") as worker:
@@ -36,6 +52,7 @@ async def pool_worker_crashes() -> None:
 
 
 async def main() -> None:
+    await targets_that_cannot_run()
     await worker_crashes()
     await worker_cancelled()
     await pool_worker_crashes()

@@ -61,8 +61,13 @@ INVENTORIES: dict[str, tuple[str, str, dict[str, tuple[str, str]]]] = {
             "collections.abc.Iterable": ("py:class", "library/collections.abc.html#$"),
             "collections.abc.Mapping": ("py:class", "library/collections.abc.html#$"),
             "collections.abc.Sequence": ("py:class", "library/collections.abc.html#$"),
+            "contextlib.redirect_stderr": ("py:function", "library/contextlib.html#$"),
             "enum.Enum": ("py:class", "library/enum.html#$"),
             "enum.IntEnum": ("py:class", "library/enum.html#$"),
+            "importlib.machinery.PathFinder.find_spec": (
+                "py:method",
+                "library/importlib.html#$",
+            ),
             "os.PathLike": ("py:class", "library/os.html#$"),
             "socket": ("py:module", "library/socket.html#module-socket"),
             "socket.recv_fds": ("py:function", "library/socket.html#$"),
@@ -75,6 +80,8 @@ INVENTORIES: dict[str, tuple[str, str, dict[str, tuple[str, str]]]] = {
             ),
             "sys.argv": ("py:data", "library/sys.html#$"),
             "sys.executable": ("py:data", "library/sys.html#$"),
+            "sys.stderr": ("py:data", "library/sys.html#$"),
+            "sys.stdout": ("py:data", "library/sys.html#$"),
         },
     ),
     "trio": (

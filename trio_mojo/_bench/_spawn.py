@@ -54,8 +54,9 @@ from trio_mojo._core._message import Message
 from trio_mojo._endpoint import channel_pair
 from trio_mojo._sandbox import SandboxPolicy, SandboxReport
 from trio_mojo._sandbox._verify import verify_report
+from trio_mojo._workers._output import ChildOutput
 from trio_mojo._workers._spawn import CHANNEL_SWITCH
-from trio_mojo._workers._worker import _handshake, _Tail, open_worker
+from trio_mojo._workers._worker import _handshake, open_worker
 from trio_mojo._workers._zygote import Zygote, open_zygote
 
 __all__ = ["PROFILE_TARGET", "main", "send_stamps"]
@@ -107,7 +108,9 @@ async def _zygote_steps(zygote: Zygote, steps: dict[str, list[float]]) -> None:
     t1 = time.perf_counter()
     try:
         async with open_channel(local) as channel:
-            report, pid = await _handshake(channel, process, _Tail(), policy, 30.0)
+            report, pid = await _handshake(
+                channel, process, ChildOutput(), TARGET, policy, 30.0
+            )
             t2 = time.perf_counter()
             verify_report(pid, policy, report)  # once more, alone
             t3 = time.perf_counter()
@@ -328,7 +331,7 @@ def _install_probes() -> None:
     _zygote_main.__dict__["set_parent_death_signal"] = forked
     for name, step in (
         ("_install_fds", "session and fds"),
-        ("_load_target", "import target (preloaded)"),
+        ("load_target", "import target (preloaded)"),
     ):
         setattr(_zygote_main, name, _stamped(step, getattr(_zygote_main, name)))
     apply = _apply._Lockdown.apply
@@ -368,11 +371,11 @@ def _profile_children(count: int) -> dict[str, list[float]]:
     from trio_mojo._sandbox._apply import prepare
     from trio_mojo._workers import _zygote_main
     from trio_mojo._workers import _zygote_protocol as protocol
-    from trio_mojo._workers._bootstrap import _load_target
     from trio_mojo._workers._handshake import go_ahead
+    from trio_mojo._workers._target import load_target
 
     _install_probes()
-    _load_target(PROFILE_TARGET)  # preloaded, as the bench's zygote has it
+    load_target(PROFILE_TARGET)  # preloaded, as the bench's zygote has it
     _zygote_main._warm_up()
     prepare()
     gc.freeze()

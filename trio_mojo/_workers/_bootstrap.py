@@ -15,12 +15,16 @@ and it does, in this order (each step needs the ones before it):
    launcher should already have done so; the target's import-time code
    sees nothing else either);
 2. ``PR_SET_PDEATHSIG(SIGKILL)``, then exit if the parent is already gone;
-3. import the target, *before* the sandbox (imports need the file system);
-4. adopt the channel fds (validated, close-on-exec) and, in
-   :func:`lock_down_and_run`, lock down (``_sandbox._apply.lock_down``:
-   every layer of the policy, in order; with a PID namespace this process
-   becomes the worker's supervisor and the rest runs in the worker process
-   proper);
+3. adopt the channel fds (validated, close-on-exec);
+4. import the target, *before* the sandbox (imports need the file system),
+   and check that it is an async function (``_target.load_target``).  If
+   it cannot be loaded, send the parent that reason, one line, in place of
+   the report (:func:`report_target_failure`) and exit with
+   :data:`~trio_mojo._workers._handshake.TARGET_FAILED_EXIT`;
+   otherwise, in :func:`lock_down_and_run`, lock down
+   (``_sandbox._apply.lock_down``: every layer of the policy, in order;
+   with a PID namespace this process becomes the worker's supervisor and
+   the rest runs in the worker process proper);
 5. under ``trio.run``: open the channel, send the sandbox report as the
    first message; if a required layer failed, exit with
    :data:`~trio_mojo._workers._handshake.SANDBOX_FAILED_EXIT`; otherwise
@@ -30,23 +34,27 @@ and it does, in this order (each step needs the ones before it):
 Steps 4 and 5 are :func:`lock_down_and_run`, which a child forked from a
 pre-imported process (a zygote) calls the same way.  The exit status is 0
 when the target returns, 1 (with a traceback on
-stderr, which the parent keeps) when it raises, and
-:data:`~trio_mojo._workers._handshake.NO_GO_AHEAD_EXIT` when no go-ahead came.
+stderr, which the parent keeps) when it raises,
+:data:`~trio_mojo._workers._handshake.NO_GO_AHEAD_EXIT` when no go-ahead came,
+and :data:`~trio_mojo._workers._handshake.TARGET_FAILED_EXIT` when the
+target could not be loaded.
 """
 
 from __future__ import annotations
 
-import importlib
+import contextlib
+import socket
 import sys
 import traceback
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from typing import Final
 
 import trio
 
-from trio_mojo._channel import Channel, open_channel
+from trio_mojo._channel import open_channel
 from trio_mojo._core._message import Message
+from trio_mojo._core._wire import encode_message
 from trio_mojo._endpoint import Endpoint
 from trio_mojo._sandbox import SandboxPolicy, SandboxReport
 from trio_mojo._sandbox._apply import (
@@ -60,17 +68,20 @@ from ._handshake import (
     GO_AHEAD_TIMEOUT,
     NO_GO_AHEAD_EXIT,
     SANDBOX_FAILED_EXIT,
+    TARGET_FAILED_EXIT,
+    target_failed,
     wait_for_go_ahead,
     with_nonce,
 )
+from ._importable import answer
 from ._spawn import CHANNEL_SWITCH, recover_endpoint
-
-Target = Callable[[Channel], Awaitable[object]]
+from ._target import Target, TargetLoadError, load_target, print_import_traceback
 
 _USAGE: Final = (
     "usage: python -I -m trio_mojo._workers._bootstrap --target=MOD:FUNC --parent-pid=P "
     "--sandbox=JSON [--startup-timeout=S] --mojo-platform-channel-handle=N "
     "[--trio-mojo-broker-handle=M]\n"
+    "   or: python -I -m trio_mojo._workers._bootstrap --find-module=MODULE\n"
     "This is the entry point of trio_mojo workers; start it with trio_mojo.open_worker()."
 )
 
@@ -88,13 +99,23 @@ def _fd_of(argv: Sequence[str], switch: str) -> int | None:
     return int(value) if value is not None and value.isdigit() else None
 
 
-def _load_target(spec: str) -> Target:
-    module_name, _, function_name = spec.partition(":")
-    module = importlib.import_module(module_name)
-    target = getattr(module, function_name)
-    if not callable(target):
-        raise TypeError(f"{spec} is not callable")
-    return target  # type: ignore[no-any-return]
+def report_target_failure(
+    channel_ep: Endpoint, spec: str, error: TargetLoadError, startup_timeout: float
+) -> int:
+    """Tell the parent why target ``spec`` cannot run; the exit status to use.
+
+    Sends the one line as the first message on the channel, in place of the
+    sandbox report (the channel is closed after it), and prints the
+    traceback of an import that raised to stderr.  A parent that is gone
+    or does not read within ``startup_timeout`` seconds is not waited for.
+    """
+    print_import_traceback(error)
+    payload = encode_message(target_failed(spec, str(error)))
+    with socket.socket(fileno=channel_ep.detach()) as sock:
+        sock.settimeout(startup_timeout)
+        with contextlib.suppress(OSError):
+            sock.sendall(payload)
+    return TARGET_FAILED_EXIT
 
 
 async def _run(
@@ -144,7 +165,16 @@ def lock_down_and_run(
 
 
 def main(argv: Sequence[str]) -> int:
-    """Run a worker; returns the process exit status."""
+    """Run a worker; returns the process exit status.
+
+    With ``--find-module=NAME`` instead, only print what this interpreter
+    imports from and where it finds module ``NAME``, without importing it
+    (``_importable``): the parent asks so before it starts a worker.
+    """
+    module = _option(argv, "find-module")
+    if module is not None:
+        print(answer([module]))
+        return 0
     spec = _option(argv, "target")
     parent = _option(argv, "parent-pid")
     policy_json = _option(argv, "sandbox")
@@ -156,13 +186,18 @@ def main(argv: Sequence[str]) -> int:
     keep = {channel_fd} | ({broker_fd} if broker_fd is not None else set())
     close_other_fds(keep)
     set_parent_death_signal(int(parent))
-    target = _load_target(spec)
     policy = SandboxPolicy.from_json(policy_json)
     channel_ep = recover_endpoint(argv)
     broker_ep = (
         recover_endpoint(argv, switch=BROKER_SWITCH) if broker_fd is not None else None
     )
     timeout = float(_option(argv, "startup-timeout") or GO_AHEAD_TIMEOUT)
+    try:
+        target = load_target(spec)
+    except TargetLoadError as error:
+        if broker_ep is not None:
+            broker_ep.close()
+        return report_target_failure(channel_ep, spec, error, timeout)
     return lock_down_and_run(target, policy, channel_ep, broker_ep, timeout)
 
 

@@ -96,17 +96,38 @@ def _absolute(path: str | os.PathLike[str]) -> str:
     return os.path.normpath(text)
 
 
+def _existing_root(path: str | os.PathLike[str]) -> str:
+    """``path`` made absolute (see :func:`_absolute`), which must exist."""
+    root = _absolute(path)
+    try:
+        os.stat(root)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            errno.ENOENT, "a FileAccess root must exist, and this one does not", root
+        ) from None
+    except OSError as exc:
+        raise type(exc)(
+            exc.errno, f"a FileAccess root must be reachable ({exc.strerror})", root
+        ) from None
+    return root
+
+
 @attrs.frozen
 class FileAccess:
     """One rule of what a worker may open through the broker.
 
-    ``root`` is an absolute path: a directory (everything beneath it) or a
-    single file.  ``writable`` allows the write modes (``"w"``, ``"a"``,
-    ``"r+"``).  Symlinks are never followed below the root; the root itself
-    is resolved once, when the rule is made.
+    ``root`` is an absolute path that exists: a directory (everything
+    beneath it) or a single file.  ``writable`` allows the write modes
+    (``"w"``, ``"a"``, ``"r+"``).  Symlinks are never followed below the
+    root; the root itself is resolved once, when the rule is made.
+
+    Raises:
+        ValueError: ``root`` is not an absolute path.
+        FileNotFoundError: ``root`` does not exist (an :exc:`OSError`, with
+            the errno of the failed ``stat``, when it cannot be reached).
     """
 
-    root: str = attrs.field(converter=_absolute)
+    root: str = attrs.field(converter=_existing_root)
     writable: bool = False
 
     @classmethod
@@ -115,6 +136,7 @@ class FileAccess:
 
         Raises:
             ValueError: ``root`` is not an absolute path.
+            FileNotFoundError: ``root`` does not exist.
         """
         return cls(os.path.realpath(_absolute(root)), writable=False)
 
@@ -124,6 +146,7 @@ class FileAccess:
 
         Raises:
             ValueError: ``root`` is not an absolute path.
+            FileNotFoundError: ``root`` does not exist.
         """
         return cls(os.path.realpath(_absolute(root)), writable=True)
 

@@ -91,6 +91,7 @@ from typing import Any, Final
 import attrs
 import trio
 
+from trio_mojo._channel import Channel
 from trio_mojo._core._message import Message
 from trio_mojo._core._wire import MAX_ATTACHED_HANDLES
 from trio_mojo._errors import WorkerError
@@ -99,7 +100,8 @@ from trio_mojo._sandbox import SandboxPolicy
 from ._broker import FileAccess
 from ._pool_map import WorkerPoolMap
 from ._requests import Request, RequestQueue, RequestState, fail_all
-from ._worker import Worker, open_worker
+from ._target import target_spec
+from ._worker import Worker, check_target, open_worker
 from ._zygote import Zygote, open_zygote
 
 __all__ = ["WorkerPool", "WorkerPoolStatistics", "open_worker_pool"]
@@ -672,7 +674,11 @@ def _worker_error(worker: Worker, what: str, cause: BaseException) -> WorkerErro
         returncode=worker.returncode,
         stderr_tail=worker.stderr_tail,
     )
-    error.__cause__ = cause
+    # What the message says already (a hang, a flood, a clean end of the
+    # channel) is no cause worth a traceback; a worker's or channel's error is.
+    internal = (_NoReplyError, _UnsolicitedReplyError, trio.EndOfChannel)
+    error.__cause__ = None if isinstance(cause, internal) else cause
+    error.__suppress_context__ = True
     return error
 
 
@@ -684,7 +690,7 @@ def _positive_int(name: str, value: object) -> int:
 
 @asynccontextmanager
 async def open_worker_pool(
-    target: str,
+    target: str | Callable[[Channel], Awaitable[object]],
     *,
     workers: int | None = None,
     sandbox: SandboxPolicy | None = None,
@@ -704,7 +710,8 @@ async def open_worker_pool(
     order: use :func:`serve`.
 
     Args:
-        target: ``"package.module:function"``, as for :func:`open_worker`.
+        target: ``"package.module:function"`` or the function itself, as
+            for :func:`open_worker`; checked before anything starts.
         workers: worker processes (default: the CPUs this process may use).
         sandbox: the :class:`SandboxPolicy` of every worker (default
             :meth:`SandboxPolicy.strict`).
@@ -730,8 +737,8 @@ async def open_worker_pool(
             (``python`` and ``env`` are then its own); ``False``: start
             each worker as an interpreter of its own.
         worker_options: passed to :func:`open_worker` (``python``,
-            ``env``, ``cwd``, ``startup_timeout``, ``grace_period``,
-            channel options...).
+            ``env``, ``cwd``, ``forward_output``, ``startup_timeout``,
+            ``grace_period``, channel options...).
 
     Leaving the block normally waits until every accepted request was
     answered, then closes the workers as :func:`open_worker` does.  Leaving
@@ -739,17 +746,20 @@ async def open_worker_pool(
     waiting fail with :class:`trio.ClosedResourceError`.
 
     Raises:
+        WorkerTargetError: the target cannot run (see :func:`open_worker`):
+            raised before anything starts, or by the first worker (or the
+            zygote) that imports it.
         WorkerError: a worker could not start (raised at once, no retry),
             or a replacement could not start, or a worker exited before
             answering any request with none in flight (its target does
             not serve requests): the block is cancelled and this raised.
-            With a zygote: the zygote could not start (its preload of the
-            target's module failed: one line naming the module), or died.
+            With a zygote: the zygote could not start, or died.
         SandboxUnavailableError: the policy requires a layer this machine
             cannot apply.
         ValueError: an argument is out of range, or ``python`` or ``env``
             with a :class:`Zygote` (they are the zygote's).
     """
+    spec = target_spec(target)
     size = _positive_int(
         "workers", len(os.sched_getaffinity(0)) if workers is None else workers
     )
@@ -771,6 +781,15 @@ async def open_worker_pool(
         raise ValueError(
             "python= and env= belong to the zygote given: pass them to open_zygote()"
         )
+    forked_from = zygote if isinstance(zygote, Zygote) else None
+    if zygote is not True:  # else the zygote's preload checks it
+        await check_target(
+            spec,
+            zygote=forked_from,
+            python=worker_options.get("python"),
+            env=worker_options.get("env"),
+            startup_timeout=worker_options.get("startup_timeout", 30.0),
+        )
     async with AsyncExitStack() as stack:
         if zygote is True:
             launch = {
@@ -778,14 +797,13 @@ async def open_worker_pool(
                 for key in ("python", "env", "startup_timeout")
                 if key in worker_options
             }
-            zygote = await stack.enter_async_context(
-                open_zygote(preload=[target], sandbox=sandbox, **launch)
+            forked_from = await stack.enter_async_context(
+                open_zygote(preload=[spec], sandbox=sandbox, **launch)
             )
             if "startup_timeout" in launch:
                 worker_options["startup_timeout"] = launch["startup_timeout"]
-        forked_from = zygote if isinstance(zygote, Zygote) else None
         async with _open_pool(
-            target,
+            spec,
             size=size,
             max_in_flight=depth,
             queue_size=capacity,

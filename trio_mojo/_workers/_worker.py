@@ -5,20 +5,26 @@ Theory of operation
 
 :func:`open_worker` is an async context manager around one child:
 
-1. **Before spawning** it checks the :class:`SandboxPolicy` against what can
-   be applied (a required layer that cannot be raises
+1. **Before spawning** it checks the target (``_target``: its form, and
+   that the worker's interpreter can import its module in isolated mode;
+   :class:`WorkerTargetError`) and the :class:`SandboxPolicy` against what
+   can be applied (a required layer that cannot be raises
    :class:`SandboxUnavailableError` here, before any process exists).
 2. It starts ``python -I -m trio_mojo._workers._bootstrap`` (isolated mode: no
    ``PYTHON*`` variables, no user site, no current directory on the path)
    with an environment built from an explicit allowlist, stdin from
-   ``/dev/null``, a new session, stderr into a pipe whose tail we keep, and
+   ``/dev/null``, a new session, stderr into a pipe whose tail we keep
+   (``_output``; with ``forward_output``, stdout into a pipe too, and the
+   lines of both written to this process's), and
    the channel's remote end passed as ``--mojo-platform-channel-handle=N``
    (see ``_spawn``).  With ``file_access`` rules a second channel carries
    the file broker (``_broker``).  With ``zygote=z`` the child is forked
    from that zygote instead (``_zygote``), and runs the same bootstrap
    steps from the import of its target on.
 3. The child bootstrap (``_bootstrap``) closes every other fd, arms
-   ``PR_SET_PDEATHSIG``, imports the target, locks down (with a PID
+   ``PR_SET_PDEATHSIG``, imports the target (a target that cannot be
+   loaded is reported in place of the report, in one line, and raised as
+   :class:`WorkerTargetError`), locks down (with a PID
    namespace the child becomes a supervisor and the worker is its child,
    beside the namespace's init: ``_sandbox._pidns``), and sends its
    :class:`SandboxReport` as its first message.  We receive it (bounded by
@@ -38,7 +44,8 @@ A child that dies by itself with a non-zero status, or that fails to
 start, surfaces as :class:`WorkerError` with its exit status and the tail of
 its stderr (control characters escaped); when the body was leaving because
 the channel broke (``DisconnectedError`` and friends), that error is
-chained as the cause.
+chained as the cause.  A clean end of channel is not chained (nor shown as
+the context): it says nothing the :class:`WorkerError` does not.
 
 The file broker, when there is one, runs in a task of its own that also
 owns its channel: a broker failure (a flooding or misbehaving worker) is
@@ -47,14 +54,12 @@ kept in ``FileBroker.error`` and never raised from this block.
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import socket
 import subprocess
 import sys
-import unicodedata
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final
 
@@ -62,7 +67,12 @@ import trio
 
 from trio_mojo._channel import Channel, open_channel
 from trio_mojo._endpoint import Endpoint, channel_pair
-from trio_mojo._errors import ChannelError, SandboxUnavailableError, WorkerError
+from trio_mojo._errors import (
+    ChannelError,
+    SandboxUnavailableError,
+    WorkerError,
+    WorkerTargetError,
+)
 from trio_mojo._sandbox import SandboxPolicy, SandboxReport
 from trio_mojo._sandbox._pidns import worker_pid
 from trio_mojo._sandbox._verify import verify_report
@@ -74,7 +84,8 @@ from ._broker import (
     FileBroker,
     sequence_of_rules,
 )
-from ._handshake import go_ahead
+from ._handshake import go_ahead, parse_target_failed
+from ._output import ChildOutput
 from ._spawn import (
     CHANNEL_SWITCH,
     ProcessLike,
@@ -83,18 +94,16 @@ from ._spawn import (
     reap,
     start_with_endpoints,
 )
+from ._target import check_importable, target_module, target_spec
 
 if TYPE_CHECKING:
     from ._zygote import Zygote
 
-__all__ = ["ENV_ALLOWLIST", "Worker", "escape_controls", "open_worker"]
+__all__ = ["ENV_ALLOWLIST", "Worker", "check_target", "open_worker", "owned_child"]
 
 ENV_ALLOWLIST: Final = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
 """Variables a worker inherits from the parent when ``env`` is not given."""
 _log = logging.getLogger("trio_mojo")
-STDERR_TAIL_BYTES: Final = 8192
-_TAIL_SETTLE_TIME: Final = 1.0
-"""Seconds to wait for the rest of a dead worker's stderr."""
 _EXIT_WAIT: Final = 2.0
 """Seconds to wait for the exit status of a worker seen dying."""
 BROKER_SEND_QUEUE: Final = 4
@@ -118,13 +127,13 @@ class Worker:
         pid: int,
         channel: Channel,
         report: SandboxReport,
-        tail: _Tail,
+        output: ChildOutput,
     ) -> None:
         self._process = process
         self._pid = pid
         self.channel: Final = channel
         self.sandbox_report: Final = report
-        self._tail = tail
+        self._output = output
         self.broker: FileBroker | None = None
 
     @property
@@ -156,81 +165,10 @@ class Worker:
         escaped (``\\x1b``, ``\\r``, ``\\u202e``, ...): the worker's output is
         hostile.
         """
-        return self._tail.text()
+        return self._output.text()
 
     def __repr__(self) -> str:
         return f"<trio_mojo.Worker pid={self.pid} returncode={self.returncode}>"
-
-
-class _Tail:
-    """The last :data:`STDERR_TAIL_BYTES` of a stream."""
-
-    def __init__(self) -> None:
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._size = 0
-        self._drained = trio.Event()
-
-    def add(self, data: bytes | bytearray) -> None:
-        self._chunks.append(bytes(data))
-        self._size += len(data)
-        while self._size - len(self._chunks[0]) >= STDERR_TAIL_BYTES:
-            self._size -= len(self._chunks.popleft())
-
-    def text(self) -> str:
-        raw = b"".join(self._chunks)[-STDERR_TAIL_BYTES:]
-        return escape_controls(raw.decode(errors="replace"))
-
-    async def drain(self, stream: trio.abc.ReceiveStream) -> None:
-        try:
-            async for chunk in stream:
-                self.add(chunk)
-        finally:
-            self._drained.set()
-
-    async def settle(self) -> None:
-        """Wait until the stream ended, so the tail is complete (bounded).
-
-        A child that exited has closed its stderr, but the drain task may
-        not have read the last bytes yet (a traceback written just before
-        the exit).  The wait is bounded because a grandchild can hold the
-        pipe open.
-        """
-        with trio.move_on_after(_TAIL_SETTLE_TIME):
-            await self._drained.wait()
-
-
-_SHOWN_AS_IS: Final = frozenset("\n\t")
-_INVISIBLE: Final = frozenset(("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"))
-"""Unicode categories escaped in a worker's stderr: controls (C0, C1, DEL),
-formatting characters (bidi overrides and isolates, zero-width ones),
-surrogates, private-use and unassigned code points, line and paragraph
-separators."""
-
-
-def escape_controls(text: str) -> str:
-    """``text`` with every control character but ``\\n`` and ``\\t`` escaped.
-
-    A worker's stderr is hostile: written verbatim into a log or a terminal,
-    an ``ESC`` sequence could rewrite the screen, a ``\\r`` overwrite the
-    line, a bidi override reorder what is shown.  Such characters become
-    ``\\x1b``, ``\\r``, ``\\u202e`` (their ``repr`` escape).
-    """
-    return "".join(
-        repr(char)[1:-1]
-        if char not in _SHOWN_AS_IS and unicodedata.category(char) in _INVISIBLE
-        else char
-        for char in text
-    )
-
-
-def _check_target(target: str) -> None:
-    module, sep, function = target.partition(":")
-    if not sep or not module or not function.isidentifier():
-        raise ValueError(
-            f"target must look like 'package.module:function', not {target!r}"
-        )
-    if not all(part.isidentifier() for part in module.split(".")):
-        raise ValueError(f"target module {module!r} is not a dotted name")
 
 
 def _environment(extra: Mapping[str, str] | None) -> dict[str, str]:
@@ -240,36 +178,88 @@ def _environment(extra: Mapping[str, str] | None) -> dict[str, str]:
     return env
 
 
+def _interpreter(python: str | os.PathLike[str] | None) -> str:
+    return os.fspath(python) if python is not None else sys.executable
+
+
+async def check_target(
+    spec: str,
+    *,
+    zygote: Zygote | None,
+    python: str | os.PathLike[str] | None,
+    env: Mapping[str, str] | None,
+    startup_timeout: float,
+) -> None:
+    """Check, before anything starts, that a worker's interpreter (or its
+    zygote's) can import the module of target ``spec`` in isolated mode.
+
+    A module the zygote preloaded is not checked again.
+
+    Raises:
+        WorkerTargetError: it cannot (one line: why, and how to fix it).
+        WorkerError: the interpreter did not say what it imports.
+        OSError: the interpreter cannot be run.
+    """
+    if zygote is None:
+        await check_importable(
+            spec,
+            python=_interpreter(python),
+            env=_environment(env),
+            startup_timeout=startup_timeout,
+        )
+    elif target_module(spec) not in zygote.preloaded:
+        await check_importable(
+            spec,
+            python=zygote._python,
+            env=zygote._env,
+            startup_timeout=startup_timeout,
+        )
+
+
+def _cause(exc: BaseException) -> BaseException | None:
+    """What a WorkerError shows as its cause: a channel failure says
+    something; a clean end of channel only that the worker is gone."""
+    return None if isinstance(exc, trio.EndOfChannel) else exc
+
+
 async def _worker_error(
-    what: str, process: ProcessLike, tail: _Tail, cause: BaseException | None = None
+    what: str,
+    process: ProcessLike,
+    output: ChildOutput,
+    cause: BaseException | None = None,
 ) -> WorkerError:
     if process.returncode is not None:
-        await tail.settle()
+        await output.settle()
     error = WorkerError(
         f"worker pid {process.forwarded_pid or process.pid} {what}",
         returncode=process.returncode,
-        stderr_tail=tail.text(),
+        stderr_tail=output.text(),
     )
     error.__cause__ = cause
+    error.__suppress_context__ = True
     return error
 
 
-async def _first_message(channel: Channel, process: ProcessLike, tail: _Tail) -> bytes:
+async def _first_message(
+    channel: Channel, process: ProcessLike, output: ChildOutput
+) -> bytes:
     try:
         report = await channel.receive()
     except (trio.EndOfChannel, ChannelError) as exc:
-        with trio.move_on_after(2):
-            await process.wait()
-        raise await _worker_error(
-            "exited before it was ready", process, tail, exc
-        ) from exc
-    report.close()
-    return report.payload
+        ended = exc
+    else:
+        report.close()
+        return report.payload
+    with trio.move_on_after(_EXIT_WAIT):
+        await process.wait()
+    raise await _worker_error(
+        "exited before it was ready", process, output, _cause(ended)
+    )
 
 
 @asynccontextmanager
 async def open_worker(
-    target: str,
+    target: str | Callable[[Channel], Awaitable[object]],
     *,
     sandbox: SandboxPolicy | None = None,
     zygote: Zygote | None = None,
@@ -278,6 +268,7 @@ async def open_worker(
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
     stdout: int | None = subprocess.DEVNULL,
+    forward_output: bool = False,
     startup_timeout: float = 30.0,
     grace_period: float = 5.0,
     **channel_options: Any,
@@ -294,10 +285,14 @@ async def open_worker(
     exited with a non-zero status raises :class:`WorkerError`.
 
     Args:
-        target: ``"package.module:function"``; an async function the worker
-            calls with its :class:`Channel` (the other end of
-            ``worker.channel``).  It must be importable by the worker's
-            interpreter in isolated mode (an installed package).
+        target: the async function the worker calls with its
+            :class:`Channel` (the other end of ``worker.channel``), as
+            ``"package.module:function"`` or as the function object itself,
+            if a worker can import it by that name (defined at the top
+            level of a module: no lambda, closure, method or function of
+            ``__main__``).  Its module must be importable by the worker's
+            interpreter in isolated mode (an installed package); that is
+            checked before anything starts, without importing it here.
         sandbox: the :class:`SandboxPolicy`; default
             :meth:`SandboxPolicy.strict` (with a ``zygote``: its
             ``sandbox``).  Running without one needs
@@ -308,13 +303,21 @@ async def open_worker(
             refused).
         file_access: :class:`FileAccess` rules for the file broker; the
             worker opens files with ``await current_broker().open(path)``.
-        python: the interpreter (default :data:`sys.executable`).
+        python: the interpreter (default :data:`sys.executable`).  It runs
+            ``python -I -m trio_mojo._workers._bootstrap ...`` and, once
+            per interpreter, ``python -I <trio_mojo>/_workers/_importable.py
+            MODULE`` to say what it can import.
         env: the worker's environment; default: the parent's variables
             ``PATH``, ``LANG``, ``LC_ALL``, ``LC_CTYPE`` and ``TZ``, nothing
             else.
         cwd: the worker's working directory.
         stdout: where the worker's stdout goes (default ``/dev/null``;
             ``None`` inherits the parent's).
+        forward_output: write each line of the worker's stderr and stdout
+            to this process's :data:`sys.stderr` and :data:`sys.stdout` as
+            it comes, as ``[worker PID] text``: control characters escaped,
+            lines longer than 4096 bytes cut.  The stderr tail is kept as
+            well; ``stdout`` must be left at its default.
         startup_timeout: seconds to wait for the worker's sandbox report (and
             the longest the worker waits for its go-ahead after sending it).
         grace_period: seconds a normal exit waits for the worker to finish
@@ -325,20 +328,31 @@ async def open_worker(
         The running :class:`Worker`.
 
     Raises:
+        WorkerTargetError: the target cannot run (one line that says why
+            and what to do): a malformed string, a function object a worker
+            cannot import by name or that is not an ``async def``, a module
+            the worker's interpreter cannot import (all raised before
+            anything starts); or, reported by the worker, a module that
+            raised on import, a function it does not have, or one that is
+            not an ``async def``.
         SandboxUnavailableError: a required sandbox layer cannot be applied
             (raised before spawning, or when the worker's report or
             ``/proc`` show it missing; the worker is then killed).
         WorkerError: the worker failed to start, exited with a non-zero
             status, or its report was malformed.
-        ValueError: a bad ``target``, a read-write ``file_access`` rule
-            with a policy whose ``max_file_size`` is 0 (``strict()``), or
-            ``python`` or ``env`` with a ``zygote``.
+        ValueError: a read-write ``file_access`` rule with a policy whose
+            ``max_file_size`` is 0 (``strict()``), ``python`` or ``env``
+            with a ``zygote``, or ``stdout`` with ``forward_output``.
     """
-    _check_target(target)
+    spec = target_spec(target)
     if zygote is not None and (python is not None or env is not None):
         raise ValueError(
             "a worker forked from a zygote has the zygote's interpreter and "
             "environment: pass python= and env= to open_zygote()"
+        )
+    if forward_output and stdout != subprocess.DEVNULL:
+        raise ValueError(
+            "forward_output=True forwards the worker's stdout: leave stdout= unset"
         )
     if sandbox is not None:
         policy = sandbox
@@ -349,7 +363,7 @@ async def open_worker(
     policy.check()
     if policy.is_unsandboxed:
         _log.warning(
-            "starting worker %s with SandboxPolicy.none(): it runs unsandboxed", target
+            "starting worker %s with SandboxPolicy.none(): it runs unsandboxed", spec
         )
     rules = sequence_of_rules(file_access)
     broker = FileBroker(rules) if rules else None
@@ -359,6 +373,10 @@ async def open_worker(
             "max_file_size=0 (RLIMIT_FSIZE): every write would fail with EFBIG; use "
             "attrs.evolve(policy, max_file_size=None) or a byte limit"
         )
+    await check_target(
+        spec, zygote=zygote, python=python, env=env, startup_timeout=startup_timeout
+    )
+    child_stdout = subprocess.PIPE if forward_output else stdout
 
     local, remote = channel_pair()
     endpoints: dict[str, Endpoint] = {CHANNEL_SWITCH: remote}
@@ -367,11 +385,11 @@ async def open_worker(
         broker_local, broker_remote = channel_pair()
         endpoints[BROKER_SWITCH] = broker_remote
     argv = [
-        os.fspath(python) if python is not None else sys.executable,
+        _interpreter(python),
         "-I",
         "-m",
         "trio_mojo._workers._bootstrap",
-        f"--target={target}",
+        f"--target={spec}",
         f"--parent-pid={os.getpid()}",
         f"--sandbox={policy.to_json()}",
         f"--startup-timeout={startup_timeout}",
@@ -379,10 +397,10 @@ async def open_worker(
     try:
         if zygote is not None:
             process: ProcessLike = await zygote._start_worker(
-                target,
+                spec,
                 policy,
                 endpoints,
-                stdout=stdout,
+                stdout=child_stdout,
                 cwd=cwd,
                 startup_timeout=startup_timeout,
             )
@@ -393,7 +411,7 @@ async def open_worker(
                 env=_environment(env),
                 cwd=cwd,
                 stdin=subprocess.DEVNULL,
-                stdout=stdout,
+                stdout=child_stdout,
                 stderr=subprocess.PIPE,
                 start_new_session=True,
             )
@@ -402,31 +420,35 @@ async def open_worker(
         if broker_local is not None:
             broker_local.close()
         raise
+    output = ChildOutput(forward=forward_output)
     try:
         async with (
-            owned_child(process) as (nursery, tail),
+            owned_child(process, output) as nursery,
             open_channel(local, **channel_options) as channel,
         ):
             broker_scope = trio.CancelScope()
             if broker is not None and broker_local is not None:
                 nursery.start_soon(_serve_broker, broker, broker_local, broker_scope)
             report, pid = await _handshake(
-                channel, process, tail, policy, startup_timeout
+                channel, process, output, spec, policy, startup_timeout
             )
-            worker = Worker(process, pid, channel, report, tail)
+            output.pid = pid
+            worker = Worker(process, pid, channel, report, output)
             worker.broker = broker
             try:
                 yield worker
                 await channel.aclose()
             except (ChannelError, trio.EndOfChannel) as exc:
-                error = await _explain(exc, process, tail)
+                error = await _explain(exc, process, output)
                 if error is exc:
                     raise
-                raise error from exc
+                raise error from error.__cause__
             # The broker serves until the worker has exited: a target may
             # still use it after its channel's EOF.
-            await _finish(process, tail, grace_period)
+            await _finish(process, output, grace_period)
             broker_scope.cancel()
+            if forward_output:
+                await output.settle()  # its last lines, before the block ends
     finally:
         local.close()
         if broker_local is not None:
@@ -435,26 +457,25 @@ async def open_worker(
 
 @asynccontextmanager
 async def owned_child(
-    process: ProcessLike,
-) -> AsyncIterator[tuple[trio.Nursery, _Tail]]:
-    """Own a started child for a block: its stderr tail, its helper tasks.
+    process: ProcessLike, output: ChildOutput
+) -> AsyncIterator[trio.Nursery]:
+    """Own a started child for a block: its output, its helper tasks.
 
-    Yields a nursery for the block's helper tasks (a stderr drain into the
-    :class:`_Tail` yielded runs there already); they are cancelled when the
-    block ends.  A block that fails (an exception or a cancellation) kills
-    the child at once, and its error reaches the caller bare: not in an
-    exception group, even when the helper tasks saw an outer cancellation
-    too.  Either way the child is killed if it still runs, and its pipes
-    are closed.  ``open_worker`` and ``open_zygote`` own their child so.
+    Yields a nursery for the block's helper tasks; ``output`` reads the
+    child's pipes there already (:meth:`ChildOutput.start`).  They are
+    cancelled when the block ends.  A block that fails (an exception or a
+    cancellation) kills the child at once, and its error reaches the
+    caller bare: not in an exception group, even when the helper tasks saw
+    an outer cancellation too.  Either way the child is killed if it still
+    runs, and its pipes are closed.  ``open_worker`` and ``open_zygote`` own
+    their child so.
     """
-    tail = _Tail()
     raised: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
-            assert process.stderr is not None
-            nursery.start_soon(tail.drain, process.stderr)
+            output.start(nursery, process)
             try:
-                yield nursery, tail
+                yield nursery
             except BaseException as exc:
                 # Raised outside the nursery, so the caller gets it bare.
                 raised = exc
@@ -476,7 +497,8 @@ async def owned_child(
 async def _handshake(
     channel: Channel,
     process: ProcessLike,
-    tail: _Tail,
+    output: ChildOutput,
+    spec: str,
     policy: SandboxPolicy,
     startup_timeout: float,
 ) -> tuple[SandboxReport, int]:
@@ -484,19 +506,30 @@ async def _handshake(
 
     Returns the report and the host pid of the process running the target.
     """
-    try:
-        with trio.fail_after(startup_timeout):
-            payload = await _first_message(channel, process, tail)
-    except trio.TooSlowError as exc:
+    with trio.move_on_after(startup_timeout) as waited:
+        payload = await _first_message(channel, process, output)
+    if waited.cancelled_caught:
         raise await _worker_error(
-            f"sent no sandbox report within {startup_timeout} s", process, tail
-        ) from exc
+            f"sent no sandbox report within {startup_timeout} s", process, output
+        )
     try:
-        report = SandboxReport.from_bytes(payload)
-    except ValueError as exc:
+        failure = parse_target_failed(payload, spec)
+        report = None if failure is not None else SandboxReport.from_bytes(payload)
+    except ValueError:
         raise await _worker_error(
-            "sent a malformed sandbox report", process, tail
-        ) from exc
+            "sent a malformed sandbox report", process, output
+        ) from None
+    if failure is not None:
+        with trio.move_on_after(_EXIT_WAIT):
+            await process.wait()
+        await output.settle()
+        raise WorkerTargetError(
+            failure,
+            target=spec,
+            returncode=process.returncode,
+            stderr_tail=output.text(),
+        )
+    assert report is not None
     if report.failed is not None:  # the worker said so: it exits without its target
         raise SandboxUnavailableError(report.failed, report.reason or "failed")
     located = False
@@ -513,7 +546,7 @@ async def _handshake(
         # not run) leaves /proc entries that are gone or half torn down.
         if await _died(process, located):
             raise await _worker_error(
-                "died before its sandbox was verified", process, tail, exc
+                "died before its sandbox was verified", process, output, exc
             ) from exc
         if isinstance(exc, SandboxUnavailableError):
             raise
@@ -537,21 +570,23 @@ async def _died(process: ProcessLike, located: bool) -> bool:
     return process.returncode is not None
 
 
-async def _finish(process: ProcessLike, tail: _Tail, grace_period: float) -> None:
+async def _finish(
+    process: ProcessLike, output: ChildOutput, grace_period: float
+) -> None:
     """Wait for the worker to exit after its channel closed; check its status."""
     exited = await reap(process, grace_period=grace_period)
     if exited and process.returncode:
-        raise await _worker_error("failed", process, tail)
+        raise await _worker_error("failed", process, output)
 
 
 async def _explain(
-    exc: BaseException, process: ProcessLike, tail: _Tail
+    exc: BaseException, process: ProcessLike, output: ChildOutput
 ) -> BaseException:
     """The channel broke: a WorkerError if the worker died by itself."""
     with trio.CancelScope(shield=True), trio.move_on_after(0.5):
         await process.wait()
     if process.returncode:
-        return await _worker_error("died", process, tail, exc)
+        return await _worker_error("died", process, output, _cause(exc))
     return exc
 
 

@@ -18,8 +18,10 @@ checks in ``/proc``) is what a spawned worker does.
 The parent asks over a control channel (``_zygote_protocol``) and passes the
 worker's fds with the request: its channel end, its broker channel end, the
 write end of its stderr pipe (the parent keeps the read end and the tail,
-as for a spawned worker), and its stdout when it is not ``/dev/null``.  The
-zygote replies with the worker's pid and a pidfd of it.
+as for a spawned worker), and its stdout when it is not ``/dev/null`` (the
+write end of a pipe whose read end the parent keeps, when the worker's
+output is forwarded).  The zygote replies with the worker's pid and a
+pidfd of it.
 
 The zygote is the worker's parent, so only it can reap the worker; it
 reports each exit status over the channel.  A :class:`ForkedProcess` is the
@@ -51,8 +53,7 @@ import re
 import select
 import signal
 import subprocess
-import sys
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Final
 
@@ -62,12 +63,13 @@ import trio
 from trio_mojo._channel import Channel, open_channel
 from trio_mojo._core._message import Message
 from trio_mojo._endpoint import Endpoint, channel_pair
-from trio_mojo._errors import ChannelError, WorkerError
+from trio_mojo._errors import ChannelError, WorkerError, WorkerTargetError
 from trio_mojo._handles import Handle, close_all
 from trio_mojo._sandbox import SandboxPolicy
 
 from . import _zygote_protocol as protocol
 from ._broker import BROKER_SWITCH
+from ._output import ChildOutput, escape_controls
 from ._spawn import (
     CHANNEL_SWITCH,
     Process,
@@ -75,7 +77,8 @@ from ._spawn import (
     reap,
     start_with_endpoints,
 )
-from ._worker import _environment, _Tail, owned_child
+from ._target import Target, check_importable, target_spec
+from ._worker import _environment, _interpreter, owned_child
 
 __all__ = ["ForkedProcess", "Zygote", "open_zygote"]
 
@@ -99,8 +102,9 @@ class ForkedProcess(SignalForwarding):
     itself.  Otherwise its lockdown makes this process the supervisor of
     the worker proper, and once ``open_worker`` has found that one,
     signals go to it (:meth:`forward_signals`).  ``stderr`` is the read
-    end of the worker's stderr pipe, as a Trio stream; ``stdin`` and
-    ``stdout`` are always ``None``.
+    end of the worker's stderr pipe, as a Trio stream, and so is ``stdout``
+    when the worker's stdout is a pipe to this process (else ``None``);
+    ``stdin`` is always ``None``.
     """
 
     def __init__(
@@ -111,12 +115,13 @@ class ForkedProcess(SignalForwarding):
         target: str,
         *,
         own_pid_namespace: bool,
+        stdout: trio.lowlevel.FdStream | None = None,
     ) -> None:
         self.pid: Final = pid
         self.supervises_namespaced_worker: Final = not own_pid_namespace
         self.args: Final = (target,)
         self.stdin: trio.lowlevel.FdStream | None = None
-        self.stdout: trio.lowlevel.FdStream | None = None
+        self.stdout: trio.lowlevel.FdStream | None = stdout
         self.stderr: trio.lowlevel.FdStream | None = stderr
         self._pidfd: Handle | None = pidfd
         self._returncode: int | None = None
@@ -190,37 +195,60 @@ class ForkedProcess(SignalForwarding):
             self._pidfd = None
         self._settled.set()
 
-    def _close_stderr(self) -> None:
-        if self.stderr is not None:
-            self.stderr.close()
-            self.stderr = None
+    def _close_pipes(self) -> None:
+        for stream in (self.stderr, self.stdout):
+            if stream is not None:
+                stream.close()
+        self.stderr = self.stdout = None
 
     def __repr__(self) -> str:
         return f"<trio_mojo.ForkedProcess pid={self.pid} returncode={self._returncode}>"
+
+
+def _pipe_to_parent(read_ends: list[trio.lowlevel.FdStream]) -> Handle:
+    """A pipe: its read end, a Trio stream, is added to ``read_ends``; its
+    write end, for the worker, is returned."""
+    read_fd, write_fd = os.pipe()
+    try:
+        read_ends.append(trio.lowlevel.FdStream(read_fd))
+    except BaseException:
+        os.close(read_fd)
+        os.close(write_fd)
+        raise
+    return Handle(write_fd)
 
 
 def _orphan(process: ForkedProcess) -> None:
     """A worker whose request was cancelled: kill it; only its exit is awaited."""
     process._orphaned = True
     process.kill()
-    process._close_stderr()
+    process._close_pipes()
 
 
 class _Pending:
     """One spawn request waiting for the zygote's reply."""
 
-    def __init__(self, target: str, stderr: trio.lowlevel.FdStream) -> None:
+    def __init__(
+        self,
+        target: str,
+        stderr: trio.lowlevel.FdStream,
+        stdout: trio.lowlevel.FdStream | None,
+    ) -> None:
         self.target = target
-        self.stderr: trio.lowlevel.FdStream | None = stderr
+        self.pipes: tuple[trio.lowlevel.FdStream, trio.lowlevel.FdStream | None] | None
+        self.pipes = (stderr, stdout)
+        """The read ends of the worker's stderr and stdout, until it is forked."""
         self.done = trio.Event()
         self.process: ForkedProcess | None = None
         self.error: WorkerError | None = None
         self.abandoned = False
 
     def close(self) -> None:
-        if self.stderr is not None:
-            self.stderr.close()
-            self.stderr = None
+        if self.pipes is not None:
+            for stream in self.pipes:
+                if stream is not None:
+                    stream.close()
+            self.pipes = None
 
 
 class Zygote:
@@ -236,15 +264,19 @@ class Zygote:
         self,
         process: Process,
         channel: Channel,
-        tail: _Tail,
+        output: ChildOutput,
         *,
         preloaded: tuple[str, ...],
         sandbox: SandboxPolicy,
         max_pending: int,
+        python: str,
+        env: Mapping[str, str],
     ) -> None:
         self._process = process
         self._channel = channel
-        self._tail = tail
+        self._tail = output
+        self._python = python
+        self._env = env
         self.preloaded: Final = preloaded
         self.sandbox: Final = sandbox
         self._slots = trio.Semaphore(max_pending)
@@ -293,8 +325,9 @@ class Zygote:
         ``endpoints`` maps :data:`CHANNEL_SWITCH` (required) and
         :data:`BROKER_SWITCH` to the ends the worker gets; they are closed
         here whatever happens.  ``stdout`` is ``subprocess.DEVNULL``,
-        ``None`` (this process's stdout) or an fd; the worker waits at most
-        ``startup_timeout`` seconds for its go-ahead.
+        ``None`` (this process's stdout), ``subprocess.PIPE`` (a pipe to
+        this process: the handle's ``stdout``) or an fd; the worker waits at
+        most ``startup_timeout`` seconds for its go-ahead.
 
         Raises:
             WorkerError: the zygote refused the request (it has threads, or
@@ -302,17 +335,20 @@ class Zygote:
         """
         handles: list[Handle] = []
         roles: list[str] = []
-        read_end: trio.lowlevel.FdStream | None = None
+        read_ends: list[trio.lowlevel.FdStream] = []
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
             for switch, endpoint in endpoints.items():
                 roles.append(_ROLE_OF_SWITCH[switch])
                 handles.append(Handle(endpoint.detach()))
-            read_fd, write_fd = os.pipe()
-            read_end = trio.lowlevel.FdStream(read_fd)
             roles.append("stderr")
-            handles.append(Handle(write_fd))
-            if stdout is not subprocess.DEVNULL:
+            handles.append(_pipe_to_parent(read_ends))
+            stdout_end = None
+            if stdout == subprocess.PIPE:
+                roles.append("stdout")
+                handles.append(_pipe_to_parent(read_ends))
+                stdout_end = read_ends[-1]
+            elif stdout != subprocess.DEVNULL:
                 roles.append("stdout")
                 handles.append(Handle.dup(1 if stdout is None else stdout))
             request = protocol.SpawnRequest(
@@ -323,16 +359,16 @@ class Zygote:
                 cwd=None if cwd is None else os.fspath(cwd),
                 startup_timeout=startup_timeout,
             )
-            pending = _Pending(target, read_end)
-            read_end = None  # the pending request owns it now
+            pending = _Pending(target, read_ends[0], stdout_end)
+            read_ends.clear()  # the pending request owns them now
             async with self._slots:
                 return await self._request(request, handles, pending)
         finally:
             close_all(handles)
             for endpoint in endpoints.values():
                 endpoint.close()
-            if read_end is not None:
-                read_end.close()
+            for stream in read_ends:
+                stream.close()
 
     async def _request(
         self, request: protocol.SpawnRequest, handles: list[Handle], pending: _Pending
@@ -354,7 +390,7 @@ class Zygote:
             close_all(message.handles)
             pending.close()
             if isinstance(exc, trio.ClosedResourceError | ChannelError):
-                raise self._lost_error() from exc
+                raise self._lost_error() from None
             raise
         self._pending[request.id] = pending
         try:
@@ -434,9 +470,9 @@ class Zygote:
             )
             pending.done.set()
             return
-        stderr = pending.stderr
-        assert stderr is not None
-        pending.stderr = None
+        assert pending.pipes is not None
+        stderr, stdout = pending.pipes
+        pending.pipes = None
         pidfd = Handle(message.handles[0].detach())
         process = ForkedProcess(
             reply.pid,
@@ -444,6 +480,7 @@ class Zygote:
             stderr,
             pending.target,
             own_pid_namespace=reply.own_pid_namespace,
+            stdout=stdout,
         )
         self._processes[reply.pid] = process
         self.forked += 1
@@ -473,57 +510,70 @@ class Zygote:
         for process in [*self._processes.values()]:
             process.kill()
             process._settle(-signal.SIGKILL)
-            process._close_stderr()
+            process._close_pipes()
         self._processes.clear()
 
 
-def _module_names(preload: Iterable[str]) -> tuple[str, ...]:
+def _preload_items(preload: Iterable[str | Target]) -> tuple[str, ...]:
+    """Each preload as a module name or a ``module:function`` target."""
     if isinstance(preload, str):
         raise TypeError("preload must be a list of module names, not a string")
-    names = []
+    items = []
     for item in preload:
-        name = item.partition(":")[0] if isinstance(item, str) else item
-        if not isinstance(name, str) or not _MODULE_NAME.fullmatch(name):
-            raise ValueError(f"preload {item!r} is not a dotted module name")
-        names.append(name)
-    return tuple(dict.fromkeys(names))
+        if isinstance(item, str) and ":" not in item:
+            if not _MODULE_NAME.fullmatch(item):
+                raise WorkerTargetError(
+                    f"zygote preload {item!r} is not a dotted module name", target=item
+                )
+            items.append(item)
+        else:
+            items.append(target_spec(item))
+    return tuple(dict.fromkeys(items))
 
 
 async def _ready(
     channel: Channel,
     process: Process,
-    tail: _Tail,
-    python: str,
+    output: ChildOutput,
     startup_timeout: float,
 ) -> protocol.Ready:
     """The zygote's first message: ready, or which preload failed."""
-    try:
-        with trio.fail_after(startup_timeout):
+    with trio.move_on_after(startup_timeout) as waited:
+        try:
             message = await channel.receive()
-    except trio.TooSlowError:
+        except (trio.EndOfChannel, ChannelError) as exc:
+            ended: BaseException | None = exc
+        else:
+            ended = None
+    if waited.cancelled_caught:
         raise WorkerError(
             f"zygote pid {process.pid} was not ready within {startup_timeout} s",
-            stderr_tail=tail.text(),
-        ) from None
-    except (trio.EndOfChannel, ChannelError) as exc:
+            stderr_tail=output.text(),
+        )
+    if ended is not None:
         with trio.move_on_after(_DEAD_ZYGOTE_WAIT):
             await process.wait()
-        await tail.settle()
-        raise WorkerError(
+        await output.settle()
+        error = WorkerError(
             f"zygote pid {process.pid} exited before it was ready",
             returncode=process.returncode,
-            stderr_tail=tail.text(),
-        ) from exc
+            stderr_tail=output.text(),
+        )
+        raise error from (None if isinstance(ended, trio.EndOfChannel) else ended)
     with message:
         try:
             reply = protocol.parse_reply(message.payload, len(message.handles))
         except protocol.ProtocolError as exc:
             raise WorkerError(f"zygote pid {process.pid}: {exc}") from None
     if isinstance(reply, protocol.PreloadFailed):
-        raise WorkerError(
-            f"zygote preload {reply.module!r} failed: {reply.error} (the zygote runs "
-            f"{python} -I, so the module must be installed in that interpreter's "
-            "environment, e.g. with its pip)"
+        with trio.move_on_after(_DEAD_ZYGOTE_WAIT):
+            await process.wait()
+        await output.settle()
+        raise WorkerTargetError(
+            escape_controls(reply.error, keep=frozenset()),
+            target=reply.module,
+            returncode=process.returncode,
+            stderr_tail=output.text(),
         )
     if not isinstance(reply, protocol.Ready):
         raise WorkerError(f"zygote pid {process.pid} sent {reply!r} first")
@@ -533,7 +583,7 @@ async def _ready(
 @asynccontextmanager
 async def open_zygote(
     *,
-    preload: Iterable[str] = (),
+    preload: Iterable[str | Callable[[Channel], Awaitable[object]]] = (),
     sandbox: SandboxPolicy | None = None,
     python: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
@@ -549,9 +599,13 @@ async def open_zygote(
     exactly like a spawned worker.
 
     Args:
-        preload: modules the zygote imports at start (a ``"module:function"``
-            target names its module).  A worker's target that is not
-            preloaded is imported in the forked worker, before its sandbox.
+        preload: what the zygote imports at start: module names, or worker
+            targets (``"module:function"`` or function objects, as
+            :func:`open_worker` takes them), whose function must then exist
+            and be an ``async def``.  Each module must be importable by
+            ``python -I``; that is checked before the zygote starts.  A
+            worker's target that is not preloaded is imported in the forked
+            worker, before its sandbox.
         sandbox: the :class:`SandboxPolicy` of its workers when
             ``open_worker`` names none; default :meth:`SandboxPolicy.strict`.
             Checked here, before the zygote starts.
@@ -565,34 +619,48 @@ async def open_zygote(
             further ones wait for a free slot.
 
     Raises:
-        WorkerError: the zygote did not start, or a preload failed to import
-            (one line naming the module and the error).
+        WorkerTargetError: a preload is not a module name or a target, is
+            not importable by ``python -I`` (both before the zygote
+            starts), or failed in the zygote: its import raised, or a
+            target's function is missing or not an ``async def`` (one line
+            naming it and the error).
+        WorkerError: the zygote did not start.
         SandboxUnavailableError: ``sandbox`` requires a layer this machine
             cannot apply.
-        ValueError: a preload is not a module name, or ``max_pending < 1``.
+        ValueError: ``max_pending < 1``.
     """
-    modules = _module_names(preload)
+    items = _preload_items(preload)
     policy = SandboxPolicy.strict() if sandbox is None else sandbox
     if not isinstance(policy, SandboxPolicy):
         raise TypeError(f"sandbox must be a SandboxPolicy, not {policy!r}")
     policy.check()
     if max_pending < 1:
         raise ValueError(f"max_pending={max_pending} must be at least 1")
-    interpreter = os.fspath(python) if python is not None else sys.executable
+    interpreter = _interpreter(python)
+    environment = _environment(env)
+    for item in items:
+        what = "worker target module" if ":" in item else "zygote preload module"
+        await check_importable(
+            item,
+            python=interpreter,
+            env=environment,
+            startup_timeout=startup_timeout,
+            what=what,
+        )
     argv = [
         interpreter,
         "-I",
         "-m",
         "trio_mojo._workers._zygote_main",
         f"--parent-pid={os.getpid()}",
-        f"--preload={','.join(modules)}",
+        f"--preload={','.join(items)}",
     ]
     local, remote = channel_pair()
     try:
         process = await start_with_endpoints(
             argv,
             {CHANNEL_SWITCH: remote},
-            env=_environment(env),
+            env=environment,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -603,23 +671,24 @@ async def open_zygote(
         raise
     zygote: Zygote | None = None
     try:
-        async with owned_child(process) as (nursery, tail):
+        output = ChildOutput()
+        async with owned_child(process, output) as nursery:
             async with open_channel(
                 local,
                 max_message_size=protocol.MAX_CONTROL_MESSAGE,
                 max_handles_per_message=1,
                 max_queued_handles=1,
             ) as channel:
-                ready = await _ready(
-                    channel, process, tail, interpreter, startup_timeout
-                )
+                ready = await _ready(channel, process, output, startup_timeout)
                 zygote = Zygote(
                     process,
                     channel,
-                    tail,
+                    output,
                     preloaded=ready.preloaded,
                     sandbox=policy,
                     max_pending=max_pending,
+                    python=interpreter,
+                    env=environment,
                 )
                 dispatcher = trio.CancelScope()
                 nursery.start_soon(zygote._dispatch, dispatcher)

@@ -5,11 +5,14 @@ Theory of operation
 
 :func:`~trio_mojo.open_zygote` starts this module with::
 
-    --parent-pid=P --preload=pkg.a,pkg.b --mojo-platform-channel-handle=N
+    --parent-pid=P --preload=pkg.a,pkg.b:func --mojo-platform-channel-handle=N
 
 The zygote closes every fd but 0, 1, 2 and its control channel, arms
 ``PR_SET_PDEATHSIG`` against the parent, imports Trio, trio_mojo and the
-preloads, prepares what every worker would otherwise build for itself
+preloads (a preload ``module:function`` is a worker target: the function
+must exist and be an ``async def``, ``_target.load_target``; a preload that
+fails is reported in one line, ``preload_failed``, and the zygote exits),
+prepares what every worker would otherwise build for itself
 (the seccomp program: ``_sandbox._apply.prepare``), freezes its objects
 for the collector (``gc.freeze()``), says ``ready``, and from then on only
 forks workers when the parent asks (``_zygote_protocol``).  Starting a
@@ -53,7 +56,9 @@ starts a new session, puts its fds where a worker's go (0 ``/dev/null``,
 channel) and closes every other one, the zygote's control socket
 included, so a worker shares nothing with the zygote.  Then it runs
 exactly what a spawned worker's bootstrap runs: it imports the target (a
-no-op when preloaded) and calls the bootstrap's ``lock_down_and_run``,
+no-op when preloaded; one that cannot be loaded is reported to the parent
+on the worker's channel, as the bootstrap reports it) and calls the
+bootstrap's ``lock_down_and_run``,
 which applies the whole sandbox (the namespaces are created here, in the
 child), sends the report, waits for the parent's go-ahead and calls the
 target.  It leaves with ``os._exit``, never back into the zygote's loop.
@@ -64,7 +69,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import gc
-import importlib
 import os
 import select
 import signal
@@ -92,8 +96,14 @@ from trio_mojo._sandbox._apply import (
 from trio_mojo._sandbox._pidns import NamespaceForker
 
 from . import _zygote_protocol as protocol
-from ._bootstrap import _fd_of, _load_target, _option, lock_down_and_run
+from ._bootstrap import _fd_of, _option, lock_down_and_run, report_target_failure
 from ._spawn import CHANNEL_SWITCH, recover_endpoint
+from ._target import (
+    TargetLoadError,
+    import_target_module,
+    load_target,
+    print_import_traceback,
+)
 
 __all__ = ["WORKER_FDS", "main"]
 
@@ -111,7 +121,7 @@ _MAX_ERROR: Final = 1000
 
 _USAGE: Final = (
     "usage: python -I -m trio_mojo._workers._zygote_main --parent-pid=P "
-    "[--preload=MOD,...] --mojo-platform-channel-handle=N\n"
+    "[--preload=MOD[:FUNC],...] --mojo-platform-channel-handle=N\n"
     "This is trio_mojo's zygote; start it with trio_mojo.open_zygote()."
 )
 
@@ -359,17 +369,23 @@ def _become_worker(
         _install_fds(fds)
         if request.cwd is not None:
             os.chdir(request.cwd)
-        target = _load_target(request.target)
         channel = Endpoint.from_fd(WORKER_FDS["channel"])
-        broker = Endpoint.from_fd(WORKER_FDS["broker"]) if "broker" in fds else None
-        status = lock_down_and_run(
-            target,
-            policy,
-            channel,
-            broker,
-            request.startup_timeout,
-            own_pid_namespace=own_pid_namespace,
-        )
+        try:
+            target = load_target(request.target)
+        except TargetLoadError as error:
+            status = report_target_failure(
+                channel, request.target, error, request.startup_timeout
+            )
+        else:
+            broker = Endpoint.from_fd(WORKER_FDS["broker"]) if "broker" in fds else None
+            status = lock_down_and_run(
+                target,
+                policy,
+                channel,
+                broker,
+                request.startup_timeout,
+                own_pid_namespace=own_pid_namespace,
+            )
     except BaseException:
         traceback.print_exc()
     finally:
@@ -414,12 +430,17 @@ def _namespace_forker() -> NamespaceForker | None:
         return None  # each worker's lockdown makes its own, with a supervisor
 
 
-def _preload(modules: Sequence[str]) -> protocol.PreloadFailed | None:
-    for module in modules:
+def _preload(items: Sequence[str]) -> protocol.PreloadFailed | None:
+    """Import each module, or target (``module:function``, checked too)."""
+    for item in items:
         try:
-            importlib.import_module(module)
-        except BaseException as exc:  # SystemExit at import time too
-            return protocol.PreloadFailed(module=module, error=_describe(exc))
+            if ":" in item:
+                load_target(item, where="the zygote")
+            else:
+                import_target_module(item, where="the zygote")
+        except TargetLoadError as error:
+            print_import_traceback(error)
+            return protocol.PreloadFailed(module=item, error=str(error)[:_MAX_ERROR])
     return None
 
 
@@ -435,11 +456,12 @@ def main(argv: Sequence[str]) -> int:
     set_parent_death_signal(int(parent))
     sock = socket.socket(fileno=recover_endpoint(argv).detach())
     zygote = _Zygote(sock, _namespace_forker())
-    modules = [name for name in preload.split(",") if name]
-    failed = _preload(modules)
+    items = [item for item in preload.split(",") if item]
+    failed = _preload(items)
     if failed is not None:
         zygote.send(failed)
         return 1
+    modules = list(dict.fromkeys(item.partition(":")[0] for item in items))
     _warm_up()
     prepare()  # the seccomp program every worker loads
     # Objects that exist now are never freed: keep the collector away from
