@@ -212,13 +212,13 @@ def take_all(handles: Sequence[Handle]) -> tuple[Handle, ...]:
         ValueError: a handle is closed (or detached, or already taken), or
             appears twice; then no handle changed.
     """
-    numbers: list[int] = []
+    taken: list[Handle] = []
+    append = taken.append
     for handle in handles:
         fd = handle._fd
         if fd < 0:
-            repeated = any(seen is handle for seen in handles[: len(numbers)])
-            for seen, number in zip(handles, numbers, strict=False):
-                seen._fd = number
+            repeated = any(seen is handle for seen in handles[: len(taken)])
+            give_back(handles, taken)
             if repeated:
                 raise ValueError("the same Handle appears twice in one message")
             raise ValueError(
@@ -226,16 +226,20 @@ def take_all(handles: Sequence[Handle]) -> tuple[Handle, ...]:
                 "detached, or already given to send()"
             )
         handle._fd = -1
-        numbers.append(fd)
-    return tuple(adopt_all(numbers))
+        # (adopt_all, inlined: one Python call per message, not two)
+        own: Handle = _new(Handle)
+        own._fd = fd
+        append(own)
+    return tuple(taken)
 
 
 def give_back(handles: Sequence[Handle], taken: Sequence[Handle]) -> None:
     """Undo :func:`take_all`: move each fd of ``taken`` back into ``handles``.
 
     For a ``send`` cancelled after it took the fds: the caller owns them
-    again, in the same :class:`Handle` objects.
+    again, in the same :class:`Handle` objects.  (``taken`` may be shorter:
+    :func:`take_all` gives back what it took before it met a bad handle.)
     """
-    for handle, own in zip(handles, taken, strict=True):
+    for handle, own in zip(handles, taken, strict=False):
         handle._fd = own._fd
         own._fd = -1
