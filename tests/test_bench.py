@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 from trio_mojo._bench import main
+from trio_mojo._bench._instructions import render as render_instructions
 from trio_mojo._bench._report import render, versus_peers
 from trio_mojo._bench._workloads import WORKLOADS
 
@@ -174,3 +176,46 @@ def test_bench_runs_end_to_end(
     assert extras["trickle"]["passed"]
     assert extras["trickle"]["outcome"] == "DisconnectedError"
     assert extras["spawn"]["python_import_trio_median_ms"] > 0
+
+
+def test_instructions_help_says_what_is_counted(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["instructions", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "callgrind" in text
+    assert "user-space" in text
+    assert not re.search(r"issue|#\d", text, re.IGNORECASE)
+
+
+def test_instructions_table_sets_trio_mojo_against_each_peer() -> None:
+    cell = {"count": 10, "totals": [0, 0], "errors": []}
+    results = {
+        "W4": {
+            "trio_mojo": {**cell, "per_message": 180_000.0},
+            "trio_floor": {**cell, "per_message": 120_000.0},
+        },
+        "W1": {
+            "trio_mojo": {**cell, "per_message": 30_000.0},
+            "mp": {**cell, "per_message": 20_000.0, "errors": ["short count"]},
+        },
+    }
+    table = render_instructions(results)
+    assert "| W4 | 180.0k | n/a | 120.0k (1.50x) |" in table
+    assert "| W1 | 30.0k | 20.0k (failed) | n/a |" in table
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind")
+def test_instructions_counts_a_workload_under_callgrind(tmp_path: Path) -> None:
+    out = tmp_path / "instructions.json"
+    options = ["--systems", "trio_mojo", "--workloads", "W1", "--scale", "0.05"]
+    status = main(["instructions", *options, "--json", str(out)])
+    assert status == 0
+    cell = json.loads(out.read_text())["W1"]["trio_mojo"]
+    assert cell["errors"] == []
+    low, high = cell["totals"]
+    assert high > low > 0
+    assert cell["per_message"] > 1000  # instructions: a message is not free

@@ -1,19 +1,19 @@
-"""Finding: ``send`` accepts a Handle that an earlier, still queued message carries.
+"""``send`` refuses a Handle that an earlier, still queued message carries.
 
 ``send`` takes ownership of a message's handles and refuses a closed one,
-but it cannot tell a handle it already owns: sending the same
-:class:`Handle` again while the first message waits in the send queue is
+but it could not tell a handle it already owned: sending the same
+:class:`Handle` again while the first message waited in the send queue was
 accepted.  If both messages leave in one ``sendmsg`` the peer gets two fds
 for one; if not, the first write closes the handle and planning the second
 raises inside the writer, so the channel's write side fails for good with
 ``ChannelError("writing failed: ValueError(...closed Handle)")`` at a later
 ``send`` — a local mistake reported late, as a channel failure.
 
-Proposed fix: ``send`` moves each fd out of the caller's Handle into the
-queued message (``detach()`` into a Handle the channel owns), so the
+Fixed: ``send`` moves each fd out of the caller's Handle into a Handle
+the channel owns (``take_all``) when it accepts the message, so the
 caller's Handle reads as closed at once and a second ``send`` of it is the
-documented ``ValueError`` before anything is queued; or the channel keeps
-the ids of queued handles and refuses one it holds.
+documented ``ValueError`` before anything is queued (and closing it does
+nothing).
 """
 
 from __future__ import annotations
@@ -27,14 +27,6 @@ from _helpers import raw_pair
 from trio_mojo import Handle, Message, open_channel
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "send() accepts a Handle still queued in an earlier message; the "
-        "writer later fails the channel with ChannelError(ValueError: closed "
-        "Handle) instead of send() raising ValueError at once"
-    ),
-)
 async def test_a_handle_still_queued_in_an_earlier_message_is_refused() -> None:
     read_end, write_end = os.pipe()
     os.close(write_end)

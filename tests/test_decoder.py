@@ -37,6 +37,7 @@ from trio_mojo import (
     encode_message,
 )
 from trio_mojo._core._decoder import MAX_BUFFERED_WHILE_WAITING
+from trio_mojo._handles import close_all
 
 LEGACY = struct.Struct("<IHH")  # num_bytes, num_handles, type
 NORMAL = struct.Struct("<IHHH6x")  # num_bytes, num_header_bytes, type, num_handles
@@ -1188,29 +1189,43 @@ def outcome(
     feeds: Sequence[tuple[bytes, int]],
     fds: FdFactory,
     eof: bool,
-    batched: bool,
+    mode: str,
 ) -> list[object]:
-    """Everything a decoder reports for ``feeds`` (bytes, fds to queue first)."""
+    """Everything a decoder reports for ``feeds`` (bytes, fds to queue first).
+
+    ``mode``: ``"message"`` drains with next_message, ``"batch"`` with
+    next_batch wherever it applies, ``"fed"`` also feeds each chunk through
+    receive_batch.
+    """
     seen: list[object] = []
 
-    def pull() -> None:
-        if batched:
-            messages, event = drain_in_batches(decoder, max_messages=3, max_bytes=50)
-        else:
-            messages, event = drain(decoder)
+    def record(messages: list[Message], event: object) -> None:
         for message in messages:
             seen.append((message.payload, message.type, len(message.handles)))
             message.close()
         seen.append(event)
 
+    def pull(fed: list[Message]) -> None:
+        if mode == "message":
+            messages, event = drain(decoder)
+        else:
+            messages, event = drain_in_batches(decoder, max_messages=3, max_bytes=50)
+        record(fed + messages, event)
+
     try:
         for data, count in feeds:
             decoder.receive_handles(fds.make(count))
-            decoder.receive_data(data)
-            pull()
+            fed: list[Message] = []
+            if mode == "fed":
+                fed, payload_bytes, handles, _ = decoder.receive_batch(data, 3, 50)
+                assert payload_bytes == sum(len(m.payload) for m in fed)
+                assert handles == sum(len(m.handles) for m in fed)
+            else:
+                decoder.receive_data(data)
+            pull(fed)
         if eof:
             decoder.receive_eof()
-            pull()
+            pull([])
     except ChannelError as exc:
         seen.append(type(exc))
     seen.append(decoder.queued_handles)
@@ -1248,7 +1263,7 @@ def test_next_batch_reports_exactly_what_next_message_would(
         for i, (lo, hi) in enumerate(itertools.pairwise(points))
     ]
     results = []
-    for batched in (False, True):
+    for mode in ("message", "batch", "fed"):
         with FdFactory() as fds:
             decoder = MessageDecoder(
                 max_message_size=200,
@@ -1256,9 +1271,9 @@ def test_next_batch_reports_exactly_what_next_message_would(
                 max_queued_handles=6,
                 strict_handles=strict,
             )
-            results.append(outcome(decoder, feeds, fds, eof, batched))
+            results.append(outcome(decoder, feeds, fds, eof, mode))
             decoder.close()
-    assert results[0] == results[1]
+    assert results[0] == results[1] == results[2]
 
 
 def test_next_batch_takes_many_plain_messages_at_once(fds: FdFactory) -> None:
@@ -1291,6 +1306,14 @@ def test_next_batch_stops_at_its_limits() -> None:
     assert (len(batch), drained) == (1, True)
 
 
+def test_next_batch_without_room_takes_nothing() -> None:
+    decoder = MessageDecoder()
+    decoder.receive_data(encode_message(b"x"))
+    assert decoder.next_batch(0, 1 << 20) == ([], 0, 0, False)
+    assert decoder.next_batch(10, -1) == ([], 0, 0, False)
+    assert decoder.next_batch(1, 0)[0][0].payload == b"x"
+
+
 @pytest.mark.parametrize(
     "wire",
     [
@@ -1300,7 +1323,6 @@ def test_next_batch_stops_at_its_limits() -> None:
         encode_message(b"x" * 300),  # above max_message_size: next_message fails it
         normal(b"", num_bytes=12),  # below the header size: next_message fails it
         encode_message(b"fds", num_handles=2),  # its fds have not arrived
-        encode_message(b"partial")[:-1],
         encode_message(b"header")[:10],
     ],
 )
@@ -1308,6 +1330,53 @@ def test_next_batch_leaves_anything_unusual_to_next_message(wire: bytes) -> None
     decoder = MessageDecoder(max_message_size=200)
     decoder.receive_data(wire)
     assert decoder.next_batch(10, 1 << 20) == ([], 0, 0, False)
+
+
+def test_next_batch_collects_a_plain_message_across_chunks(fds: FdFactory) -> None:
+    # A plain message that is still arriving is collected as next_message()
+    # would, and returned first once complete, ahead of the plain ones after.
+    wire = encode_message(b"a" * 40, num_handles=1) + encode_message(b"b")
+    decoder = MessageDecoder()
+    decoder.receive_data(encode_message(b"first") + wire[:30])
+    batch, payload_bytes, _, drained = decoder.next_batch(10, 1 << 20)
+    assert [m.payload for m in batch] == [b"first"]
+    assert drained  # collecting: next_message() would say NEED_DATA too
+    assert decoder.buffered_bytes == 30
+    assert decoder.next_batch(10, 1 << 20) == ([], 0, 0, False)
+    assert decoder.next_message() is NEED_DATA
+    decoder.receive_handles(fds.make(1))
+    decoder.receive_data(wire[30:])
+    assert decoder.buffered_bytes == len(wire) - 16
+    assert decoder.next_batch(0, 1 << 20) == ([], 0, 0, False)  # no room
+    batch, payload_bytes, handles, drained = decoder.next_batch(10, 1 << 20)
+    assert [(m.payload, len(m.handles)) for m in batch] == [(b"a" * 40, 1), (b"b", 0)]
+    assert (payload_bytes, handles, drained) == (41, 1, True)
+    close_all([h for m in batch for h in m.handles])
+    # The byte bound counts the completed message too.
+    assert decoder.receive_batch(wire[:30], 10, 0) == ([], 0, 0, True)
+    decoder.receive_handles(fds.make(1))
+    batch, _, _, drained = decoder.receive_batch(wire[30:], 10, 0)
+    assert [m.payload for m in batch] == [b"a" * 40]
+    assert not drained
+    assert decoder.next_message().payload == b"b"  # type: ignore[union-attr]
+    close_all(batch[0].handles)
+
+
+def test_next_batch_leaves_a_collected_message_that_is_not_plain(
+    fds: FdFactory,
+) -> None:
+    legacy = encode_message(b"L" * 30, type=MessageType.NORMAL_LEGACY)
+    waiting = encode_message(b"W" * 30, num_handles=1)
+    for wire, decoder in (
+        (legacy, MessageDecoder()),
+        (waiting, MessageDecoder(strict_handles=False)),  # its fd is late
+    ):
+        decoder.receive_data(wire[:20])
+        assert decoder.next_message() is NEED_DATA  # collecting
+        decoder.receive_data(wire[20:])
+        assert decoder.next_batch(10, 1 << 20) == ([], 0, 0, False)
+    decoder.receive_handles(fds.make(1))
+    assert decoder.next_batch(10, 1 << 20)[0][0].payload == b"W" * 30
 
 
 def test_next_batch_leaves_handles_to_next_message_when_over_a_limit(
@@ -1379,3 +1448,35 @@ def test_read_size_follows_what_arrived_of_a_large_message() -> None:
     decoder.receive_data(wire[2000:4990])
     assert decoder.read_size(64, 1000) == 64  # what it still needs is small
     assert decoder.read_size(5, 1000) == 26  # ... exactly that
+
+
+def test_receive_batch_is_receive_data_then_next_batch() -> None:
+    decoder = MessageDecoder()
+    batch, payload_bytes, handles, drained = decoder.receive_batch(
+        encode_message(b"solo"), 10, 1 << 20
+    )  # exactly one plain message: the request/response case
+    assert ([m.payload for m in batch], payload_bytes, handles, drained) == (
+        [b"solo"],
+        4,
+        0,
+        True,
+    )
+    assert decoder.buffered_bytes == 0
+    two = encode_message(b"one") + encode_message(b"two")
+    batch, payload_bytes, handles, drained = decoder.receive_batch(
+        bytearray(two[:20]), 10, 1 << 20
+    )  # a bytearray is copied, as receive_data does
+    assert (len(batch), payload_bytes, handles, drained) == (1, 3, 0, False)
+    assert batch[0].payload == b"one"
+    batch, _, _, drained = decoder.receive_batch(two[20:], 10, 1 << 20)
+    assert [m.payload for m in batch] == [b"two"]
+    assert drained
+    decoder.receive_eof()
+    with pytest.raises(RuntimeError, match="after receive_eof"):
+        decoder.receive_batch(b"x", 10, 1 << 20)
+    failed = MessageDecoder()
+    assert failed.receive_batch(normal(mtype=9), 10, 1 << 20)[0] == []
+    with pytest.raises(MalformedMessageError):
+        failed.next_message()  # (next_batch leaves the bad header to it)
+    with pytest.raises(MalformedMessageError, match="failed earlier"):
+        failed.receive_batch(b"more", 10, 1 << 20)

@@ -34,6 +34,7 @@ from trio_mojo._core._encoder import (
     MAX_PLAN_BUFFERS,
     MAX_PLAN_BYTES,
     Buffer,
+    plain_frame,
 )
 
 
@@ -654,6 +655,66 @@ def test_append_refuses_what_does_not_fit(fds: FdFactory) -> None:
     assert [e.count for e in (large, entry, started, many)] == [1, 1, 1, 2]
     assert full.count == MAX_BATCH_BYTES // (INLINE_PAYLOAD + 16)
     assert not extra[1].closed
+
+
+def test_append_plain_packs_like_append(fds: FdFactory) -> None:
+    handles = fds.make(3)
+    by_append = OutgoingMessage.encode(Message(b"one"))
+    by_plain = OutgoingMessage.encode(Message(b"one"))
+    for payload, attached in (
+        (b"two", handles[:1]),
+        (b"", ()),
+        (b"x" * 9, handles[1:]),
+    ):
+        assert by_append.append(Message(payload, attached))
+        assert by_plain.append_plain(payload, tuple(attached))
+    assert bytes(by_plain.head) == bytes(by_append.head)
+    assert (by_plain.size, by_plain.count) == (by_append.size, by_append.count)
+    assert list(by_plain.handles) == list(by_append.handles) == handles
+    assert plain_frame(b"two") == encode_message(b"two")
+
+
+def test_append_plain_refuses_what_does_not_fit(fds: FdFactory) -> None:
+    large = OutgoingMessage.encode(Message(b"L" * (INLINE_PAYLOAD + 1)))
+    assert not large.append_plain(b"s")  # it has a tail
+    started = OutgoingMessage.encode(Message(b"s"))
+    started.offset = 1
+    assert not started.append_plain(b"s")  # part of it was sent
+    full = OutgoingMessage.encode(Message(b"f" * INLINE_PAYLOAD))
+    while full.append_plain(b"f" * INLINE_PAYLOAD):
+        pass
+    assert full.size <= MAX_BATCH_BYTES < full.size + INLINE_PAYLOAD + 16
+    many = OutgoingMessage.encode(Message(b"", fds.make(MAX_SENDMSG_HANDLES - 1)))
+    extra = tuple(fds.make(2))
+    assert not many.append_plain(b"", extra)  # 129 fds in one sendmsg
+    assert many.append_plain(b"", extra[:1])
+    assert len(many.handles) == MAX_SENDMSG_HANDLES
+    assert [e.count for e in (large, started, many)] == [1, 1, 2]
+    assert not extra[1].closed
+
+
+def test_a_batch_whose_fds_went_early_holds_back_further_fds(fds: FdFactory) -> None:
+    # Rule 4 for a batch: its fds all ride on its first byte, so those of its
+    # later messages are ahead of their bytes until the batch is written.
+    # (Found by the round-trip property test: the next entry's fds went out
+    # too, and the receiver held 129 early fds.)
+    batch = OutgoingMessage.encode(Message(b""))
+    assert batch.append(Message(b"", fds.make(64)))
+    after = OutgoingMessage.encode(Message(b"", fds.make(65)))
+    encoder = MessageEncoder()
+    encoder.push(batch)
+    encoder.push(after)
+    buffers, plan_fds = encoder.plan()
+    assert len(plan_fds) == 64  # (with the next entry's 65: past 128)
+    assert joined(buffers) == bytes(batch.head)
+    encoder.advance(1)  # the batch's fds are out, its second message is not
+    buffers, plan_fds = encoder.plan()
+    assert plan_fds == []
+    assert joined(buffers) == bytes(batch.head)[1:]
+    encoder.advance(batch.size - 1)
+    buffers, plan_fds = encoder.plan()
+    assert len(plan_fds) == 65
+    assert encoder.advance(len(joined(buffers))) == 1
 
 
 def test_append_propagates_header_errors() -> None:

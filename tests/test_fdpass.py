@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -73,40 +73,54 @@ def test_send_and_receive_bytes_and_fds_in_order(
             h.close()
 
 
+def _send_one_buffer(sock: socket.socket, data: bytes) -> int | None:
+    return _fdpass.send(sock, [data], [])
+
+
+# send() with one buffer and no fds, and send_bytes(), behave the same.
+SENDERS = pytest.mark.parametrize("send", [_send_one_buffer, _fdpass.send_bytes])
+
+
+@SENDERS
 def test_send_returns_none_when_the_socket_is_full(
     pair: tuple[socket.socket, socket.socket],
+    send: Callable[[socket.socket, bytes], int | None],
 ) -> None:
     a, b = pair
     chunk = b"x" * 65536
     total = 0
-    while (sent := _fdpass.send(a, [chunk], [])) is not None:
+    while (sent := send(a, chunk)) is not None:
         total += sent
     assert total > 0
     # Reading makes room again.
     while _fdpass.receive(b, 1 << 20) is not None:
         pass
-    assert _fdpass.send(a, [b"y"], []) == 1
+    assert send(a, b"y") == 1
 
 
+@SENDERS
 def test_calls_never_block_even_on_a_blocking_socket(
     pair: tuple[socket.socket, socket.socket],
+    send: Callable[[socket.socket, bytes], int | None],
 ) -> None:
     # MSG_DONTWAIT: a socket left blocking cannot stall the event loop.
     a, b = pair
     a.setblocking(True)
     b.setblocking(True)
     assert _fdpass.receive(a, 1) is None  # nothing was sent to a
-    while _fdpass.send(a, [b"x" * 65536], []) is not None:
+    while send(a, b"x" * 65536) is not None:
         pass
 
 
+@SENDERS
 def test_send_to_a_closed_peer_is_disconnected(
     pair: tuple[socket.socket, socket.socket],
+    send: Callable[[socket.socket, bytes], int | None],
 ) -> None:
     a, b = pair
     b.close()
     with pytest.raises(DisconnectedError, match="Broken pipe") as info:
-        _fdpass.send(a, [b"x"], [])
+        send(a, b"x")
     assert isinstance(info.value.__cause__, BrokenPipeError)
 
 
@@ -286,6 +300,34 @@ async def test_open_channel_reopens_received_pipes_on_request(
                 assert (os.get_blocking(received) == os.get_blocking(r)) is not (
                     reopen_pipes
                 )
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+async def test_a_waiting_receiver_reading_itself_reopens_received_pipes() -> None:
+    # receive() waits first, so the reader lends it the socket and the
+    # receiver's own recvmsg gets the pipe: it must be reopened all the same.
+    left, right = channel_pair()
+    r, w = os.pipe()
+    got: list[Message] = []
+    try:
+        async with (
+            open_channel(left) as sender,
+            open_channel(right, reopen_pipes=True) as receiver,
+        ):
+
+            async def receive() -> None:
+                got.append(await receiver.receive())
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(receive)
+                await trio.testing.wait_all_tasks_blocked()
+                await sender.send(Message(b"pipe", [Handle.dup(r)]))
+            with got[0] as message:
+                os.set_blocking(r, not os.get_blocking(r))
+                received = message.handles[0].fileno()
+                assert os.get_blocking(received) != os.get_blocking(r)
     finally:
         os.close(r)
         os.close(w)

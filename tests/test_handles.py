@@ -17,7 +17,7 @@ from _core_support import file_identity
 from _fds import fd_is_open
 
 from trio_mojo import Handle
-from trio_mojo._handles import close_all
+from trio_mojo._handles import adopt_all, close_all, filenos, give_back, take_all
 
 
 @pytest.fixture
@@ -334,3 +334,60 @@ def test_reopen_of_a_closed_handle_raises(pipe: tuple[int, int]) -> None:
     handle.close()
     with pytest.raises(ValueError, match="closed"):
         handle.reopen()
+
+
+def test_adopt_all_owns_what_the_kernel_handed_over(pipe: tuple[int, int]) -> None:
+    r, _ = pipe
+    numbers = [os.dup(r), os.dup(r)]
+    handles = adopt_all(numbers)
+    assert [type(h) for h in handles] == [Handle, Handle]
+    assert [h.fileno() for h in handles] == numbers
+    close_all(handles)
+    assert not any(fd_is_open(fd) for fd in numbers)
+    assert adopt_all([]) == []
+
+
+def test_filenos_of_open_handles_only(pipe: tuple[int, int]) -> None:
+    r, w = pipe
+    handles = [Handle(os.dup(r)), Handle(os.dup(w))]
+    assert filenos(handles) == [h.fileno() for h in handles]
+    assert filenos([]) == []
+    handles[1].close()
+    with pytest.raises(ValueError, match="closed Handle"):
+        filenos(handles)
+    close_all(handles)
+
+
+def test_take_all_moves_the_fds_into_new_handles(pipe: tuple[int, int]) -> None:
+    r, _ = pipe
+    given = (Handle(os.dup(r)), Handle(os.dup(r)))
+    numbers = [h.fileno() for h in given]
+    taken = take_all(given)
+    assert [h.fileno() for h in taken] == numbers
+    assert all(h.closed for h in given)  # the caller's read as closed
+    assert not any(t is g for t, g in zip(taken, given, strict=True))
+    given[0].close()  # does nothing: the fd is not the caller's any more
+    assert all(fd_is_open(fd) for fd in numbers)
+    with pytest.raises(ValueError, match="already given to send"):
+        take_all(given[:1])  # taking it again: the mistake is caught here
+    give_back(given, taken)  # a cancelled send: the caller's again
+    assert [h.fileno() for h in given] == numbers
+    assert all(h.closed for h in taken)
+    close_all(given)
+    assert take_all(()) == ()
+
+
+def test_take_all_refuses_closed_and_repeated_handles_and_changes_nothing(
+    pipe: tuple[int, int],
+) -> None:
+    r, _ = pipe
+    one, two = Handle(os.dup(r)), Handle(os.dup(r))
+    numbers = [one.fileno(), two.fileno()]
+    with pytest.raises(ValueError, match="appears twice"):
+        take_all((one, two, one))
+    assert [one.fileno(), two.fileno()] == numbers
+    two.close()
+    with pytest.raises(ValueError, match="closed handle"):
+        take_all((one, two))
+    assert one.fileno() == numbers[0]
+    one.close()

@@ -686,14 +686,9 @@ class ChannelModel(RuleBasedStateMachine):
         elif kind == "reserved type":
             message = Message(b"x", handles, MessageType.UPGRADE_OFFER)
             expected = ValueError
-        elif (
-            kind == "legacy on ipcz"
-            and self.config.framing is Framing.IPCZ
-            and not end.channel.statistics().send_queue_messages
-        ):
-            # With messages queued, such a send waits for room before it
-            # raises: a finding, left to its regression test
-            # (test_model_findings.py) rather than checked here.
+        elif kind == "legacy on ipcz" and self.config.framing is Framing.IPCZ:
+            # Refused before any wait, queued messages or not (a finding of
+            # this model, fixed: test_model_findings.py).
             message = Message(b"x", handles, MessageType.NORMAL_LEGACY)
             expected = ValueError
         # Which comes first when the message is invalid and the channel

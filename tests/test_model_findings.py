@@ -1,8 +1,7 @@
 """Findings of the model test (``test_model_channel.py``), one test each.
 
-Each is ``xfail(strict=True)`` until the channel's owner fixes it; the
-model test leaves the input that triggers it alone (the comment there
-names this file), so that the model keeps passing meanwhile.
+Each was ``xfail(strict=True)`` until the channel's owner fixed it (all
+are fixed now: plain regression tests).
 """
 
 from __future__ import annotations
@@ -16,14 +15,6 @@ from _helpers import fill_until_queued, raw_pair
 from trio_mojo import Framing, Handle, Message, MessageType, open_channel
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "send() checks that a message's type fits the framing only when it "
-        "encodes it: with messages queued, a NORMAL_LEGACY message on an IPCZ "
-        "channel waits for room in the send queue before it raises ValueError"
-    ),
-)
 async def test_a_type_the_framing_cannot_carry_is_refused_before_any_wait() -> None:
     read_end, write_end = os.pipe()
     os.close(write_end)

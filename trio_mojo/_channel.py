@@ -47,7 +47,9 @@ anything but complete plain messages (the end of the stream, a failure, a
 control message, a message still arriving, a queue that must absorb a
 burst), and when nobody has borrowed it for :data:`_LEND_IDLE` seconds, so
 that reading ahead, backpressure and the end of the stream stay the
-reader's.  While a borrower waits on the socket the reader sleeps without a
+reader's.  The reader does not lend while a message is arriving (the next
+read would only give the read side back); it then waits without a cancel
+scope.  While a borrower waits on the socket the reader sleeps without a
 timer: an idle channel costs nothing.
 
 Errors.  The tasks never raise into the nursery; they record the failure
@@ -56,7 +58,10 @@ before a failure (Chromium's ``PeerShutdownDuringRead``), then raises the
 failure as one exception with its cause chained.  A write error
 (``EPIPE``/``ECONNRESET``) stops writing but not reading, as in Chromium:
 ``send()`` raises it, while ``receive()`` goes on delivering what the peer
-sent before it vanished.  A malformed message fails both directions and
+sent before it vanished.  Any other write error (``sendmsg`` refusing an
+fd, ``ENOBUFS``) also shuts the socket down for writing, so that a peer
+holding the first bytes of a message reads the end of the stream instead of
+waiting for the rest.  A malformed message fails both directions and
 shuts the socket down at once, so a hostile peer is cut off immediately.
 An error nobody saw is raised when the ``async with`` block is left (or by
 ``aclose()``; a flush that fails counts), so no failure is ever swallowed;
@@ -97,8 +102,13 @@ import trio
 
 from . import _fdpass
 from ._core._decoder import END_OF_STREAM, NEED_DATA, MessageDecoder
-from ._core._encoder import MessageEncoder, OutgoingMessage
-from ._core._message import Message
+from ._core._encoder import (
+    INLINE_PAYLOAD,
+    MessageEncoder,
+    OutgoingMessage,
+    plain_frame,
+)
+from ._core._message import Message, received_message
 from ._core._wire import (
     DEFAULT_MAX_MESSAGE_SIZE,
     HEADER_SIZE,
@@ -118,7 +128,7 @@ from ._errors import (
     FlushTimeoutError,
     MalformedMessageError,
 )
-from ._handles import close_all
+from ._handles import Handle, close_all, give_back, take_all
 
 __all__ = ["Channel", "ChannelStatistics", "open_channel"]
 
@@ -137,6 +147,7 @@ never past the fairness cap in one call)."""
 _LEND_IDLE: Final = 0.005
 """Seconds the read side stays lent while nobody borrows it."""
 _NORMAL: Final = MessageType.NORMAL
+_checkpoint_if_cancelled: Final = trio.lowlevel.checkpoint_if_cancelled
 _DATA_TYPES: Final = frozenset((MessageType.NORMAL, MessageType.NORMAL_LEGACY))
 _REJECT_SIZE: Final = HEADER_SIZE
 """Wire size of the UPGRADE_REJECT we answer an offer with."""
@@ -244,6 +255,13 @@ class Channel(trio.abc.Channel[Message]):
         self.handle_policy: Final = handle_policy
         self.max_message_size: Final = self._decoder.max_message_size
         self._header_size = IPCZ_HEADER_SIZE if framing is Framing.IPCZ else HEADER_SIZE
+        # The largest plain message (see plain_frame): 0 in IPCZ framing,
+        # which has no plain messages.
+        self._plain_max_size = (
+            min(HEADER_SIZE + INLINE_PAYLOAD, self.max_message_size)
+            if framing is Framing.MOJO
+            else 0
+        )
         self._fail_on_truncation = fail_on_truncated_handles
         self._reopen_pipes = reopen_pipes
         self._flush_timeout = math.inf if flush_timeout is None else flush_timeout
@@ -286,7 +304,7 @@ class Channel(trio.abc.Channel[Message]):
         self._pending_bytes = 0
         self._pending_handles = 0
         self._send_space = trio.lowlevel.ParkingLot()
-        self._send_streak = 0
+        self._send_credit = _YIELD_EVERY  # non-blocking sends until a yield
         # An inline write happened and neither the writer nor a wake-up by
         # the peer's data has happened since: further sends join the
         # writer's next sendmsg.
@@ -310,11 +328,13 @@ class Channel(trio.abc.Channel[Message]):
         self._receive_queue_messages_limit = queue_messages
         self._receive_queue_bytes_limit = queue_bytes
         self._receive_queue_handles_limit = queue_handles
-        self._receive_streak = 0
+        self._receive_credit = _YIELD_EVERY  # ... receives until a yield
         # Tasks in receive() waiting for a message (or for the socket).
         self._receivers = trio.lowlevel.ParkingLot()
+        self._parked_receivers = 0  # ... so many (ParkingLot.__bool__ is slow)
         # The reader task waits here for room in the receive queue.
         self._room = trio.lowlevel.ParkingLot()
+        self._reader_wants_room = False  # ... and it waits there now
         self._reads_done = False  # end of stream or failure: the inbox is final
         self._read_error: BaseException | None = None
         # An UPGRADE_OFFER whose answer waits for room in the send queue.
@@ -340,46 +360,72 @@ class Channel(trio.abc.Channel[Message]):
         """Send ``message``; wait only while the send queue is full.
 
         Cancel-atomic: if cancelled, the message was not queued and the
-        caller still owns its handles.  Otherwise the channel owns the
-        handles from the moment ``send`` is called: it closes them once the
-        kernel has them, or when the message cannot be sent.
+        caller still owns its handles.  Otherwise ``send`` takes the fds:
+        it moves each into a handle of the channel's own, so the message's
+        handles read as closed when ``send`` returns (sending one again is
+        a ``ValueError``, closing it does nothing), and the channel closes
+        the fds once the kernel has them, or when the message cannot be
+        sent.
 
         Raises:
             TypeError: ``message`` is not a :class:`Message`.
             ValueError: the message is invalid (over ``max_message_size``,
-                more than 253 handles, a closed or repeated handle, handles
-                on a ``REJECT`` channel, a type this framing cannot carry);
-                nothing was queued and the caller keeps the handles.
+                more than 253 handles, a closed or repeated handle, or one
+                already given to ``send``, handles on a ``REJECT`` channel,
+                a type this framing cannot carry); nothing was queued and
+                the caller keeps the handles.
             trio.ClosedResourceError: the channel was closed, or
                 :meth:`send_eof` was called.
             ChannelError: the channel failed (:class:`DisconnectedError`,
                 :class:`MalformedMessageError`), cause chained.
         """
-        await trio.lowlevel.checkpoint_if_cancelled()
-        if (
-            message.__class__ is Message
-            and message.type is _NORMAL
-            and not message.handles
-            and self._header_size + len(message.payload) <= self.max_message_size
-        ):
+        await _checkpoint_if_cancelled()
+        if message.__class__ is Message and message.type is _NORMAL:
+            handles = message.handles
+            if handles:
+                self._check_handles(handles)
             size = self._header_size + len(message.payload)  # the common case
+            plain = size <= self._plain_max_size
+            if not plain and size > self.max_message_size:
+                self._validate(message)  # raises
         else:
             size = self._validate(message)
+            handles = message.handles
+            plain = False
         if self._refusing:
             self._refuse(message)
+        given: tuple[Handle, ...] = ()
+        if handles:
+            # Accepted: the fds move into handles of our own (the caller's
+            # read as closed, so none is queued twice); given back if this
+            # send is cancelled before the message is queued.
+            given = handles
+            handles = take_all(given)
+            message = received_message(message.payload, handles, message.type)
         if self._pending:
             batch = self._open_batch
             if (
                 batch is not None
-                and not self._send_queue_full(size, len(message.handles))
-                and batch.append(message, self.framing)
+                and self._pending < self._send_queue_messages_limit
+                and self._pending_bytes + size <= self._send_queue_bytes_limit
+                and (
+                    not handles
+                    or self._pending_handles + len(handles)
+                    <= self._send_queue_handles_limit
+                )
+                and (
+                    batch.append_plain(message.payload, handles)
+                    if plain
+                    else batch.append(message, self.framing)
+                )
             ):
                 # Packed behind the messages queued before it.
                 self._pending += 1
                 self._pending_bytes += size
-                self._pending_handles += len(message.handles)
+                if handles:
+                    self._pending_handles += len(handles)
             else:
-                await self._enqueue(message, size)
+                await self._enqueue(message, size, given)
         elif not self._corked:
             # Mojo's fast path: the first message of a burst is written at
             # once.  The rest of the burst is corked: queued for the writer
@@ -388,14 +434,28 @@ class Channel(trio.abc.Channel[Message]):
             # _YIELD_EVERY sends), unless the peer answers first (then the
             # reader uncorks and the next send is again written at once).
             self._corked = True
-            self._write_now(OutgoingMessage.encode(message, self.framing))
+            if plain and not handles:
+                # (What _write_now does, for one buffer and no planning.)
+                frame = plain_frame(message.payload)
+                try:
+                    sent = _fdpass.send_bytes(self._sock, frame)
+                except BaseException as exc:
+                    self._fail_writes(exc)
+                else:
+                    if sent == len(frame):
+                        self._messages_sent += 1
+                        self._bytes_sent += sent
+                    else:
+                        self._queue_rest(frame, sent)
+            else:
+                self._write_now(OutgoingMessage.encode(message, self.framing))
             if self._write_error is not None:
                 self._raise_write_error()
         else:
-            await self._enqueue(message, size)
-        self._send_streak += 1
-        if self._send_streak >= _YIELD_EVERY:
-            self._send_streak = 0
+            await self._enqueue(message, size, given)
+        self._send_credit -= 1
+        if not self._send_credit:
+            self._send_credit = _YIELD_EVERY
             await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def send_eof(self) -> None:
@@ -460,21 +520,28 @@ class Channel(trio.abc.Channel[Message]):
                 the messages that arrived before the bad one.
             trio.ClosedResourceError: this channel was closed.
         """
-        await trio.lowlevel.checkpoint_if_cancelled()
         inbox = self._inbox
         if inbox:  # (_abort empties it)
+            await _checkpoint_if_cancelled()
             message = inbox.popleft()
             self._inbox_bytes -= len(message.payload)
             if message.handles:
                 self._inbox_handles -= len(message.handles)
-            if self._room and self._reader_may_read():
-                self._room.unpark_all()
-            self._receive_streak += 1
-            if self._receive_streak >= _YIELD_EVERY:
-                self._receive_streak = 0
+            if self._reader_wants_room:
+                self._let_reader_on()
+            self._receive_credit -= 1
+            if not self._receive_credit:
+                self._receive_credit = _YIELD_EVERY
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return message
-        return await self._receive_waiting()
+        if self._lent and not (self._borrowed or self._reads_done or self._aborted):
+            # The read side is lent to receivers and free: borrow it (the
+            # request/response path: one coroutine less than below).
+            borrowed = await self._borrow(False)
+            if borrowed is not None:
+                return borrowed
+            return await self._receive_waiting(True)
+        return await self._receive_waiting(False)
 
     async def aclose(self) -> None:
         """Flush what is queued (up to ``flush_timeout``) and close.
@@ -529,24 +596,18 @@ class Channel(trio.abc.Channel[Message]):
             raise TypeError(
                 f"send() needs a trio_mojo.Message, not {type(message).__name__}"
             )
-        handles = message.handles
-        if handles:
-            if len(handles) > MAX_ATTACHED_HANDLES:
-                raise ValueError(
-                    f"a message carries at most {MAX_ATTACHED_HANDLES} handles, "
-                    f"not {len(handles)}"
-                )
-            if self.handle_policy is HandlePolicy.REJECT:
-                raise ValueError("this channel's handle_policy is REJECT: no handles")
-            for handle in handles:
-                if handle.closed:
-                    raise ValueError(f"cannot send a closed handle ({handle!r})")
-            if len({id(h) for h in handles}) != len(handles):
-                raise ValueError("the same Handle appears twice in one message")
+        if message.handles:
+            self._check_handles(message.handles)
         mtype = message.type
         if mtype is _NORMAL:
             size = self._header_size + len(message.payload)
         elif mtype is MessageType.NORMAL_LEGACY:
+            if self.framing is not Framing.MOJO:
+                # (Checked here, not by the encoder: once send() has taken
+                # the handles, nothing may fail.)
+                raise ValueError(
+                    f"Framing.IPCZ carries only NORMAL messages, not {mtype!r}"
+                )
             size = LEGACY_HEADER_SIZE + len(message.payload)
         else:
             raise ValueError(f"message type {mtype!r} is reserved for the channel")
@@ -556,6 +617,20 @@ class Channel(trio.abc.Channel[Message]):
                 f"max_message_size={self.max_message_size}"
             )
         return size
+
+    def _check_handles(self, handles: tuple[Handle, ...]) -> None:
+        """Check that a message may carry so many handles (not 0) here.
+
+        (That each is open and there once, ``take_all`` checks as it takes
+        them.)
+        """
+        if len(handles) > MAX_ATTACHED_HANDLES:
+            raise ValueError(
+                f"a message carries at most {MAX_ATTACHED_HANDLES} handles, "
+                f"not {len(handles)}"
+            )
+        if self.handle_policy is HandlePolicy.REJECT:
+            raise ValueError("this channel's handle_policy is REJECT: no handles")
 
     def _refuse(self, message: Message) -> NoReturn:
         """Raise why ``send`` cannot take ``message``, closing its handles."""
@@ -575,26 +650,39 @@ class Channel(trio.abc.Channel[Message]):
 
         An empty queue always has room, so a message larger than
         ``send_queue_bytes`` (or with more fds than ``send_queue_handles``)
-        can still be sent.
+        can still be sent; a message without fds is not held back by the
+        fds of the messages before it.
         """
         return bool(self._pending) and (
             self._pending >= self._send_queue_messages_limit
             or self._pending_bytes + size > self._send_queue_bytes_limit
-            or self._pending_handles + handles > self._send_queue_handles_limit
+            or (
+                handles > 0
+                and self._pending_handles + handles > self._send_queue_handles_limit
+            )
         )
 
-    async def _enqueue(self, message: Message, size: int) -> None:
+    async def _enqueue(
+        self, message: Message, size: int, given: tuple[Handle, ...]
+    ) -> None:
         """Queue ``message`` behind what is pending; cancel-atomic.
 
         The only await is the wait for room, before anything is queued, so
         a cancelled send leaves nothing behind and the caller keeps the
-        handles.  (The bounds are checked against ``_pending``, which counts
-        what the writer has already pulled into the encoder too; checking the
-        outbox's capacity alone let the writer's read-ahead of up to 256 KiB
-        exceed ``send_queue_messages`` many times over.)
+        handles: ``message`` holds the fds taken from the caller's handles
+        ``given``, which get them back.  (The bounds are checked against
+        ``_pending``, which counts what the writer has already pulled into
+        the encoder too; checking the outbox's capacity alone let the
+        writer's read-ahead of up to 256 KiB exceed ``send_queue_messages``
+        many times over.)
         """
         while self._send_queue_full(size, len(message.handles)):
-            await self._send_space.park()  # Cancelled: nothing queued yet
+            try:
+                await self._send_space.park()
+            except BaseException:  # Cancelled: nothing queued yet
+                if given:
+                    give_back(given, message.handles)
+                raise
             if self._refusing:
                 self._refuse(message)
         batch = self._open_batch
@@ -612,6 +700,14 @@ class Channel(trio.abc.Channel[Message]):
         self._pending_bytes += size
         self._pending_handles += len(message.handles)
         self._open_batch = None if entry.tail else entry
+
+    def _queue_rest(self, frame: bytes, sent: int | None) -> None:
+        """Queue what the kernel did not take of an inline write of ``frame``."""
+        entry = OutgoingMessage(frame, b"", ())
+        if sent:
+            self._bytes_sent += sent
+            entry.offset = sent
+        self._queue_unsent(entry)
 
     def _write_now(self, entry: OutgoingMessage) -> None:
         """Write ``entry`` on the caller's task (nothing is pending)."""
@@ -631,6 +727,10 @@ class Channel(trio.abc.Channel[Message]):
                     self._messages_sent += 1
                     return
                 entry.offset = sent
+        self._queue_unsent(entry)
+
+    def _queue_unsent(self, entry: OutgoingMessage) -> None:
+        """Queue what the kernel did not take of an inline write, and flush."""
         self._pending += entry.count
         self._pending_bytes += entry.size - entry.offset
         self._pending_handles += len(entry.handles)
@@ -680,15 +780,22 @@ class Channel(trio.abc.Channel[Message]):
     def _fail_writes(self, exc: BaseException) -> None:
         """Stop writing for good: drop the queue and close its fds.
 
+        A failure that is not a vanished peer (``sendmsg`` refused an fd,
+        ``ENOBUFS``, a bug) also shuts the socket down for writing: the
+        peer may hold the first bytes of a message whose rest will never
+        come, and must read the end of the stream rather than wait for it.
         A failure while ``aclose()`` flushes is recorded too (the flush lost
         messages, so ``aclose`` must raise); only once ``_abort`` has begun
         are failures the expected fallout of closing and ignored.
         """
         if self._write_error is None and not self._aborted:
-            if not isinstance(exc, (ChannelError, trio.ClosedResourceError)):
-                wrapped = ChannelError(f"writing failed: {exc!r}")
-                wrapped.__cause__ = exc
-                exc = wrapped
+            if not isinstance(exc, (DisconnectedError, trio.ClosedResourceError)):
+                with contextlib.suppress(OSError):  # (reads report a vanished peer)
+                    self._sock.shutdown(socket.SHUT_WR)
+                if not isinstance(exc, ChannelError):
+                    wrapped = ChannelError(f"writing failed: {exc!r}")
+                    wrapped.__cause__ = exc
+                    exc = wrapped
             self._write_error = exc
             self._unreported.append(exc)
         self._refusing = True
@@ -775,7 +882,13 @@ class Channel(trio.abc.Channel[Message]):
         handles = message.handles
         if handles:
             self._inbox_handles -= len(handles)
-        if self._room and self._reader_may_read():
+        if self._reader_wants_room:
+            self._let_reader_on()
+
+    def _let_reader_on(self) -> None:
+        """Wake the reader waiting for room, if the receive queue has some."""
+        if self._reader_may_read():
+            self._reader_wants_room = False
             self._room.unpark_all()
 
     def _reader_may_read(self) -> bool:
@@ -837,7 +950,7 @@ class Channel(trio.abc.Channel[Message]):
                     return _STALLED
         finally:
             arrived = len(inbox) - queued - keep
-            if arrived > 0 and self._receivers:
+            if arrived > 0 and self._parked_receivers:
                 self._receivers.unpark(count=arrived)
 
     def _on_control(self, message: Message) -> bool:
@@ -906,15 +1019,16 @@ class Channel(trio.abc.Channel[Message]):
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)
 
-    def _read_once(self) -> int:
-        """One ``recvmsg`` into the decoder (the reader's or a borrower's).
+    def _read_once(self) -> bytes | None:
+        """One ``recvmsg`` by the reader.
 
-        Returns the number of bytes read (0: end of stream, now recorded in
-        the decoder), or -1 if the socket had nothing.  Remembers whether
-        the read drained the socket.
+        Returns the bytes read, for the caller to feed to the decoder;
+        ``b""`` at the end of the stream (already recorded in the decoder),
+        or None if the socket had nothing.  The fds that came with them
+        are in the decoder already.  Remembers whether the read drained the
+        socket.
         """
-        decoder = self._decoder
-        size = decoder.read_size(_RECV_SIZE, _MAX_RECV_SIZE)
+        size = self._decoder.read_size(_RECV_SIZE, _MAX_RECV_SIZE)
         received = _fdpass.receive(
             self._sock,
             size,
@@ -923,92 +1037,106 @@ class Channel(trio.abc.Channel[Message]):
         )
         if received is None:
             self._wait_first = True
-            return -1
+            return None
         data, handles = received
+        self._arrived(data, handles, size)
+        return data
+
+    def _arrived(self, data: bytes, handles: list[Handle], size: int) -> None:
+        """Count what a read of ``size`` bytes brought; fds and EOF to the decoder."""
         if handles:
             self._handles_received += len(handles)
-            decoder.receive_handles(handles)
-        if not data:
-            decoder.receive_eof()
-            return 0
-        self._bytes_received += len(data)
-        decoder.receive_data(data)
-        self._wait_first = len(data) < size
-        return len(data)
+            self._decoder.receive_handles(handles)
+        if data:
+            self._bytes_received += len(data)
+            self._wait_first = len(data) < size
+        else:
+            self._decoder.receive_eof()
 
     # ------------------------------------------------------------------
     # Receiving: receive() when the queue is empty, and read lending
 
-    async def _receive_waiting(self) -> Message:
-        """``receive()`` found the queue empty: borrow the socket, or wait."""
+    async def _receive_waiting(self, checkpointed: bool) -> Message:
+        """``receive()`` found the queue empty: borrow the socket, or wait.
+
+        A borrower waits and reads on its own task (see the module
+        docstring) until a read brings it a message, or brings anything but
+        complete plain messages: then the read side goes back to the reader
+        task (``_hand_back``) and this receiver waits like any other.
+        Cancelled while it waits, it leaves everything as it was: the bytes
+        stay in the kernel.  Waiting on the socket is this call's
+        checkpoint; every path that does not wait first checks for
+        cancellation before it changes anything (``checkpointed``: this
+        ``receive()`` call has been through a checkpoint already).
+        """
         while True:
+            if (self._lent or self._reader_idle_scope is not None) and not (
+                self._borrowed or self._inbox or self._reads_done or self._aborted
+            ):
+                scope = self._reader_idle_scope
+                if scope is not None:
+                    # The reader waits for data that we are waiting for:
+                    # take the read side over rather than be handed each
+                    # message by another task.  (It waits without a scope
+                    # while a message is arriving.)
+                    self._reader_idle_scope = None
+                    scope.cancel()
+                    self._lent = True
+                message = await self._borrow(checkpointed)
+                if message is not None:
+                    return message
+                checkpointed = True
+                continue
+            if not checkpointed:
+                await _checkpoint_if_cancelled()
+                checkpointed = True
             if self._aborted:
                 raise trio.ClosedResourceError("the channel was closed")
             if self._inbox:
                 return self._take_one()
             if self._reads_done:
                 self._raise_end()
-            if not self._borrowed:
-                scope = self._reader_idle_scope
-                if scope is not None:
-                    # The reader waits for data that we are waiting for:
-                    # take the read side over rather than be handed each
-                    # message by another task.
-                    self._reader_idle_scope = None
-                    scope.cancel()
-                    self._lent = True
-                if self._lent:
-                    message = await self._borrow()
-                    if message is not None:
-                        return message
-                    continue
-            await self._receivers.park()
-            self._receive_streak = 0
+            self._parked_receivers += 1
+            try:
+                await self._receivers.park()
+            finally:
+                self._parked_receivers -= 1
+            self._receive_credit = _YIELD_EVERY
 
-    def _take_one(self) -> Message:
-        message = self._inbox.popleft()
-        self._took(message)
-        return message
+    async def _borrow(self, checkpointed: bool) -> Message | None:
+        """Wait and read on this task: a message, or None to wait as usual.
 
-    async def _borrow(self) -> Message | None:
-        """Wait and read on this task; return a message, or None to wait.
-
-        The read side goes back to the reader task (``_hand_back``) as soon
-        as a read brings anything but complete plain messages: an end of
-        stream, a failure, a control message, a queue that must absorb a
-        burst, or a message that is still arriving.  Cancelled while it
-        waits, it leaves everything as it was: the bytes stay in the kernel.
+        None once the read side went back to the reader task, or the
+        channel was closed.  ``checkpointed``: this ``receive()`` call has
+        already been through a checkpoint.
         """
         self._borrowed = True
         self._borrows += 1
-        handed_back = False
+        message: Message | None = None
         failure: BaseException | None = None
         try:
             while True:
                 if self._wait_first:
                     await trio.lowlevel.wait_readable(self._sock)
-                    self._corked = False  # the peer answered: a new burst may begin
-                    self._receive_streak = 0
+                    self._corked = False  # the peer answered: a new burst
+                    self._receive_credit = _YIELD_EVERY
+                elif not checkpointed:
+                    await _checkpoint_if_cancelled()
+                checkpointed = True
                 try:
-                    if self._read_once() < 0:
-                        continue
-                    status = self._pump(keep=1)
+                    message = self._read_lent()
                 except Exception as exc:
                     failure = exc
                     break
-                if status is not _NEED_DATA or not self._inbox:
-                    handed_back = True
-                    self._hand_back()
-                if self._inbox:
-                    return self._take_one()
-                return None
+                if message is not None or not self._lent:
+                    break
         except trio.ClosedResourceError:
             if not self._aborted:
                 raise
         finally:
             self._borrowed = False
-            if not handed_back and self._lent:
-                if self._receivers:
+            if self._lent:
+                if self._parked_receivers:
                     self._receivers.unpark()  # the next receiver borrows it
                 elif self._reader_untimed:
                     self._reader_lot.unpark()  # the reader re-arms its timer
@@ -1017,7 +1145,71 @@ class Channel(trio.abc.Channel[Message]):
             if self._inbox:  # messages before the failure come first
                 return self._take_one()
             self._raise_end()
-        raise trio.ClosedResourceError("the channel was closed")
+        return message
+
+    def _take_one(self) -> Message:
+        message = self._inbox.popleft()
+        self._took(message)
+        return message
+
+    def _read_lent(self) -> Message | None:
+        """One read by a borrower: the message it returns, or None.
+
+        None with the socket still lent: the socket was empty (wait and
+        read again).  None after handing the socket back: the read brought
+        anything but complete plain messages (the inbox got what it
+        brought).  With the socket still lent, the messages beyond the
+        first go into the inbox and wake that many parked receivers.
+        Raises what reading or the decoder raises.
+        """
+        received = _fdpass.receive(
+            self._sock,
+            _RECV_SIZE,
+            fail_on_truncation=self._fail_on_truncation,
+            reopen=self._reopen_pipes,
+        )
+        if received is None:
+            self._wait_first = True
+            return None  # the socket was empty: wait for it
+        data, handles = received
+        if handles or not data:
+            self._arrived(data, handles, _RECV_SIZE)
+        else:
+            self._bytes_received += len(data)
+            self._wait_first = len(data) < _RECV_SIZE
+        keep = 1  # the message this borrower takes wakes nobody else
+        if data:
+            # (A borrower reads only while the inbox is empty: all of it is room.)
+            batch, payload_bytes, nhandles, drained = self._decoder.receive_batch(
+                data,
+                self._receive_queue_messages_limit,
+                self._receive_queue_bytes_limit,
+            )
+            if batch:
+                self._messages_received += len(batch)
+                if drained:
+                    # Only complete plain messages: ours is the first.
+                    message = batch[0]
+                    if len(batch) > 1:
+                        del batch[0]
+                        self._inbox.extend(batch)
+                        self._inbox_bytes += payload_bytes - len(message.payload)
+                        self._inbox_handles += nhandles - len(message.handles)
+                        if self._parked_receivers:
+                            self._receivers.unpark(count=len(batch))
+                    return message
+                self._inbox.extend(batch)
+                self._inbox_bytes += payload_bytes
+                self._inbox_handles += nhandles
+                if len(batch) > 1 and self._parked_receivers:
+                    self._receivers.unpark(count=len(batch) - 1)
+                keep = 0
+        status = self._pump(keep)
+        if status is not _NEED_DATA or not self._inbox:
+            self._hand_back()
+        if self._inbox:
+            return self._take_one()
+        return None
 
     def _hand_back(self) -> None:
         if self._lent:
@@ -1081,7 +1273,11 @@ class Channel(trio.abc.Channel[Message]):
             if status is _FULL or (
                 status is _NEED_DATA and not self._reader_may_read()
             ):
-                await self._room.park()
+                self._reader_wants_room = True
+                try:
+                    await self._room.park()
+                finally:
+                    self._reader_wants_room = False
                 continue
             if status is _STALLED:
                 continue
@@ -1090,12 +1286,21 @@ class Channel(trio.abc.Channel[Message]):
                 await trio.lowlevel.checkpoint()
                 continue
             if not self._wait_first:
-                nbytes = self._read_once()
-                if nbytes >= 0:
-                    total += nbytes
+                data = self._read_once()
+                if data is not None:
+                    if data:
+                        self._decoder.receive_data(data)
+                        total += len(data)
                     continue
             total = 0
-            if self._receivers and not self._inbox:
+            arriving = self._decoder.buffered_bytes
+            if arriving:
+                # A message is arriving: no lending (its next read would only
+                # give the socket back), so no cancel scope to lend with.
+                await trio.lowlevel.wait_readable(sock)
+                self._corked = False  # the peer answered: a new burst may begin
+                self._wait_first = False
+            elif self._parked_receivers and not self._inbox:
                 # Someone waits for a message: let them read themselves.
                 self._lent = True
                 self._receivers.unpark()

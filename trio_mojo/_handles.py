@@ -5,8 +5,10 @@ Theory of operation
 
 Every fd that trio_mojo touches is owned by exactly one :class:`Handle` at
 every moment: a received fd is wrapped the instant ``recvmsg`` returns, a
-sent fd is owned by its queued message until the kernel holds its own
-reference, and a message handed to the user transfers its handles with it.
+sent fd is moved by ``send`` (:func:`take_all`) into a handle of the
+channel's own, which its queued message owns until the kernel holds its
+own reference, and a message handed to the user transfers its handles with
+it.
 
 Closing follows Trio's ``_FdHolder`` discipline: the stored number is
 overwritten with -1 *before* ``os.close`` runs, so a handle can never close a
@@ -29,11 +31,18 @@ import fcntl
 import os
 import stat
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Final, Protocol, Self
 
-__all__ = ["Handle", "close_all"]
+__all__ = [
+    "Handle",
+    "adopt_all",
+    "close_all",
+    "filenos",
+    "give_back",
+    "take_all",
+]
 
 _KEPT_FLAGS: Final = os.O_ACCMODE | os.O_APPEND
 """Status flags a reopened description copies from the original.
@@ -184,8 +193,8 @@ class Handle:
         return f"<trio_mojo.Handle fd={self._fd}>"
 
     def __del__(self) -> None:
-        fd = self._fd
-        if fd >= 0:
+        if self._fd >= 0:  # (runs for every handle: kept short)
+            fd = self._fd
             self._fd = -1
             try:
                 os.close(fd)
@@ -231,3 +240,80 @@ def close_all(handles: Iterable[Handle]) -> None:
                     first = exc
     if first is not None:
         raise first
+
+
+_new: Final = object.__new__
+
+
+def adopt_all(fds: Iterable[int]) -> list[Handle]:
+    """Wrap fds the kernel has just handed us, each in a new :class:`Handle`.
+
+    The receive path's way to build handles: the numbers come from
+    ``SCM_RIGHTS``, so they are non-negative ints and the checks of
+    ``Handle(fd)`` are skipped (its ``__init__`` costs a Python call per fd).
+    """
+    handles: list[Handle] = []
+    append = handles.append
+    for fd in fds:
+        handle: Handle = _new(Handle)
+        handle._fd = fd
+        append(handle)
+    return handles
+
+
+def filenos(handles: Sequence[Handle]) -> list[int]:
+    """The fd numbers of ``handles``, which stay their owners'.
+
+    Raises:
+        ValueError: a handle is closed or detached.
+    """
+    numbers = [handle._fd for handle in handles]
+    if numbers and min(numbers) < 0:
+        raise ValueError("I/O operation on a closed Handle")
+    return numbers
+
+
+def take_all(handles: Sequence[Handle]) -> tuple[Handle, ...]:
+    """Move the fds of ``handles`` into new handles, returned in order.
+
+    ``send`` takes a message's fds this way when it accepts the message:
+    the caller's handles read as closed at once, so none of them can be
+    sent (or closed) a second time while the first message still waits in
+    the send queue, and only the returned handles, which nobody else
+    holds, own the fds.
+
+    Raises:
+        ValueError: a handle is closed (or detached, or already taken), or
+            appears twice; then no handle changed.
+    """
+    taken: list[Handle] = []
+    append = taken.append
+    for handle in handles:
+        fd = handle._fd
+        if fd < 0:
+            repeated = any(seen is handle for seen in handles[: len(taken)])
+            give_back(handles, taken)
+            if repeated:
+                raise ValueError("the same Handle appears twice in one message")
+            raise ValueError(
+                f"cannot send a closed handle ({handle!r}): it was closed, "
+                "detached, or already given to send()"
+            )
+        handle._fd = -1
+        # (adopt_all, inlined: one Python call per message, not two)
+        own: Handle = _new(Handle)
+        own._fd = fd
+        append(own)
+    return tuple(taken)
+
+
+def give_back(handles: Sequence[Handle], taken: Sequence[Handle]) -> None:
+    """Undo :func:`take_all`: move each fd of ``taken`` back into ``handles``.
+
+    For a ``send`` cancelled after it took the fds: the caller owns them
+    again, in the same :class:`Handle` objects.  (``taken`` may be shorter:
+    :func:`take_all` gives back what it took before it met a bad handle.)
+    """
+    for handle, own in zip(handles, taken, strict=False):
+        handle._fd = own._fd
+        own._fd = -1

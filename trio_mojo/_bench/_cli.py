@@ -46,9 +46,11 @@ Workloads (full counts; --quick uses about 1/10 to 1/50 of them):
 
 Systems: trio_mojo; mp (multiprocessing.connection + reduction.sendfds,
 the reference of the "vs mp" ratios); raw (blocking sockets, batched: about
-the fastest Python can go); trio_floor (W4 only: one Trio task on a plain
-socket, the least any Trio program pays per round trip); and when
-installed anyio_trio, anyio_asyncio
+the fastest Python can go); raw_bytes (W2, W3 only: raw with every payload
+copied into bytes, the least a receiver of bytes payloads pays); trio_floor
+(W1, W4 only: one Trio task on a plain socket, the least any Trio program
+pays per round trip, and per message through an awaited, cancellable
+send/receive of a Message); and when installed anyio_trio, anyio_asyncio
 (anyio UNIX streams), asyncio, uvloop (asyncio streams; no fd API, so no
 W5/W5x8).
 
@@ -57,6 +59,10 @@ vs multiprocessing.Pool, trio-parallel and anyio.to_process.
 
 `python -m trio_mojo bench spawn --help`: worker start-up (zygote, spawn,
 multiprocessing) on its own.
+
+`python -m trio_mojo bench instructions --help`: instructions per message
+(both processes) under valgrind's callgrind, which the load of a shared
+machine does not change.
 
 The report ends with trio_mojo's speed relative to each peer.  Also
 measured: CPU us per message (both processes, getrusage), the receiver's
@@ -180,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         from ._spawn import main as spawn_main
 
         return spawn_main(argv[1:])
+    if argv and argv[0] == "instructions":  # counted under callgrind
+        from ._instructions import main as instructions_main
+
+        return instructions_main(argv[1:])
     args = _parse(argv)
     quick = args.quick
     reps = args.reps if args.reps is not None else (2 if quick else 3)

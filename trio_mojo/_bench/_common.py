@@ -86,6 +86,9 @@ class RunSpec:
     trickle_interval: float = 0.0
     profile_path: str | None = None
     timeout: float = 600.0
+    valgrind: bool = False
+    """The run is under valgrind (``bench instructions``): Trio runs on a
+    clock slowed down as much as the program (``_clock.trio_clock``)."""
 
     @property
     def total_fds(self) -> int:

@@ -24,7 +24,7 @@ import socket
 import subprocess
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from types import ModuleType
 from typing import Any, Final, TypeVar
@@ -75,13 +75,15 @@ def _last_json_line(out: str) -> dict[str, Any] | None:
     return None
 
 
-def run(spec: RunSpec) -> dict[str, Any]:
+def run(spec: RunSpec, prefix: Sequence[str] = ()) -> dict[str, Any]:
     """Run one (system, workload, repetition); return the parsed record.
 
     The record has ``spec``, ``sender``, ``receiver`` and ``errors`` (empty
-    when every honesty check passed).
+    when every honesty check passed).  ``prefix`` goes before the sender's
+    command line (``valgrind ...``).
     """
-    rc, out, err = _communicate(_runner_command("sender", spec.to_json()), spec.timeout)
+    command = [*prefix, *_runner_command("sender", spec.to_json())]
+    rc, out, err = _communicate(command, spec.timeout)
     record = _last_json_line(out)
     if record is None:
         tail = "\n".join(err.strip().splitlines()[-15:])

@@ -7,6 +7,11 @@ and payload buffers of their own.  The reader ``recvmsg_into`` s up to
 frame out of it; a payload above 64 KiB is received straight into its own
 buffer.  This is about the fastest a Python program can do it, and the
 ceiling trio_mojo's per-message cost is compared with.
+
+Peer "raw_bytes" is the same reader with every payload copied into a
+``bytes`` (W2 and W3 only): the least any receiver pays whose payloads are
+``bytes``, as ``trio_mojo.Message.payload`` is (one copy after the
+kernel's; a payload is received into a buffer first).
 """
 
 from __future__ import annotations
@@ -58,8 +63,9 @@ def send_all(sock: socket.socket, data: bytes, fds: list[int]) -> None:
 class FrameReader:
     """Parses ``<IHH`` frames and their fds off a blocking socket."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, *, as_bytes: bool = False) -> None:
         self.sock = sock
+        self.as_bytes = as_bytes
         self.buf = bytearray(READ_SIZE)
         self.view = memoryview(self.buf)
         self.start = 0
@@ -99,10 +105,14 @@ class FrameReader:
     def run(self, limit: int, *, echo: bool = False) -> int:
         """Parse up to ``limit`` messages, receiving as needed; stop at EOF.
 
-        Every message is materialised (a ``bytearray`` copy), every fd closed.
-        With ``echo`` each frame is sent back as soon as it is parsed.
+        Every message is materialised (a ``bytearray`` copy, or ``bytes``
+        with ``as_bytes``), every fd closed.  With ``echo`` each frame is
+        sent back as soon as it is parsed.
         """
         buf = self.buf
+        view = self.view
+        as_bytes = self.as_bytes
+        message: bytes | bytearray
         size = len(buf)
         unpack_from = FRAME.unpack_from
         header = FRAME.size
@@ -120,11 +130,16 @@ class FrameReader:
                     if length > BIG_PAYLOAD:
                         self.start, self.end = start, end
                         message = self._take_big(length)
+                        if as_bytes:
+                            message = bytes(message)
                         start = end = 0
                     else:
                         break
                 else:
-                    message = buf[start + header : stop]
+                    if as_bytes:
+                        message = bytes(view[start + header : stop])
+                    else:
+                        message = buf[start + header : stop]
                     if echo:
                         sock.sendall(buf[start:stop])
                     start = stop
@@ -227,7 +242,7 @@ def receiver(
 ) -> ReceiverResult:
     sock = socket.socket(fileno=sock_fd)
     sock.setblocking(True)
-    reader = FrameReader(sock)
+    reader = FrameReader(sock, as_bytes=spec.system == "raw_bytes")
     result = ReceiverResult()
     meter = Meter()
     meter.start(track_memory=True)

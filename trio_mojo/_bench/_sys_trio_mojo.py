@@ -29,6 +29,7 @@ import trio
 
 import trio_mojo
 
+from ._clock import trio_clock
 from ._common import (
     REQUEST,
     ControlReader,
@@ -60,7 +61,7 @@ def sender(spec: RunSpec, sock: socket.socket, ctl: ControlReader) -> SenderResu
     if spec.mode == "trickle":
         return _trickle_sender(spec, sock, ctl)
     endpoint = trio_mojo.Endpoint.from_fd(sock.detach())
-    return trio.run(_sender, spec, endpoint, ctl)
+    return trio.run(_sender, spec, endpoint, ctl, clock=trio_clock(spec))
 
 
 async def _wait_ready(ctl: ControlReader) -> None:
@@ -206,8 +207,8 @@ def receiver(
 ) -> ReceiverResult:
     endpoint = _recover(argv, sock_fd)
     if spec.mode == "trickle":
-        return trio.run(_trickle_receiver, spec, endpoint, ctl)
-    return trio.run(_receiver, spec, endpoint, ctl)
+        return trio.run(_trickle_receiver, spec, endpoint, ctl, clock=trio_clock(spec))
+    return trio.run(_receiver, spec, endpoint, ctl, clock=trio_clock(spec))
 
 
 async def _receiver(

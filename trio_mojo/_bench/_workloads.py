@@ -154,11 +154,19 @@ SYSTEMS: Final = (
         "anyio_asyncio", "anyio UNIX stream on asyncio", "_sys_anyio", True, ("anyio",)
     ),
     System(
+        "raw_bytes",
+        "blocking Python socket, batched, payloads copied into bytes",
+        "_sys_raw",
+        False,
+        is_async=False,
+        only=("W2", "W3"),
+    ),
+    System(
         "trio_floor",
         "one Trio task on a plain socket (the Trio floor)",
         "_sys_trio_floor",
         False,
-        only=("W4",),
+        only=("W1", "W4"),
     ),
     System("asyncio", "asyncio streams", "_sys_asyncio", False, concurrent=True),
     System(

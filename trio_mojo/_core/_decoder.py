@@ -124,12 +124,22 @@ MAX_BUFFERED_WHILE_WAITING: Final = 1024 * 1024
 complete message waits for its fds (then the stream is malformed)."""
 
 _FIRST8 = struct.Struct("<IHH")  # num_bytes, (num_handles|num_header_bytes), type
-_HEADER10 = struct.Struct("<IHHH")  # Header without its padding: + num_handles
+_PLAIN_HEADER = struct.Struct("<IIH")  # num_bytes, (num_header_bytes|type), handles
+_PLAIN_TAG = HEADER_SIZE | 1 << 16
+"""The middle field of a plain message's header: num_header_bytes == 16 and
+message_type == NORMAL (1), read as one little-endian u32."""
+_unpack_plain = _PLAIN_HEADER.unpack_from
 _U16 = struct.Struct("<H")
 _IPCZ_FIRST8 = struct.Struct("<HHI")  # size, num_handles, num_bytes
 _TYPES = tuple(MessageType)
 _MAX_TYPE = len(_TYPES) - 1
 _NORMAL = MessageType.NORMAL
+
+
+def _take(queue: collections.deque[Handle], count: int) -> tuple[Handle, ...]:
+    """The first ``count`` handles of ``queue`` (which holds that many)."""
+    popleft = queue.popleft
+    return tuple([popleft() for _ in range(count)])
 
 
 class MessageDecoder:
@@ -416,10 +426,13 @@ class MessageDecoder:
         trio_mojo or Chromium peer sends.  This is the receive path's hot
         loop; it stops at ``max_messages``, once the payloads returned add up
         to more than ``max_bytes``, or before the first message that is not
-        plain (or not complete), which :meth:`next_message` then
-        handles with every check.  Calling it never raises and never changes
-        what :meth:`next_message` would return next, except that the
-        messages it returns are gone.
+        plain, which :meth:`next_message` then handles with every check.  A
+        plain message that is still arriving is collected exactly as
+        :meth:`next_message` would collect it (so the buffer then holds its
+        first bytes, and the following calls return it first once it is
+        complete).  Calling it never raises and never changes what
+        :meth:`next_message` would return next, except that the messages it
+        returns are gone.
 
         Returns:
             ``(messages, payload_bytes, handles, drained)``: the messages
@@ -429,64 +442,167 @@ class MessageDecoder:
             :meth:`next_message` would return :data:`NEED_DATA` (then the
             caller may skip it).
         """
-        messages: list[Message] = []
+        return self.receive_batch(b"", max_messages, max_bytes)
+
+    def receive_batch(
+        self, data: bytes | bytearray | memoryview, max_messages: int, max_bytes: int
+    ) -> tuple[list[Message], int, int, bool]:
+        """:meth:`receive_data` then :meth:`next_batch`, in one call.
+
+        The receive path's hot spot: a read that brought one or a few
+        plain messages costs one call, not two.
+
+        Raises:
+            ChannelError, RuntimeError: as :meth:`receive_data` (only when
+                ``data`` is not empty; nothing was parsed then).
+        """
         if (
-            self._ipcz
-            or self._need
-            or self._complete is not None
-            or self._failure is not None
+            self._pos >= len(self._buf)
+            and data.__class__ is bytes
+            and not self._need
+            and self._complete is None
+            and self._failure is None
+            and not self._eof
+            and not self._ipcz
         ):
-            return messages, 0, 0, False
-        buf = self._buf
-        pos = self._pos
-        end = len(buf)
-        limit = self.max_message_size
-        max_handles = self.max_handles_per_message if self._accept_handles else 0
-        queued = self._handles
-        unpack = _HEADER10.unpack_from
-        append = messages.append
-        payload_bytes = 0
-        handles_taken = 0
-        while (
-            end - pos >= HEADER_SIZE
-            and len(messages) < max_messages
-            and payload_bytes <= max_bytes
-        ):
-            num_bytes, header_size, raw_type, num_handles = unpack(buf, pos)
+            # Nothing buffered: parse ``data`` itself (the common case).
             if (
-                raw_type != 1  # NORMAL
-                or header_size != HEADER_SIZE
-                or num_bytes > end - pos
-                or num_bytes < HEADER_SIZE
-                or num_bytes > limit
+                len(data) >= HEADER_SIZE
+                and max_messages > 0
+                and max_bytes >= 0
+                and not self._handles
             ):
-                break
-            if num_handles:
-                if num_handles > max_handles or num_handles > len(queued):
-                    break
-                popleft = queued.popleft
-                handles = tuple([popleft() for _ in range(num_handles)])
-                handles_taken += num_handles
+                num_bytes, tag, num_handles = _unpack_plain(data)
+                if (
+                    num_bytes == len(data)
+                    and tag == _PLAIN_TAG
+                    and not num_handles
+                    and num_bytes <= self.max_message_size
+                ):
+                    # Exactly one plain message without fds (request/response):
+                    # the loop below, unrolled.  The buffer stays empty.
+                    message = _new(Message)
+                    _set_payload(message, data[HEADER_SIZE:])
+                    _set_handles(message, ())
+                    _set_type(message, _NORMAL)
+                    return [message], num_bytes - HEADER_SIZE, 0, True
+            buf = self._buf = data
+            pos = 0
+            messages: list[Message] = []
+            payload_bytes = handles_taken = 0
+        else:
+            if data:
+                self.receive_data(data)
+            if max_messages > 0 and max_bytes >= 0:
+                messages, payload_bytes, handles_taken = self._completed_batch()
             else:
-                handles = ()
-            payload = buf[pos + HEADER_SIZE : pos + num_bytes]
-            payload_bytes += num_bytes - HEADER_SIZE
-            pos += num_bytes
-            # received_message(), inlined: this runs once per message.
-            message = _new(Message)
-            _set_payload(message, payload)
-            _set_handles(message, handles)
-            _set_type(message, _NORMAL)
-            append(message)
-        if pos < end:
+                messages, payload_bytes, handles_taken = [], 0, 0
+            if (
+                self._need
+                or self._complete is not None
+                or self._failure is not None
+                or self._ipcz
+            ):
+                return messages, payload_bytes, handles_taken, False
+            buf = self._buf
+            pos = self._pos
+            if messages:
+                max_messages -= 1
+                if payload_bytes > max_bytes:
+                    max_messages = 0  # that one message passed the byte bound
+        end = len(buf)
+        collecting = False
+        if max_messages > 0 and max_bytes >= 0:
+            limit = self.max_message_size
+            room = max_messages
+            while end - pos >= HEADER_SIZE:
+                num_bytes, tag, num_handles = _unpack_plain(buf, pos)
+                stop = pos + num_bytes
+                if (
+                    tag != _PLAIN_TAG
+                    or stop > end
+                    or num_bytes < HEADER_SIZE
+                    or num_bytes > limit
+                ):
+                    if (
+                        stop > end
+                        and tag == _PLAIN_TAG
+                        and HEADER_SIZE <= num_bytes <= limit
+                        and not self._eof
+                        and (not num_handles or self._may_carry(num_handles))
+                    ):
+                        # A plain message that is still arriving: collect
+                        # it as next_message() would.
+                        self._partial = (HEADER_SIZE, num_handles, _NORMAL, num_bytes)
+                        self._need = stop - end
+                        collecting = True
+                    break
+                if num_handles:
+                    queued = self._handles
+                    if not self._may_carry(num_handles) or num_handles > len(queued):
+                        break
+                    handles: tuple[Handle, ...] = (
+                        (queued.popleft(),)
+                        if num_handles == 1
+                        else _take(queued, num_handles)
+                    )
+                    handles_taken += num_handles
+                else:
+                    handles = ()
+                # received_message(), inlined: this runs once per message.
+                message = _new(Message)
+                _set_payload(message, buf[pos + HEADER_SIZE : stop])
+                _set_handles(message, handles)
+                _set_type(message, _NORMAL)
+                messages.append(message)
+                payload_bytes += num_bytes - HEADER_SIZE
+                pos = stop
+                room -= 1
+                if not room or payload_bytes > max_bytes:
+                    break
+        if collecting:
+            self._buf = buf
+            self._pos = pos
+        elif pos < end:
             self._pos = pos
             return messages, payload_bytes, handles_taken, False
-        self._buf = b""
-        self._pos = 0
-        # The checks next_message() would make on an empty buffer (_short).
+        else:
+            self._buf = b""
+            self._pos = 0
+        # The checks next_message() would make now (_short).
         queue_limit = self.max_queued_handles
-        drained = not self._eof and (queue_limit is None or len(queued) <= queue_limit)
+        drained = not self._eof and (
+            queue_limit is None or len(self._handles) <= queue_limit
+        )
         return messages, payload_bytes, handles_taken, drained
+
+    def _may_carry(self, num_handles: int) -> bool:
+        """True if a header may declare ``num_handles`` (> 0) fds here."""
+        return self._accept_handles and num_handles <= self.max_handles_per_message
+
+    def _completed_batch(self) -> tuple[list[Message], int, int]:
+        """The message collected across chunks, if it is plain and its fds are in.
+
+        (:meth:`next_batch` returns it first; anything else about it is
+        left to :meth:`next_message`.)
+        """
+        payload = self._complete
+        if payload is not None:
+            header_size, num_handles, mtype, _ = self._partial
+            if (
+                mtype is _NORMAL
+                and header_size == HEADER_SIZE
+                and num_handles <= len(self._handles)
+            ):
+                self._complete = None
+                message = _new(Message)
+                _set_payload(message, payload)
+                _set_handles(
+                    message, _take(self._handles, num_handles) if num_handles else ()
+                )
+                _set_type(message, _NORMAL)
+                return [message], len(payload), num_handles
+        return [], 0, 0
 
     def read_size(self, default: int, maximum: int) -> int:
         """How many bytes the next read should ask for.
@@ -533,8 +649,7 @@ class MessageDecoder:
                     f"{len(queued)}; at most {MAX_BUFFERED_WHILE_WAITING} bytes wait)"
                 )
             return None
-        popleft = queued.popleft
-        return tuple([popleft() for _ in range(num_handles)])
+        return _take(queued, num_handles)
 
     def close(self) -> None:
         """Close every queued fd and drop buffered bytes.  Idempotent."""

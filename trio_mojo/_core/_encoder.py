@@ -35,7 +35,8 @@ the receiver's FIFO matching fds to messages:
    (:meth:`OutgoingMessage.encode` refuses more), there are always enough
    bytes.
 4. While fds that went out ahead of their message's bytes are outstanding,
-   no further fds are planned.  Without this, a run of short writes would
+   no further fds are planned.  (A batch's fds all ride on its first byte,
+   so a partly written batch counts as outstanding until it is done.)  Without this, a run of short writes would
    deliver another 128 early fds per ``sendmsg`` and push the receiver past
    its cap on queued fds (``max_queued_handles``, 2 x 253); with it the
    receiver holds at most one plan's worth of early fds beside those of the
@@ -54,7 +55,7 @@ import struct
 from collections.abc import Sequence
 from typing import Final, TypeAlias
 
-from trio_mojo._handles import Handle, close_all
+from trio_mojo._handles import Handle, close_all, filenos
 
 from ._message import Message
 from ._wire import (
@@ -71,11 +72,13 @@ Buffer: TypeAlias = bytes | bytearray | memoryview
 """What a plan is made of: whole encoded entries or views into them."""
 
 __all__ = [
+    "INLINE_PAYLOAD",
     "MAX_BATCH_BYTES",
     "MAX_PLAN_BUFFERS",
     "MAX_PLAN_BYTES",
     "MessageEncoder",
     "OutgoingMessage",
+    "plain_frame",
 ]
 
 MAX_PLAN_BYTES: Final = 512 * 1024
@@ -95,18 +98,32 @@ _MOJO: Final = Framing.MOJO
 _FAST_MAX_PAYLOAD: Final = MAX_MESSAGE_SIZE_LIMIT - HEADER_SIZE
 
 
+def plain_frame(payload: bytes) -> bytes:
+    """The wire bytes of a *plain* message without handles: header and payload.
+
+    A plain message is a ``NORMAL`` message in ``Framing.MOJO`` whose
+    payload is at most :data:`INLINE_PAYLOAD` bytes (what the decoder's
+    ``next_batch`` calls plain, too).  Without handles it is the
+    request/response case, which the channel writes without building an
+    :class:`OutgoingMessage` when the kernel takes it whole.  The caller
+    checks that the message is plain.
+    """
+    return _NORMAL_HEADER.pack(HEADER_SIZE + len(payload), HEADER_SIZE, 1, 0) + payload
+
+
 def _header(message: Message, framing: Framing) -> bytes:
-    """The header of ``message``; raises ValueError as ``encode_header``."""
-    size = len(message.payload)
-    if framing is _MOJO and message.type is _NORMAL and size <= _FAST_MAX_PAYLOAD:
-        # The common case without encode_header's argument checks and its
-        # MessageType() call (the caller checked the handle count, the type
-        # and the size are checked just now).
-        return _NORMAL_HEADER.pack(
-            HEADER_SIZE + size, HEADER_SIZE, _NORMAL, len(message.handles)
-        )
+    """The header of ``message``; raises ValueError as ``encode_header``.
+
+    The general case: :meth:`OutgoingMessage.encode` and
+    :meth:`~OutgoingMessage.append` pack a ``NORMAL`` header in
+    ``Framing.MOJO`` themselves, without ``encode_header``'s argument checks
+    and its ``MessageType()`` call.
+    """
     return encode_header(
-        size, num_handles=len(message.handles), type=message.type, framing=framing
+        len(message.payload),
+        num_handles=len(message.handles),
+        type=message.type,
+        framing=framing,
     )
 
 
@@ -156,8 +173,15 @@ class OutgoingMessage:
                 f"not {len(handles)}"
             )
         payload = message.payload
-        header = _header(message, framing)
-        if len(payload) <= INLINE_PAYLOAD:
+        size = len(payload)
+        if framing is _MOJO and message.type is _NORMAL and size <= _FAST_MAX_PAYLOAD:
+            # The common case (the caller checked the handle count).
+            header = _NORMAL_HEADER.pack(
+                HEADER_SIZE + size, HEADER_SIZE, _NORMAL, len(handles)
+            )
+        else:
+            header = _header(message, framing)
+        if size <= INLINE_PAYLOAD:
             return cls(header + payload, b"", handles)
         return cls(header, payload, handles)
 
@@ -202,6 +226,34 @@ class OutgoingMessage:
                 batch = self.handles = list(batch)
             batch.extend(handles)
         self.size += len(header) + size
+        self.count += 1
+        return True
+
+    def append_plain(self, payload: bytes, handles: tuple[Handle, ...] = ()) -> bool:
+        """:meth:`append` for a *plain* message: ``NORMAL``, ``Framing.MOJO``,
+        a payload of at most 1 KiB.
+
+        The same rules without the checks that a plain message passes
+        anyway (the caller checked that it is plain and its handles valid):
+        the per-message path of a burst of small messages.
+        """
+        size = HEADER_SIZE + len(payload)
+        new_size = self.size + size
+        if self.tail or self.offset or new_size > MAX_BATCH_BYTES:
+            return False
+        if handles:
+            batch = self.handles
+            if len(batch) + len(handles) > MAX_SENDMSG_HANDLES:
+                return False
+            if not isinstance(batch, list):
+                batch = self.handles = list(batch)
+            batch.extend(handles)
+        head = self.head
+        if head.__class__ is not bytearray:
+            head = self.head = bytearray(head)
+        head += _NORMAL_HEADER.pack(size, HEADER_SIZE, 1, len(handles))
+        head += payload
+        self.size = new_size
         self.count += 1
         return True
 
@@ -286,16 +338,19 @@ class MessageEncoder:
                     batch = entry.handles[
                         entry.handles_sent : entry.handles_sent + MAX_SENDMSG_HANDLES
                     ]
-                    fds.extend(h.fileno() for h in batch)
+                    fds += filenos(batch)
                     planned.append((entry, MAX_SENDMSG_HANDLES))
                     buffers.append(entry.first_unsent_byte())
                     break
                 if len(fds) + pending > MAX_SENDMSG_HANDLES:
                     break  # rule 2: this message starts the next plan
-                fds.extend(h.fileno() for h in entry.handles[entry.handles_sent :])
+                fds += filenos(entry.handles[entry.handles_sent :])
                 planned.append((entry, pending))
-            elif entry.handles_sent and buffers:
-                early = True  # not the first: its fds went before its bytes
+            elif entry.handles_sent and (buffers or entry.count > 1):
+                # Its fds went before its bytes (not the first entry), or it
+                # is a batch whose fds all rode on its first byte: those of
+                # its later messages may still be ahead of their bytes.
+                early = True
             parts = entry.unsent()
             buffers.extend(parts)
             nbytes += entry.size - entry.offset

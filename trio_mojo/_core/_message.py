@@ -49,8 +49,9 @@ class Message:
     ``bytes`` at once (a snapshot); ``handles`` any iterable of
     :class:`Handle` (stored as a tuple).
 
-    Sending a message transfers its handles to the channel, which closes them
-    once the kernel has taken its own reference.  A received message's
+    Sending a message transfers its fds to the channel: ``send`` moves them
+    into handles of its own (the message's read as closed from then on) and
+    closes those once the kernel has taken its own reference.  A received message's
     handles belong to whoever received it: close them (``with message:``
     does) or :meth:`~Handle.detach` them.
 
