@@ -1,8 +1,9 @@
 """Findings of the soak (``tests/soak/run.py``), one test each.
 
-Each is ``xfail(strict=True)`` until the owner of the code fixes it; the
-first one is fixed (``Zygote._request`` registers a request before sending
-it) and stays as its regression test.
+Each was ``xfail(strict=True)`` until the owner of the code fixed it; all
+are fixed now and stay as regression tests (the zygote registers a fork
+request before sending it; ``ETOOMANYREFS`` is back-pressure; a worker
+reads ahead no more fds than its limit leaves).
 """
 
 from __future__ import annotations
@@ -71,16 +72,6 @@ ECHOES = 24
 
 @pytest.mark.skipif(
     os.geteuid() != 0, reason="measured with a root parent (the uid drop needs one)"
-)
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "the kernel charges fds in flight on an AF_UNIX socket to the sending "
-        "user and refuses (ETOOMANYREFS) past its RLIMIT_NOFILE (256 in "
-        "strict(); a fixed worker_uid shares it among workers); the channel "
-        "takes that for a fatal write error, so a worker whose replies carry "
-        "fds dies as soon as the parent reads them slower than it answers"
-    ),
 )
 async def test_a_worker_answering_with_fds_waits_while_too_many_are_in_flight() -> None:
     # The parent's channel reads ahead at most 16 fds: the rest of the

@@ -134,6 +134,9 @@ __all__ = ["Channel", "ChannelStatistics", "open_channel"]
 
 _YIELD_EVERY: Final = 64
 """Non-blocking send()/receive() calls between two schedule points."""
+_IN_FLIGHT_DELAYS: Final = (0.001, 0.1)
+"""First and longest wait of the writer before it retries fds the kernel
+refused with ``ETOOMANYREFS`` (the delay doubles from one to the other)."""
 _READ_SIZE: Final = MAX_BATCH_READ_SIZE
 """Bytes read per wake-up of the reader before it yields (Mojo's fairness cap)."""
 _RECV_SIZE: Final = 64 * 1024
@@ -309,6 +312,7 @@ class Channel(trio.abc.Channel[Message]):
         # the peer's data has happened since: further sends join the
         # writer's next sendmsg.
         self._corked = False
+        self._fds_in_flight = False  # the kernel refused fds: ETOOMANYREFS
         self._eof_requested = False  # send_eof() was called
         self._eof_sent = False  # ... and the socket is shut down for writing
         self._writer_scope = trio.CancelScope()
@@ -751,6 +755,9 @@ class Channel(trio.abc.Channel[Message]):
                 sent = _fdpass.send(sock, buffers, fds)
                 if sent is None:
                     return False
+                if sent < 0:  # ETOOMANYREFS: the writer retries after a delay
+                    self._fds_in_flight = True
+                    return False
                 done = encoder.advance(sent)
                 self._pending -= done
                 self._pending_bytes -= sent
@@ -846,6 +853,7 @@ class Channel(trio.abc.Channel[Message]):
     async def _write_loop(self) -> None:
         encoder = self._encoder
         reader = self._outbox_reader
+        delay = _IN_FLIGHT_DELAYS[0]
         while True:
             if not encoder:
                 try:
@@ -868,7 +876,16 @@ class Channel(trio.abc.Channel[Message]):
                 self._take_outgoing(item)
             if self._eof_requested and not self._pending:
                 self._shut_down_writing()
-            if not self._flush_nowait():
+            if self._flush_nowait():
+                delay = _IN_FLIGHT_DELAYS[0]
+            elif self._fds_in_flight:
+                # Too many of this user's fds are in flight (_fdpass.send):
+                # the socket is writable, so wait for the peer to read some.
+                self._fds_in_flight = False
+                await trio.sleep(delay)
+                delay = min(2 * delay, _IN_FLIGHT_DELAYS[1])
+            else:
+                delay = _IN_FLIGHT_DELAYS[0]
                 await trio.lowlevel.wait_writable(self._sock)
             if self._write_error is not None:
                 return

@@ -53,7 +53,14 @@ from ._core._wire import MAX_SENDMSG_HANDLES
 from ._errors import ChannelError, DisconnectedError, MalformedMessageError
 from ._handles import Handle, adopt_all, close_all
 
-__all__ = ["RECV_CONTROL_SIZE", "receive", "reopen_pipes", "send", "send_bytes"]
+__all__ = [
+    "FDS_IN_FLIGHT",
+    "RECV_CONTROL_SIZE",
+    "receive",
+    "reopen_pipes",
+    "send",
+    "send_bytes",
+]
 
 RECV_CONTROL_SIZE: Final = socket.CMSG_SPACE(
     MAX_SENDMSG_HANDLES * array.array("i").itemsize
@@ -75,6 +82,10 @@ def _translate(exc: OSError, action: str) -> Exception:
     return ChannelError(f"{action} failed: {exc}")
 
 
+FDS_IN_FLIGHT: Final = -1
+"""What :func:`send` returns when the kernel refused its fds for now."""
+
+
 def send(
     sock: socket.socket, buffers: list[bytes | bytearray | memoryview], fds: list[int]
 ) -> int | None:
@@ -82,6 +93,13 @@ def send(
 
     ``fds`` (at most 128) travel as one ``SCM_RIGHTS`` message; the caller
     keeps owning them and must not send them without data bytes.
+
+    Returns :data:`FDS_IN_FLIGHT` (nothing was sent) on ``ETOOMANYREFS``:
+    the kernel counts the fds a user has in flight in unix sockets (sent,
+    not yet received) and refuses more past the sender's
+    ``RLIMIT_NOFILE``, unless it has ``CAP_SYS_RESOURCE``.  That is
+    back-pressure, not a failure: the count falls as the receivers read,
+    but no readiness event says when, so the caller retries after a delay.
 
     Raises:
         DisconnectedError, ChannelError, trio.ClosedResourceError: see above.
@@ -94,6 +112,8 @@ def send(
     except BlockingIOError:
         return None
     except OSError as exc:
+        if exc.errno == errno.ETOOMANYREFS:
+            return FDS_IN_FLIGHT
         raise _translate(exc, "sendmsg") from exc
 
 
