@@ -145,6 +145,10 @@ def test_demo_reports_unreadable_files_and_directories(tmp_path: Path) -> None:
     assert "0 missing, 2 unreadable, 0 skipped" in result.stdout
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_demo_exits_quietly_on_ctrl_c(tmp_path: Path) -> None:
     big = tmp_path / "big"
     with big.open("wb") as file:
@@ -154,15 +158,23 @@ def test_demo_exits_quietly_on_ctrl_c(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # As from a terminal: a shell starts a background job (nohup, &)
+        # with SIGINT ignored, and Python then keeps it ignored.
+        preexec_fn=_default_sigint,  # noqa: PLW1509 (only signal(), no locks)
     )
-    assert demo.stderr is not None
-    seen = []
-    for line in demo.stderr:
-        seen.append(line)
-        if "ready; hashing" in line:
-            break
-    demo.send_signal(signal.SIGINT)
-    _, stderr = demo.communicate(timeout=30)
+    try:
+        assert demo.stderr is not None
+        seen = []
+        for line in demo.stderr:
+            seen.append(line)
+            if "ready; hashing" in line:
+                break
+        demo.send_signal(signal.SIGINT)
+        _, stderr = demo.communicate(timeout=30)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.communicate()
     assert demo.returncode == 130, "".join(seen) + stderr
     assert "Traceback" not in stderr
     assert "KeyboardInterrupt" not in stderr
