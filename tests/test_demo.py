@@ -74,6 +74,18 @@ def test_demo_on_given_paths_with_one_worker(tmp_path: Path) -> None:
     assert "0 missing, 0 unreadable, 0 skipped" in result.stdout
 
 
+def test_demo_works_under_strict(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_bytes(b"strict")
+    (tmp_path / "b.txt").write_bytes(b"")
+    result = _run_demo("--strict", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert _table(result.stdout, tmp_path) == {
+        str(tmp_path / "a.txt"): (hashlib.sha256(b"strict").hexdigest(), "yes"),
+        str(tmp_path / "b.txt"): (hashlib.sha256(b"").hexdigest(), "yes"),
+    }
+    assert result.stdout.count("policy=strict [ok]") == 2, result.stdout
+
+
 def test_demo_prints_progress_and_caps_workers_at_the_files(tmp_path: Path) -> None:
     (tmp_path / "only").write_bytes(b"one file")
     result = _run_demo("--workers", "8", str(tmp_path / "only"))

@@ -358,7 +358,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=2,
         help="worker processes (default 2; never more than there are files)",
     )
-    parser.add_argument(
+    sandbox = parser.add_mutually_exclusive_group()
+    sandbox.add_argument(
+        "--strict",
+        action="store_true",
+        help="run the workers with SandboxPolicy.strict() (refuses to start on a "
+        "machine that lacks one of its layers) instead of SandboxPolicy.basic()",
+    )
+    sandbox.add_argument(
         "--unsandboxed",
         action="store_true",
         help="run the workers with SandboxPolicy.none() instead of SandboxPolicy.basic()",
@@ -366,11 +373,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
-    policy = (
-        SandboxPolicy.none(i_understand_this_is_unsandboxed=True)
-        if args.unsandboxed
-        else SandboxPolicy.basic()
-    )
+    if args.unsandboxed:
+        policy = SandboxPolicy.none(i_understand_this_is_unsandboxed=True)
+    elif args.strict:
+        policy = SandboxPolicy.strict()
+    else:
+        policy = SandboxPolicy.basic()
     try:
         return _main(args.paths, args.workers, policy)
     except (WorkerError, SandboxUnavailableError) as exc:
