@@ -86,6 +86,7 @@ def docs(session: nox.Session) -> None:
     session.install(".", *_group("docs"))
     session.run(
         "sphinx-build",
+        "-E",  # read every page: a saved environment hides old warnings
         "-W",
         "-n",
         "--keep-going",
