@@ -7,6 +7,7 @@ control messages) are produced by the kernel itself.
 from __future__ import annotations
 
 import os
+import resource
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -331,3 +332,34 @@ async def test_a_waiting_receiver_reading_itself_reopens_received_pipes() -> Non
     finally:
         os.close(r)
         os.close(w)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="drops to another uid (needs root)")
+def test_send_reports_fds_in_flight_past_the_senders_limit() -> None:
+    # The kernel refuses SCM_RIGHTS (ETOOMANYREFS) once a user without
+    # CAP_SYS_RESOURCE has more fds in flight than its RLIMIT_NOFILE:
+    # send() says so (nothing was sent) instead of raising.
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        status = 1
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (8, 8))
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            for _ in range(64):
+                sent = _fdpass.send(left, [b"x"], [devnull])
+                if sent == _fdpass.FDS_IN_FLIGHT:
+                    status = 0
+                    break
+        finally:
+            os._exit(status)
+    try:
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        left.close()
+        right.close()  # discards what is still in flight
+        os.close(devnull)

@@ -134,9 +134,6 @@ __all__ = ["Channel", "ChannelStatistics", "open_channel"]
 
 _YIELD_EVERY: Final = 64
 """Non-blocking send()/receive() calls between two schedule points."""
-_IN_FLIGHT_DELAYS: Final = (0.001, 0.1)
-"""First and longest wait of the writer before it retries fds the kernel
-refused with ``ETOOMANYREFS`` (the delay doubles from one to the other)."""
 _READ_SIZE: Final = MAX_BATCH_READ_SIZE
 """Bytes read per wake-up of the reader before it yields (Mojo's fairness cap)."""
 _RECV_SIZE: Final = 64 * 1024
@@ -754,6 +751,7 @@ class Channel(trio.abc.Channel[Message]):
                 buffers, fds = encoder.plan()
                 sent = _fdpass.send(sock, buffers, fds)
                 if sent is None:
+                    self._fds_in_flight = False  # EAGAIN: wait for writability
                     return False
                 if sent < 0:  # ETOOMANYREFS: the writer retries after a delay
                     self._fds_in_flight = True
@@ -853,7 +851,7 @@ class Channel(trio.abc.Channel[Message]):
     async def _write_loop(self) -> None:
         encoder = self._encoder
         reader = self._outbox_reader
-        delay = _IN_FLIGHT_DELAYS[0]
+        delay = _fdpass.IN_FLIGHT_DELAYS[0]
         while True:
             if not encoder:
                 try:
@@ -877,15 +875,15 @@ class Channel(trio.abc.Channel[Message]):
             if self._eof_requested and not self._pending:
                 self._shut_down_writing()
             if self._flush_nowait():
-                delay = _IN_FLIGHT_DELAYS[0]
+                delay = _fdpass.IN_FLIGHT_DELAYS[0]
             elif self._fds_in_flight:
                 # Too many of this user's fds are in flight (_fdpass.send):
                 # the socket is writable, so wait for the peer to read some.
                 self._fds_in_flight = False
                 await trio.sleep(delay)
-                delay = min(2 * delay, _IN_FLIGHT_DELAYS[1])
+                delay = min(2 * delay, _fdpass.IN_FLIGHT_DELAYS[1])
             else:
-                delay = _IN_FLIGHT_DELAYS[0]
+                delay = _fdpass.IN_FLIGHT_DELAYS[0]
                 await trio.lowlevel.wait_writable(self._sock)
             if self._write_error is not None:
                 return

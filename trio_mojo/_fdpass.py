@@ -55,6 +55,7 @@ from ._handles import Handle, adopt_all, close_all
 
 __all__ = [
     "FDS_IN_FLIGHT",
+    "IN_FLIGHT_DELAYS",
     "RECV_CONTROL_SIZE",
     "receive",
     "reopen_pipes",
@@ -84,6 +85,9 @@ def _translate(exc: OSError, action: str) -> Exception:
 
 FDS_IN_FLIGHT: Final = -1
 """What :func:`send` returns when the kernel refused its fds for now."""
+IN_FLIGHT_DELAYS: Final = (0.001, 0.1)
+"""First and longest wait before retrying fds the kernel refused with
+``ETOOMANYREFS`` (the delay doubles from one to the other)."""
 
 
 def send(

@@ -74,6 +74,7 @@ import select
 import signal
 import socket
 import sys
+import time
 import traceback
 from collections.abc import Mapping, Sequence
 from typing import Final, NoReturn
@@ -158,10 +159,18 @@ class _Zygote:
         """Send one reply, blocking until the kernel took all of it."""
         data = memoryview(encode_message(protocol.encode(reply), num_handles=len(fds)))
         pending = list(fds)
+        delay = _fdpass.IN_FLIGHT_DELAYS[0]
         while data:
             sent = _fdpass.send(self._sock, [data], pending)
             if sent is None:
                 select.select([], [self._sock], [])
+                continue
+            if sent == _fdpass.FDS_IN_FLIGHT:
+                # Too many of this user's fds in flight (a parent without
+                # CAP_SYS_RESOURCE that has not read its pidfds yet):
+                # nothing was sent; the count falls as the parent reads.
+                time.sleep(delay)
+                delay = min(2 * delay, _fdpass.IN_FLIGHT_DELAYS[1])
                 continue
             pending = []  # the fds went with the first bytes
             data = data[sent:]
