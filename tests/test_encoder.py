@@ -12,6 +12,7 @@ from typing import cast
 
 import pytest
 from _core_support import EXAMPLES, FdFactory, WireExample, drain, file_identity
+from _fds import fd_is_open
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -36,6 +37,7 @@ from trio_mojo._core._encoder import (
     Buffer,
     plain_frame,
 )
+from trio_mojo._handles import close_fds
 
 
 @pytest.fixture
@@ -46,6 +48,19 @@ def fds() -> Iterator[FdFactory]:
 
 def joined(buffers: Sequence[Buffer]) -> bytes:
     return b"".join(bytes(b) for b in buffers)
+
+
+def numbers(handles: Sequence[Handle]) -> list[int]:
+    """The fds of ``handles``, read before an entry takes them."""
+    return [h.fileno() for h in handles]
+
+
+def all_open(fds: Sequence[int]) -> bool:
+    return all(fd_is_open(fd) for fd in fds)
+
+
+def none_open(fds: Sequence[int]) -> bool:
+    return not any(fd_is_open(fd) for fd in fds)
 
 
 def queue(encoder: MessageEncoder, *messages: Message) -> list[OutgoingMessage]:
@@ -67,10 +82,12 @@ def test_worked_example_is_planned_byte_for_byte(
     example: WireExample, fds: FdFactory
 ) -> None:
     handles = fds.make(example.num_handles)
-    numbers = [h.fileno() for h in handles]
+    owned = numbers(handles)
     entry = OutgoingMessage.encode(
         Message(example.payload, handles, example.type), example.framing
     )
+    assert all(h.closed for h in handles)  # the entry took the fds
+    assert list(entry.fds) == owned
     encoder = MessageEncoder()
     encoder.push(entry)
     buffers, plan_fds = encoder.plan()
@@ -79,16 +96,17 @@ def test_worked_example_is_planned_byte_for_byte(
         # creation_timeticks_us is "now"; everything else is the example's.
         wire = wire[:8] + example.wire[8:16] + wire[16:]
     assert wire == example.wire
-    assert plan_fds == numbers
-    assert all(not h.closed for h in handles)  # not before the kernel has them
+    assert plan_fds == owned
+    assert all_open(owned)  # not closed before the kernel has them
     assert encoder.advance(len(wire)) == 1
-    assert all(h.closed for h in handles)
+    assert none_open(owned)
     assert not encoder
 
 
 def test_examples_coalesce_into_one_plan(fds: FdFactory) -> None:
     mojo = [e for e in EXAMPLES if e.framing is Framing.MOJO]
     handles = [fds.make(e.num_handles) for e in mojo]
+    owned = [fd for hs in handles for fd in numbers(hs)]
     encoder = MessageEncoder()
     queue(
         encoder,
@@ -98,10 +116,11 @@ def test_examples_coalesce_into_one_plan(fds: FdFactory) -> None:
     assert encoder.queued_bytes == sum(len(e.wire) for e in mojo)
     buffers, plan_fds = encoder.plan()
     assert joined(buffers) == b"".join(e.wire for e in mojo)
-    assert plan_fds == [h.fileno() for hs in handles for h in hs]
+    assert plan_fds == owned
+    assert all_open(owned)
     assert encoder.advance(encoder.queued_bytes) == len(mojo)
     assert encoder.queued_bytes == 0
-    assert all(h.closed for hs in handles for h in hs)
+    assert none_open(owned)
 
 
 # ---------------------------------------------------------------------------
@@ -191,6 +210,7 @@ def test_plan_on_an_empty_queue_is_an_error() -> None:
 def test_partial_writes_resume_where_they_stopped(fds: FdFactory) -> None:
     encoder = MessageEncoder()
     handles = fds.make(2)
+    owned = numbers(handles)
     payload = bytes(range(256)) * 100  # 25 600 bytes: header + tail
     queue(encoder, Message(payload, handles), Message(b"second"))
     stream = encode_message(payload, num_handles=2) + encode_message(b"second")
@@ -199,10 +219,10 @@ def test_partial_writes_resume_where_they_stopped(fds: FdFactory) -> None:
     for step in (1, 10, 5, 20000, 5600, 3, 19):  # 25 616 + 22 bytes
         buffers, plan_fds = encoder.plan()
         assert joined(buffers) == stream[sent:]
-        assert plan_fds == ([h.fileno() for h in handles] if sent == 0 else [])
+        assert plan_fds == (owned if sent == 0 else [])
         completed.append(encoder.advance(step))
         sent += step
-        assert all(h.closed for h in handles)  # closed with the first send
+        assert none_open(owned)  # closed with the first send
         assert encoder.queued_bytes == len(stream) - sent
     assert completed == [0, 0, 0, 0, 1, 0, 1]
     assert not encoder
@@ -211,17 +231,21 @@ def test_partial_writes_resume_where_they_stopped(fds: FdFactory) -> None:
 def test_advance_zero_changes_nothing(fds: FdFactory) -> None:
     encoder = MessageEncoder()
     handles = fds.make(3)
+    owned = numbers(handles)
     queue(encoder, Message(b"abc", handles))
     first = encoder.plan()
     assert encoder.advance(0) == 0
-    assert all(not h.closed for h in handles)
+    assert all_open(owned)
     assert encoder.queued_bytes == 19
     assert encoder.plan() == first
+    encoder.close()
+    assert none_open(owned)
 
 
 def test_advance_rejects_negative_and_oversized_counts(fds: FdFactory) -> None:
     encoder = MessageEncoder()
     handles = fds.make(1)
+    owned = numbers(handles)
     queue(encoder, Message(b"abc"), Message(b"def", handles))
     with pytest.raises(ValueError, match="sent=-1 is negative"):
         encoder.advance(-1)
@@ -230,9 +254,9 @@ def test_advance_rejects_negative_and_oversized_counts(fds: FdFactory) -> None:
         encoder.advance(39)
     # Nothing was recorded: the queue, the plan and the fds are as they were.
     assert encoder.queued_bytes == 38
-    assert [h.closed for h in handles] == [False]
+    assert all_open(owned)
     assert encoder.advance(38) == 2
-    assert handles[0].closed
+    assert none_open(owned)
     with pytest.raises(ValueError, match="sent=1 is more than the 0 planned bytes"):
         encoder.advance(1)  # that plan is used up
 
@@ -247,32 +271,34 @@ def test_advance_without_plan_is_refused() -> None:
 def test_replanning_replaces_the_previous_plan(fds: FdFactory) -> None:
     encoder = MessageEncoder()
     handles = fds.make(1)
+    owned = numbers(handles)
     queue(encoder, Message(b"abc", handles))
     encoder.plan()
     _, plan_fds = encoder.plan()
-    assert plan_fds == [handles[0].fileno()]
+    assert plan_fds == owned
     encoder.advance(19)
-    assert handles[0].closed
+    assert none_open(owned)
 
 
 def test_more_than_128_fds_are_split_into_batches_with_data(fds: FdFactory) -> None:
     encoder = MessageEncoder()
     handles = fds.make(253)
+    owned = numbers(handles)
     queue(encoder, Message(b"payload", handles))
     wire = encode_message(b"payload", num_handles=253)
 
     buffers, plan_fds = encoder.plan()
     assert joined(buffers) == wire[:1]  # exactly one byte with the first batch
-    assert plan_fds == [h.fileno() for h in handles[:128]]
+    assert plan_fds == owned[:128]
     assert encoder.advance(1) == 0
-    assert all(h.closed for h in handles[:128])
-    assert not any(h.closed for h in handles[128:])
+    assert none_open(owned[:128])
+    assert all_open(owned[128:])
 
     buffers, plan_fds = encoder.plan()
     assert joined(buffers) == wire[1:]  # the rest rides with the last batch
-    assert plan_fds == [h.fileno() for h in handles[128:]]
+    assert plan_fds == owned[128:]
     assert encoder.advance(len(wire) - 1) == 1
-    assert all(h.closed for h in handles)
+    assert none_open(owned)
 
 
 def test_a_large_batch_waits_for_its_own_plan(fds: FdFactory) -> None:
@@ -286,6 +312,7 @@ def test_a_large_batch_waits_for_its_own_plan(fds: FdFactory) -> None:
     buffers, plan_fds = encoder.plan()
     assert len(joined(buffers)) == 1
     assert len(plan_fds) == 128
+    encoder.close()
 
 
 def test_fds_of_the_next_message_that_would_exceed_128_start_a_new_plan(
@@ -302,6 +329,7 @@ def test_fds_of_the_next_message_that_would_exceed_128_start_a_new_plan(
     assert joined(buffers) == encode_message(b"2", num_handles=29)
     assert len(plan_fds) == 29
     encoder.advance(17)
+    assert not encoder
 
 
 def test_exactly_128_fds_share_a_plan(fds: FdFactory) -> None:
@@ -409,12 +437,22 @@ def test_close_closes_only_unsent_handles(fds: FdFactory) -> None:
     encoder = MessageEncoder()
     big = fds.make(200)
     other = fds.make(2)
+    owned = numbers(big + other)
     queue(encoder, Message(b"big", big), Message(b"other", other))
     encoder.plan()
     encoder.advance(1)  # the first 128 went out and are closed already
-    encoder.close()
-    encoder.close()  # idempotent
-    assert all(h.closed for h in big + other)
+    assert none_open(owned[:128])
+    # New fds take the numbers just freed: closing one of those again would
+    # close someone else's file.
+    reused = [os.dup(0) for _ in range(128)]
+    assert sorted(reused) == sorted(owned[:128])
+    try:
+        encoder.close()
+        encoder.close()  # idempotent
+        assert none_open(owned[128:])
+        assert all_open(reused)
+    finally:
+        close_fds(reused)
     assert not encoder
     assert encoder.queued_bytes == 0
     with pytest.raises(ValueError, match="planned"):
@@ -461,9 +499,15 @@ def test_round_trip_through_partial_writes_and_arbitrary_reads(
             spec.type = MessageType.NORMAL
     made: list[Handle] = []  # every handle of this example, closed at the end
     pipes = [os.pipe() for _ in specs]
+    # The entries own the fds they took until they are sent: an example that
+    # hypothesis stops half-way leaves them in one or the other.
+    entries: list[OutgoingMessage] = []
+    encoder = MessageEncoder()
     try:
-        _round_trip(framing, specs, pipes, made, data)
+        _round_trip(encoder, entries, framing, specs, pipes, made, data)
     finally:
+        close_fds(fd for entry in entries for fd in entry.fds)
+        encoder.close()
         for handle in made:
             handle.close()
         for pipe in pipes:
@@ -472,24 +516,22 @@ def test_round_trip_through_partial_writes_and_arbitrary_reads(
 
 
 def _round_trip(
+    encoder: MessageEncoder,
+    entries: list[OutgoingMessage],
     framing: Framing,
     specs: list[Spec],
     pipes: list[tuple[int, int]],
     made: list[Handle],
     data: st.DataObject,
 ) -> None:
-    encoder = MessageEncoder()
     owner: dict[int, tuple[int, int]] = {}  # sender fd -> (message, handle index)
-    sender: dict[int, Handle] = {}
     starts: list[int] = []
     stream_size = 0
     expected_stream = []
-    entries: list[OutgoingMessage] = []
     for index, spec in enumerate(specs):
         handles = [Handle.dup(pipes[index][0]) for _ in range(spec.num_handles)]
         made.extend(handles)
         owner.update({h.fileno(): (index, j) for j, h in enumerate(handles)})
-        sender.update({h.fileno(): h for h in handles})
         message = Message(spec.payload, handles, spec.type)
         # Sometimes pack it into the previous entry, as the channel does.
         previous = entries[-1] if entries else None
@@ -511,6 +553,7 @@ def _round_trip(
     for entry in entries:
         encoder.push(entry)
     assert sum(entry.count for entry in entries) == len(specs)
+    entries.clear()  # the encoder owns them now
     ends = [*starts[1:], stream_size]
     all_fds = [(i, j) for i, spec in enumerate(specs) for j in range(spec.num_handles)]
 
@@ -546,7 +589,7 @@ def _round_trip(
         encoder.advance(sent)
         for i, _ in planned:
             fds_sent[i] += 1
-        assert all(sender[fd].closed for fd in plan_fds)
+        assert none_open(plan_fds)
         new_pos = len(stream)
         for i, spec in enumerate(specs):
             # no later than the first byte (the first batch of 128) ...
@@ -605,10 +648,12 @@ def _round_trip(
 def test_append_packs_small_messages_into_one_entry(fds: FdFactory) -> None:
     first = OutgoingMessage.encode(Message(b"one"))
     handles = fds.make(2)
+    owned = numbers(handles)
     assert first.append(Message(b"two", handles))
+    assert all(h.closed for h in handles)  # the entry took the fds
     assert first.append(Message(b"three", (), MessageType.NORMAL_LEGACY))
     assert first.count == 3
-    assert list(first.handles) == handles
+    assert first.fds == owned
     assert bytes(first.head) == (
         encode_message(b"one")
         + encode_message(b"two", num_handles=2)
@@ -619,11 +664,11 @@ def test_append_packs_small_messages_into_one_entry(fds: FdFactory) -> None:
     encoder.push(first)
     buffers, plan_fds = encoder.plan()
     assert joined(buffers) == bytes(first.head)
-    assert plan_fds == [h.fileno() for h in handles]  # all with the first byte
+    assert plan_fds == owned  # all with the first byte
     assert encoder.advance(10) == 0  # a batch counts when it is done
+    assert none_open(owned)
     assert encoder.plan()[1] == []
     assert encoder.advance(first.size - 10) == 3
-    assert all(h.closed for h in handles)
 
 
 def test_append_in_ipcz_framing() -> None:
@@ -650,27 +695,32 @@ def test_append_refuses_what_does_not_fit(fds: FdFactory) -> None:
     many = OutgoingMessage.encode(Message(b"", fds.make(MAX_SENDMSG_HANDLES - 1)))
     extra = fds.make(2)
     assert not many.append(Message(b"", extra))  # 129 fds in one sendmsg
+    assert not any(h.closed for h in extra)  # refused: nothing was taken
     assert many.append(Message(b"", extra[:1]))
-    assert len(many.handles) == MAX_SENDMSG_HANDLES
+    assert len(many.fds) == MAX_SENDMSG_HANDLES
     assert [e.count for e in (large, entry, started, many)] == [1, 1, 1, 2]
     assert full.count == MAX_BATCH_BYTES // (INLINE_PAYLOAD + 16)
     assert not extra[1].closed
+    close_fds(many.fds)
 
 
 def test_append_plain_packs_like_append(fds: FdFactory) -> None:
     handles = fds.make(3)
+    owned = numbers(handles)
+    bare = [h.detach() for h in fds.make(3)]  # taken from their handles
     by_append = OutgoingMessage.encode(Message(b"one"))
     by_plain = OutgoingMessage.encode(Message(b"one"))
-    for payload, attached in (
-        (b"two", handles[:1]),
-        (b"", ()),
-        (b"x" * 9, handles[1:]),
+    for payload, attached, attached_fds in (
+        (b"two", handles[:1], bare[:1]),
+        (b"", (), []),
+        (b"x" * 9, handles[1:], bare[1:]),
     ):
         assert by_append.append(Message(payload, attached))
-        assert by_plain.append_plain(payload, tuple(attached))
+        assert by_plain.append_plain(payload, attached_fds)
     assert bytes(by_plain.head) == bytes(by_append.head)
     assert (by_plain.size, by_plain.count) == (by_append.size, by_append.count)
-    assert list(by_plain.handles) == list(by_append.handles) == handles
+    assert (by_append.fds, by_plain.fds) == (owned, bare)
+    close_fds([*by_append.fds, *by_plain.fds])
     assert plain_frame(b"two") == encode_message(b"two")
 
 
@@ -685,12 +735,13 @@ def test_append_plain_refuses_what_does_not_fit(fds: FdFactory) -> None:
         pass
     assert full.size <= MAX_BATCH_BYTES < full.size + INLINE_PAYLOAD + 16
     many = OutgoingMessage.encode(Message(b"", fds.make(MAX_SENDMSG_HANDLES - 1)))
-    extra = tuple(fds.make(2))
+    extra = [h.detach() for h in fds.make(2)]
     assert not many.append_plain(b"", extra)  # 129 fds in one sendmsg
     assert many.append_plain(b"", extra[:1])
-    assert len(many.handles) == MAX_SENDMSG_HANDLES
+    assert len(many.fds) == MAX_SENDMSG_HANDLES
     assert [e.count for e in (large, started, many)] == [1, 1, 2]
-    assert not extra[1].closed
+    assert many.fds[-1] == extra[0]
+    close_fds([*many.fds, extra[1]])
 
 
 def test_a_batch_whose_fds_went_early_holds_back_further_fds(fds: FdFactory) -> None:

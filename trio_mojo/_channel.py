@@ -108,7 +108,7 @@ from ._core._encoder import (
     OutgoingMessage,
     plain_frame,
 )
-from ._core._message import Message, received_message
+from ._core._message import Message
 from ._core._wire import (
     DEFAULT_MAX_MESSAGE_SIZE,
     HEADER_SIZE,
@@ -128,7 +128,7 @@ from ._errors import (
     FlushTimeoutError,
     MalformedMessageError,
 )
-from ._handles import Handle, close_all, give_back, take_all
+from ._handles import Handle, close_all, close_fds, give_back, take_all
 
 __all__ = ["Channel", "ChannelStatistics", "open_channel"]
 
@@ -362,11 +362,11 @@ class Channel(trio.abc.Channel[Message]):
 
         Cancel-atomic: if cancelled, the message was not queued and the
         caller still owns its handles.  Otherwise ``send`` takes the fds:
-        it moves each into a handle of the channel's own, so the message's
-        handles read as closed when ``send`` returns (sending one again is
-        a ``ValueError``, closing it does nothing), and the channel closes
-        the fds once the kernel has them, or when the message cannot be
-        sent.
+        it moves each out of its handle into the send queue, so the
+        message's handles read as closed when ``send`` returns (sending one
+        again is a ``ValueError``, closing it does nothing), and the channel
+        closes the fds once the kernel has them, or when the message cannot
+        be sent.
 
         Raises:
             TypeError: ``message`` is not a :class:`Message`.
@@ -395,14 +395,13 @@ class Channel(trio.abc.Channel[Message]):
             plain = False
         if self._refusing:
             self._refuse(message)
-        given: tuple[Handle, ...] = ()
+        fds: list[int] | tuple[()] = ()
         if handles:
-            # Accepted: the fds move into handles of our own (the caller's
-            # read as closed, so none is queued twice); given back if this
-            # send is cancelled before the message is queued.
-            given = handles
-            handles = take_all(given)
-            message = received_message(message.payload, handles, message.type)
+            # Accepted: the fds move out of the caller's handles (which read
+            # as closed, so none is queued twice) into the send queue, as
+            # bare numbers; given back if this send is cancelled before the
+            # message is queued.
+            fds = take_all(handles)
         if self._pending:
             batch = self._open_batch
             if (
@@ -410,23 +409,23 @@ class Channel(trio.abc.Channel[Message]):
                 and self._pending < self._send_queue_messages_limit
                 and self._pending_bytes + size <= self._send_queue_bytes_limit
                 and (
-                    not handles
-                    or self._pending_handles + len(handles)
+                    not fds
+                    or self._pending_handles + len(fds)
                     <= self._send_queue_handles_limit
                 )
                 and (
-                    batch.append_plain(message.payload, handles)
+                    batch.append_plain(message.payload, fds)
                     if plain
-                    else batch.append(message, self.framing)
+                    else batch.append(message, self.framing, fds)
                 )
             ):
                 # Packed behind the messages queued before it.
                 self._pending += 1
                 self._pending_bytes += size
-                if handles:
-                    self._pending_handles += len(handles)
+                if fds:
+                    self._pending_handles += len(fds)
             else:
-                await self._enqueue(message, size, given)
+                await self._enqueue(message, size, fds)
         elif not self._corked:
             # Mojo's fast path: the first message of a burst is written at
             # once.  The rest of the burst is corked: queued for the writer
@@ -435,7 +434,7 @@ class Channel(trio.abc.Channel[Message]):
             # _YIELD_EVERY sends), unless the peer answers first (then the
             # reader uncorks and the next send is again written at once).
             self._corked = True
-            if plain and not handles:
+            if plain and not fds:
                 # (What _write_now does, for one buffer and no planning.)
                 frame = plain_frame(message.payload)
                 try:
@@ -449,11 +448,11 @@ class Channel(trio.abc.Channel[Message]):
                     else:
                         self._queue_rest(frame, sent)
             else:
-                self._write_now(OutgoingMessage.encode(message, self.framing))
+                self._write_now(OutgoingMessage.encode(message, self.framing, fds))
             if self._write_error is not None:
                 self._raise_write_error()
         else:
-            await self._enqueue(message, size, given)
+            await self._enqueue(message, size, fds)
         self._send_credit -= 1
         if not self._send_credit:
             self._send_credit = _YIELD_EVERY
@@ -634,7 +633,11 @@ class Channel(trio.abc.Channel[Message]):
             raise ValueError("this channel's handle_policy is REJECT: no handles")
 
     def _refuse(self, message: Message) -> NoReturn:
-        """Raise why ``send`` cannot take ``message``, closing its handles."""
+        """Raise why ``send`` cannot take ``message``, closing its handles.
+
+        (Its handles own its fds: ``send`` gives them back first if it had
+        taken them.)
+        """
         if not self._started:
             raise RuntimeError("use the Channel inside 'async with open_channel(...)'")
         close_all(message.handles)
@@ -664,47 +667,48 @@ class Channel(trio.abc.Channel[Message]):
         )
 
     async def _enqueue(
-        self, message: Message, size: int, given: tuple[Handle, ...]
+        self, message: Message, size: int, fds: list[int] | tuple[()]
     ) -> None:
         """Queue ``message`` behind what is pending; cancel-atomic.
 
-        The only await is the wait for room, before anything is queued, so
-        a cancelled send leaves nothing behind and the caller keeps the
-        handles: ``message`` holds the fds taken from the caller's handles
-        ``given``, which get them back.  (The bounds are checked against
+        ``fds`` are the message's fds, already taken from its handles.  The
+        only await is the wait for room, before anything is queued, so a
+        cancelled send leaves nothing behind and the caller keeps the
+        handles: each gets its fd back.  (The bounds are checked against
         ``_pending``, which counts what the writer has already pulled into
         the encoder too; checking the outbox's capacity alone let the
         writer's read-ahead of up to 256 KiB exceed ``send_queue_messages``
         many times over.)
         """
-        while self._send_queue_full(size, len(message.handles)):
+        while self._send_queue_full(size, len(fds)):
             try:
                 await self._send_space.park()
             except BaseException:  # Cancelled: nothing queued yet
-                if given:
-                    give_back(given, message.handles)
+                give_back(message.handles, fds)
                 raise
             if self._refusing:
+                give_back(message.handles, fds)
                 self._refuse(message)
         batch = self._open_batch
-        if batch is not None and batch.append(message, self.framing):
+        if batch is not None and batch.append(message, self.framing, fds):
             self._pending += 1
             self._pending_bytes += size
-            self._pending_handles += len(message.handles)
+            self._pending_handles += len(fds)
             return
-        entry = OutgoingMessage.encode(message, self.framing)
+        entry = OutgoingMessage.encode(message, self.framing, fds)
         try:
             self._outbox.send_nowait(entry)  # room: see _init_sending
         except (trio.ClosedResourceError, trio.BrokenResourceError):
+            give_back(message.handles, fds)
             self._refuse(message)
         self._pending += 1
         self._pending_bytes += size
-        self._pending_handles += len(message.handles)
+        self._pending_handles += len(fds)
         self._open_batch = None if entry.tail else entry
 
     def _queue_rest(self, frame: bytes, sent: int | None) -> None:
         """Queue what the kernel did not take of an inline write of ``frame``."""
-        entry = OutgoingMessage(frame, b"", ())
+        entry = OutgoingMessage(frame, b"")
         if sent:
             self._bytes_sent += sent
             entry.offset = sent
@@ -712,7 +716,7 @@ class Channel(trio.abc.Channel[Message]):
 
     def _write_now(self, entry: OutgoingMessage) -> None:
         """Write ``entry`` on the caller's task (nothing is pending)."""
-        if not entry.handles:
+        if not entry.fds:
             # The request/response path: one sendmsg, no planning.
             buffers: list[bytes | bytearray | memoryview] = [entry.head]
             if entry.tail:
@@ -734,7 +738,7 @@ class Channel(trio.abc.Channel[Message]):
         """Queue what the kernel did not take of an inline write, and flush."""
         self._pending += entry.count
         self._pending_bytes += entry.size - entry.offset
-        self._pending_handles += len(entry.handles)
+        self._pending_handles += len(entry.fds)
         self._encoder.push(entry)
         if not self._flush_nowait():
             # The kernel took part of it; wake the writer task for the rest.
@@ -818,7 +822,7 @@ class Channel(trio.abc.Channel[Message]):
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
             if entry is not None:
-                close_all(entry.handles[entry.handles_sent :])
+                close_fds(entry.fds[entry.fds_sent :])
         reader.close()  # senders blocked in send() now get BrokenResourceError
         self._pending = 0
         self._pending_bytes = 0

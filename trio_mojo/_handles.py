@@ -3,12 +3,17 @@
 Theory of operation
 -------------------
 
-Every fd that trio_mojo touches is owned by exactly one :class:`Handle` at
-every moment: a received fd is wrapped the instant ``recvmsg`` returns, a
-sent fd is moved by ``send`` (:func:`take_all`) into a handle of the
-channel's own, which its queued message owns until the kernel holds its
-own reference, and a message handed to the user transfers its handles with
-it.
+Every fd that trio_mojo touches has exactly one owner at every moment.
+Outside the channel that owner is a :class:`Handle`: a received fd is
+wrapped the instant ``recvmsg`` returns, and a message handed to the user
+transfers its handles with it.  Inside the send queue it is the queue
+itself: ``send`` moves each fd out of the caller's handle
+(:func:`take_all`, which leaves the handle reading as closed) and the
+encoder keeps the bare number in the queued entry until the kernel holds
+its own reference, then closes it (:func:`close_fds`), or gives it back
+into the same handle (:func:`give_back`) if the ``send`` is cancelled.  A
+number has no ``__del__``: whoever holds one closes it exactly once on
+every path, which the channel's tests check.
 
 Closing follows Trio's ``_FdHolder`` discipline: the stored number is
 overwritten with -1 *before* ``os.close`` runs, so a handle can never close a
@@ -39,7 +44,7 @@ __all__ = [
     "Handle",
     "adopt_all",
     "close_all",
-    "filenos",
+    "close_fds",
     "give_back",
     "take_all",
 ]
@@ -261,32 +266,37 @@ def adopt_all(fds: Iterable[int]) -> list[Handle]:
     return handles
 
 
-def filenos(handles: Sequence[Handle]) -> list[int]:
-    """The fd numbers of ``handles``, which stay their owners'.
+def close_fds(fds: Iterable[int]) -> None:
+    """Close every fd number of ``fds`` (which the caller owns, bare).
 
-    Raises:
-        ValueError: a handle is closed or detached.
+    The first exception is re-raised after every fd has been closed; the
+    caller must drop the numbers, which may be reused at once.
     """
-    numbers = [handle._fd for handle in handles]
-    if numbers and min(numbers) < 0:
-        raise ValueError("I/O operation on a closed Handle")
-    return numbers
+    first: BaseException | None = None
+    for fd in fds:
+        try:
+            os.close(fd)
+        except BaseException as exc:
+            if first is None:
+                first = exc
+    if first is not None:
+        raise first
 
 
-def take_all(handles: Sequence[Handle]) -> tuple[Handle, ...]:
-    """Move the fds of ``handles`` into new handles, returned in order.
+def take_all(handles: Sequence[Handle]) -> list[int]:
+    """Move the fds out of ``handles``; return their numbers, in order.
 
     ``send`` takes a message's fds this way when it accepts the message:
     the caller's handles read as closed at once, so none of them can be
     sent (or closed) a second time while the first message still waits in
-    the send queue, and only the returned handles, which nobody else
-    holds, own the fds.
+    the send queue, and the returned numbers, which nobody else holds, are
+    the caller's to close (or to :func:`give_back`).
 
     Raises:
         ValueError: a handle is closed (or detached, or already taken), or
             appears twice; then no handle changed.
     """
-    taken: list[Handle] = []
+    taken: list[int] = []
     append = taken.append
     for handle in handles:
         fd = handle._fd
@@ -300,20 +310,16 @@ def take_all(handles: Sequence[Handle]) -> tuple[Handle, ...]:
                 "detached, or already given to send()"
             )
         handle._fd = -1
-        # (adopt_all, inlined: one Python call per message, not two)
-        own: Handle = _new(Handle)
-        own._fd = fd
-        append(own)
-    return tuple(taken)
+        append(fd)
+    return taken
 
 
-def give_back(handles: Sequence[Handle], taken: Sequence[Handle]) -> None:
-    """Undo :func:`take_all`: move each fd of ``taken`` back into ``handles``.
+def give_back(handles: Sequence[Handle], fds: Sequence[int]) -> None:
+    """Undo :func:`take_all`: put each fd of ``fds`` back into ``handles``.
 
     For a ``send`` cancelled after it took the fds: the caller owns them
-    again, in the same :class:`Handle` objects.  (``taken`` may be shorter:
+    again, in the same :class:`Handle` objects.  (``fds`` may be shorter:
     :func:`take_all` gives back what it took before it met a bad handle.)
     """
-    for handle, own in zip(handles, taken, strict=False):
-        handle._fd = own._fd
-        own._fd = -1
+    for handle, fd in zip(handles, fds, strict=False):
+        handle._fd = fd

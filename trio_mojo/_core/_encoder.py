@@ -42,10 +42,18 @@ the receiver's FIFO matching fds to messages:
    receiver holds at most one plan's worth of early fds beside those of the
    message it is reading.
 
-Once ``sendmsg`` returns a positive count, the kernel holds its own
-reference to every fd in that call, so :meth:`advance` closes our handles at
-once.  A failed call changes nothing: the handles stay queued, owned by
-their message, and :meth:`close` closes them if the channel gives up.
+Fd ownership.  A queued entry owns its fds as bare numbers (``fds``), not
+as :class:`~trio_mojo.Handle` objects: :meth:`OutgoingMessage.encode` moves
+them out of the message's handles (``take_all``: the handles read as closed
+from then on), or takes the numbers the channel's ``send`` already moved.
+One object per fd less to build and to free, and no second owner.  The
+encoder is the only one that closes them: once ``sendmsg`` returns a
+positive count, the kernel holds its own reference to every fd in that
+call, so :meth:`advance` closes ours at once (it first counts them as sent,
+so no path reaches them again).  A failed call changes nothing: the fds
+stay queued, and :meth:`close` closes every unsent one if the channel gives
+up.  An entry that was never pushed (the channel gives its fds back to the
+caller's handles when a ``send`` is cancelled) is the channel's business.
 """
 
 from __future__ import annotations
@@ -55,7 +63,7 @@ import struct
 from collections.abc import Sequence
 from typing import Final, TypeAlias
 
-from trio_mojo._handles import Handle, close_all, filenos
+from trio_mojo._handles import close_fds, take_all
 
 from ._message import Message
 from ._wire import (
@@ -111,8 +119,9 @@ def plain_frame(payload: bytes) -> bytes:
     return _NORMAL_HEADER.pack(HEADER_SIZE + len(payload), HEADER_SIZE, 1, 0) + payload
 
 
-def _header(message: Message, framing: Framing) -> bytes:
-    """The header of ``message``; raises ValueError as ``encode_header``.
+def _header(message: Message, framing: Framing, num_handles: int) -> bytes:
+    """The header of ``message`` with ``num_handles`` fds; raises ValueError
+    as ``encode_header``.
 
     The general case: :meth:`OutgoingMessage.encode` and
     :meth:`~OutgoingMessage.append` pack a ``NORMAL`` header in
@@ -121,71 +130,89 @@ def _header(message: Message, framing: Framing) -> bytes:
     """
     return encode_header(
         len(message.payload),
-        num_handles=len(message.handles),
+        num_handles=num_handles,
         type=message.type,
         framing=framing,
     )
 
 
 class OutgoingMessage:
-    """One queued entry: encoded bytes and the handles not yet sent.
+    """One queued entry: encoded bytes and the fds it owns until they are sent.
 
     Usually one message.  ``head`` is its header (with the payload appended
     when it is small), ``tail`` the payload when it is large (else empty).
     An entry that holds only small messages can also be a *batch*:
     :meth:`append` packs further small messages into its ``head``, so that
     a burst of them costs one entry, one buffer and one ``sendmsg``.
-    ``count`` is the number of messages in it, ``offset`` counts the bytes
-    already sent and ``handles_sent`` the handles already sent.
+    ``fds`` are the fd numbers of its messages, in order, owned by the entry
+    (see the module docstring); ``count`` is the number of messages in it,
+    ``offset`` counts the bytes already sent and ``fds_sent`` the fds
+    already sent (and closed).
     """
 
-    __slots__ = ("count", "handles", "handles_sent", "head", "offset", "size", "tail")
+    __slots__ = ("count", "fds", "fds_sent", "head", "offset", "size", "tail")
 
     def __init__(
         self,
         head: bytes | bytearray,
         tail: bytes,
-        handles: Sequence[Handle],
+        fds: Sequence[int] = (),
         count: int = 1,
     ) -> None:
         self.head = head
         self.tail = tail
-        self.handles = handles
+        self.fds = fds
         self.count = count
         self.size = len(head) + len(tail)
         self.offset = 0
-        self.handles_sent = 0
+        self.fds_sent = 0
 
     @classmethod
     def encode(
-        cls, message: Message, framing: Framing = Framing.MOJO
+        cls,
+        message: Message,
+        framing: Framing = Framing.MOJO,
+        fds: Sequence[int] | None = None,
     ) -> OutgoingMessage:
         """Encode ``message`` (which must already be validated).
 
+        The entry takes the message's fds: it moves them out of
+        ``message.handles``, which read as closed from then on, unless
+        ``fds`` gives their numbers, already taken from those handles (the
+        channel's ``send`` takes them first; ``message.handles`` is not
+        looked at then).
+
         Raises:
-            ValueError: the header cannot express the message, or it carries
-                more than 253 handles (the batching of rule 3 relies on it).
+            ValueError: the header cannot express the message, it carries
+                more than 253 handles (the batching of rule 3 relies on it),
+                or a handle is closed or repeated; then nothing was taken.
         """
-        handles = message.handles
-        if len(handles) > MAX_ATTACHED_HANDLES:
+        count = len(message.handles) if fds is None else len(fds)
+        if count > MAX_ATTACHED_HANDLES:
             raise ValueError(
-                f"a message carries at most {MAX_ATTACHED_HANDLES} handles, "
-                f"not {len(handles)}"
+                f"a message carries at most {MAX_ATTACHED_HANDLES} handles, not {count}"
             )
         payload = message.payload
         size = len(payload)
         if framing is _MOJO and message.type is _NORMAL and size <= _FAST_MAX_PAYLOAD:
             # The common case (the caller checked the handle count).
             header = _NORMAL_HEADER.pack(
-                HEADER_SIZE + size, HEADER_SIZE, _NORMAL, len(handles)
+                HEADER_SIZE + size, HEADER_SIZE, _NORMAL, count
             )
         else:
-            header = _header(message, framing)
+            header = _header(message, framing, count)
+        if fds is None:
+            fds = take_all(message.handles) if count else ()
         if size <= INLINE_PAYLOAD:
-            return cls(header + payload, b"", handles)
-        return cls(header, payload, handles)
+            return cls(header + payload, b"", fds)
+        return cls(header, payload, fds)
 
-    def append(self, message: Message, framing: Framing = Framing.MOJO) -> bool:
+    def append(
+        self,
+        message: Message,
+        framing: Framing = Framing.MOJO,
+        fds: Sequence[int] | None = None,
+    ) -> bool:
         """Pack ``message`` into this entry, if it can take it; True if it did.
 
         It can while nothing of the entry was sent, the entry and the
@@ -193,65 +220,69 @@ class OutgoingMessage:
         1 KiB), the entry stays within 64 KiB, and its fds within
         :data:`MAX_SENDMSG_HANDLES` (128), so that they all
         ride on the entry's first ``sendmsg`` (fd rule 1).  Otherwise
-        nothing changes and the message needs an entry of its own.
+        nothing changes and the message needs an entry of its own.  The
+        entry takes the message's fds as :meth:`encode` does (``fds``: their
+        numbers, already taken from ``message.handles``).
 
         Raises:
             ValueError: as :meth:`encode` (then nothing changes either).
         """
         payload = message.payload
-        handles = message.handles
+        count = len(message.handles) if fds is None else len(fds)
         size = len(payload)
         if (
             self.tail
             or self.offset
             or size > INLINE_PAYLOAD
             or self.size + size + HEADER_SIZE > MAX_BATCH_BYTES
-            or (handles and len(self.handles) + len(handles) > MAX_SENDMSG_HANDLES)
+            or (count and len(self.fds) + count > MAX_SENDMSG_HANDLES)
         ):
             return False
         if framing is _MOJO and message.type is _NORMAL:
             header = _NORMAL_HEADER.pack(
-                HEADER_SIZE + size, HEADER_SIZE, _NORMAL, len(handles)
+                HEADER_SIZE + size, HEADER_SIZE, _NORMAL, count
             )
         else:
-            header = _header(message, framing)
+            header = _header(message, framing, count)
+        if count:
+            taken = take_all(message.handles) if fds is None else fds
+            batch = self.fds
+            if not isinstance(batch, list):
+                batch = self.fds = list(batch)
+            batch.extend(taken)
         head = self.head
         if head.__class__ is not bytearray:
             head = self.head = bytearray(head)
         head += header
         head += payload
-        if handles:
-            batch = self.handles
-            if not isinstance(batch, list):
-                batch = self.handles = list(batch)
-            batch.extend(handles)
         self.size += len(header) + size
         self.count += 1
         return True
 
-    def append_plain(self, payload: bytes, handles: tuple[Handle, ...] = ()) -> bool:
+    def append_plain(self, payload: bytes, fds: Sequence[int] = ()) -> bool:
         """:meth:`append` for a *plain* message: ``NORMAL``, ``Framing.MOJO``,
-        a payload of at most 1 KiB.
+        a payload of at most 1 KiB, its fds already taken from its handles.
 
         The same rules without the checks that a plain message passes
         anyway (the caller checked that it is plain and its handles valid):
-        the per-message path of a burst of small messages.
+        the per-message path of a burst of small messages.  If it returns
+        True, the entry owns ``fds``.
         """
         size = HEADER_SIZE + len(payload)
         new_size = self.size + size
         if self.tail or self.offset or new_size > MAX_BATCH_BYTES:
             return False
-        if handles:
-            batch = self.handles
-            if len(batch) + len(handles) > MAX_SENDMSG_HANDLES:
+        if fds:
+            batch = self.fds
+            if len(batch) + len(fds) > MAX_SENDMSG_HANDLES:
                 return False
             if not isinstance(batch, list):
-                batch = self.handles = list(batch)
-            batch.extend(handles)
+                batch = self.fds = list(batch)
+            batch.extend(fds)
         head = self.head
         if head.__class__ is not bytearray:
             head = self.head = bytearray(head)
-        head += _NORMAL_HEADER.pack(size, HEADER_SIZE, 1, len(handles))
+        head += _NORMAL_HEADER.pack(size, HEADER_SIZE, 1, len(fds))
         head += payload
         self.size = new_size
         self.count += 1
@@ -302,7 +333,7 @@ class MessageEncoder:
         return bool(self._queue)
 
     def push(self, entry: OutgoingMessage) -> None:
-        """Append an encoded entry to the queue; it now owns its handles.
+        """Append an encoded entry to the queue; the queue now owns its fds.
 
         Do not :meth:`~OutgoingMessage.append` to an entry once it is queued.
         """
@@ -329,24 +360,22 @@ class MessageEncoder:
         nbytes = 0
         early = False
         for entry in queue:
-            pending = len(entry.handles) - entry.handles_sent
+            pending = len(entry.fds) - entry.fds_sent
             if pending:
                 if early:
                     break  # rule 4: wait until the early fds' bytes are out
+                start = entry.fds_sent
                 if pending > MAX_SENDMSG_HANDLES and not buffers:
                     # Rule 3: a full batch of 128 with exactly one byte.
-                    batch = entry.handles[
-                        entry.handles_sent : entry.handles_sent + MAX_SENDMSG_HANDLES
-                    ]
-                    fds += filenos(batch)
+                    fds += entry.fds[start : start + MAX_SENDMSG_HANDLES]
                     planned.append((entry, MAX_SENDMSG_HANDLES))
                     buffers.append(entry.first_unsent_byte())
                     break
                 if len(fds) + pending > MAX_SENDMSG_HANDLES:
                     break  # rule 2: this message starts the next plan
-                fds += filenos(entry.handles[entry.handles_sent :])
+                fds += entry.fds[start:] if start else entry.fds
                 planned.append((entry, pending))
-            elif entry.handles_sent and (buffers or entry.count > 1):
+            elif entry.fds_sent and (buffers or entry.count > 1):
                 # Its fds went before its bytes (not the first entry), or it
                 # is a batch whose fds all rode on its first byte: those of
                 # its later messages may still be ahead of their bytes.
@@ -362,8 +391,8 @@ class MessageEncoder:
     def advance(self, sent: int) -> int:
         """Record that the last planned ``sendmsg`` sent ``sent`` bytes.
 
-        Closes the handles that call carried (the kernel now holds them)
-        and drops completely sent entries.  Returns how many messages were
+        Closes the fds that call carried (the kernel now holds them) and
+        drops completely sent entries.  Returns how many messages were
         completed (a batch counts all of its messages when it is done).
 
         Raises:
@@ -381,11 +410,11 @@ class MessageEncoder:
         self._planned_bytes = 0
         if sent == 0:
             return 0
-        sent_handles: list[Handle] = []
+        sent_fds: list[int] = []
         for entry, count in planned:
-            start = entry.handles_sent
-            sent_handles.extend(entry.handles[start : start + count])
-            entry.handles_sent = start + count
+            start = entry.fds_sent
+            sent_fds += entry.fds[start : start + count]
+            entry.fds_sent = start + count  # counted before they are closed
         queue = self._queue
         remaining = sent  # never more than is queued: the plan bounds it
         completed = 0
@@ -400,16 +429,16 @@ class MessageEncoder:
             queue.popleft()
             completed += entry.count
         self._queued_bytes -= sent
-        close_all(sent_handles)
+        close_fds(sent_fds)
         return completed
 
     def close(self) -> None:
-        """Drop every queued message and close its unsent handles."""
-        handles: list[Handle] = []
+        """Drop every queued message and close its unsent fds."""
+        fds: list[int] = []
         for entry in self._queue:
-            handles.extend(entry.handles[entry.handles_sent :])
+            fds += entry.fds[entry.fds_sent :]
         self._queue.clear()
         self._queued_bytes = 0
         self._planned = []
         self._planned_bytes = 0
-        close_all(handles)
+        close_fds(fds)
