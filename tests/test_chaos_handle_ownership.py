@@ -9,9 +9,9 @@ raises inside the writer, so the channel's write side fails for good with
 ``ChannelError("writing failed: ValueError(...closed Handle)")`` at a later
 ``send`` — a local mistake reported late, as a channel failure.
 
-Fixed: ``send`` moves each fd out of the caller's Handle into a Handle
-the channel owns (``take_all``) when it accepts the message, so the
-caller's Handle reads as closed at once and a second ``send`` of it is the
+Fixed: ``send`` moves each fd out of the caller's Handle into the send
+queue (``take_all``) when it accepts the message, so the caller's Handle
+reads as closed at once and a second ``send`` of it is the
 documented ``ValueError`` before anything is queued (and closing it does
 nothing).
 """
