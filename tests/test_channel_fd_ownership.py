@@ -18,13 +18,13 @@ import pytest
 import trio
 import trio.testing
 from _fds import fd_is_open
-from _helpers import pipe_tagged, raw_pair, read_tags
+from _helpers import RawPeer, pipe_tagged, raw_pair, read_tags
 
-from trio_mojo import DisconnectedError, Handle, Message, open_channel
+from trio_mojo import DisconnectedError, Endpoint, Handle, Message, open_channel
 
 
-class _Boom(Exception):
-    pass
+class _AbortError(Exception):
+    """Raised in a channel's block: the channel aborts."""
 
 
 @pytest.fixture
@@ -64,63 +64,69 @@ async def test_fds_queued_behind_a_partial_write_are_closed_once_on_abort(
     null_fd: int,
 ) -> None:
     numbers: list[int] = []
-    with raw_pair() as (endpoint, _peer), trio.fail_after(10):
-        with pytest.raises(_Boom):
-            async with open_channel(endpoint) as channel:
-                # 4 MiB that the peer never reads: the kernel takes part of
-                # it, the rest and everything after it stays queued.
-                await channel.send(Message(bytes(4 << 20)))
-                for round_ in range(2):
-                    for index in range(4):
-                        handles, fds = _handles(null_fd, 3)
-                        numbers += fds
-                        await channel.send(Message(b"%d" % index, handles))
-                        assert all(h.closed for h in handles)  # taken at once
-                    if round_ == 0:
-                        # The writer moves these into its encoder; the next
-                        # ones stay in the outbox, packed into one entry.
-                        await trio.testing.wait_all_tasks_blocked()
-                stats = channel.statistics()
-                assert (stats.send_queue_messages, stats.send_queue_handles) == (
-                    9,
-                    24,
-                )
-                assert stats.handles_sent == 0
-                assert all(map(fd_is_open, numbers))  # the queue's, still open
-                raise _Boom  # abort: no flush, every queued fd closed
+
+    async def queue_then_abort(endpoint: Endpoint) -> None:
+        async with open_channel(endpoint) as channel:
+            # 4 MiB that the peer never reads: the kernel takes part of it,
+            # the rest and everything after it stays queued.
+            await channel.send(Message(bytes(4 << 20)))
+            for round_ in range(2):
+                for index in range(4):
+                    handles, fds = _handles(null_fd, 3)
+                    numbers.extend(fds)
+                    await channel.send(Message(b"%d" % index, handles))
+                    assert all(h.closed for h in handles)  # taken at once
+                if round_ == 0:
+                    # The writer moves these into its encoder; the next ones
+                    # stay in the outbox, packed into one entry.
+                    await trio.testing.wait_all_tasks_blocked()
+            stats = channel.statistics()
+            assert (stats.send_queue_messages, stats.send_queue_handles) == (9, 24)
+            assert stats.handles_sent == 0
+            assert all(map(fd_is_open, numbers))  # the queue's, still open
+            raise _AbortError  # abort: no flush, every queued fd closed
+
+    with (
+        raw_pair() as (endpoint, _peer),
+        trio.fail_after(10),
+        pytest.raises(_AbortError),
+    ):
+        await queue_then_abort(endpoint)
     await _assert_closed_once(numbers, null_fd)
 
 
 async def test_a_send_waiting_for_room_closes_its_fds_once_when_writing_fails(
     null_fd: int,
 ) -> None:
-    with raw_pair() as (endpoint, peer), trio.fail_after(10):
-        with pytest.raises(DisconnectedError):
-            async with open_channel(endpoint, send_queue_messages=1) as channel:
-                await channel.send(Message(bytes(4 << 20)))  # part stays queued
-                assert channel.statistics().send_queue_messages == 1
-                handles, numbers = _handles(null_fd, 2)
-                failed: list[BaseException] = []
+    failed: list[BaseException] = []
 
-                async def blocked_send() -> None:
-                    try:
-                        await channel.send(Message(b"waits", handles))
-                    except DisconnectedError as exc:
-                        failed.append(exc)
+    async def send_then_lose_the_peer(endpoint: Endpoint, peer: RawPeer) -> None:
+        async with open_channel(endpoint, send_queue_messages=1) as channel:
+            await channel.send(Message(bytes(4 << 20)))  # part stays queued
+            assert channel.statistics().send_queue_messages == 1
+            handles, numbers = _handles(null_fd, 2)
 
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(blocked_send)
-                    await trio.testing.wait_all_tasks_blocked()
-                    # send() took the fds, then waited for room.
-                    assert all(h.closed for h in handles)
-                    assert all(map(fd_is_open, numbers))
-                    peer.close()  # the writer fails (EPIPE), send() wakes
-                assert len(failed) == 1
-                # Refused: the fds went back into the caller's handles and
-                # were closed through them.
+            async def blocked_send() -> None:
+                try:
+                    await channel.send(Message(b"waits", handles))
+                except DisconnectedError as exc:
+                    failed.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(blocked_send)
+                await trio.testing.wait_all_tasks_blocked()
+                # send() took the fds, then waited for room.
                 assert all(h.closed for h in handles)
-                await _assert_closed_once(numbers, null_fd)
-                await channel.send(Message(b"after"))  # raises the failure
+                assert all(map(fd_is_open, numbers))
+                peer.close()  # the writer fails (EPIPE), send() wakes
+            # Refused: the fds went back into the caller's handles and were
+            # closed through them.
+            assert all(h.closed for h in handles)
+            await _assert_closed_once(numbers, null_fd)
+
+    with raw_pair() as (endpoint, peer), trio.fail_after(10):
+        await send_then_lose_the_peer(endpoint, peer)
+    assert len(failed) == 1  # (seen by send(): not raised again on exit)
 
 
 async def test_a_send_cancelled_while_the_queue_holds_too_many_fds_keeps_them(
