@@ -253,6 +253,7 @@ class Channel(trio.abc.Channel[Message]):
             raise ValueError(f"flush_timeout={flush_timeout} must be >= 0 or None")
         self.framing: Final = framing
         self.handle_policy: Final = handle_policy
+        self._no_handles = handle_policy is HandlePolicy.REJECT
         self.max_message_size: Final = self._decoder.max_message_size
         self._header_size = IPCZ_HEADER_SIZE if framing is Framing.IPCZ else HEADER_SIZE
         # The largest plain message (see plain_frame): 0 in IPCZ framing,
@@ -383,8 +384,8 @@ class Channel(trio.abc.Channel[Message]):
         await _checkpoint_if_cancelled()
         if message.__class__ is Message and message.type is _NORMAL:
             handles = message.handles
-            if handles:
-                self._check_handles(handles)
+            if handles and (len(handles) > MAX_ATTACHED_HANDLES or self._no_handles):
+                self._check_handles(handles)  # raises
             size = self._header_size + len(message.payload)  # the common case
             plain = size <= self._plain_max_size
             if not plain and size > self.max_message_size:
@@ -629,7 +630,7 @@ class Channel(trio.abc.Channel[Message]):
                 f"a message carries at most {MAX_ATTACHED_HANDLES} handles, "
                 f"not {len(handles)}"
             )
-        if self.handle_policy is HandlePolicy.REJECT:
+        if self._no_handles:
             raise ValueError("this channel's handle_policy is REJECT: no handles")
 
     def _refuse(self, message: Message) -> NoReturn:
