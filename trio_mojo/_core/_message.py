@@ -50,8 +50,9 @@ class Message:
     :class:`Handle` (stored as a tuple).
 
     Sending a message transfers its fds to the channel: ``send`` moves them
-    into handles of its own (the message's read as closed from then on) and
-    closes those once the kernel has taken its own reference.  A received message's
+    out of the message's handles (which read as closed from then on) into
+    its send queue, and closes them once the kernel has taken its own
+    reference.  A received message's
     handles belong to whoever received it: close them (``with message:``
     does) or :meth:`~Handle.detach` them.
 
