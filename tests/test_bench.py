@@ -178,6 +178,39 @@ def test_bench_runs_end_to_end(
     assert extras["spawn"]["python_import_trio_median_ms"] > 0
 
 
+def test_trio_floor_passes_the_honesty_checks_of_every_one_way_workload(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The floor that the performance docs set trio_mojo against must move
+    # the same messages, bytes and fds (a payload spanning reads, fds
+    # batched up to 253 per sendmsg) as every other peer.
+    out = tmp_path / "floor.json"
+    workloads = ("W1", "W2", "W3", "W5", "W5x8")
+    status = main(
+        [
+            "--quick",
+            "--reps",
+            "1",
+            "--scale",
+            "0.05",
+            "--no-extras",
+            "--systems",
+            "trio_floor",
+            "--workloads",
+            ",".join(workloads),
+            "--json",
+            str(out),
+        ]
+    )
+    capsys.readouterr()
+    result = json.loads(out.read_text())
+    assert status == 0
+    assert result["honesty"]["failures"] == []
+    assert result["honesty"]["passed"] == len(workloads)
+    for name in workloads:
+        assert result["summary"][name]["trio_floor"]["median"] > 0
+
+
 def test_instructions_help_says_what_is_counted(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

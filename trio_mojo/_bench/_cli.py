@@ -48,9 +48,10 @@ Systems: trio_mojo; mp (multiprocessing.connection + reduction.sendfds,
 the reference of the "vs mp" ratios); raw (blocking sockets, batched: about
 the fastest Python can go); raw_bytes (W2, W3 only: raw with every payload
 copied into bytes, the least a receiver of bytes payloads pays); trio_floor
-(W1, W4 only: one Trio task on a plain socket, the least any Trio program
+(not W4c10: one Trio task on a plain socket, the least any Trio program
 pays per round trip, and per message through an awaited, cancellable
-send/receive of a Message); and when installed anyio_trio, anyio_asyncio
+send/receive of a Message with its fds in Handles, never allocating a
+payload at its announced size); and when installed anyio_trio, anyio_asyncio
 (anyio UNIX streams), asyncio, uvloop (asyncio streams; no fd API, so no
 W5/W5x8).
 
