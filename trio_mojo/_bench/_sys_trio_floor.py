@@ -15,7 +15,8 @@ the rules trio_mojo keeps:
   checks, as trio_mojo's decoder builds it), and each fd in a
   :class:`trio_mojo.Handle` on each side: the sender's closed once
   ``sendmsg`` took it, the receiver's closed by the benchmark;
-* ``trio.lowlevel.checkpoint_if_cancelled`` per call;
+* a coroutine call per ``send`` and per ``receive``, each with
+  ``trio.lowlevel.checkpoint_if_cancelled``;
 * frames up to 1 KiB of payload copied into one buffer, larger payloads
   sent from the caller's ``bytes`` (no copy), as many as fit in 64 KiB (and
   253 fds) per ``sendmsg``; ``wait_writable`` only on ``EAGAIN``;
@@ -158,46 +159,57 @@ async def _write_all(
             views[0] = memoryview(views[0])[sent:]
 
 
+class _Sender:
+    """``await send(message)`` of one message at a time, at the least cost."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._parts: list[bytes | bytearray] = []  # what the next sendmsg carries
+        self._buffer = bytearray()  # ... of which the frames of small payloads
+        self._queued = 0  # bytes in parts and buffer
+        self._handles: list[Handle] = []  # ... and the fds it carries
+
+    async def send(self, message: Message) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        payload = message.payload
+        handles = message.handles
+        if handles:
+            if len(self._handles) + len(handles) > MAX_BATCH_FDS:
+                await self.flush()
+            self._handles.extend(handles)
+        header = FRAME.pack(len(payload), len(handles), FRAME_TYPE)
+        if len(payload) <= _INLINE:
+            buffer = self._buffer
+            buffer += header
+            buffer += payload
+        else:
+            self._parts.append(header)
+            self._parts.append(payload)
+        self._queued += len(header) + len(payload)
+        if self._queued >= MAX_BATCH_BYTES:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if self._buffer:
+            self._parts.append(self._buffer)
+            self._buffer = bytearray()
+        self._queued = 0
+        await _write_all(self._sock, self._parts, self._handles)
+
+
 async def _stream(sock: socket.socket, count: int, payload: bytes, nfds: int) -> None:
     """``count`` times ``await send(Message(payload, handles))``, at the least cost."""
-    checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
-    header = FRAME.pack(len(payload), nfds, FRAME_TYPE)
-    inline = len(payload) <= _INLINE
-    null = dev_null()
-    dup = os.dup
-    parts: list[bytes | bytearray] = []  # what the next sendmsg carries
-    buffer = bytearray()  # ... of which the frames of small payloads, copied
-    queued = 0  # bytes in parts and buffer
-    handles: list[Handle] = []  # ... and the fds it carries
-
-    async def flush() -> None:
-        nonlocal buffer, queued
-        if buffer:
-            parts.append(buffer)
-            buffer = bytearray()
-        queued = 0
-        await _write_all(sock, parts, handles)
-
-    for _ in range(count):
-        if nfds:
-            message = Message(payload, [Handle(dup(null)) for _ in range(nfds)])
-            if len(handles) + nfds > MAX_BATCH_FDS:
-                await flush()
-            handles.extend(message.handles)
-        else:
-            message = Message(payload)
-        await checkpoint_if_cancelled()  # what a cancellable send() checks
-        if inline:
-            buffer += header
-            buffer += message.payload
-        else:
-            parts.append(header)
-            parts.append(message.payload)
-        queued += len(header) + len(payload)
-        if queued >= MAX_BATCH_BYTES:
-            await flush()
-    if queued:
-        await flush()
+    sender = _Sender(sock)
+    send = sender.send
+    if nfds:
+        null = dev_null()
+        dup = os.dup
+        for _ in range(count):
+            await send(Message(payload, [Handle(dup(null)) for _ in range(nfds)]))
+    else:
+        for _ in range(count):
+            await send(Message(payload))
+    await sender.flush()
 
 
 class _Messages:
