@@ -64,6 +64,8 @@ from ._common import (
     dev_null,
     monotonic,
     payload_of,
+    receive_all,
+    take_rights,
 )
 
 __all__ = ["receiver", "sender"]
@@ -253,14 +255,7 @@ class _Messages:
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(self._sock)
                 continue
-            if flags & socket.MSG_CTRUNC:
-                raise RuntimeError("MSG_CTRUNC: file descriptors were lost")
-            for level, kind, fds in ancdata:
-                if (level, kind) != _RIGHTS:
-                    raise RuntimeError(f"unexpected control message {(level, kind)}")
-                numbers = array.array("i")
-                numbers.frombytes(fds[: len(fds) - len(fds) % numbers.itemsize])
-                self._fds.extend(numbers)
+            take_rights(ancdata, flags, self._fds)
             if not data:
                 raise EOFError
             return data
@@ -332,14 +327,7 @@ async def _receiver(
         read_extra: Callable[[], Awaitable[object]] = partial(_receive_frame, sock)
     else:
         messages = _Messages(sock)
-        for _ in range(spec.count):
-            message = await messages.receive()
-            nbytes += len(message.payload)
-            handles = message.handles
-            if handles:
-                for handle in handles:
-                    handle.close()
-                nfds += len(handles)
+        nbytes, nfds = await receive_all(messages.receive, spec.count)
         read_extra = messages.receive
     result.t_end = monotonic()
     meter.stop(track_memory=True)
