@@ -33,6 +33,7 @@ from trio_mojo import (
     open_worker_pool,
     open_zygote,
 )
+from trio_mojo._workers import _pool as _pool_module
 from trio_mojo._workers import _worker as _worker_module
 from trio_mojo._workers._output import (
     MAX_LINE_BYTES,
@@ -265,3 +266,28 @@ async def test_an_option_open_channel_lacks_is_refused_before_spawning(
     with pytest.raises(TypeError, match=f"{option!r}: .*{re.escape(hint)}"):
         async with open_worker("trio_mojo._examples:echo", sandbox=BASIC, **options):
             pytest.fail("the block must not run")
+
+
+async def test_a_pool_refuses_an_option_open_channel_lacks_before_spawning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_spawn(*args: object, **kwargs: object) -> NoReturn:
+        pytest.fail("nothing may be spawned for a call that is refused")
+
+    monkeypatch.setattr(_pool_module, "open_zygote", no_spawn)
+    monkeypatch.setattr(_pool_module, "check_target", no_spawn)
+    options: dict[str, Any] = {"stderr": subprocess.PIPE}
+    with pytest.raises(TypeError, match=r"open_worker_pool.*'stderr'.*stderr_tail"):
+        async with open_worker_pool("trio_mojo._examples:echo", **options):
+            pytest.fail("the block must not run")
+    # open_worker's own options and open_channel's pass the check.
+    monkeypatch.undo()
+    async with open_worker_pool(
+        "trio_mojo._examples:echo",
+        workers=1,
+        zygote=False,
+        sandbox=BASIC,
+        grace_period=2.0,
+        max_message_size=1 << 20,
+    ) as pool:
+        assert (await pool.run(Message(b"ok"))).payload == b"ok"

@@ -288,8 +288,12 @@ _NOT_CHANNEL_OPTIONS: Final = {
 }
 
 
-def check_channel_options(options: Mapping[str, object]) -> None:
+def check_channel_options(
+    options: Mapping[str, object], caller: str = "open_worker"
+) -> None:
     """Refuse, before anything is spawned, a keyword ``open_channel`` lacks.
+
+    ``options`` are what ``caller`` passes on to :func:`open_channel`.
 
     Raises:
         TypeError: an unknown keyword argument, with what to do instead.
@@ -299,11 +303,11 @@ def check_channel_options(options: Mapping[str, object]) -> None:
         name = unknown[0]
         why = _NOT_CHANNEL_OPTIONS.get(
             name,
-            "open_worker passes its other keyword arguments to open_channel, "
+            f"{caller} passes its other keyword arguments to open_channel, "
             f"which takes {', '.join(sorted(_CHANNEL_OPTIONS))}",
         )
         raise TypeError(
-            f"open_worker() got an unexpected keyword argument {name!r}: {why}"
+            f"{caller}() got an unexpected keyword argument {name!r}: {why}"
         )
 
 
@@ -756,3 +760,22 @@ def _limit_send_buffer(endpoint: Endpoint) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _BROKER_SNDBUF)
     finally:
         sock.detach()
+
+
+_WORKER_OPTIONS: Final = frozenset(inspect.signature(open_worker).parameters) - {
+    "target",
+    "channel_options",
+}
+
+
+def check_worker_options(options: Mapping[str, object], caller: str) -> None:
+    """:func:`check_channel_options` for ``caller``, which passes ``options``
+    on to :func:`open_worker` (and so the rest on to :func:`open_channel`).
+
+    Raises:
+        TypeError: a keyword argument neither takes.
+    """
+    check_channel_options(
+        {name: value for name, value in options.items() if name not in _WORKER_OPTIONS},
+        caller,
+    )
