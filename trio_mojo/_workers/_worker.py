@@ -649,7 +649,7 @@ async def _handshake(
     located = False
     try:
         pid = process.pid
-        if process.supervises_namespaced_worker:  # in a PID namespace, or reaped
+        if process.is_worker_supervisor:  # in a PID namespace, or reaped
             pid = worker_pid(process.pid)
             process.forward_signals(pid)
         located = True
