@@ -68,8 +68,10 @@ machine does not change.
 The report ends with trio_mojo's speed relative to each peer.  Also
 measured: CPU us per message (both processes, getrusage), the receiver's
 peak RSS, the CPU of an idle open channel, worker start-up time against
-`python -I -c "import trio"`, and memory under a 10x slower consumer and
-under a header announcing a huge message followed by a trickle.  Each
+`python -I -c "import trio"`, memory under a 10x slower consumer and
+under a header announcing a huge message followed by a trickle, and W4
+again with the receiver forked from the sender instead of started fresh
+(the interpreters then share their pages).  Each
 figure is the median of the repetitions; spread is (max - min) / median.
 Timings are noisy on a shared machine: compare ratios within one run.
 """
@@ -116,7 +118,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-extras",
         action="store_true",
-        help="skip the idle, spawn and memory measurements",
+        help="skip the idle, spawn, memory and forked-receiver measurements",
     )
     parser.add_argument(
         "--profile",
@@ -317,4 +319,7 @@ def _run_extras(
     total = max(1 << 20, round((8 << 20 if quick else 32 << 20) * scale))
     _progress(f"[bench] trickle: {total / 2**20:.0f} MiB")
     extras["trickle"] = _extras.measure_trickle(total, 16 * 1024, 0.001)
+    pingpongs = max(1000, round((2_000 if quick else 20_000) * scale))
+    _progress(f"[bench] W4 with a forked receiver: {pingpongs:,} round trips")
+    extras["forked"] = _extras.measure_forked(pingpongs)
     return extras
