@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 
 from trio_mojo._bench import main
+from trio_mojo._bench._extras import FORKED_SYSTEMS, helper_main
 from trio_mojo._bench._instructions import render as render_instructions
-from trio_mojo._bench._report import render, versus_peers
+from trio_mojo._bench._report import forked_line, render, versus_peers
 from trio_mojo._bench._workloads import WORKLOADS
 
 
@@ -176,6 +177,54 @@ def test_bench_runs_end_to_end(
     assert extras["trickle"]["passed"]
     assert extras["trickle"]["outcome"] == "DisconnectedError"
     assert extras["spawn"]["python_import_trio_median_ms"] > 0
+    assert all("error" not in extras["forked"][name] for name in FORKED_SYSTEMS)
+
+
+def test_trio_floor_passes_the_honesty_checks_of_every_one_way_workload(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The floor that the performance docs set trio_mojo against must move
+    # the same messages, bytes and fds (a payload spanning reads, fds
+    # batched up to 253 per sendmsg) as every other peer.
+    out = tmp_path / "floor.json"
+    workloads = ("W1", "W2", "W3", "W5", "W5x8")
+    status = main(
+        [
+            "--quick",
+            "--reps",
+            "1",
+            "--scale",
+            "0.05",
+            "--no-extras",
+            "--systems",
+            "trio_floor",
+            "--workloads",
+            ",".join(workloads),
+            "--json",
+            str(out),
+        ]
+    )
+    capsys.readouterr()
+    result = json.loads(out.read_text())
+    assert status == 0
+    assert result["honesty"]["failures"] == []
+    assert result["honesty"]["passed"] == len(workloads)
+    for name in workloads:
+        assert result["summary"][name]["trio_floor"]["median"] > 0
+
+
+def test_w4_with_a_forked_receiver_passes_the_honesty_checks() -> None:
+    # The forked variant runs the same sender and receiver functions; only
+    # how the receiver's process starts differs.
+    result = helper_main("forked", ["300"])
+    assert result["count"] == 300
+    for system in FORKED_SYSTEMS:
+        assert "error" not in result[system], result[system]
+        assert result[system]["p50_us"] > 0
+    line = forked_line(result, {"mp": {"median": 20.0}})
+    assert line.startswith("* W4 with the receiver forked from the sender")
+    assert "mp " in line
+    assert "(fresh receiver: 20.0 us)" in line
 
 
 def test_instructions_help_says_what_is_counted(

@@ -95,3 +95,48 @@ def test_fd_leak_fixture_fails_a_leaking_test(pytester: pytest.Pytester) -> None
             "  fd * -> pipe:*",
         ]
     )
+
+
+def test_a_leak_whose_owner_closes_it_later_does_not_cascade(
+    pytester: pytest.Pytester,
+) -> None:
+    # A leaked fd whose owner is still alive is closed by that owner later.
+    # Had the fixture closed the number, the next test's file would reuse it
+    # and the owner's late close would hit that file instead.
+    pytester.makeconftest(CONFTEST.read_text())
+    pytester.makepyfile(_fds=FDS_MODULE.read_text())
+    pytester.makeini(
+        """
+        [pytest]
+        filterwarnings = error
+        """
+    )
+    pytester.makepyfile(
+        test_late_owner="""
+        import os
+
+        class Owner:
+            def __init__(self):
+                self.r, self.w = os.pipe()
+
+            def close_late(self):
+                os.close(self.r)
+                os.close(self.w)
+
+        OWNERS = []
+
+        def test_leaks_with_a_live_owner():
+            OWNERS.append(Owner())
+
+        def test_next_file_survives_the_late_close(tmp_path):
+            fd = os.open(tmp_path / "f", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC)
+            try:
+                OWNERS.pop().close_late()
+                os.fstat(fd)  # still ours
+            finally:
+                os.close(fd)
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(["*ERROR at teardown of test_leaks_with_a_live_owner*"])

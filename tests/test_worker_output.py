@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import itertools
 import re
+import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any, NoReturn
 
 import pytest
 from _process_support import shown_chain, worker_block_error
@@ -31,6 +33,8 @@ from trio_mojo import (
     open_worker_pool,
     open_zygote,
 )
+from trio_mojo._workers import _pool as _pool_module
+from trio_mojo._workers import _worker as _worker_module
 from trio_mojo._workers._output import (
     MAX_LINE_BYTES,
     LineSplitter,
@@ -241,3 +245,49 @@ async def test_a_pool_forwards_the_output_of_its_workers(
         # the forwarding of the worker's last lines.
         err = capsys.readouterr().err
         assert err == f"[worker {worker.pid}] faulty: crashing as asked\n"
+
+
+@pytest.mark.parametrize(
+    ("option", "hint"),
+    [
+        ("stderr", "Worker.stderr_tail"),
+        ("max_mesage_size", "open_channel, which takes"),
+    ],
+)
+async def test_an_option_open_channel_lacks_is_refused_before_spawning(
+    monkeypatch: pytest.MonkeyPatch, option: str, hint: str
+) -> None:
+    def no_spawn(*args: object, **kwargs: object) -> NoReturn:
+        pytest.fail("nothing may be spawned for a call that is refused")
+
+    monkeypatch.setattr(_worker_module, "start_with_endpoints", no_spawn)
+    monkeypatch.setattr(_worker_module, "check_target", no_spawn)
+    options: dict[str, Any] = {option: subprocess.PIPE}
+    with pytest.raises(TypeError, match=f"{option!r}: .*{re.escape(hint)}"):
+        async with open_worker("trio_mojo._examples:echo", sandbox=BASIC, **options):
+            pytest.fail("the block must not run")
+
+
+async def test_a_pool_refuses_an_option_open_channel_lacks_before_spawning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_spawn(*args: object, **kwargs: object) -> NoReturn:
+        pytest.fail("nothing may be spawned for a call that is refused")
+
+    monkeypatch.setattr(_pool_module, "open_zygote", no_spawn)
+    monkeypatch.setattr(_pool_module, "check_target", no_spawn)
+    options: dict[str, Any] = {"stderr": subprocess.PIPE}
+    with pytest.raises(TypeError, match=r"open_worker_pool.*'stderr'.*stderr_tail"):
+        async with open_worker_pool("trio_mojo._examples:echo", **options):
+            pytest.fail("the block must not run")
+    # open_worker's own options and open_channel's pass the check.
+    monkeypatch.undo()
+    async with open_worker_pool(
+        "trio_mojo._examples:echo",
+        workers=1,
+        zygote=False,
+        sandbox=BASIC,
+        grace_period=2.0,
+        max_message_size=1 << 20,
+    ) as pool:
+        assert (await pool.run(Message(b"ok"))).payload == b"ok"

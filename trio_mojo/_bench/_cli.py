@@ -48,9 +48,10 @@ Systems: trio_mojo; mp (multiprocessing.connection + reduction.sendfds,
 the reference of the "vs mp" ratios); raw (blocking sockets, batched: about
 the fastest Python can go); raw_bytes (W2, W3 only: raw with every payload
 copied into bytes, the least a receiver of bytes payloads pays); trio_floor
-(W1, W4 only: one Trio task on a plain socket, the least any Trio program
+(not W4c10: one Trio task on a plain socket, the least any Trio program
 pays per round trip, and per message through an awaited, cancellable
-send/receive of a Message); and when installed anyio_trio, anyio_asyncio
+send/receive of a Message with its fds in Handles, never allocating a
+payload at its announced size); and when installed anyio_trio, anyio_asyncio
 (anyio UNIX streams), asyncio, uvloop (asyncio streams; no fd API, so no
 W5/W5x8).
 
@@ -67,8 +68,10 @@ machine does not change.
 The report ends with trio_mojo's speed relative to each peer.  Also
 measured: CPU us per message (both processes, getrusage), the receiver's
 peak RSS, the CPU of an idle open channel, worker start-up time against
-`python -I -c "import trio"`, and memory under a 10x slower consumer and
-under a header announcing a huge message followed by a trickle.  Each
+`python -I -c "import trio"`, memory under a 10x slower consumer and
+under a header announcing a huge message followed by a trickle, and W4
+again with the receiver forked from the sender instead of started fresh
+(the interpreters then share their pages).  Each
 figure is the median of the repetitions; spread is (max - min) / median.
 Timings are noisy on a shared machine: compare ratios within one run.
 """
@@ -115,7 +118,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-extras",
         action="store_true",
-        help="skip the idle, spawn and memory measurements",
+        help="skip the idle, spawn, memory and forked-receiver measurements",
     )
     parser.add_argument(
         "--profile",
@@ -316,4 +319,7 @@ def _run_extras(
     total = max(1 << 20, round((8 << 20 if quick else 32 << 20) * scale))
     _progress(f"[bench] trickle: {total / 2**20:.0f} MiB")
     extras["trickle"] = _extras.measure_trickle(total, 16 * 1024, 0.001)
+    pingpongs = max(1000, round((2_000 if quick else 20_000) * scale))
+    _progress(f"[bench] W4 with a forked receiver: {pingpongs:,} round trips")
+    extras["forked"] = _extras.measure_forked(pingpongs)
     return extras

@@ -22,13 +22,19 @@ run can be told apart from the interpreter and its imports.
 
 from __future__ import annotations
 
+import array
 import json
 import os
 import resource
+import socket
 import struct
 import time
+from collections.abc import Awaitable, Callable, MutableSequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from trio_mojo import Message
 
 __all__ = [
     "FRAME",
@@ -44,6 +50,8 @@ __all__ = [
     "SenderResult",
     "dev_null",
     "monotonic",
+    "receive_all",
+    "take_rights",
 ]
 
 FRAME: Final = struct.Struct("<IHH")
@@ -285,3 +293,44 @@ def payload_of(size: int) -> bytes:
     """A payload of ``size`` bytes (not all zero, so nothing can shortcut it)."""
     pattern = bytes(range(256))
     return (pattern * (size // 256 + 1))[:size]
+
+
+_RIGHTS: Final = (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+
+
+def take_rights(
+    ancdata: list[tuple[int, int, bytes]], flags: int, fifo: MutableSequence[int]
+) -> None:
+    """Append the fds of a ``recvmsg``'s control messages to ``fifo``.
+
+    Raises:
+        RuntimeError: fds were lost (``MSG_CTRUNC``) or a control message
+            other than ``SCM_RIGHTS`` arrived.
+    """
+    if flags & socket.MSG_CTRUNC:
+        raise RuntimeError("MSG_CTRUNC: file descriptors were lost")
+    for level, kind, data in ancdata:
+        if (level, kind) != _RIGHTS:
+            raise RuntimeError(f"unexpected control message {(level, kind)}")
+        fds = array.array("i")
+        fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+        fifo.extend(fds)
+
+
+async def receive_all(
+    receive: Callable[[], Awaitable[Message]], count: int
+) -> tuple[int, int]:
+    """``await receive()`` ``count`` messages, closing their fds.
+
+    Returns the payload bytes and the fds received.
+    """
+    nbytes = nfds = 0
+    for _ in range(count):
+        message = await receive()
+        nbytes += len(message.payload)
+        handles = message.handles
+        if handles:
+            for handle in handles:
+                handle.close()
+            nfds += len(handles)
+    return nbytes, nfds

@@ -13,6 +13,12 @@
   ``max_message_size`` (256 MiB) and then trickles its bytes; the
   receiver's memory must grow with the bytes received, not the size
   announced.
+* **Forked**: W4 again for ``trio_mojo``, ``trio_floor`` and ``mp``, with
+  the receiver forked from the sender (``_harness.run_forked``) instead
+  of started as a fresh interpreter as in every other run.  Forked, the
+  two interpreters share their heap's pages until they write them; the
+  difference shows how much of a round trip is the memory traffic of the
+  interpreter's own code and data, which the workloads' numbers include.
 """
 
 from __future__ import annotations
@@ -28,11 +34,13 @@ import trio
 import trio_mojo
 
 from ._common import Meter, RunSpec, monotonic
-from ._harness import run, run_helper
+from ._harness import run, run_forked, run_helper
+from ._workloads import WORKLOADS
 
 __all__ = [
     "RSS_LIMIT_KIB",
     "helper_main",
+    "measure_forked",
     "measure_idle",
     "measure_slow_consumer",
     "measure_spawn",
@@ -46,10 +54,37 @@ SPAWN_TARGET: Final = "trio_mojo._examples:echo"
 # ---------------------------------------------------------------- helpers (child side)
 
 
+FORKED_SYSTEMS: Final = ("trio_mojo", "trio_floor", "mp")
+
+
 def helper_main(role: str, args: list[str]) -> dict[str, Any]:
     if role == "idle":
         return trio.run(_idle, float(args[0]))
+    if role == "forked":
+        return _forked(int(args[0]))
     return trio.run(_spawn, int(args[0]))
+
+
+def _forked(count: int) -> dict[str, Any]:
+    """W4's RTT p50 (us) per system, the receiver forked from the sender."""
+    (w4,) = (workload for workload in WORKLOADS if workload.name == "W4")
+    result: dict[str, Any] = {"count": count}
+    for system in FORKED_SYSTEMS:
+        spec = RunSpec(
+            system=system,
+            workload=w4.name,
+            count=count,
+            payload_size=w4.payload_size,
+            pingpong=True,
+        )
+        record = run_forked(spec)
+        if record["errors"]:
+            result[system] = {"error": record["errors"][0]}
+        else:
+            result[system] = {
+                "p50_us": w4.figure(count, 0.0, record["sender"]["rtts_ns"])
+            }
+    return result
 
 
 async def _idle(seconds: float) -> dict[str, Any]:
@@ -120,6 +155,10 @@ async def _spawn(count: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- driver side
+
+
+def measure_forked(count: int) -> dict[str, Any]:
+    return run_helper(["forked", str(count)], timeout=count * 0.01 + 60)
 
 
 def measure_idle(seconds: float) -> dict[str, Any]:

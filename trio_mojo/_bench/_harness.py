@@ -220,6 +220,52 @@ def _sender_process(spec: RunSpec) -> int:
     return 1 if record["errors"] else 0
 
 
+def run_forked(spec: RunSpec) -> dict[str, Any]:
+    """Run ``spec`` in this process with its receiver *forked* from it.
+
+    The same sender and receiver as :func:`run`, whose receiver is a fresh
+    interpreter: here the receiver is a copy of this one (``os.fork``
+    before any event loop runs), so both share the pages of the
+    interpreter's heap until they write them.  Returns the record as
+    :func:`run` does.
+    """
+    module = _system_module(spec.system)
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    control_r, control_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the receiver
+        status = 1
+        try:
+            mine.close()
+            os.close(control_r)
+            status = _receiver_process(
+                spec,
+                [
+                    f"{CONTROL_SWITCH}={control_w}",
+                    f"{CHANNEL_SWITCH}={theirs.detach()}",
+                ],
+            )
+        finally:
+            os._exit(status)
+    theirs.close()
+    os.close(control_w)
+    control = ControlReader(control_r)
+    try:
+        sent: SenderResult = module.sender(spec, mine, control)
+        received = control.result()
+    finally:
+        mine.close()
+        _, status = os.waitpid(pid, 0)
+    return {
+        "spec": asdict(spec),
+        "sender": asdict(sent),
+        "receiver": asdict(received),
+        "errors": honesty_errors(
+            spec, sent, received, os.waitstatus_to_exitcode(status)
+        ),
+    }
+
+
 def _receiver_process(spec: RunSpec, argv: list[str]) -> int:
     control = ControlWriter(_switch_value(argv, CONTROL_SWITCH))
     sock_fd = _switch_value(argv, CHANNEL_SWITCH)
@@ -242,7 +288,7 @@ def process_main(argv: list[str]) -> int:
         return _sender_process(RunSpec.from_json(rest[0]))
     if role == "receiver":
         return _receiver_process(RunSpec.from_json(rest[0]), rest[1:])
-    if role in ("idle", "spawn"):
+    if role in ("idle", "spawn", "forked"):
         from . import _extras
 
         result = _extras.helper_main(role, rest)

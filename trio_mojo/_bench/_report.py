@@ -7,7 +7,7 @@ from typing import Any
 
 from ._workloads import REFERENCE, SYSTEMS, WORKLOADS, Workload, median, percentile
 
-__all__ = ["render", "summarise", "versus_peers"]
+__all__ = ["forked_line", "render", "summarise", "versus_peers"]
 
 
 def _workload(name: str) -> Workload:
@@ -271,7 +271,7 @@ def render(result: dict[str, Any]) -> str:
             )
         out += _table(header, rows)
     out += _render_versus(summary, systems)
-    out += _render_extras(result.get("extras", {}))
+    out += _render_extras(result.get("extras", {}), summary)
     return "\n".join(out) + "\n"
 
 
@@ -306,7 +306,9 @@ def _render_versus(
     ]
 
 
-def _render_extras(extras: dict[str, Any]) -> list[str]:
+def _render_extras(
+    extras: dict[str, Any], summary: dict[str, dict[str, dict[str, Any]]]
+) -> list[str]:
     out: list[str] = []
     if not extras:
         return out
@@ -383,4 +385,29 @@ def _render_extras(extras: dict[str, Any]) -> list[str]:
                 f"RSS +{sample['rss_growth_kib'] / 1024:6.2f} MiB "
                 f"(peak +{sample['peak_growth_kib'] / 1024:.2f})"
             )
+    forked = extras.get("forked")
+    if forked:
+        out.append(forked_line(forked, summary.get("W4", {})))
     return out
+
+
+def forked_line(forked: dict[str, Any], w4: dict[str, Any]) -> str:
+    """W4 p50 with the receiver forked, beside this run's W4 (a fresh receiver)."""
+    if "error" in forked:
+        return f"* W4 with a forked receiver: ERROR {forked['error']}"
+    parts = []
+    for system, cell in forked.items():
+        if system == "count":
+            continue
+        if "error" in cell:
+            parts.append(f"{system} FAILED ({cell['error'][:200]})")
+            continue
+        fresh = w4.get(system, {}).get("median")
+        parts.append(
+            f"{system} {cell['p50_us']:.1f} us"
+            + (f" (fresh receiver: {fresh:.1f} us)" if fresh else "")
+        )
+    return (
+        f"* W4 with the receiver forked from the sender instead of started fresh "
+        f"({forked['count']:,} round trips, RTT p50): " + "; ".join(parts)
+    )

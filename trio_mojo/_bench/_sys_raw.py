@@ -39,6 +39,7 @@ from ._common import (
     dev_null,
     monotonic,
     payload_of,
+    take_rights,
 )
 
 __all__ = ["FrameReader", "receiver", "send_all", "sender"]
@@ -78,14 +79,7 @@ class FrameReader:
 
     def _recv_into(self, view: memoryview) -> int:
         nbytes, ancdata, flags, _ = self.sock.recvmsg_into([view], _CMSG_SPACE)
-        if flags & socket.MSG_CTRUNC:
-            raise RuntimeError("MSG_CTRUNC: file descriptors were lost")
-        for level, kind, data in ancdata:
-            if (level, kind) != _RIGHTS:
-                raise RuntimeError(f"unexpected control message {(level, kind)}")
-            fds = array.array("i")
-            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-            self.fifo.extend(fds)
+        take_rights(ancdata, flags, self.fifo)
         return nbytes
 
     def _take_big(self, length: int) -> bytearray:

@@ -6,42 +6,77 @@ least Trio allows on a plain non-blocking socket: ``send`` inline, then
 block; the 8-byte header is packed and checked, nothing more (no framing
 state, no message objects).
 
-The floor of W1 for trio_mojo's API: the same single task, but each
-message goes through what an awaited, cancellable ``send(Message(...))``
-and ``receive()`` cost at the least: a :class:`trio_mojo.Message` built on
-each side, ``trio.lowlevel.checkpoint_if_cancelled`` per call, frames packed
-into one buffer written 64 KiB at a time, and read 64 KiB at a time
-(``wait_readable`` / ``wait_writable`` only when the socket would block).
-No bounds, no counters, no fds.
+The floor of the one-way workloads (W1, W2, W3, W5, W5x8) for trio_mojo's
+API: the same single task, but each message goes through what an awaited,
+cancellable ``send(Message(...))`` and ``receive()`` cost at the least, under
+the rules trio_mojo keeps:
+
+* a :class:`trio_mojo.Message` built on each side (the receiver's without
+  checks, as trio_mojo's decoder builds it), and each fd in a
+  :class:`trio_mojo.Handle` on each side: the sender's closed once
+  ``sendmsg`` took it, the receiver's closed by the benchmark;
+* a coroutine call per ``send`` and per ``receive``, each with
+  ``trio.lowlevel.checkpoint_if_cancelled``;
+* frames up to 1 KiB of payload copied into one buffer, larger payloads
+  sent from the caller's ``bytes`` (no copy), as many as fit in 64 KiB (and
+  253 fds) per ``sendmsg``; ``wait_writable`` only on ``EAGAIN``;
+* ``recvmsg`` 64 KiB at a time with ``MSG_CMSG_CLOEXEC`` (``wait_readable``
+  only when the socket is empty), every complete frame of a read sliced out
+  as a ``bytes`` payload;
+* a payload that spans reads is never allocated at its announced size (the
+  hardening rule): the rest is read in pieces of at most 256 KiB and joined
+  once into ``bytes``.
+
+No bounds, no counters, no second task, no validation of the peer.
 """
 
 from __future__ import annotations
 
+import array
+import collections
+import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import Final
 
 import trio
 
-from trio_mojo import Message
+from trio_mojo import Handle, Message
+from trio_mojo._core._message import received_message
+from trio_mojo._core._wire import MessageType
+from trio_mojo._handles import adopt_all
 
 from ._clock import trio_clock
 from ._common import (
     FRAME,
     FRAME_TYPE,
     MAX_BATCH_BYTES,
+    MAX_BATCH_FDS,
+    READ_SIZE,
     ControlReader,
     ControlWriter,
     Meter,
     ReceiverResult,
     RunSpec,
     SenderResult,
+    dev_null,
     monotonic,
     payload_of,
+    receive_all,
+    take_rights,
 )
 
 __all__ = ["receiver", "sender"]
+
+_INLINE: Final = 1024
+"""Payloads up to this size are copied next to their header (trio_mojo's
+``INLINE_PAYLOAD``); larger ones go out from the caller's ``bytes``."""
+_RECV_SIZE: Final = 64 * 1024
+_CMSG_SPACE: Final = socket.CMSG_SPACE(MAX_BATCH_FDS * array.array("i").itemsize)
+_RIGHTS: Final = (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+_NORMAL: Final = MessageType.NORMAL
 
 
 async def _receive_frame(sock: socket.socket) -> bytes:
@@ -85,7 +120,7 @@ async def _sender(
                 raise RuntimeError("the reply differs from the request")
             rtts.append(clock() - t)
     else:
-        await _stream(sock, spec.count, payload)
+        await _stream(sock, spec.count, payload, spec.fds_per_message)
     sock.shutdown(socket.SHUT_WR)
     meter.stop()
     result.t_done = monotonic()
@@ -94,30 +129,89 @@ async def _sender(
     return result
 
 
-async def _write_all(sock: socket.socket, data: bytearray) -> None:
-    with memoryview(data) as view:
-        sent = 0
-        while sent < len(data):
-            try:
-                sent += sock.send(view[sent:])
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(sock)
+async def _write_all(
+    sock: socket.socket, parts: list[bytes | bytearray], handles: list[Handle]
+) -> None:
+    """``sendmsg`` every byte of ``parts``, the fds of ``handles`` on the first.
+
+    Closes the handles once the kernel took them, and empties both lists.
+    """
+    ancillary = []
+    if handles:
+        fds = array.array("i", [handle.fileno() for handle in handles])
+        ancillary.append((*_RIGHTS, fds))
+    views: list[bytes | bytearray | memoryview] = list(parts)
+    parts.clear()
+    while True:
+        try:
+            sent = sock.sendmsg(views, ancillary)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            continue
+        if ancillary:
+            ancillary = []
+            for handle in handles:
+                handle.close()
+            handles.clear()
+        while views and sent >= len(views[0]):
+            sent -= len(views.pop(0))
+        if not views:
+            return
+        if sent:
+            views[0] = memoryview(views[0])[sent:]
 
 
-async def _stream(sock: socket.socket, count: int, payload: bytes) -> None:
-    """``count`` times ``await send(Message(payload))``, at the least cost."""
-    checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
-    header = FRAME.pack(len(payload), 0, FRAME_TYPE)
-    buffer = bytearray()
-    for _ in range(count):
-        message = Message(payload)
-        await checkpoint_if_cancelled()  # what a cancellable send() checks
-        buffer += header
-        buffer += message.payload
-        if len(buffer) >= MAX_BATCH_BYTES:
-            await _write_all(sock, buffer)
-            buffer = bytearray()
-    await _write_all(sock, buffer)
+class _Sender:
+    """``await send(message)`` of one message at a time, at the least cost."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._parts: list[bytes | bytearray] = []  # what the next sendmsg carries
+        self._buffer = bytearray()  # ... of which the frames of small payloads
+        self._queued = 0  # bytes in parts and buffer
+        self._handles: list[Handle] = []  # ... and the fds it carries
+
+    async def send(self, message: Message) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        payload = message.payload
+        handles = message.handles
+        if handles:
+            if len(self._handles) + len(handles) > MAX_BATCH_FDS:
+                await self.flush()
+            self._handles.extend(handles)
+        header = FRAME.pack(len(payload), len(handles), FRAME_TYPE)
+        if len(payload) <= _INLINE:
+            buffer = self._buffer
+            buffer += header
+            buffer += payload
+        else:
+            self._parts.append(header)
+            self._parts.append(payload)
+        self._queued += len(header) + len(payload)
+        if self._queued >= MAX_BATCH_BYTES:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if self._buffer:
+            self._parts.append(self._buffer)
+            self._buffer = bytearray()
+        self._queued = 0
+        await _write_all(self._sock, self._parts, self._handles)
+
+
+async def _stream(sock: socket.socket, count: int, payload: bytes, nfds: int) -> None:
+    """``count`` times ``await send(Message(payload, handles))``, at the least cost."""
+    sender = _Sender(sock)
+    send = sender.send
+    if nfds:
+        null = dev_null()
+        dup = os.dup
+        for _ in range(count):
+            await send(Message(payload, [Handle(dup(null)) for _ in range(nfds)]))
+    else:
+        for _ in range(count):
+            await send(Message(payload))
+    await sender.flush()
 
 
 class _Messages:
@@ -125,7 +219,12 @@ class _Messages:
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
-        self._rest = b""
+        self._rest = b""  # the start of a frame whose header is incomplete
+        # A frame whose header is in but whose payload spans reads:
+        self._pieces: list[bytes] = []  # ... its payload's bytes so far,
+        self._lacking = 0  # ... how many it still lacks,
+        self._lacking_fds = 0  # ... and its number of fds.
+        self._fds: collections.deque[int] = collections.deque()
         self._ready: list[Message] = []
         self._next = 0
 
@@ -140,26 +239,63 @@ class _Messages:
         self._next += 1
         return message
 
+    def _message(self, payload: bytes, nfds: int) -> Message:
+        if nfds:
+            fds = self._fds
+            taken = tuple(adopt_all([fds.popleft() for _ in range(nfds)]))
+            return received_message(payload, taken, _NORMAL)
+        return received_message(payload, (), _NORMAL)
+
+    async def _recv(self, size: int) -> bytes:
+        while True:
+            try:
+                data, ancdata, flags, _ = self._sock.recvmsg(
+                    size, _CMSG_SPACE, socket.MSG_CMSG_CLOEXEC
+                )
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self._sock)
+                continue
+            take_rights(ancdata, flags, self._fds)
+            if not data:
+                raise EOFError
+            return data
+
     async def _read(self) -> list[Message]:
         unpack_from = FRAME.unpack_from
         header = FRAME.size
         while True:
-            try:
-                chunk = self._sock.recv(65536)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(self._sock)
-                continue
-            if not chunk:
-                raise EOFError
-            data = self._rest + chunk if self._rest else chunk
+            lacking = self._lacking
+            chunk = await self._recv(min(READ_SIZE, max(lacking, _RECV_SIZE)))
             messages = []
-            pos = 0
-            while len(data) - pos >= header:
-                length = unpack_from(data, pos)[0]
-                stop = pos + header + length
-                if stop > len(data):
+            if lacking:
+                if len(chunk) < lacking:
+                    self._pieces.append(chunk)
+                    self._lacking -= len(chunk)
+                    continue
+                self._pieces.append(chunk[:lacking])
+                payload = b"".join(self._pieces)
+                self._pieces = []
+                self._lacking = 0
+                messages.append(self._message(payload, self._lacking_fds))
+                data = chunk
+                pos = lacking
+            else:
+                data = self._rest + chunk if self._rest else chunk
+                pos = 0
+            end = len(data)
+            while end - pos >= header:
+                length, nfds, _ = unpack_from(data, pos)
+                start = pos + header
+                stop = start + length
+                if stop > end:
+                    # It spans reads: keep what came, read the rest later
+                    # (never a buffer of the size it announces).
+                    self._pieces = [data[start:]]
+                    self._lacking = stop - end
+                    self._lacking_fds = nfds
+                    pos = end
                     break
-                messages.append(Message(data[pos + header : stop]))
+                messages.append(self._message(data[start:stop], nfds))
                 pos = stop
             self._rest = data[pos:]
             if messages:
@@ -182,7 +318,7 @@ async def _receiver(
     meter.start(track_memory=True)
     result.t_ready = monotonic()
     ctl.ready()
-    nbytes = 0
+    nbytes = nfds = 0
     if spec.pingpong:
         for _ in range(spec.count):
             frame = await _receive_frame(sock)
@@ -191,14 +327,15 @@ async def _receiver(
         read_extra: Callable[[], Awaitable[object]] = partial(_receive_frame, sock)
     else:
         messages = _Messages(sock)
-        for _ in range(spec.count):
-            nbytes += len((await messages.receive()).payload)
+        nbytes, nfds = await receive_all(messages.receive, spec.count)
         read_extra = messages.receive
     result.t_end = monotonic()
     meter.stop(track_memory=True)
-    result.messages, result.payload_bytes = spec.count, nbytes
+    result.messages, result.payload_bytes, result.fds = spec.count, nbytes, nfds
     try:
-        await read_extra()
+        extra = await read_extra()
+        if isinstance(extra, Message):
+            extra.close()
         result.extra_messages += 1
     except EOFError:
         pass

@@ -42,6 +42,7 @@ from ._common import (
     monotonic,
     payload_of,
     read_status_kib,
+    receive_all,
 )
 
 __all__ = ["client_counts", "receiver", "sender", "worker_pingpong"]
@@ -252,15 +253,8 @@ async def _receiver(
                     if ahead > 0:
                         await trio.sleep(ahead)
         else:
-            for _ in range(count):
-                message = await receive()
-                nbytes += len(message.payload)
-                handles = message.handles
-                if handles:
-                    for handle in handles:
-                        handle.close()
-                    nfds += len(handles)
-                done += 1
+            nbytes, nfds = await receive_all(receive, count)
+            done = count
         result.t_end = monotonic()
         meter.stop(track_memory=True)
         nursery.cancel_scope.cancel()

@@ -165,8 +165,8 @@ SYSTEMS: Final = (
         "trio_floor",
         "one Trio task on a plain socket (the Trio floor)",
         "_sys_trio_floor",
-        False,
-        only=("W1", "W4"),
+        True,
+        only=("W1", "W2", "W3", "W4", "W5", "W5x8"),
     ),
     System("asyncio", "asyncio streams", "_sys_asyncio", False, concurrent=True),
     System(

@@ -111,7 +111,13 @@ from ._broker import FileAccess
 from ._pool_map import WorkerPoolMap
 from ._requests import Request, RequestQueue, RequestState, fail_all
 from ._target import target_spec
-from ._worker import Worker, check_stdout, check_target, open_worker
+from ._worker import (
+    Worker,
+    check_stdout,
+    check_target,
+    check_worker_options,
+    open_worker,
+)
 from ._zygote import Zygote, open_zygote
 
 __all__ = ["WorkerPool", "WorkerPoolStatistics", "open_worker_pool"]
@@ -821,6 +827,8 @@ async def open_worker_pool(
         ValueError: an argument is out of range, ``python`` or ``env``
             with a :class:`Zygote` (they are the zygote's), or a ``stdout``
             that :func:`open_worker` refuses.
+        TypeError: a keyword argument that neither :func:`open_worker` nor
+            :func:`open_channel` takes, before anything is spawned.
     """
     spec = target_spec(target)
     size = _positive_int(
@@ -833,6 +841,7 @@ async def open_worker_pool(
     if max_requests is not None:
         _positive_int("max_requests", max_requests)
     check_stdout(worker_options.get("stdout", subprocess.DEVNULL))
+    check_worker_options(worker_options, "open_worker_pool")
     if request_timeout is not None and not request_timeout > 0:
         raise ValueError(
             f"request_timeout={request_timeout!r} must be positive or None"

@@ -193,7 +193,7 @@ class Process(SignalForwarding):
     :meth:`forward_signals` named it.
     """
 
-    supervises_namespaced_worker: Final = True
+    is_worker_supervisor: Final = True
     """Once it locked down, this process is the worker's supervisor, in a
     PID namespace or as its reaper (``_sandbox._pidns``): the target runs
     in its child."""
@@ -299,7 +299,7 @@ class ProcessLike(Protocol):
     forwarded_pid: int | None
 
     @property
-    def supervises_namespaced_worker(self) -> bool: ...
+    def is_worker_supervisor(self) -> bool: ...
 
     def poll(self) -> int | None: ...
     async def wait(self) -> int: ...

@@ -61,6 +61,7 @@ kept in ``FileBroker.error`` and never raised from this block.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import socket
@@ -276,6 +277,40 @@ def check_stdout(stdout: object) -> None:
     )
 
 
+_CHANNEL_OPTIONS: Final = frozenset(inspect.signature(open_channel).parameters) - {
+    "endpoint"
+}
+"""The keyword arguments ``open_worker`` passes on to :func:`open_channel`."""
+_NOT_CHANNEL_OPTIONS: Final = {
+    "stderr": "a worker's stderr is kept as Worker.stderr_tail; use "
+    "forward_output=True to see it as it comes",
+    "stdin": "a worker's stdin is /dev/null",
+}
+
+
+def check_channel_options(
+    options: Mapping[str, object], caller: str = "open_worker"
+) -> None:
+    """Refuse, before anything is spawned, a keyword ``open_channel`` lacks.
+
+    ``options`` are what ``caller`` passes on to :func:`open_channel`.
+
+    Raises:
+        TypeError: an unknown keyword argument, with what to do instead.
+    """
+    unknown = sorted(set(options) - _CHANNEL_OPTIONS)
+    if unknown:
+        name = unknown[0]
+        why = _NOT_CHANNEL_OPTIONS.get(
+            name,
+            f"{caller} passes its other keyword arguments to open_channel, "
+            f"which takes {', '.join(sorted(_CHANNEL_OPTIONS))}",
+        )
+        raise TypeError(
+            f"{caller}() got an unexpected keyword argument {name!r}: {why}"
+        )
+
+
 def _cause(exc: BaseException) -> BaseException | None:
     """What a WorkerError shows as its cause: a channel failure says
     something; a clean end of channel only that the worker is gone."""
@@ -414,7 +449,9 @@ async def open_worker(
             ``stdout`` that is not ``subprocess.DEVNULL`` or an fd >= 3
             (``None``, ``subprocess.PIPE``, ``subprocess.STDOUT``, this
             process's stdio).
-        TypeError: ``stdout`` is not an int.
+        TypeError: ``stdout`` is not an int, or a keyword argument that
+            :func:`open_channel` does not take (``stderr=``, for one), before
+            anything is spawned.
     """
     spec = target_spec(target)
     if zygote is not None and (python is not None or env is not None):
@@ -427,6 +464,7 @@ async def open_worker(
             "forward_output=True forwards the worker's stdout: leave stdout= unset"
         )
     check_stdout(stdout)
+    check_channel_options(channel_options)
     if sandbox is not None:
         policy = sandbox
     else:
@@ -611,7 +649,7 @@ async def _handshake(
     located = False
     try:
         pid = process.pid
-        if process.supervises_namespaced_worker:  # in a PID namespace, or reaped
+        if process.is_worker_supervisor:  # in a PID namespace, or reaped
             pid = worker_pid(process.pid)
             process.forward_signals(pid)
         located = True
@@ -722,3 +760,22 @@ def _limit_send_buffer(endpoint: Endpoint) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _BROKER_SNDBUF)
     finally:
         sock.detach()
+
+
+_WORKER_OPTIONS: Final = frozenset(inspect.signature(open_worker).parameters) - {
+    "target",
+    "channel_options",
+}
+
+
+def check_worker_options(options: Mapping[str, object], caller: str) -> None:
+    """:func:`check_channel_options` for ``caller``, which passes ``options``
+    on to :func:`open_worker` (and so the rest on to :func:`open_channel`).
+
+    Raises:
+        TypeError: a keyword argument neither takes.
+    """
+    check_channel_options(
+        {name: value for name, value in options.items() if name not in _WORKER_OPTIONS},
+        caller,
+    )

@@ -98,7 +98,7 @@ class ForkedProcess(SignalForwarding):
     pidfd opened by the zygote before the worker could be reaped, so they
     never reach a process that reused the pid.  A root zygote forks the
     worker straight into a PID namespace of its own
-    (``supervises_namespaced_worker`` is false): ``pid`` is the worker
+    (``is_worker_supervisor`` is false): ``pid`` is the worker
     itself.  Otherwise its lockdown makes this process the supervisor of
     the worker proper, and once ``open_worker`` has found that one,
     signals go to it (:meth:`forward_signals`).  ``stderr`` is the read
@@ -118,7 +118,7 @@ class ForkedProcess(SignalForwarding):
         stdout: trio.lowlevel.FdStream | None = None,
     ) -> None:
         self.pid: Final = pid
-        self.supervises_namespaced_worker: Final = not own_pid_namespace
+        self.is_worker_supervisor: Final = not own_pid_namespace
         self.args: Final = (target,)
         self.stdin: trio.lowlevel.FdStream | None = None
         self.stdout: trio.lowlevel.FdStream | None = stdout
