@@ -237,6 +237,7 @@ class Channel(trio.abc.Channel[Message]):
         "_lent",
         "_messages_received",
         "_messages_sent",
+        "_no_handles",
         "_open_batch",
         "_outbox",
         "_outbox_reader",
