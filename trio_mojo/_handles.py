@@ -232,19 +232,14 @@ def close_all(handles: Iterable[Handle]) -> None:
 
     The first exception is re-raised after every handle has been closed.
     """
-    first: BaseException | None = None
+    fds: list[int] = []
     for handle in handles:
         # Handle.close(), inlined: the fd path closes one handle per fd.
         fd = handle._fd
         if fd >= 0:
             handle._fd = -1
-            try:
-                os.close(fd)
-            except BaseException as exc:
-                if first is None:
-                    first = exc
-    if first is not None:
-        raise first
+            fds.append(fd)
+    close_fds(fds)
 
 
 _new: Final = object.__new__
