@@ -516,6 +516,30 @@ async def test_broker_end_to_end_through_a_worker(tree: Tree) -> None:
     assert tree.ro.joinpath("file.txt").read_bytes() == ALLOWED
 
 
+async def test_open_worker_sets_the_rate_of_its_broker(tree: Tree) -> None:
+    with pytest.raises(ValueError, match="file_requests_per_second=0 must be > 0"):
+        async with open_worker(
+            "trio_mojo._examples:broker_reader",
+            sandbox=SandboxPolicy.basic(),
+            file_access=FileAccess.read_only(tree.ro),
+            file_requests_per_second=0,
+        ):
+            pytest.fail("the block must not run")  # pragma: no cover
+    async with open_worker(
+        "trio_mojo._examples:broker_reader",
+        sandbox=SandboxPolicy.basic(),
+        file_access=FileAccess.read_only(tree.ro),
+        file_requests_per_second=20.0,
+    ) as worker:
+        assert worker.broker is not None
+        assert worker.broker.requests_per_second == 20.0
+        start = trio.current_time()
+        for _ in range(30):  # 20 at once, then 10 at 20 a second
+            await worker.channel.send(Message(f"r {tree.ro}/file.txt".encode()))
+            assert (await worker.channel.receive()).payload == b"ok " + ALLOWED
+        assert trio.current_time() - start >= 0.45
+
+
 async def test_a_worker_without_file_access_has_no_broker(tree: Tree) -> None:
     async def run() -> None:
         async with open_worker(

@@ -19,7 +19,8 @@ the rules trio_mojo keeps:
   ``trio.lowlevel.checkpoint_if_cancelled``;
 * frames up to 1 KiB of payload copied into one buffer, larger payloads
   sent from the caller's ``bytes`` (no copy), as many as fit in 64 KiB (and
-  253 fds) per ``sendmsg``; ``wait_writable`` only on ``EAGAIN``;
+  128 fds, Mojo's limit per ``sendmsg``, which trio_mojo keeps) per
+  ``sendmsg``; ``wait_writable`` only on ``EAGAIN``;
 * ``recvmsg`` 64 KiB at a time with ``MSG_CMSG_CLOEXEC`` (``wait_readable``
   only when the socket is empty), every complete frame of a read sliced out
   as a ``bytes`` payload;
@@ -45,7 +46,7 @@ import trio
 
 from trio_mojo import Handle, Message
 from trio_mojo._core._message import received_message
-from trio_mojo._core._wire import MessageType
+from trio_mojo._core._wire import MAX_SENDMSG_HANDLES, MessageType
 from trio_mojo._handles import adopt_all
 
 from ._clock import trio_clock
@@ -176,7 +177,7 @@ class _Sender:
         payload = message.payload
         handles = message.handles
         if handles:
-            if len(self._handles) + len(handles) > MAX_BATCH_FDS:
+            if len(self._handles) + len(handles) > MAX_SENDMSG_HANDLES:
                 await self.flush()
             self._handles.extend(handles)
         header = FRAME.pack(len(payload), len(handles), FRAME_TYPE)

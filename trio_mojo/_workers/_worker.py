@@ -87,6 +87,7 @@ from trio_mojo._sandbox._verify import verify_report
 
 from ._broker import (
     BROKER_SWITCH,
+    DEFAULT_REQUESTS_PER_SECOND,
     MAX_REQUEST_SIZE,
     FileAccess,
     FileBroker,
@@ -359,6 +360,7 @@ async def open_worker(
     sandbox: SandboxPolicy | None = None,
     zygote: Zygote | None = None,
     file_access: Sequence[FileAccess] | FileAccess = (),
+    file_requests_per_second: float = DEFAULT_REQUESTS_PER_SECOND,
     python: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
@@ -398,6 +400,9 @@ async def open_worker(
             refused).
         file_access: :class:`FileAccess` rules for the file broker; the
             worker opens files with ``await current_broker().open(path)``.
+        file_requests_per_second: the most file requests the broker serves
+            this worker a second (default 200; a worker that asks faster
+            waits its turn).
         python: the interpreter (default :data:`sys.executable`).  It runs
             ``python -I -m trio_mojo._workers._bootstrap ...`` and, once
             per interpreter, ``python -I <trio_mojo>/_workers/_importable.py
@@ -443,7 +448,8 @@ async def open_worker(
             ``/proc`` show it missing; the worker is then killed).
         WorkerError: the worker failed to start, exited with a non-zero
             status, or its report was malformed.
-        ValueError: a read-write ``file_access`` rule with a policy whose
+        ValueError: ``file_requests_per_second`` is not positive, a
+            read-write ``file_access`` rule with a policy whose
             ``max_file_size`` is 0 (``strict()``), ``python`` or ``env``
             with a ``zygote``, ``stdout`` with ``forward_output``, or a
             ``stdout`` that is not ``subprocess.DEVNULL`` or an fd >= 3
@@ -477,7 +483,15 @@ async def open_worker(
             "starting worker %s with SandboxPolicy.none(): it runs unsandboxed", spec
         )
     rules = sequence_of_rules(file_access)
-    broker = FileBroker(rules) if rules else None
+    if not file_requests_per_second > 0:
+        raise ValueError(
+            f"file_requests_per_second={file_requests_per_second!r} must be > 0"
+        )
+    broker = (
+        FileBroker(rules, requests_per_second=file_requests_per_second)
+        if rules
+        else None
+    )
     if policy.max_file_size == 0 and any(rule.writable for rule in rules):
         raise ValueError(
             f"a read-write FileAccess rule, but the {policy.name!r} sandbox policy sets "
