@@ -414,6 +414,7 @@ async def _until_no_more_fds_than(baseline: set[int]) -> None:
 async def test_an_open_that_hangs_never_holds_up_the_broker_s_end(tree: Tree) -> None:
     """A dead network file system: the open never returns while we wait."""
     gate = threading.Event()
+    opened = threading.Event()  # the hung open has returned its fd
     entered = trio.Event()
     token = trio.lowlevel.current_trio_token()
 
@@ -421,7 +422,10 @@ async def test_an_open_that_hangs_never_holds_up_the_broker_s_end(tree: Tree) ->
         def open(self, path: bytes, mode: str) -> int:
             trio.from_thread.run_sync(entered.set, trio_token=token)
             gate.wait(30)
-            return super().open(path, mode)
+            try:
+                return super().open(path, mode)
+            finally:
+                opened.set()
 
     baseline = open_fds()
     broker = HungBroker(tree.broker().rules)
@@ -432,6 +436,11 @@ async def test_an_open_that_hangs_never_holds_up_the_broker_s_end(tree: Tree) ->
             nursery.cancel_scope.cancel()
     assert broker.served == 0
     gate.set()
+    # Only once the open has returned is its fd there to be closed (waiting
+    # for the fds alone could end before the thread even opened the file).
+    with trio.fail_after(10):
+        while not opened.is_set():  # noqa: ASYNC110
+            await trio.sleep(0.01)
     await _until_no_more_fds_than(baseline)
 
 

@@ -22,6 +22,7 @@ import trio.testing
 from _helpers import RawPeer, WatchedPipe, raw_pair, watched_pipe
 
 from trio_mojo import (
+    DEFAULT_MAX_MESSAGE_SIZE,
     ChannelError,
     DisconnectedError,
     Framing,
@@ -184,16 +185,22 @@ async def test_huge_declared_size_fails_before_any_allocation(
     assert peak < 4 * 1024 * 1024
 
 
-async def test_declared_size_below_the_limit_is_not_preallocated() -> None:
-    # A header announcing 200 MiB (allowed) followed by a trickle: the
-    # channel buffers only what arrived, then the peer vanishes mid-message.
+@pytest.mark.parametrize(
+    ("declared", "sent"), [(200 << 20, 1000), (DEFAULT_MAX_MESSAGE_SIZE, 1)]
+)
+async def test_declared_size_below_the_limit_is_not_preallocated(
+    declared: int, sent: int
+) -> None:
+    # A header announcing 200 MiB or the largest size allowed, followed by
+    # a trickle: the channel buffers only what arrived, then the peer
+    # vanishes mid-message.
     with raw_pair() as (endpoint, peer):
         tracemalloc.start()
         try:
             async with open_channel(endpoint) as channel:
-                await peer.send(header(200 << 20, 16, 1) + b"x" * 1000)
+                await peer.send(header(declared, 16, 1) + b"x" * sent)
                 await trio.testing.wait_all_tasks_blocked()
-                assert channel.statistics().read_buffer_bytes == 1016
+                assert channel.statistics().read_buffer_bytes == 16 + sent
                 peer.sock.shutdown(socket.SHUT_WR)
                 with pytest.raises(DisconnectedError, match="end of stream inside"):
                     await channel.receive()
