@@ -376,19 +376,45 @@ async def test_a_cancelled_request_does_not_shift_the_replies(tree: Tree) -> Non
             assert os.read(handle.fileno(), 100) == ALLOWED
 
 
-async def test_cancelling_the_broker_mid_open_leaks_nothing(tree: Tree) -> None:
-    gate = threading.Event()
-    entered = trio.Event()
-    token = trio.lowlevel.current_trio_token()
+class GatedBroker(FileBroker):
+    """A broker whose opens wait in their thread until released: a slow or
+    dead file system.  ``entered`` is set once an open waits."""
 
-    class SlowBroker(FileBroker):
-        def open(self, path: bytes, mode: str) -> int:
-            trio.from_thread.run_sync(entered.set, trio_token=token)
-            gate.wait(10)
+    def __init__(self, tree: Tree, hold_for: float) -> None:
+        super().__init__(tree.broker().rules)
+        self.entered = trio.Event()
+        self._token = trio.lowlevel.current_trio_token()
+        self._gate = threading.Event()
+        self._opened = threading.Event()  # the held open has returned
+        self._hold_for = hold_for
+
+    def open(self, path: bytes, mode: str) -> int:
+        trio.from_thread.run_sync(self.entered.set, trio_token=self._token)
+        self._gate.wait(self._hold_for)
+        try:
             return super().open(path, mode)
+        finally:
+            self._opened.set()
 
+    async def release(self, baseline: set[int]) -> None:
+        """Let the held open finish, then wait until its fd is closed.
+
+        The fd is closed by a thread Trio no longer follows: nothing to wait
+        on but the fds.  Only once the open has returned is its fd there to
+        be closed (waiting for the fds alone could end before the thread
+        even opened the file).
+        """
+        self._gate.set()
+        with trio.fail_after(10):
+            while not self._opened.is_set():  # noqa: ASYNC110
+                await trio.sleep(0.01)
+            while open_fds() - baseline:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+
+
+async def test_cancelling_the_broker_mid_open_leaks_nothing(tree: Tree) -> None:
     baseline = open_fds()
-    broker = SlowBroker(tree.broker().rules)
+    broker = GatedBroker(tree, hold_for=10)
     server_end, client_end = channel_pair()
     async with open_channel(server_end) as server, open_channel(client_end) as client:
         with trio.CancelScope() as scope:
@@ -397,51 +423,23 @@ async def test_cancelling_the_broker_mid_open_leaks_nothing(tree: Tree) -> None:
                 await client.send(
                     Message(_broker.encode_request(tree.ro / "file.txt", "r"))
                 )
-                await entered.wait()
+                await broker.entered.wait()
                 scope.cancel()  # the open is abandoned, its thread still waits
         assert broker.served == 0
-    gate.set()  # the open finishes in its thread, which closes the fd
-    await _until_no_more_fds_than(baseline)
-
-
-async def _until_no_more_fds_than(baseline: set[int]) -> None:
-    # The fd is closed by a thread Trio no longer follows: nothing to wait on.
-    with trio.fail_after(10):
-        while open_fds() - baseline:  # noqa: ASYNC110
-            await trio.sleep(0.01)
+    await broker.release(baseline)  # the open finishes; its thread closes the fd
 
 
 async def test_an_open_that_hangs_never_holds_up_the_broker_s_end(tree: Tree) -> None:
     """A dead network file system: the open never returns while we wait."""
-    gate = threading.Event()
-    opened = threading.Event()  # the hung open has returned its fd
-    entered = trio.Event()
-    token = trio.lowlevel.current_trio_token()
-
-    class HungBroker(FileBroker):
-        def open(self, path: bytes, mode: str) -> int:
-            trio.from_thread.run_sync(entered.set, trio_token=token)
-            gate.wait(30)
-            try:
-                return super().open(path, mode)
-            finally:
-                opened.set()
-
     baseline = open_fds()
-    broker = HungBroker(tree.broker().rules)
+    broker = GatedBroker(tree, hold_for=30)
     with trio.fail_after(5):  # not the 30 s the open hangs
         async with _serving(broker) as (client, _, nursery):
             nursery.start_soon(client.open, tree.ro / "file.txt")
-            await entered.wait()
+            await broker.entered.wait()
             nursery.cancel_scope.cancel()
     assert broker.served == 0
-    gate.set()
-    # Only once the open has returned is its fd there to be closed (waiting
-    # for the fds alone could end before the thread even opened the file).
-    with trio.fail_after(10):
-        while not opened.is_set():  # noqa: ASYNC110
-            await trio.sleep(0.01)
-    await _until_no_more_fds_than(baseline)
+    await broker.release(baseline)
 
 
 async def test_the_broker_never_waits_for_trio_s_shared_thread_limiter(

@@ -123,13 +123,17 @@ def _header(message: Message, framing: Framing, num_handles: int) -> bytes:
     """The header of ``message`` with ``num_handles`` fds; raises ValueError
     as ``encode_header``.
 
-    The general case: :meth:`OutgoingMessage.encode` and
-    :meth:`~OutgoingMessage.append` pack a ``NORMAL`` header in
-    ``Framing.MOJO`` themselves, without ``encode_header``'s argument checks
-    and its ``MessageType()`` call.
+    A ``NORMAL`` header in ``Framing.MOJO`` (the common case) is packed
+    here, without ``encode_header``'s argument checks and its
+    ``MessageType()`` call.
     """
+    size = len(message.payload)
+    if framing is _MOJO and message.type is _NORMAL and size <= _FAST_MAX_PAYLOAD:
+        return _NORMAL_HEADER.pack(
+            HEADER_SIZE + size, HEADER_SIZE, _NORMAL, num_handles
+        )
     return encode_header(
-        len(message.payload),
+        size,
         num_handles=num_handles,
         type=message.type,
         framing=framing,
@@ -192,18 +196,11 @@ class OutgoingMessage:
             raise ValueError(
                 f"a message carries at most {MAX_ATTACHED_HANDLES} handles, not {count}"
             )
+        header = _header(message, framing, count)
         payload = message.payload
-        size = len(payload)
-        if framing is _MOJO and message.type is _NORMAL and size <= _FAST_MAX_PAYLOAD:
-            # The common case (the caller checked the handle count).
-            header = _NORMAL_HEADER.pack(
-                HEADER_SIZE + size, HEADER_SIZE, _NORMAL, count
-            )
-        else:
-            header = _header(message, framing, count)
         if fds is None:
             fds = take_all(message.handles) if count else ()
-        if size <= INLINE_PAYLOAD:
+        if len(payload) <= INLINE_PAYLOAD:
             return cls(header + payload, b"", fds)
         return cls(header, payload, fds)
 
@@ -238,12 +235,7 @@ class OutgoingMessage:
             or (count and len(self.fds) + count > MAX_SENDMSG_HANDLES)
         ):
             return False
-        if framing is _MOJO and message.type is _NORMAL:
-            header = _NORMAL_HEADER.pack(
-                HEADER_SIZE + size, HEADER_SIZE, _NORMAL, count
-            )
-        else:
-            header = _header(message, framing, count)
+        header = _header(message, framing, count)
         if count:
             taken = take_all(message.handles) if fds is None else fds
             batch = self.fds
