@@ -461,8 +461,9 @@ async def test_internal_bug_in_the_reader_is_one_chained_exception(
                 raise ZeroDivisionError("decoder bug")
 
             # (The reader task feeds receive_data; a receive() that reads on
-            # its own task feeds receive_batch.)
+            # its own task feeds receive_plain, then receive_batch.)
             monkeypatch.setattr(channel._decoder, "receive_data", broken)
+            monkeypatch.setattr(channel._decoder, "receive_plain", broken)
             monkeypatch.setattr(channel._decoder, "receive_batch", broken)
             await peer.send(encode_message(b"boom"))
             with pytest.raises(ChannelError, match="reading failed") as info:

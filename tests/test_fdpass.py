@@ -78,8 +78,21 @@ def _send_one_buffer(sock: socket.socket, data: bytes) -> int | None:
     return _fdpass.send(sock, [data], [])
 
 
-# send() with one buffer and no fds, and send_bytes(), behave the same.
-SENDERS = pytest.mark.parametrize("send", [_send_one_buffer, _fdpass.send_bytes])
+def _send_inline(sock: socket.socket, data: bytes) -> int | None:
+    """What the channel's inline write does: ``send`` with SEND_FLAGS, a
+    failure through send_failure."""
+    try:
+        return sock.send(data, _fdpass.SEND_FLAGS)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        failure = _fdpass.send_failure(exc)  # (chains exc as the cause)
+    raise failure
+
+
+# send() with one buffer and no fds, and the channel's inline send, behave
+# the same.
+SENDERS = pytest.mark.parametrize("send", [_send_one_buffer, _send_inline])
 
 
 @SENDERS

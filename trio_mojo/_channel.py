@@ -144,6 +144,10 @@ _MAX_RECV_SIZE: Final = MAX_BATCH_READ_SIZE
 """Most bytes asked of one ``recvmsg`` for the rest of a large message
 (the decoder's ``read_size``: never more than already arrived of it, and
 never past the fairness cap in one call)."""
+_RECV_CONTROL_SIZE: Final = _fdpass.RECV_CONTROL_SIZE
+_RECV_FLAGS: Final = _fdpass.RECV_FLAGS
+_MSG_CTRUNC: Final = _fdpass.MSG_CTRUNC
+_SEND_FLAGS: Final = _fdpass.SEND_FLAGS
 _LEND_IDLE: Final = 0.005
 """Seconds the read side stays lent while nobody borrows it."""
 _NORMAL: Final = MessageType.NORMAL
@@ -453,6 +457,35 @@ class Channel(trio.abc.Channel[Message]):
                 :class:`MalformedMessageError`), cause chained.
         """
         await _checkpoint_if_cancelled()
+        if (
+            message.__class__ is Message
+            and not (self._corked or self._pending or self._refusing)
+            and message.type is _NORMAL
+            and not message.handles
+        ):
+            payload = message.payload
+            size = HEADER_SIZE + len(payload)
+            if size <= self._plain_max_size:
+                # The request/response path: a plain message without fds,
+                # nothing queued, not corked (see below).  One buffer, one
+                # send on the caller's task, no planning (what _write_now
+                # does, inlined).
+                self._corked = True
+                frame = plain_frame(payload)
+                try:
+                    sent = self._sock.send(frame, _SEND_FLAGS)
+                except BaseException as exc:
+                    sent = self._inline_write_failed(exc)
+                if sent == size:
+                    self._messages_sent += 1
+                    self._bytes_sent += sent
+                else:
+                    self._queue_rest(frame, sent)
+                self._send_credit -= 1
+                if not self._send_credit:
+                    self._send_credit = _YIELD_EVERY
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                return
         if message.__class__ is Message and message.type is _NORMAL:
             handles = message.handles
             if handles and (len(handles) > MAX_ATTACHED_HANDLES or self._no_handles):
@@ -506,21 +539,7 @@ class Channel(trio.abc.Channel[Message]):
             # _YIELD_EVERY sends), unless the peer answers first (then the
             # reader uncorks and the next send is again written at once).
             self._corked = True
-            if plain and not fds:
-                # (What _write_now does, for one buffer and no planning.)
-                frame = plain_frame(message.payload)
-                try:
-                    sent = _fdpass.send_bytes(self._sock, frame)
-                except BaseException as exc:
-                    self._fail_writes(exc)
-                else:
-                    if sent == len(frame):
-                        self._messages_sent += 1
-                        self._bytes_sent += sent
-                    else:
-                        self._queue_rest(frame, sent)
-            else:
-                self._write_now(OutgoingMessage.encode(message, self.framing, fds))
+            self._write_now(OutgoingMessage.encode(message, self.framing, fds))
             if self._write_error is not None:
                 self._raise_write_error()
         else:
@@ -777,6 +796,14 @@ class Channel(trio.abc.Channel[Message]):
         self._pending_bytes += size
         self._pending_handles += len(fds)
         self._open_batch = None if entry.tail else entry
+
+    def _inline_write_failed(self, exc: BaseException) -> int:
+        """An inline ``send`` raised ``exc``: 0 (nothing sent) if the socket
+        was full; otherwise fail writing and raise the error."""
+        if isinstance(exc, BlockingIOError):
+            return 0
+        self._fail_writes(_fdpass.send_failure(exc))
+        self._raise_write_error()
 
     def _queue_rest(self, frame: bytes, sent: int | None) -> None:
         """Queue what the kernel did not take of an inline write of ``frame``."""
@@ -1200,22 +1227,58 @@ class Channel(trio.abc.Channel[Message]):
         None once the read side went back to the reader task, or the
         channel was closed.  ``checkpointed``: this ``receive()`` call has
         already been through a checkpoint.
+
+        The request/response path: a read that brings exactly one plain
+        message without fds while the decoder holds nothing costs one
+        ``recvmsg`` and one call of the decoder (``receive_plain``);
+        anything else goes through :meth:`_read_lent` with every check.
         """
         self._borrowed = True
         self._borrows += 1
+        sock = self._sock
         message: Message | None = None
         failure: BaseException | None = None
         try:
             while True:
                 if self._wait_first:
-                    await trio.lowlevel.wait_readable(self._sock)
+                    await trio.lowlevel.wait_readable(sock)
                     self._corked = False  # the peer answered: a new burst
                     self._receive_credit = _YIELD_EVERY
                 elif not checkpointed:
                     await _checkpoint_if_cancelled()
                 checkpointed = True
+                # (_fdpass.receive, inlined.)
                 try:
-                    message = self._read_lent()
+                    data, ancdata, flags, _ = sock.recvmsg(
+                        _RECV_SIZE, _RECV_CONTROL_SIZE, _RECV_FLAGS
+                    )
+                except BlockingIOError:
+                    self._wait_first = True
+                    continue  # the socket was empty: wait for it
+                except Exception as exc:
+                    failure = _fdpass.receive_failure(exc)
+                    break
+                try:
+                    if ancdata or flags & _MSG_CTRUNC or not data:  # fds, EOF
+                        self._arrived(
+                            data,
+                            _fdpass.received_handles(
+                                ancdata,
+                                flags,
+                                fail_on_truncation=self._fail_on_truncation,
+                                reopen=self._reopen_pipes,
+                            ),
+                            _RECV_SIZE,
+                        )
+                    else:
+                        size = len(data)
+                        self._bytes_received += size
+                        self._wait_first = size < _RECV_SIZE
+                        message = self._decoder.receive_plain(data)
+                        if message is not None:
+                            self._messages_received += 1
+                            break
+                    message = self._read_lent(data)
                 except Exception as exc:
                     failure = exc
                     break
@@ -1243,31 +1306,16 @@ class Channel(trio.abc.Channel[Message]):
         self._took(message)
         return message
 
-    def _read_lent(self) -> Message | None:
-        """One read by a borrower: the message it returns, or None.
+    def _read_lent(self, data: bytes) -> Message | None:
+        """What a borrower's read brought, ``data``: the message it returns, or None.
 
-        None with the socket still lent: the socket was empty (wait and
-        read again).  None after handing the socket back: the read brought
+        (Counted already, its fds and an end of stream given to the
+        decoder.)  None after handing the socket back: the read brought
         anything but complete plain messages (the inbox got what it
         brought).  With the socket still lent, the messages beyond the
         first go into the inbox and wake that many parked receivers.
-        Raises what reading or the decoder raises.
+        Raises what the decoder raises.
         """
-        received = _fdpass.receive(
-            self._sock,
-            _RECV_SIZE,
-            fail_on_truncation=self._fail_on_truncation,
-            reopen=self._reopen_pipes,
-        )
-        if received is None:
-            self._wait_first = True
-            return None  # the socket was empty: wait for it
-        data, handles = received
-        if handles or not data:
-            self._arrived(data, handles, _RECV_SIZE)
-        else:
-            self._bytes_received += len(data)
-            self._wait_first = len(data) < _RECV_SIZE
         keep = 1  # the message this borrower takes wakes nobody else
         if data:
             # (A borrower reads only while the inbox is empty: all of it is room.)

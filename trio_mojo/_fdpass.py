@@ -56,11 +56,16 @@ from ._handles import Handle, adopt_all, close_all
 __all__ = [
     "FDS_IN_FLIGHT",
     "IN_FLIGHT_DELAYS",
+    "MSG_CTRUNC",
     "RECV_CONTROL_SIZE",
+    "RECV_FLAGS",
     "receive",
+    "receive_failure",
+    "received_handles",
     "reopen_pipes",
+    "SEND_FLAGS",
     "send",
-    "send_bytes",
+    "send_failure",
 ]
 
 RECV_CONTROL_SIZE: Final = socket.CMSG_SPACE(
@@ -68,9 +73,12 @@ RECV_CONTROL_SIZE: Final = socket.CMSG_SPACE(
 )
 # Plain ints: ``flags & socket.MSG_CTRUNC`` with the IntFlag member runs
 # enum's Python-level __rand__ and builds a new flag (~1 us per recvmsg).
-_SEND_FLAGS: Final = int(socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
-_RECV_FLAGS: Final = int(socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
-_MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)
+SEND_FLAGS: Final = int(socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
+"""The flags of every ``send`` and ``sendmsg``."""
+RECV_FLAGS: Final = int(socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+"""The flags of every ``recvmsg``."""
+MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)
+"""``recvmsg``'s flag for truncated control data (the fds that did not fit)."""
 _CLOSED_ERRNOS: Final = frozenset((errno.EBADF, errno.ENOTSOCK))
 _DISCONNECT_ERRNOS: Final = frozenset((errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN))
 
@@ -111,8 +119,8 @@ def send(
     try:
         if fds:
             rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-            return sock.sendmsg(buffers, rights, _SEND_FLAGS)
-        return sock.sendmsg(buffers, (), _SEND_FLAGS)
+            return sock.sendmsg(buffers, rights, SEND_FLAGS)
+        return sock.sendmsg(buffers, (), SEND_FLAGS)
     except BlockingIOError:
         return None
     except OSError as exc:
@@ -147,18 +155,19 @@ def reopen_pipes(handles: list[Handle]) -> None:
                 continue
 
 
-def send_bytes(sock: socket.socket, data: bytes) -> int | None:
-    """:func:`send` of one buffer without fds (a plain ``send``, which is cheaper).
+def send_failure(exc: BaseException) -> BaseException:
+    """What a ``send`` that raised ``exc`` raises: an
+    ``OSError`` translated (see above, the ``OSError`` chained), anything
+    else as it is.
 
-    Raises:
-        DisconnectedError, ChannelError, trio.ClosedResourceError: see above.
+    (For a caller that calls ``send`` itself, with :data:`SEND_FLAGS`, to
+    save a call: the channel's inline write of one buffer.)
     """
-    try:
-        return sock.send(data, _SEND_FLAGS)
-    except BlockingIOError:
-        return None
-    except OSError as exc:
-        raise _translate(exc, "send") from exc
+    if not isinstance(exc, OSError):
+        return exc
+    error = _translate(exc, "send")
+    error.__cause__ = exc
+    return error
 
 
 def receive(
@@ -182,17 +191,43 @@ def receive(
         DisconnectedError, ChannelError, trio.ClosedResourceError: see above.
     """
     try:
-        data, ancdata, flags, _ = sock.recvmsg(size, RECV_CONTROL_SIZE, _RECV_FLAGS)
+        data, ancdata, flags, _ = sock.recvmsg(size, RECV_CONTROL_SIZE, RECV_FLAGS)
     except BlockingIOError:
         return None
     except OSError as exc:
-        raise _translate(exc, "recvmsg") from exc
-    if not ancdata:
-        if flags & _MSG_CTRUNC and fail_on_truncation:
-            raise MalformedMessageError(
-                "control data truncated (MSG_CTRUNC): file descriptors were lost"
-            )
+        raise receive_failure(exc) from exc
+    if not ancdata and not flags & MSG_CTRUNC:
         return data, []
+    return data, received_handles(
+        ancdata, flags, fail_on_truncation=fail_on_truncation, reopen=reopen
+    )
+
+
+def receive_failure(exc: Exception) -> Exception:
+    """What a ``recvmsg`` that raised ``exc`` raises: an ``OSError``
+    translated (see above, the ``OSError`` chained), anything else as it is.
+
+    (For a caller that calls ``recvmsg`` itself, with :data:`RECV_FLAGS`
+    and :data:`RECV_CONTROL_SIZE`, to save :func:`receive`'s call.)
+    """
+    if not isinstance(exc, OSError):
+        return exc
+    error = _translate(exc, "recvmsg")
+    error.__cause__ = exc
+    return error
+
+
+def received_handles(
+    ancdata: list[tuple[int, int, bytes]],
+    flags: int,
+    *,
+    fail_on_truncation: bool = True,
+    reopen: bool = False,
+) -> list[Handle]:
+    """The fds of one ``recvmsg``'s control data and flags, each in a Handle.
+
+    What :func:`receive` does with them (see there; it raises the same).
+    """
     handles: list[Handle] = []
     foreign: list[tuple[int, int]] = []
     for level, kind, payload in ancdata:
@@ -207,8 +242,12 @@ def receive(
         raise MalformedMessageError(
             f"unexpected control message(s) (level, type): {foreign}"
         )
-    if flags & _MSG_CTRUNC and fail_on_truncation:
+    if flags & MSG_CTRUNC and fail_on_truncation:
         close_all(handles)
+        if not ancdata:
+            raise MalformedMessageError(
+                "control data truncated (MSG_CTRUNC): file descriptors were lost"
+            )
         raise MalformedMessageError(
             f"control data truncated (MSG_CTRUNC): {len(handles)} file descriptor(s) "
             f"arrived, more were sent than the {MAX_SENDMSG_HANDLES} a sendmsg may carry "
@@ -225,4 +264,4 @@ def receive(
                     "cannot be reopened (ENXIO)"
                 ) from exc
             raise ChannelError(f"reopening a received pipe failed: {exc}") from exc
-    return data, handles
+    return handles

@@ -470,26 +470,6 @@ class MessageDecoder:
             and not self._ipcz
         ):
             # Nothing buffered: parse ``data`` itself (the common case).
-            if (
-                len(data) >= HEADER_SIZE
-                and max_messages > 0
-                and max_bytes >= 0
-                and not self._handles
-            ):
-                num_bytes, tag, num_handles = _unpack_plain(data)
-                if (
-                    num_bytes == len(data)
-                    and tag == _PLAIN_TAG
-                    and not num_handles
-                    and num_bytes <= self.max_message_size
-                ):
-                    # Exactly one plain message without fds (request/response):
-                    # the loop below, unrolled.  The buffer stays empty.
-                    message = _new(Message)
-                    _set_payload(message, data[HEADER_SIZE:])
-                    _set_handles(message, ())
-                    _set_type(message, _NORMAL)
-                    return [message], num_bytes - HEADER_SIZE, 0, True
             buf = self._buf = data
             pos = 0
             messages: list[Message] = []
@@ -580,6 +560,43 @@ class MessageDecoder:
             queue_limit is None or len(self._handles) <= queue_limit
         )
         return messages, payload_bytes, handles_taken, drained
+
+    def receive_plain(self, data: bytes) -> Message | None:
+        """``data`` as one message, if it is exactly one plain message without fds.
+
+        The request/response case in one call, before :meth:`receive_batch`:
+        when the decoder holds nothing (no bytes, no fds, no message in
+        progress, no end of stream, no failure) and ``data`` is exactly one
+        plain message (see :meth:`next_batch`) that declares no fds,
+        returns that message, and the decoder still holds nothing.
+        Otherwise returns None and changes nothing: then feed ``data`` as
+        usual, with every check.  Never raises.
+        """
+        if (
+            len(data) >= HEADER_SIZE
+            and self._pos >= len(self._buf)
+            and not self._handles
+            and not self._need
+            and self._complete is None
+            and self._failure is None
+            and not self._eof
+            and not self._ipcz
+            and data.__class__ is bytes
+        ):
+            num_bytes, tag, num_handles = _unpack_plain(data)
+            if (
+                num_bytes == len(data)
+                and tag == _PLAIN_TAG
+                and not num_handles
+                and num_bytes <= self.max_message_size
+            ):
+                # received_message(), inlined: this runs once per message.
+                message = _new(Message)
+                _set_payload(message, data[HEADER_SIZE:])
+                _set_handles(message, ())
+                _set_type(message, _NORMAL)
+                return message
+        return None
 
     def _may_carry(self, num_handles: int) -> bool:
         """True if a header may declare ``num_handles`` (> 0) fds here."""
