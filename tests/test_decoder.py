@@ -1195,7 +1195,8 @@ def outcome(
 
     ``mode``: ``"message"`` drains with next_message, ``"batch"`` with
     next_batch wherever it applies, ``"fed"`` also feeds each chunk through
-    receive_batch.
+    receive_batch, ``"plain"`` offers each chunk to receive_plain first
+    (as a borrowing receive() does).
     """
     seen: list[object] = []
 
@@ -1216,7 +1217,11 @@ def outcome(
         for data, count in feeds:
             decoder.receive_handles(fds.make(count))
             fed: list[Message] = []
-            if mode == "fed":
+            plain = decoder.receive_plain(data) if mode == "plain" else None
+            if plain is not None:
+                fed = [plain]
+                assert not plain.handles
+            elif mode in ("fed", "plain"):
                 fed, payload_bytes, handles, _ = decoder.receive_batch(data, 3, 50)
                 assert payload_bytes == sum(len(m.payload) for m in fed)
                 assert handles == sum(len(m.handles) for m in fed)
@@ -1263,7 +1268,7 @@ def test_next_batch_reports_exactly_what_next_message_would(
         for i, (lo, hi) in enumerate(itertools.pairwise(points))
     ]
     results = []
-    for mode in ("message", "batch", "fed"):
+    for mode in ("message", "batch", "fed", "plain"):
         with FdFactory() as fds:
             decoder = MessageDecoder(
                 max_message_size=200,
@@ -1273,7 +1278,7 @@ def test_next_batch_reports_exactly_what_next_message_would(
             )
             results.append(outcome(decoder, feeds, fds, eof, mode))
             decoder.close()
-    assert results[0] == results[1] == results[2]
+    assert results[0] == results[1] == results[2] == results[3]
 
 
 def test_next_batch_takes_many_plain_messages_at_once(fds: FdFactory) -> None:
@@ -1480,3 +1485,106 @@ def test_receive_batch_is_receive_data_then_next_batch() -> None:
         failed.next_message()  # (next_batch leaves the bad header to it)
     with pytest.raises(MalformedMessageError, match="failed earlier"):
         failed.receive_batch(b"more", 10, 1 << 20)
+
+
+# receive_plain(): one plain message without fds, or nothing changes
+
+
+def test_receive_plain_takes_exactly_one_plain_message() -> None:
+    decoder = MessageDecoder()
+    for payload in (b"", b"ping", b"x" * 5000):
+        message = decoder.receive_plain(encode_message(payload))
+        assert message is not None
+        assert message.__class__ is Message
+        assert (message.payload, message.handles, message.type) == (
+            payload,
+            (),
+            MessageType.NORMAL,
+        )
+        assert decoder.buffered_bytes == 0
+    assert decoder.next_message() is NEED_DATA
+
+
+def _plain_refused(decoder: MessageDecoder, data: bytes | bytearray) -> None:
+    """receive_plain(data) returns None and the decoder reports what it
+    would have reported without the call."""
+    before = decoder.buffered_bytes, decoder.queued_handles, decoder.failed
+    assert decoder.receive_plain(data) is None  # type: ignore[arg-type]
+    assert (decoder.buffered_bytes, decoder.queued_handles, decoder.failed) == before
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        encode_message(b"ab")[:15],  # shorter than a header
+        encode_message(b"ab")[:-1],  # a message still arriving
+        encode_message(b"ab") + encode_message(b"cd"),  # two messages
+        encode_message(b"ab") + b"\x01",  # and the first byte of another
+        encode_message(b"ab", num_handles=1),  # declares an fd
+        encode_message(b"ab", type=MessageType.NORMAL_LEGACY),  # 8-byte header
+        encode_message(b"", type=MessageType.UPGRADE_OFFER),  # control
+        normal(b"ab", header_bytes=24),  # a longer header
+        normal(b"x" * 300),  # over max_message_size
+        normal(b"ab", num_bytes=12),  # num_bytes below the header
+    ],
+    ids=[
+        "short",
+        "partial",
+        "two",
+        "one-and-a-byte",
+        "handles",
+        "legacy",
+        "control",
+        "long-header",
+        "oversized",
+        "undersized",
+    ],
+)
+def test_receive_plain_leaves_anything_else_to_the_full_parse(data: bytes) -> None:
+    decoder = MessageDecoder(max_message_size=200)
+    _plain_refused(decoder, data)
+    _plain_refused(decoder, bytearray(encode_message(b"ab")))  # not bytes
+    # The full parse still sees all of it, and says what it always said.
+    fresh = MessageDecoder(max_message_size=200)
+    for d in (decoder, fresh):
+        d.receive_data(data)
+    try:
+        expected: object = drain(fresh)
+    except ChannelError as exc:
+        expected = type(exc)
+    try:
+        got: object = drain(decoder)
+    except ChannelError as exc:
+        got = type(exc)
+    assert repr(got) == repr(expected)
+
+
+def test_receive_plain_does_nothing_in_states_the_full_parse_owns(
+    fds: FdFactory,
+) -> None:
+    one = encode_message(b"next")
+    buffered = MessageDecoder()
+    buffered.receive_data(encode_message(b"ab")[:5])  # a header arriving
+    _plain_refused(buffered, one)
+    with_fds = MessageDecoder()
+    with_fds.receive_handles(fds.make(1))  # an fd ahead of its message
+    _plain_refused(with_fds, one)
+    collecting = MessageDecoder()
+    collecting.receive_data(encode_message(b"b" * 100)[:50])
+    assert collecting.next_message() is NEED_DATA  # now collecting the rest
+    _plain_refused(collecting, one)
+    waiting = MessageDecoder(strict_handles=False)
+    waiting.receive_data(encode_message(b"w" * 100, num_handles=1))
+    assert waiting.next_message() is NEED_DATA  # complete, waiting for its fd
+    _plain_refused(waiting, one)
+    ended = MessageDecoder()
+    ended.receive_eof()
+    _plain_refused(ended, one)
+    failed = MessageDecoder()
+    failed.receive_data(normal(mtype=9))
+    with pytest.raises(MalformedMessageError):
+        failed.next_message()
+    _plain_refused(failed, one)
+    ipcz = MessageDecoder(framing=Framing.IPCZ)
+    _plain_refused(ipcz, one)
+    assert ipcz.next_message() is NEED_DATA

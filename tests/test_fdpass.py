@@ -376,3 +376,13 @@ def test_send_reports_fds_in_flight_past_the_senders_limit() -> None:
         left.close()
         right.close()  # discards what is still in flight
         os.close(devnull)
+
+
+def test_failures_that_are_not_os_errors_pass_through() -> None:
+    # (What the channel does with them: records or raises them as they are.)
+    bug = ZeroDivisionError("a bug")
+    assert _fdpass.send_failure(bug) is bug
+    assert _fdpass.receive_failure(bug) is bug
+    reset = _fdpass.receive_failure(ConnectionResetError(104, "reset"))
+    assert isinstance(reset, DisconnectedError)
+    assert isinstance(reset.__cause__, ConnectionResetError)

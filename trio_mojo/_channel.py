@@ -800,10 +800,10 @@ class Channel(trio.abc.Channel[Message]):
     def _inline_write_failed(self, exc: BaseException) -> int:
         """An inline ``send`` raised ``exc``: 0 (nothing sent) if the socket
         was full; otherwise fail writing and raise the error."""
-        if isinstance(exc, BlockingIOError):
-            return 0
-        self._fail_writes(_fdpass.send_failure(exc))
-        self._raise_write_error()
+        if not isinstance(exc, BlockingIOError):
+            self._fail_writes(_fdpass.send_failure(exc))
+            self._raise_write_error()
+        return 0
 
     def _queue_rest(self, frame: bytes, sent: int | None) -> None:
         """Queue what the kernel did not take of an inline write of ``frame``."""

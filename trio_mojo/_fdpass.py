@@ -59,11 +59,11 @@ __all__ = [
     "MSG_CTRUNC",
     "RECV_CONTROL_SIZE",
     "RECV_FLAGS",
+    "SEND_FLAGS",
     "receive",
     "receive_failure",
     "received_handles",
     "reopen_pipes",
-    "SEND_FLAGS",
     "send",
     "send_failure",
 ]
