@@ -37,7 +37,9 @@ scheduler pass only in the next one.  So when ``receive()`` finds the
 queue empty and the reader idles in ``wait_readable``, the receiver takes
 the read side over: it cancels the reader's wait (its epoll registration is
 dropped at once) and waits, reads and parses on its own task, one task step
-per message.  The reader, meanwhile "lent", sleeps.  Only one receiver (the
+per message (and when a read is exactly one plain message without fds,
+as a request or a reply is, one ``recvmsg`` and one call of the decoder).
+The reader, meanwhile "lent", sleeps.  Only one receiver (the
 *borrower*) reads at a time; other receivers park, and a borrower that
 leaves (with its message, or cancelled while it waited: the bytes stay in
 the kernel, nothing is lost) wakes the next one.  Messages a read brings
@@ -625,14 +627,118 @@ class Channel(trio.abc.Channel[Message]):
                 self._receive_credit = _YIELD_EVERY
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return message
-        if self._lent and not (self._borrowed or self._reads_done or self._aborted):
-            # The read side is lent to receivers and free: borrow it (the
-            # request/response path: one coroutine less than below).
-            borrowed = await self._borrow(False)
-            if borrowed is not None:
-                return borrowed
-            return await self._receive_waiting(True)
-        return await self._receive_waiting(False)
+        # The queue is empty: borrow the read side (see the module
+        # docstring) if it is lent or the reader idles, or wait to be woken.
+        # A borrower waits and reads on its own task until a read brings it
+        # a message, or brings anything but complete plain messages: then
+        # the read side goes back to the reader task (_hand_back) and this
+        # receiver waits like any other.  Cancelled while it waits, it
+        # leaves everything as it was: the bytes stay in the kernel.
+        # Waiting on the socket is this call's checkpoint; every path that
+        # does not wait first checks for cancellation before it changes
+        # anything.  (All in this one coroutine: on the request/response
+        # path each further coroutine call costs more than a read's parse.)
+        checkpointed = False  # this call has been through a checkpoint
+        while True:
+            if (self._lent or self._reader_idle_scope is not None) and not (
+                self._borrowed or inbox or self._reads_done or self._aborted
+            ):
+                scope = self._reader_idle_scope
+                if scope is not None:
+                    # The reader waits for data that we are waiting for:
+                    # take the read side over rather than be handed each
+                    # message by another task.  (It waits without a scope
+                    # while a message is arriving.)
+                    self._reader_idle_scope = None
+                    scope.cancel()
+                    self._lent = True
+                self._borrowed = True
+                self._borrows += 1
+                sock = self._sock
+                read: Message | None = None
+                failure: BaseException | None = None
+                try:
+                    while True:
+                        if self._wait_first:
+                            await trio.lowlevel.wait_readable(sock)
+                            self._corked = False  # the peer answered: a new burst
+                            self._receive_credit = _YIELD_EVERY
+                        elif not checkpointed:
+                            await _checkpoint_if_cancelled()
+                        checkpointed = True
+                        # (_fdpass.receive, inlined.)
+                        try:
+                            data, ancdata, flags, _ = sock.recvmsg(
+                                _RECV_SIZE, _RECV_CONTROL_SIZE, _RECV_FLAGS
+                            )
+                        except BlockingIOError:
+                            self._wait_first = True
+                            continue  # the socket was empty: wait for it
+                        except Exception as exc:
+                            failure = _fdpass.receive_failure(exc)
+                            break
+                        try:
+                            if ancdata or flags & _MSG_CTRUNC or not data:  # fds, EOF
+                                self._arrived(
+                                    data,
+                                    _fdpass.received_handles(
+                                        ancdata,
+                                        flags,
+                                        fail_on_truncation=self._fail_on_truncation,
+                                        reopen=self._reopen_pipes,
+                                    ),
+                                    _RECV_SIZE,
+                                )
+                            else:
+                                # The request/response path: exactly one
+                                # plain message without fds costs one call.
+                                size = len(data)
+                                self._bytes_received += size
+                                self._wait_first = size < _RECV_SIZE
+                                read = self._decoder.receive_plain(data)
+                                if read is not None:
+                                    self._messages_received += 1
+                                    break
+                            read = self._read_lent(data)
+                        except Exception as exc:
+                            failure = exc
+                            break
+                        if read is not None or not self._lent:
+                            break
+                except trio.ClosedResourceError:
+                    if not self._aborted:
+                        raise
+                finally:
+                    self._borrowed = False
+                    if self._lent:
+                        if self._parked_receivers:
+                            self._receivers.unpark()  # the next one borrows
+                        elif self._reader_untimed:
+                            self._reader_lot.unpark()  # the reader re-arms its timer
+                if failure is not None:
+                    self._end_reads(failure)
+                    if inbox:  # messages before the failure come first
+                        return self._take_one()
+                    self._raise_end()
+                if read is not None:
+                    return read
+                checkpointed = True  # (None: handed back, or closed)
+                continue
+            if not checkpointed:
+                await _checkpoint_if_cancelled()
+                checkpointed = True
+            if self._aborted:
+                raise trio.ClosedResourceError("the channel was closed")
+            if inbox:
+                return self._take_one()
+            if self._reads_done:
+                self._raise_end()
+            self._parked_receivers += 1
+            try:
+                await self._receivers.park()
+            finally:
+                self._parked_receivers -= 1
+            self._receive_credit = _YIELD_EVERY
 
     async def aclose(self) -> None:
         """Flush what is queued (up to ``flush_timeout``) and close.
@@ -1172,134 +1278,7 @@ class Channel(trio.abc.Channel[Message]):
             self._decoder.receive_eof()
 
     # ------------------------------------------------------------------
-    # Receiving: receive() when the queue is empty, and read lending
-
-    async def _receive_waiting(self, checkpointed: bool) -> Message:
-        """``receive()`` found the queue empty: borrow the socket, or wait.
-
-        A borrower waits and reads on its own task (see the module
-        docstring) until a read brings it a message, or brings anything but
-        complete plain messages: then the read side goes back to the reader
-        task (``_hand_back``) and this receiver waits like any other.
-        Cancelled while it waits, it leaves everything as it was: the bytes
-        stay in the kernel.  Waiting on the socket is this call's
-        checkpoint; every path that does not wait first checks for
-        cancellation before it changes anything (``checkpointed``: this
-        ``receive()`` call has been through a checkpoint already).
-        """
-        while True:
-            if (self._lent or self._reader_idle_scope is not None) and not (
-                self._borrowed or self._inbox or self._reads_done or self._aborted
-            ):
-                scope = self._reader_idle_scope
-                if scope is not None:
-                    # The reader waits for data that we are waiting for:
-                    # take the read side over rather than be handed each
-                    # message by another task.  (It waits without a scope
-                    # while a message is arriving.)
-                    self._reader_idle_scope = None
-                    scope.cancel()
-                    self._lent = True
-                message = await self._borrow(checkpointed)
-                if message is not None:
-                    return message
-                checkpointed = True
-                continue
-            if not checkpointed:
-                await _checkpoint_if_cancelled()
-                checkpointed = True
-            if self._aborted:
-                raise trio.ClosedResourceError("the channel was closed")
-            if self._inbox:
-                return self._take_one()
-            if self._reads_done:
-                self._raise_end()
-            self._parked_receivers += 1
-            try:
-                await self._receivers.park()
-            finally:
-                self._parked_receivers -= 1
-            self._receive_credit = _YIELD_EVERY
-
-    async def _borrow(self, checkpointed: bool) -> Message | None:
-        """Wait and read on this task: a message, or None to wait as usual.
-
-        None once the read side went back to the reader task, or the
-        channel was closed.  ``checkpointed``: this ``receive()`` call has
-        already been through a checkpoint.
-
-        The request/response path: a read that brings exactly one plain
-        message without fds while the decoder holds nothing costs one
-        ``recvmsg`` and one call of the decoder (``receive_plain``);
-        anything else goes through :meth:`_read_lent` with every check.
-        """
-        self._borrowed = True
-        self._borrows += 1
-        sock = self._sock
-        message: Message | None = None
-        failure: BaseException | None = None
-        try:
-            while True:
-                if self._wait_first:
-                    await trio.lowlevel.wait_readable(sock)
-                    self._corked = False  # the peer answered: a new burst
-                    self._receive_credit = _YIELD_EVERY
-                elif not checkpointed:
-                    await _checkpoint_if_cancelled()
-                checkpointed = True
-                # (_fdpass.receive, inlined.)
-                try:
-                    data, ancdata, flags, _ = sock.recvmsg(
-                        _RECV_SIZE, _RECV_CONTROL_SIZE, _RECV_FLAGS
-                    )
-                except BlockingIOError:
-                    self._wait_first = True
-                    continue  # the socket was empty: wait for it
-                except Exception as exc:
-                    failure = _fdpass.receive_failure(exc)
-                    break
-                try:
-                    if ancdata or flags & _MSG_CTRUNC or not data:  # fds, EOF
-                        self._arrived(
-                            data,
-                            _fdpass.received_handles(
-                                ancdata,
-                                flags,
-                                fail_on_truncation=self._fail_on_truncation,
-                                reopen=self._reopen_pipes,
-                            ),
-                            _RECV_SIZE,
-                        )
-                    else:
-                        size = len(data)
-                        self._bytes_received += size
-                        self._wait_first = size < _RECV_SIZE
-                        message = self._decoder.receive_plain(data)
-                        if message is not None:
-                            self._messages_received += 1
-                            break
-                    message = self._read_lent(data)
-                except Exception as exc:
-                    failure = exc
-                    break
-                if message is not None or not self._lent:
-                    break
-        except trio.ClosedResourceError:
-            if not self._aborted:
-                raise
-        finally:
-            self._borrowed = False
-            if self._lent:
-                if self._parked_receivers:
-                    self._receivers.unpark()  # the next receiver borrows it
-                elif self._reader_untimed:
-                    self._reader_lot.unpark()  # the reader re-arms its timer
-        if failure is not None:
-            self._end_reads(failure)
-            if self._inbox:  # messages before the failure come first
-                return self._take_one()
-            self._raise_end()
-        return message
+    # Receiving: read lending (receive() borrows)
 
     def _take_one(self) -> Message:
         message = self._inbox.popleft()

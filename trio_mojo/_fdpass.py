@@ -1,7 +1,14 @@
-"""The only code that calls ``sendmsg`` and ``recvmsg``.
+"""Every ``sendmsg`` and ``recvmsg``: their flags, errors and fds.
 
 Theory of operation
 -------------------
+
+This module makes the channel's ``sendmsg`` and ``recvmsg`` calls, except
+on the request/response path: there the channel calls ``send`` (one
+buffer, no fds) and ``recvmsg`` itself, to save a Python call per message,
+with this module's :data:`SEND_FLAGS` and :data:`RECV_FLAGS`, and hands a
+failure to :func:`send_failure` or :func:`receive_failure` and any control
+data to :func:`received_handles`, so the rules below hold for every call.
 
 Both calls are non-blocking (``MSG_DONTWAIT``) whatever the socket's own
 flag says, and return ``None`` for "would block" so the shell can wait for

@@ -14,6 +14,12 @@ The decoder is Mojo's ``Channel::ReadBuffer`` + ``TryDispatchMessage`` +
   :data:`END_OF_STREAM` (clean EOF at a message boundary, everything
   delivered).  Call it in a loop after each feed; many messages per chunk
   are normal.
+* The receive path's shortcuts return exactly what ``next_message`` would:
+  ``next_batch`` (and ``receive_batch``, a feed and a batch in one call)
+  parses the plain messages at the front of the buffer many at a time,
+  and ``receive_plain`` takes a chunk that is exactly one plain message
+  without fds while the decoder holds nothing (the request/response case)
+  and leaves anything else untouched.
 
 File descriptors are not tied to byte positions.  The kernel hands them out
 with the first byte of the ``sendmsg`` that carried them, and a correct
