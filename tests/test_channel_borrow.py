@@ -139,3 +139,53 @@ async def test_an_inline_send_that_meets_a_full_socket_is_queued_whole() -> None
             assert await peer.recv_exactly(filled) == b"\0" * filled
             assert await peer.recv_exactly(21) == encode_message(b"after")
             assert channel.statistics().messages_sent == 1
+
+
+async def test_a_borrowing_receive_cancelled_while_it_waits_loses_nothing() -> None:
+    with raw_pair() as (endpoint, peer):
+        async with open_channel(endpoint) as channel:
+            scope = trio.CancelScope()
+
+            async def waiting_receive() -> None:
+                with scope:
+                    await channel.receive()
+                    pytest.fail("received a message nobody sent")
+
+            async with trio.open_nursery() as nursery:
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(waiting_receive)
+                await trio.testing.wait_all_tasks_blocked()
+                assert channel._borrowed  # waiting on the socket itself
+                scope.cancel()
+            assert scope.cancelled_caught
+            assert not channel._borrowed
+            await peer.send(PLAIN)
+            assert (await channel.receive()).payload == b"ping"
+            assert channel.statistics().messages_received == 1
+
+
+async def test_a_borrowing_receive_cancelled_before_it_reads_loses_nothing(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    # (The clock stands still: the read side stays lent.)
+    half = encode_message(b"h" * (32 * 1024 - 16))
+    with raw_pair() as (endpoint, peer):
+        async with open_channel(endpoint) as channel:
+            got: list[object] = []
+            async with trio.open_nursery() as nursery:
+                await _borrowing(channel, nursery, got)
+                await peer.send(half + half)  # the whole 64 KiB one read asks for
+            assert len(got) == 1
+            assert (await channel.receive()).payload == b"h" * (32 * 1024 - 16)
+            # That read filled its buffer: the next borrower reads before it
+            # waits, after a checkpoint, where this one is cancelled.
+            assert channel._lent
+            assert not channel._wait_first
+            await peer.send(PLAIN)
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await channel.receive()
+            assert scope.cancelled_caught
+            assert not channel._borrowed
+            assert (await channel.receive()).payload == b"ping"
+            assert channel.statistics().messages_received == 3
