@@ -80,13 +80,13 @@ def _send_one_buffer(sock: socket.socket, data: bytes) -> int | None:
 
 def _send_inline(sock: socket.socket, data: bytes) -> int | None:
     """What the channel's inline write does: ``send`` with SEND_FLAGS, a
-    failure through send_failure."""
+    failure through failure()."""
     try:
         return sock.send(data, _fdpass.SEND_FLAGS)
     except BlockingIOError:
         return None
     except OSError as exc:
-        failure = _fdpass.send_failure(exc)  # (chains exc as the cause)
+        failure = _fdpass.failure(exc, "send")  # (chains exc as the cause)
     raise failure
 
 
@@ -381,8 +381,7 @@ def test_send_reports_fds_in_flight_past_the_senders_limit() -> None:
 def test_failures_that_are_not_os_errors_pass_through() -> None:
     # (What the channel does with them: records or raises them as they are.)
     bug = ZeroDivisionError("a bug")
-    assert _fdpass.send_failure(bug) is bug
-    assert _fdpass.receive_failure(bug) is bug
-    reset = _fdpass.receive_failure(ConnectionResetError(104, "reset"))
+    assert _fdpass.failure(bug, "send") is bug
+    reset = _fdpass.failure(ConnectionResetError(104, "reset"), "recvmsg")
     assert isinstance(reset, DisconnectedError)
     assert isinstance(reset.__cause__, ConnectionResetError)

@@ -675,7 +675,7 @@ class Channel(trio.abc.Channel[Message]):
                             self._wait_first = True
                             continue  # the socket was empty: wait for it
                         except Exception as exc:
-                            failure = _fdpass.receive_failure(exc)
+                            failure = _fdpass.failure(exc, "recvmsg")
                             break
                         try:
                             if ancdata or flags & _MSG_CTRUNC or not data:  # fds, EOF
@@ -907,7 +907,7 @@ class Channel(trio.abc.Channel[Message]):
         """An inline ``send`` raised ``exc``: 0 (nothing sent) if the socket
         was full; otherwise fail writing and raise the error."""
         if not isinstance(exc, BlockingIOError):
-            self._fail_writes(_fdpass.send_failure(exc))
+            self._fail_writes(_fdpass.failure(exc, "send"))
             self._raise_write_error()
         return 0
 

@@ -7,8 +7,8 @@ This module makes the channel's ``sendmsg`` and ``recvmsg`` calls, except
 on the request/response path: there the channel calls ``send`` (one
 buffer, no fds) and ``recvmsg`` itself, to save a Python call per message,
 with this module's :data:`SEND_FLAGS` and :data:`RECV_FLAGS`, and hands a
-failure to :func:`send_failure` or :func:`receive_failure` and any control
-data to :func:`received_handles`, so the rules below hold for every call.
+failure to :func:`failure` and any control data to
+:func:`received_handles`, so the rules below hold for every call.
 
 Both calls are non-blocking (``MSG_DONTWAIT``) whatever the socket's own
 flag says, and return ``None`` for "would block" so the shell can wait for
@@ -67,12 +67,11 @@ __all__ = [
     "RECV_CONTROL_SIZE",
     "RECV_FLAGS",
     "SEND_FLAGS",
+    "failure",
     "receive",
-    "receive_failure",
     "received_handles",
     "reopen_pipes",
     "send",
-    "send_failure",
 ]
 
 RECV_CONTROL_SIZE: Final = socket.CMSG_SPACE(
@@ -162,21 +161,6 @@ def reopen_pipes(handles: list[Handle]) -> None:
                 continue
 
 
-def send_failure(exc: BaseException) -> BaseException:
-    """What a ``send`` that raised ``exc`` raises: an
-    ``OSError`` translated (see above, the ``OSError`` chained), anything
-    else as it is.
-
-    (For a caller that calls ``send`` itself, with :data:`SEND_FLAGS`, to
-    save a call: the channel's inline write of one buffer.)
-    """
-    if not isinstance(exc, OSError):
-        return exc
-    error = _translate(exc, "send")
-    error.__cause__ = exc
-    return error
-
-
 def receive(
     sock: socket.socket,
     size: int,
@@ -202,7 +186,7 @@ def receive(
     except BlockingIOError:
         return None
     except OSError as exc:
-        raise receive_failure(exc) from exc
+        raise failure(exc, "recvmsg") from exc
     if not ancdata and not flags & MSG_CTRUNC:
         return data, []
     return data, received_handles(
@@ -210,16 +194,17 @@ def receive(
     )
 
 
-def receive_failure(exc: Exception) -> Exception:
-    """What a ``recvmsg`` that raised ``exc`` raises: an ``OSError``
-    translated (see above, the ``OSError`` chained), anything else as it is.
+def failure(exc: BaseException, call: str) -> BaseException:
+    """What a ``call`` (``"send"``, ``"recvmsg"``) that raised ``exc``
+    raises: an ``OSError`` translated (see above, the ``OSError`` chained),
+    anything else as it is.
 
-    (For a caller that calls ``recvmsg`` itself, with :data:`RECV_FLAGS`
-    and :data:`RECV_CONTROL_SIZE`, to save :func:`receive`'s call.)
+    (For the channel, which calls ``send`` and ``recvmsg`` itself on the
+    request/response path.)
     """
     if not isinstance(exc, OSError):
         return exc
-    error = _translate(exc, "recvmsg")
+    error = _translate(exc, call)
     error.__cause__ = exc
     return error
 
