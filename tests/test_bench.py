@@ -244,7 +244,11 @@ def test_instructions_table_sets_trio_mojo_against_each_peer() -> None:
     cell = {"count": 10, "totals": [0, 0], "errors": []}
     results = {
         "W4": {
-            "trio_mojo": {**cell, "per_message": 180_000.0},
+            "trio_mojo": {
+                **cell,
+                "per_message": 180_000.0,
+                "by_role": {"sender": 100_000.0, "receiver": 80_000.0},
+            },
             "trio_floor": {**cell, "per_message": 120_000.0},
         },
         "W1": {
@@ -255,6 +259,8 @@ def test_instructions_table_sets_trio_mojo_against_each_peer() -> None:
     table = render_instructions(results)
     assert "| W4 | 180.0k | n/a | 120.0k (1.50x) |" in table
     assert "| W1 | 30.0k | 20.0k (failed) | n/a |" in table
+    by_role = table.split("sender + receiver:")[1]
+    assert "| W4 | 100.0k + 80.0k | n/a | n/a |" in by_role
 
 
 @pytest.mark.slow
@@ -269,3 +275,8 @@ def test_instructions_counts_a_workload_under_callgrind(tmp_path: Path) -> None:
     low, high = cell["totals"]
     assert high > low > 0
     assert cell["per_message"] > 1000  # instructions: a message is not free
+    split = cell["by_role"]
+    assert split["sender"] > 0
+    assert split["receiver"] > 0
+    assert split["sender"] + split["receiver"] <= cell["per_message"] * 1.01
+    assert json.loads(out.read_text())["scheduler_pass"] > 1000
