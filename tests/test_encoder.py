@@ -749,7 +749,8 @@ def test_large_and_small_messages_share_an_entry(fds: FdFactory) -> None:
     )
     assert joined(entry.parts) == wire
     assert entry.size == len(wire)
-    for offset in (0, 1, 17, 20, 33, 2081, 2115, len(wire) - 1):
+    offsets = [0, 1, 17, 20, 33, 2081, 2115, len(wire) - 1]
+    for offset in [*offsets, *reversed(offsets)]:  # forward, then back
         entry.offset = offset
         assert joined(entry.unsent()) == wire[offset:]
         assert bytes(entry.first_unsent_byte()) == wire[offset : offset + 1]

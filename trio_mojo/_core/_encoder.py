@@ -160,7 +160,16 @@ class OutgoingMessage:
     sent and ``fds_sent`` the fds already sent (and closed).
     """
 
-    __slots__ = ("buffer", "count", "fds", "fds_sent", "offset", "parts", "size")
+    __slots__ = (
+        "_cursor",
+        "buffer",
+        "count",
+        "fds",
+        "fds_sent",
+        "offset",
+        "parts",
+        "size",
+    )
 
     def __init__(
         self,
@@ -177,6 +186,7 @@ class OutgoingMessage:
         self.size = len(head) + len(tail)
         self.offset = 0
         self.fds_sent = 0
+        self._cursor = (0, 0)  # (a part, the offset of its first byte)
 
     @classmethod
     def encode(
@@ -300,11 +310,16 @@ class OutgoingMessage:
         parts = self.parts
         if offset == 0:
             return parts
-        index = 0
-        while offset >= len(parts[index]):
-            offset -= len(parts[index])
+        # Resume the walk where the last call left it: a large batch is
+        # written in many short writes, each planned with a call to this.
+        index, start = self._cursor
+        if offset < start:  # (offset was moved back by hand)
+            index = start = 0
+        while offset - start >= len(parts[index]):
+            start += len(parts[index])
             index += 1
-        rest: list[Buffer] = [memoryview(parts[index])[offset:]]
+        self._cursor = (index, start)
+        rest: list[Buffer] = [memoryview(parts[index])[offset - start :]]
         rest += parts[index + 1 :]
         return rest
 
