@@ -180,12 +180,13 @@ def test_bench_runs_end_to_end(
     assert all("error" not in extras["forked"][name] for name in FORKED_SYSTEMS)
 
 
-def test_trio_floor_passes_the_honesty_checks_of_every_one_way_workload(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("floor", ["trio_floor", "trio_tasks"])
+def test_the_floors_pass_the_honesty_checks_of_every_one_way_workload(
+    floor: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # The floor that the performance docs set trio_mojo against must move
+    # The floors that the performance docs set trio_mojo against must move
     # the same messages, bytes and fds (a payload spanning reads, fds
-    # batched up to 253 per sendmsg) as every other peer.
+    # batched up to 128 per sendmsg) as every other peer.
     out = tmp_path / "floor.json"
     workloads = ("W1", "W2", "W3", "W5", "W5x8")
     status = main(
@@ -197,7 +198,7 @@ def test_trio_floor_passes_the_honesty_checks_of_every_one_way_workload(
             "0.05",
             "--no-extras",
             "--systems",
-            "trio_floor",
+            floor,
             "--workloads",
             ",".join(workloads),
             "--json",
@@ -210,7 +211,7 @@ def test_trio_floor_passes_the_honesty_checks_of_every_one_way_workload(
     assert result["honesty"]["failures"] == []
     assert result["honesty"]["passed"] == len(workloads)
     for name in workloads:
-        assert result["summary"][name]["trio_floor"]["median"] > 0
+        assert result["summary"][name][floor]["median"] > 0
 
 
 def test_w4_with_a_forked_receiver_passes_the_honesty_checks() -> None:
@@ -243,7 +244,11 @@ def test_instructions_table_sets_trio_mojo_against_each_peer() -> None:
     cell = {"count": 10, "totals": [0, 0], "errors": []}
     results = {
         "W4": {
-            "trio_mojo": {**cell, "per_message": 180_000.0},
+            "trio_mojo": {
+                **cell,
+                "per_message": 180_000.0,
+                "by_role": {"sender": 100_000.0, "receiver": 80_000.0},
+            },
             "trio_floor": {**cell, "per_message": 120_000.0},
         },
         "W1": {
@@ -254,6 +259,8 @@ def test_instructions_table_sets_trio_mojo_against_each_peer() -> None:
     table = render_instructions(results)
     assert "| W4 | 180.0k | n/a | 120.0k (1.50x) |" in table
     assert "| W1 | 30.0k | 20.0k (failed) | n/a |" in table
+    by_role = table.split("sender + receiver:")[1]
+    assert "| W4 | 100.0k + 80.0k | n/a | n/a |" in by_role
 
 
 @pytest.mark.slow
@@ -268,3 +275,8 @@ def test_instructions_counts_a_workload_under_callgrind(tmp_path: Path) -> None:
     low, high = cell["totals"]
     assert high > low > 0
     assert cell["per_message"] > 1000  # instructions: a message is not free
+    split = cell["by_role"]
+    assert split["sender"] > 0
+    assert split["receiver"] > 0
+    assert split["sender"] + split["receiver"] <= cell["per_message"] * 1.01
+    assert json.loads(out.read_text())["scheduler_pass"] > 1000

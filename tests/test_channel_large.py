@@ -17,7 +17,7 @@ import struct
 import pytest
 import trio
 import trio.testing
-from _helpers import RawPeer, open_pair, raw_pair
+from _helpers import RawPeer, open_pair, pipe_tagged, raw_pair, read_tags
 
 from trio_mojo import (
     DisconnectedError,
@@ -126,6 +126,41 @@ async def test_large_and_small_messages_queued_while_the_writer_is_busy() -> Non
                 await channel.send(Message(payload))
             assert channel.statistics().send_queue_messages == len(payloads)
             assert await read_messages(peer, len(payloads)) == payloads
+
+
+async def test_a_burst_of_mixed_sizes_with_fds_arrives_whole_and_in_order() -> None:
+    # The rest of a burst is packed into shared entries: small frames copied
+    # into one buffer, larger payloads as buffers of their own, fds riding
+    # with each entry's first byte.  A consumer that pauses makes the writer
+    # resume entries in the middle of a payload; every message must still
+    # arrive whole, in order, with exactly its own fds.
+    sizes = [10, 2 * KIB, 16 * KIB, 5, 100 * KIB, 1 * KIB + 1, 40 * KIB, 0, 64 * KIB]
+    plan = [(i, sizes[i % len(sizes)], i % 3) for i in range(120)]
+    async with open_pair() as (left, right):
+        with pipe_tagged(sum(n for _, _, n in plan)) as tagged, trio.fail_after(30):
+            received: list[tuple[bytes, list[int]]] = []
+
+            async def consume() -> None:
+                for index in range(len(plan)):
+                    with await right.receive() as message:
+                        received.append((message.payload, read_tags(message.handles)))
+                    if index % 10 == 0:
+                        await trio.sleep(0.002)  # the socket fills meanwhile
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(consume)
+                used = 0
+                for index, size, nfds in plan:
+                    handles = tagged[used : used + nfds]
+                    used += nfds
+                    await left.send(Message(body(size) + bytes([index]), handles))
+                    assert all(h.closed for h in handles)  # taken by send
+        assert len(received) == len(plan)
+        used = 0
+        for (index, size, nfds), (payload, tags) in zip(plan, received, strict=True):
+            assert payload == body(size) + bytes([index])
+            assert tags == [(used + k) % 256 for k in range(nfds)]
+            used += nfds
 
 
 @pytest.mark.parametrize("queue_kib", [64, 1024])

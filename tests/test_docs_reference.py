@@ -122,5 +122,7 @@ def test_docstrings_that_restate_constants_still_match_them() -> None:
     append_doc = trio_mojo.OutgoingMessage.append.__doc__ or ""
     assert _encoder.INLINE_PAYLOAD == 1024
     assert "1 KiB" in append_doc
-    assert _encoder.MAX_BATCH_BYTES == 64 * 1024
-    assert "64 KiB" in append_doc
+    assert _encoder.MAX_BATCH_BYTES == 256 * 1024
+    assert "256 KiB" in append_doc
+    assert _encoder.MAX_BATCH_PARTS == 64
+    assert "64 parts" in append_doc

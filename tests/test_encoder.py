@@ -32,6 +32,7 @@ from trio_mojo import (
 from trio_mojo._core._encoder import (
     INLINE_PAYLOAD,
     MAX_BATCH_BYTES,
+    MAX_BATCH_PARTS,
     MAX_PLAN_BUFFERS,
     MAX_PLAN_BYTES,
     Buffer,
@@ -129,33 +130,33 @@ def test_examples_coalesce_into_one_plan(fds: FdFactory) -> None:
 
 def test_small_payload_is_copied_next_to_its_header() -> None:
     entry = OutgoingMessage.encode(Message(b"x" * INLINE_PAYLOAD))
-    assert entry.head == encode_message(b"x" * INLINE_PAYLOAD)
-    assert entry.tail == b""
+    assert entry.parts == [encode_message(b"x" * INLINE_PAYLOAD)]
     assert entry.size == 16 + INLINE_PAYLOAD
-    assert entry.unsent() == [entry.head]
+    assert entry.unsent() == entry.parts
 
 
 def test_large_payload_is_not_copied() -> None:
     payload = b"y" * (INLINE_PAYLOAD + 1)
     entry = OutgoingMessage.encode(Message(payload))
-    assert entry.head == encode_message(payload)[:16]
-    assert entry.tail is payload
-    assert entry.unsent() == [entry.head, payload]
+    assert entry.parts == [encode_message(payload)[:16], payload]
+    assert entry.parts[1] is payload
+    assert entry.unsent() == entry.parts
 
 
 def test_payload_that_is_not_bytes_is_snapshotted() -> None:
     payload = bytearray(b"abc")
     entry = OutgoingMessage.encode(Message(cast(bytes, payload)))
     payload[:] = b"XYZ"
-    assert entry.head == encode_message(b"abc")
+    assert entry.parts == [encode_message(b"abc")]
 
 
 def test_encode_uses_the_framing_and_type() -> None:
     legacy = OutgoingMessage.encode(Message(b"hello", (), MessageType.NORMAL_LEGACY))
-    assert legacy.head == bytes.fromhex("0d 00 00 00 00 00 00 00 68 65 6c 6c 6f")
+    assert legacy.parts == [bytes.fromhex("0d 00 00 00 00 00 00 00 68 65 6c 6c 6f")]
     ipcz = OutgoingMessage.encode(Message(b"hi"), Framing.IPCZ)
-    assert ipcz.head[:8] == bytes.fromhex("10 00 00 00 12 00 00 00")
-    assert ipcz.head[16:] == b"hi"
+    (frame,) = ipcz.parts
+    assert frame[:8] == bytes.fromhex("10 00 00 00 12 00 00 00")
+    assert frame[16:] == b"hi"
 
 
 def test_encode_refuses_more_than_253_handles(fds: FdFactory) -> None:
@@ -355,10 +356,10 @@ def test_plan_stops_before_max_plan_buffers() -> None:
     encoder = MessageEncoder()
     queue(encoder, *(Message(b"%d" % i) for i in range(MAX_PLAN_BUFFERS + 10)))
     buffers, _ = encoder.plan()
-    assert len(buffers) == MAX_PLAN_BUFFERS - 1
-    assert encoder.advance(len(joined(buffers))) == MAX_PLAN_BUFFERS - 1
+    assert len(buffers) == MAX_PLAN_BUFFERS
+    assert encoder.advance(len(joined(buffers))) == MAX_PLAN_BUFFERS
     buffers, _ = encoder.plan()
-    assert len(buffers) == 11
+    assert len(buffers) == 10
 
 
 def test_fds_sent_ahead_of_their_bytes_hold_back_further_fds(
@@ -535,18 +536,18 @@ def _round_trip(
         message = Message(spec.payload, handles, spec.type)
         # Sometimes pack it into the previous entry, as the channel does.
         previous = entries[-1] if entries else None
-        before = len(previous.head) if previous is not None else 0
+        before = len(joined(previous.parts)) if previous is not None else 0
         wire: bytes
         if (
             previous is not None
             and data.draw(st.booleans(), label="batch")
             and previous.append(message, framing)
         ):
-            wire = bytes(previous.head[before:])
+            wire = joined(previous.parts)[before:]
         else:
             entry = OutgoingMessage.encode(message, framing)
             entries.append(entry)
-            wire = bytes(entry.head) + entry.tail
+            wire = joined(entry.parts)
         expected_stream.append(wire)
         starts.append(stream_size)
         stream_size += len(wire)
@@ -654,16 +655,17 @@ def test_append_packs_small_messages_into_one_entry(fds: FdFactory) -> None:
     assert first.append(Message(b"three", (), MessageType.NORMAL_LEGACY))
     assert first.count == 3
     assert first.fds == owned
-    assert bytes(first.head) == (
+    assert joined(first.parts) == (
         encode_message(b"one")
         + encode_message(b"two", num_handles=2)
         + encode_message(b"three", type=MessageType.NORMAL_LEGACY)
     )
-    assert first.size == len(first.head)
+    assert len(first.parts) == 2  # the first frame, then one buffer for the rest
+    assert first.size == len(joined(first.parts))
     encoder = MessageEncoder()
     encoder.push(first)
     buffers, plan_fds = encoder.plan()
-    assert joined(buffers) == bytes(first.head)
+    assert joined(buffers) == joined(first.parts)
     assert plan_fds == owned  # all with the first byte
     assert encoder.advance(10) == 0  # a batch counts when it is done
     assert none_open(owned)
@@ -675,16 +677,12 @@ def test_append_in_ipcz_framing() -> None:
     entry = OutgoingMessage.encode(Message(b"a"), Framing.IPCZ)
     assert entry.append(Message(b"bc"), Framing.IPCZ)
     decoder = MessageDecoder(framing=Framing.IPCZ)
-    decoder.receive_data(entry.head)
+    decoder.receive_data(joined(entry.parts))
     assert [m.payload for m in drain(decoder)[0]] == [b"a", b"bc"]
 
 
 def test_append_refuses_what_does_not_fit(fds: FdFactory) -> None:
     small = Message(b"s")
-    large = OutgoingMessage.encode(Message(b"L" * (INLINE_PAYLOAD + 1)))
-    assert not large.append(small)  # it has a tail
-    entry = OutgoingMessage.encode(small)
-    assert not entry.append(Message(b"L" * (INLINE_PAYLOAD + 1)))  # too large
     started = OutgoingMessage.encode(small)
     started.offset = 1
     assert not started.append(small)  # part of it was sent
@@ -692,54 +690,133 @@ def test_append_refuses_what_does_not_fit(fds: FdFactory) -> None:
     while full.append(Message(b"f" * INLINE_PAYLOAD)):
         pass
     assert full.size <= MAX_BATCH_BYTES < full.size + INLINE_PAYLOAD + 16
+    assert full.count == MAX_BATCH_BYTES // (INLINE_PAYLOAD + 16)
+    assert len(full.parts) == 2  # the first frame, then one buffer
+    large = b"L" * (INLINE_PAYLOAD + 1)
+    parted = OutgoingMessage.encode(Message(large))
+    while parted.append(Message(large)):
+        pass
+    assert len(parted.parts) == MAX_BATCH_PARTS  # header and payload each
+    assert parted.count == MAX_BATCH_PARTS // 2
+    assert not parted.append(small)  # a third part
     many = OutgoingMessage.encode(Message(b"", fds.make(MAX_SENDMSG_HANDLES - 1)))
     extra = fds.make(2)
     assert not many.append(Message(b"", extra))  # 129 fds in one sendmsg
     assert not any(h.closed for h in extra)  # refused: nothing was taken
     assert many.append(Message(b"", extra[:1]))
     assert len(many.fds) == MAX_SENDMSG_HANDLES
-    assert [e.count for e in (large, entry, started, many)] == [1, 1, 1, 2]
-    assert full.count == MAX_BATCH_BYTES // (INLINE_PAYLOAD + 16)
+    assert [e.count for e in (started, many)] == [1, 2]
     assert not extra[1].closed
     close_fds(many.fds)
 
 
-def test_append_plain_packs_like_append(fds: FdFactory) -> None:
+def test_append_gives_back_the_fds_of_a_message_it_refuses(fds: FdFactory) -> None:
+    entry = OutgoingMessage.encode(Message(bytes(MAX_BATCH_BYTES - 100)))
+    handles = fds.make(3)
+    owned = numbers(handles)
+    assert not entry.append(Message(bytes(200), handles))  # past 256 KiB
+    assert numbers(handles) == owned  # the same handles own them again
+    assert len(entry.fds) == 0
+    assert entry.append(Message(bytes(50), handles))
+    assert all(h.closed for h in handles)
+    assert list(entry.fds) == owned
+    close_fds(entry.fds)
+
+
+def test_large_and_small_messages_share_an_entry(fds: FdFactory) -> None:
+    # The rest of a burst, whatever its sizes, is one entry: small frames
+    # copied into one buffer, large payloads sent from the caller's bytes.
+    large = bytes(range(256)) * 8
+    handles = fds.make(2)
+    owned = numbers(handles)
+    entry = OutgoingMessage.encode(Message(b"a"))
+    assert entry.append(Message(large, handles[:1]))
+    assert entry.append(Message(b"b"))
+    assert entry.append_payload(b"c")
+    assert entry.append(Message(large, handles[1:]))
+    assert entry.append_payload(large)
+    assert entry.count == 6
+    assert entry.fds == owned
+    assert [len(part) for part in entry.parts] == [17, 16, 2048, 34, 16, 2048, 16, 2048]
+    assert entry.parts[2] is large  # not copied
+    wire = (
+        encode_message(b"a")
+        + encode_message(large, num_handles=1)
+        + encode_message(b"b")
+        + encode_message(b"c")
+        + encode_message(large, num_handles=1)
+        + encode_message(large)
+    )
+    assert joined(entry.parts) == wire
+    assert entry.size == len(wire)
+    offsets = [0, 1, 17, 20, 33, 2081, 2115, len(wire) - 1]
+    for offset in [*offsets, *reversed(offsets)]:  # forward, then back
+        entry.offset = offset
+        assert joined(entry.unsent()) == wire[offset:]
+        assert bytes(entry.first_unsent_byte()) == wire[offset : offset + 1]
+    entry.offset = 0
+    encoder = MessageEncoder()
+    encoder.push(entry)
+    buffers, plan_fds = encoder.plan()
+    assert plan_fds == owned
+    assert joined(buffers) == wire
+    assert encoder.advance(len(wire)) == 6
+    assert none_open(owned)
+
+
+def test_append_payload_packs_like_append(fds: FdFactory) -> None:
     handles = fds.make(3)
     owned = numbers(handles)
     bare = [h.detach() for h in fds.make(3)]  # taken from their handles
     by_append = OutgoingMessage.encode(Message(b"one"))
-    by_plain = OutgoingMessage.encode(Message(b"one"))
+    by_payload = OutgoingMessage.encode(Message(b"one"))
     for payload, attached, attached_fds in (
         (b"two", handles[:1], bare[:1]),
         (b"", (), []),
+        (b"L" * (INLINE_PAYLOAD + 1), (), []),
         (b"x" * 9, handles[1:], bare[1:]),
     ):
         assert by_append.append(Message(payload, attached))
-        assert by_plain.append_plain(payload, attached_fds)
-    assert bytes(by_plain.head) == bytes(by_append.head)
-    assert (by_plain.size, by_plain.count) == (by_append.size, by_append.count)
-    assert (by_append.fds, by_plain.fds) == (owned, bare)
-    close_fds([*by_append.fds, *by_plain.fds])
+        assert by_payload.append_payload(payload, attached_fds)
+    assert joined(by_payload.parts) == joined(by_append.parts)
+    assert (by_payload.size, by_payload.count) == (by_append.size, by_append.count)
+    assert (by_append.fds, by_payload.fds) == (owned, bare)
+    close_fds([*by_append.fds, *by_payload.fds])
     assert plain_frame(b"two") == encode_message(b"two")
 
 
-def test_append_plain_refuses_what_does_not_fit(fds: FdFactory) -> None:
-    large = OutgoingMessage.encode(Message(b"L" * (INLINE_PAYLOAD + 1)))
-    assert not large.append_plain(b"s")  # it has a tail
+def test_encode_and_append_take_fd_numbers_already_taken(fds: FdFactory) -> None:
+    # The channel's send takes the fds from the handles first and passes
+    # their numbers; the message's handles are not looked at then.
+    bare = [h.detach() for h in fds.make(3)]
+    entry = OutgoingMessage.encode(Message(b"a"), fds=bare[:1])
+    assert entry.append(Message(b"L" * (INLINE_PAYLOAD + 1)), fds=bare[1:])
+    assert list(entry.fds) == bare
+    assert joined(entry.parts) == encode_message(b"a", num_handles=1) + (
+        encode_message(b"L" * (INLINE_PAYLOAD + 1), num_handles=2)
+    )
+    close_fds(entry.fds)
+
+
+def test_append_payload_refuses_what_does_not_fit(fds: FdFactory) -> None:
     started = OutgoingMessage.encode(Message(b"s"))
     started.offset = 1
-    assert not started.append_plain(b"s")  # part of it was sent
+    assert not started.append_payload(b"s")  # part of it was sent
     full = OutgoingMessage.encode(Message(b"f" * INLINE_PAYLOAD))
-    while full.append_plain(b"f" * INLINE_PAYLOAD):
+    while full.append_payload(b"f" * INLINE_PAYLOAD):
         pass
     assert full.size <= MAX_BATCH_BYTES < full.size + INLINE_PAYLOAD + 16
+    parted = OutgoingMessage.encode(Message(b"s"))
+    while parted.append_payload(b"L" * (INLINE_PAYLOAD + 1)):
+        pass
+    assert len(parted.parts) == MAX_BATCH_PARTS - 1  # 1 + 31 x 2
+    assert not parted.append_payload(b"s")  # a new buffer would pass the bound
     many = OutgoingMessage.encode(Message(b"", fds.make(MAX_SENDMSG_HANDLES - 1)))
     extra = [h.detach() for h in fds.make(2)]
-    assert not many.append_plain(b"", extra)  # 129 fds in one sendmsg
-    assert many.append_plain(b"", extra[:1])
+    assert not many.append_payload(b"", extra)  # 129 fds in one sendmsg
+    assert many.append_payload(b"", extra[:1])
     assert len(many.fds) == MAX_SENDMSG_HANDLES
-    assert [e.count for e in (large, started, many)] == [1, 1, 2]
+    assert [e.count for e in (started, many)] == [1, 2]
     assert many.fds[-1] == extra[0]
     close_fds([*many.fds, extra[1]])
 
@@ -757,11 +834,11 @@ def test_a_batch_whose_fds_went_early_holds_back_further_fds(fds: FdFactory) -> 
     encoder.push(after)
     buffers, plan_fds = encoder.plan()
     assert len(plan_fds) == 64  # (with the next entry's 65: past 128)
-    assert joined(buffers) == bytes(batch.head)
+    assert joined(buffers) == joined(batch.parts)
     encoder.advance(1)  # the batch's fds are out, its second message is not
     buffers, plan_fds = encoder.plan()
     assert plan_fds == []
-    assert joined(buffers) == bytes(batch.head)[1:]
+    assert joined(buffers) == joined(batch.parts)[1:]
     encoder.advance(batch.size - 1)
     buffers, plan_fds = encoder.plan()
     assert len(plan_fds) == 65
@@ -773,4 +850,4 @@ def test_append_propagates_header_errors() -> None:
     with pytest.raises(ValueError, match="IPCZ carries only NORMAL"):
         entry.append(Message(b"b", (), MessageType.NORMAL_LEGACY), Framing.IPCZ)
     assert entry.count == 1
-    assert entry.size == len(entry.head)
+    assert entry.size == len(joined(entry.parts))

@@ -243,6 +243,7 @@ class Channel(trio.abc.Channel[Message]):
         "_lent",
         "_messages_received",
         "_messages_sent",
+        "_mojo_framing",
         "_no_handles",
         "_open_batch",
         "_outbox",
@@ -333,6 +334,8 @@ class Channel(trio.abc.Channel[Message]):
         self._no_handles = handle_policy is HandlePolicy.REJECT
         self.max_message_size: Final = self._decoder.max_message_size
         self._header_size = IPCZ_HEADER_SIZE if framing is Framing.IPCZ else HEADER_SIZE
+        # A NORMAL message's header is packed without encode_header (see send).
+        self._mojo_framing = framing is Framing.MOJO
         # The largest plain message (see plain_frame): 0 in IPCZ framing,
         # which has no plain messages.
         self._plain_max_size = (
@@ -493,13 +496,14 @@ class Channel(trio.abc.Channel[Message]):
             if handles and (len(handles) > MAX_ATTACHED_HANDLES or self._no_handles):
                 self._check_handles(handles)  # raises
             size = self._header_size + len(message.payload)  # the common case
+            normal = self._mojo_framing
             plain = size <= self._plain_max_size
             if not plain and size > self.max_message_size:
                 self._validate(message)  # raises
         else:
             size = self._validate(message)
             handles = message.handles
-            plain = False
+            normal = plain = False
         if self._refusing:
             self._refuse(message)
         fds: list[int] | tuple[()] = ()
@@ -521,8 +525,8 @@ class Channel(trio.abc.Channel[Message]):
                     <= self._send_queue_handles_limit
                 )
                 and (
-                    batch.append_plain(message.payload, fds)
-                    if plain
+                    batch.append_payload(message.payload, fds)
+                    if normal
                     else batch.append(message, self.framing, fds)
                 )
             ):
@@ -901,7 +905,7 @@ class Channel(trio.abc.Channel[Message]):
         self._pending += 1
         self._pending_bytes += size
         self._pending_handles += len(fds)
-        self._open_batch = None if entry.tail else entry
+        self._open_batch = entry
 
     def _inline_write_failed(self, exc: BaseException) -> int:
         """An inline ``send`` raised ``exc``: 0 (nothing sent) if the socket
@@ -923,11 +927,8 @@ class Channel(trio.abc.Channel[Message]):
         """Write ``entry`` on the caller's task (nothing is pending)."""
         if not entry.fds:
             # The request/response path: one sendmsg, no planning.
-            buffers: list[bytes | bytearray | memoryview] = [entry.head]
-            if entry.tail:
-                buffers.append(entry.tail)
             try:
-                sent = _fdpass.send(self._sock, buffers, [])
+                sent = _fdpass.send(self._sock, entry.parts, [])
             except BaseException as exc:
                 self._fail_writes(exc)
                 return

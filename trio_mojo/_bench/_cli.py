@@ -51,7 +51,10 @@ copied into bytes, the least a receiver of bytes payloads pays); trio_floor
 (not W4c10: one Trio task on a plain socket, the least any Trio program
 pays per round trip, and per message through an awaited, cancellable
 send/receive of a Message with its fds in Handles, never allocating a
-payload at its announced size); and when installed anyio_trio, anyio_asyncio
+payload at its announced size); trio_tasks (the one-way workloads:
+trio_floor in trio_mojo's task shape, a writer task and a reader task per
+side, with its bounds and yields and nothing else); and when installed
+anyio_trio, anyio_asyncio
 (anyio UNIX streams), asyncio, uvloop (asyncio streams; no fd API, so no
 W5/W5x8).
 

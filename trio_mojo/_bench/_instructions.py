@@ -6,7 +6,11 @@ number of instructions a program executes does not.  This runs each
 which counts every user-space instruction of the sender process and of the
 receiver it starts, twice: with N messages and with 3N.  The figure is
 ``(instructions(3N) - instructions(N)) / 2N``: both processes per message
-(per round trip for W4), start-up, imports and warm-up subtracted.
+(per round trip for W4), start-up, imports and warm-up subtracted; a
+second table splits it into the sender's and the receiver's share.  Last,
+the same for one pass of Trio's scheduler (a task awaiting
+``trio.lowlevel.checkpoint()`` in a loop): what a task parked by one side
+and woken by the other pays at the least.
 
 What it counts: user-space instructions only.  The kernel's share (system
 calls, the copies into and out of socket buffers, page faults) is not in
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -46,6 +51,15 @@ COUNTS: Final = {
 """N for each workload (the runs use N and 3N): enough that one message's
 cost stands well above the noise of start-up (a few instructions)."""
 DEFAULT_SYSTEMS: Final = ("trio_mojo", "trio_floor", "mp", "raw", "raw_bytes")
+ROLES: Final = ("sender", "receiver")
+_PASSES: Final = 20_000
+_SCHEDULER_PASSES: Final = """
+import sys, trio
+async def passes(n):
+    for _ in range(n):
+        await trio.lowlevel.checkpoint()
+trio.run(passes, int(sys.argv[1]))
+"""
 _CALLGRIND: Final = (
     "valgrind",
     "--tool=callgrind",
@@ -107,37 +121,87 @@ def _spec(system: str, workload: Workload, count: int) -> RunSpec:
     )
 
 
-def _count(spec: RunSpec, directory: Path) -> tuple[int, list[str]]:
-    """Instructions of every process of one run (and its honesty errors)."""
+def _role(command: str) -> str:
+    """Which process of a run a callgrind dump's ``cmd:`` line names."""
+    for role in ROLES:
+        if f"_runner {role} " in command:
+            return role
+    return "other"  # (e.g. the ``ldconfig`` that ``ctypes.util`` runs)
+
+
+def _count(spec: RunSpec, directory: Path) -> tuple[dict[str, int], list[str]]:
+    """Instructions of each process of one run, by role (and its honesty errors)."""
     out = directory / "callgrind.%p"
     record = run(spec, prefix=[*_CALLGRIND, f"--callgrind-out-file={out}"])
-    total = 0
+    totals = dict.fromkeys((*ROLES, "other"), 0)
     for path in directory.glob("callgrind.*"):
+        role = "other"
         with path.open(encoding="ascii", errors="replace") as dump:
             for line in dump:
-                if line.startswith(("summary:", "totals:")):
-                    total += int(line.split()[1])
+                if line.startswith("cmd:"):
+                    role = _role(line)
+                elif line.startswith(("summary:", "totals:")):
+                    totals[role] += int(line.split()[1])
                     break
     errors: list[str] = record["errors"]
-    return total, errors
+    return totals, errors
 
 
 def measure(system: str, workload: Workload, count: int) -> dict[str, Any]:
-    """One (system, workload): instructions per message, from N and 3N."""
-    totals = []
+    """One (system, workload): instructions per message, from N and 3N.
+
+    ``per_message`` counts every process of the run; ``by_role`` the
+    sender's and the receiver's share of it.
+    """
+    runs = []
     errors: list[str] = []
     for n in (count, 3 * count):
         with tempfile.TemporaryDirectory(prefix="trio_mojo-callgrind-") as tmp:
-            total, problems = _count(_spec(system, workload, n), Path(tmp))
-        totals.append(total)
+            totals, problems = _count(_spec(system, workload, n), Path(tmp))
+        runs.append(totals)
         errors += problems
-    per_message = (totals[1] - totals[0]) / (2 * count)
+    by_role = {role: (runs[1][role] - runs[0][role]) / (2 * count) for role in ROLES}
     return {
         "count": count,
-        "totals": totals,
-        "per_message": per_message,
+        "totals": [sum(totals.values()) for totals in runs],
+        "per_message": (sum(runs[1].values()) - sum(runs[0].values())) / (2 * count),
+        "by_role": by_role,
         "errors": errors,
     }
+
+
+def measure_scheduler_pass(count: int = 20_000) -> float:
+    """Instructions of one pass of Trio's scheduler, from N and 3N.
+
+    One task awaiting ``trio.lowlevel.checkpoint()`` in a loop: each await
+    yields to the scheduler, which polls for I/O and runs the task again,
+    what a task woken by another pays at the least.
+    """
+    totals = []
+    for n in (count, 3 * count):
+        with tempfile.TemporaryDirectory(prefix="trio_mojo-callgrind-") as tmp:
+            out = Path(tmp) / "callgrind.out"
+            subprocess.run(
+                [
+                    *_CALLGRIND,
+                    f"--callgrind-out-file={out}",
+                    sys.executable,
+                    "-c",
+                    _SCHEDULER_PASSES,
+                    str(n),
+                ],
+                check=True,
+                capture_output=True,
+            )
+            with out.open(encoding="ascii", errors="replace") as dump:
+                totals.append(
+                    next(
+                        int(line.split()[1])
+                        for line in dump
+                        if line.startswith(("summary:", "totals:"))
+                    )
+                )
+    return (totals[1] - totals[0]) / (2 * count)
 
 
 def render(results: dict[str, dict[str, dict[str, Any]]]) -> str:
@@ -160,12 +224,28 @@ def render(results: dict[str, dict[str, dict[str, Any]]]) -> str:
                 text += f" ({mine / cell['per_message']:.2f}x)"
             cells.append(text)
         rows.append(cells)
-    lines = ["| " + " | ".join(cells) + " |" for cells in rows]
+    by_role = [head, ["---"] * len(head)]
+    for workload, row in results.items():
+        cells = [workload]
+        for system in systems:
+            split = row.get(system, {}).get("by_role")
+            cells.append(
+                "n/a"
+                if split is None
+                else " + ".join(f"{split[role] / 1000:,.1f}k" for role in ROLES)
+            )
+        by_role.append(cells)
     return (
         "Instructions per message, both processes (W4: per round trip); in\n"
         "brackets trio_mojo's count relative to the peer's (below 1: fewer).\n\n"
-        + "\n".join(lines)
+        + _markdown(rows)
+        + "\n\nThe same, sender + receiver:\n\n"
+        + _markdown(by_role)
     )
+
+
+def _markdown(rows: list[list[str]]) -> str:
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in rows)
 
 
 def main(argv: list[str]) -> int:
@@ -191,6 +271,19 @@ def main(argv: list[str]) -> int:
             failed = failed or bool(cell["errors"])
             results.setdefault(name, {})[system] = cell
     print(render(results))
+    print(
+        f"[instructions] a Trio scheduler pass, x {_PASSES}, 3 x {_PASSES}",
+        file=sys.stderr,
+    )
+    scheduler_pass = measure_scheduler_pass(_PASSES)
+    print(
+        "\nOne pass of Trio's scheduler (a task awaiting "
+        "trio.lowlevel.checkpoint() in a loop): "
+        f"{scheduler_pass / 1000:,.1f}k instructions; each time a task parks "
+        "and another wakes it, at least that much is paid."
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        Path(args.json).write_text(
+            json.dumps({**results, "scheduler_pass": scheduler_pass}, indent=1)
+        )
     return 1 if failed else 0

@@ -71,7 +71,7 @@ from ._common import (
 
 __all__ = ["receiver", "sender"]
 
-_INLINE: Final = 1024
+INLINE: Final = 1024
 """Payloads up to this size are copied next to their header (trio_mojo's
 ``INLINE_PAYLOAD``); larger ones go out from the caller's ``bytes``."""
 _RECV_SIZE: Final = 64 * 1024
@@ -121,7 +121,9 @@ async def _sender(
                 raise RuntimeError("the reply differs from the request")
             rtts.append(clock() - t)
     else:
-        await _stream(sock, spec.count, payload, spec.fds_per_message)
+        floor = _Sender(sock)
+        await stream(floor.send, spec.count, payload, spec.fds_per_message)
+        await floor.flush()
     sock.shutdown(socket.SHUT_WR)
     meter.stop()
     result.t_done = monotonic()
@@ -130,7 +132,7 @@ async def _sender(
     return result
 
 
-async def _write_all(
+async def write_all(
     sock: socket.socket, parts: list[bytes | bytearray], handles: list[Handle]
 ) -> None:
     """``sendmsg`` every byte of ``parts``, the fds of ``handles`` on the first.
@@ -181,7 +183,7 @@ class _Sender:
                 await self.flush()
             self._handles.extend(handles)
         header = FRAME.pack(len(payload), len(handles), FRAME_TYPE)
-        if len(payload) <= _INLINE:
+        if len(payload) <= INLINE:
             buffer = self._buffer
             buffer += header
             buffer += payload
@@ -197,13 +199,13 @@ class _Sender:
             self._parts.append(self._buffer)
             self._buffer = bytearray()
         self._queued = 0
-        await _write_all(self._sock, self._parts, self._handles)
+        await write_all(self._sock, self._parts, self._handles)
 
 
-async def _stream(sock: socket.socket, count: int, payload: bytes, nfds: int) -> None:
+async def stream(
+    send: Callable[[Message], Awaitable[None]], count: int, payload: bytes, nfds: int
+) -> None:
     """``count`` times ``await send(Message(payload, handles))``, at the least cost."""
-    sender = _Sender(sock)
-    send = sender.send
     if nfds:
         null = dev_null()
         dup = os.dup
@@ -212,10 +214,9 @@ async def _stream(sock: socket.socket, count: int, payload: bytes, nfds: int) ->
     else:
         for _ in range(count):
             await send(Message(payload))
-    await sender.flush()
 
 
-class _Messages:
+class Messages:
     """``await receive()`` of one message at a time, at the least cost."""
 
     def __init__(self, sock: socket.socket) -> None:
@@ -228,13 +229,15 @@ class _Messages:
         self._fds: collections.deque[int] = collections.deque()
         self._ready: list[Message] = []
         self._next = 0
+        self.received = 0  # bytes read so far
+        self.waits = 0  # how often a read found the socket empty
 
     async def receive(self) -> Message:
         ready = self._ready
         if self._next < len(ready):
             await trio.lowlevel.checkpoint_if_cancelled()
         else:
-            ready = self._ready = await self._read()
+            ready = self._ready = await self.read()
             self._next = 0
         message = ready[self._next]
         self._next += 1
@@ -254,14 +257,17 @@ class _Messages:
                     size, _CMSG_SPACE, socket.MSG_CMSG_CLOEXEC
                 )
             except BlockingIOError:
+                self.waits += 1
                 await trio.lowlevel.wait_readable(self._sock)
                 continue
             take_rights(ancdata, flags, self._fds)
             if not data:
                 raise EOFError
+            self.received += len(data)
             return data
 
-    async def _read(self) -> list[Message]:
+    async def read(self) -> list[Message]:
+        """The messages of the next read that completes any (at least one)."""
         unpack_from = FRAME.unpack_from
         header = FRAME.size
         while True:
@@ -327,7 +333,7 @@ async def _receiver(
             nbytes += len(frame) - FRAME.size
         read_extra: Callable[[], Awaitable[object]] = partial(_receive_frame, sock)
     else:
-        messages = _Messages(sock)
+        messages = Messages(sock)
         nbytes, nfds = await receive_all(messages.receive, spec.count)
         read_extra = messages.receive
     result.t_end = monotonic()

@@ -168,6 +168,13 @@ SYSTEMS: Final = (
         True,
         only=("W1", "W2", "W3", "W4", "W5", "W5x8"),
     ),
+    System(
+        "trio_tasks",
+        "a reader and a writer Trio task per side on a plain socket (the shape's floor)",
+        "_sys_trio_tasks",
+        True,
+        only=("W1", "W2", "W3", "W5", "W5x8"),
+    ),
     System("asyncio", "asyncio streams", "_sys_asyncio", False, concurrent=True),
     System(
         "uvloop",

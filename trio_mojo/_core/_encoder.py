@@ -9,11 +9,12 @@ handles were already sent.  This module is that queue, pure: the shell asks
 :meth:`MessageEncoder.plan` what to hand to the next ``sendmsg``, makes the
 call, and reports back with :meth:`MessageEncoder.advance`.
 
-Small messages queued behind others are packed into one entry before they
-reach the queue (:meth:`OutgoingMessage.append`, up to
-:data:`MAX_BATCH_BYTES` and 128 fds): one buffer for a whole burst instead
-of one object and one buffer per message.  The fds of a batch all ride on
-its first ``sendmsg``, which rule 1 below allows.
+Messages queued behind others are packed into one entry before they reach
+the queue (:meth:`OutgoingMessage.append`, up to :data:`MAX_BATCH_BYTES`,
+:data:`MAX_BATCH_PARTS` buffers and 128 fds): one object for a whole burst
+instead of one per message.  Small messages are copied into one buffer; a
+large payload is a buffer of its own, the caller's ``bytes``.  The fds of
+a batch all ride on its first ``sendmsg``, which rule 1 below allows.
 
 A plan coalesces the unsent bytes of as many queued entries as fit under
 :data:`MAX_PLAN_BYTES` and :data:`MAX_PLAN_BUFFERS` into one list of
@@ -63,7 +64,7 @@ import struct
 from collections.abc import Sequence
 from typing import Final, TypeAlias
 
-from trio_mojo._handles import close_fds, take_all
+from trio_mojo._handles import close_fds, give_back, take_all
 
 from ._message import Message
 from ._wire import (
@@ -82,6 +83,7 @@ Buffer: TypeAlias = bytes | bytearray | memoryview
 __all__ = [
     "INLINE_PAYLOAD",
     "MAX_BATCH_BYTES",
+    "MAX_BATCH_PARTS",
     "MAX_PLAN_BUFFERS",
     "MAX_PLAN_BYTES",
     "MessageEncoder",
@@ -96,9 +98,12 @@ MAX_PLAN_BUFFERS: Final = 512
 INLINE_PAYLOAD: Final = 1024
 """Payloads up to this size are copied next to their header (one buffer);
 larger ones are sent from the caller's ``bytes`` as a second buffer."""
-MAX_BATCH_BYTES: Final = 64 * 1024
-"""An entry packs further small messages (:meth:`OutgoingMessage.append`)
-only up to this many bytes."""
+MAX_BATCH_BYTES: Final = 256 * 1024
+"""An entry packs further messages (:meth:`OutgoingMessage.append`) only up
+to this many bytes ..."""
+MAX_BATCH_PARTS: Final = 64
+"""... and this many parts (a large message takes two)."""
+_PARTS_BEFORE_LAST: Final = MAX_BATCH_PARTS - 2
 _NORMAL_HEADER: Final = struct.Struct("<IHHH6x")
 """Mojo's 16-byte ``Header`` (see ``_wire``), inlined for the common case."""
 _NORMAL: Final = MessageType.NORMAL
@@ -143,33 +148,45 @@ def _header(message: Message, framing: Framing, num_handles: int) -> bytes:
 class OutgoingMessage:
     """One queued entry: encoded bytes and the fds it owns until they are sent.
 
-    Usually one message.  ``head`` is its header (with the payload appended
-    when it is small), ``tail`` the payload when it is large (else empty).
-    An entry that holds only small messages can also be a *batch*:
-    :meth:`append` packs further small messages into its ``head``, so that
-    a burst of them costs one entry, one buffer and one ``sendmsg``.
-    ``fds`` are the fd numbers of its messages, in order, owned by the entry
-    (see the module docstring); ``count`` is the number of messages in it,
-    ``offset`` counts the bytes already sent and ``fds_sent`` the fds
-    already sent (and closed).
+    Usually one message, but an entry that nothing was sent of yet can take
+    more (:meth:`append`): the rest of a burst then costs one entry, one
+    hop through the channel's queue and one ``sendmsg``, not one of each per
+    message.  ``parts`` are its bytes, in order: a small message's frame is
+    copied into one buffer with the small messages that follow it, a large
+    message is its header and its payload (the caller's ``bytes``, not
+    copied).  ``fds`` are the fd numbers of its messages, in order, owned by
+    the entry (see the module docstring); ``count`` is the number of
+    messages in it, ``size`` its bytes, ``offset`` counts the bytes already
+    sent and ``fds_sent`` the fds already sent (and closed).
     """
 
-    __slots__ = ("count", "fds", "fds_sent", "head", "offset", "size", "tail")
+    __slots__ = (
+        "_cursor",
+        "buffer",
+        "count",
+        "fds",
+        "fds_sent",
+        "offset",
+        "parts",
+        "size",
+    )
 
     def __init__(
         self,
         head: bytes | bytearray,
-        tail: bytes,
+        tail: bytes = b"",
         fds: Sequence[int] = (),
         count: int = 1,
     ) -> None:
-        self.head = head
-        self.tail = tail
+        self.parts: list[Buffer] = [head, tail] if tail else [head]
+        # The last part, while small messages can still be copied into it:
+        self.buffer: bytearray | None = None
         self.fds = fds
         self.count = count
         self.size = len(head) + len(tail)
         self.offset = 0
         self.fds_sent = 0
+        self._cursor = (0, 0)  # (a part, the offset of its first byte)
 
     @classmethod
     def encode(
@@ -212,94 +229,103 @@ class OutgoingMessage:
     ) -> bool:
         """Pack ``message`` into this entry, if it can take it; True if it did.
 
-        It can while nothing of the entry was sent, the entry and the
-        message are small (no ``tail``; the payload at most
-        1 KiB), the entry stays within 64 KiB, and its fds within
-        :data:`MAX_SENDMSG_HANDLES` (128), so that they all
-        ride on the entry's first ``sendmsg`` (fd rule 1).  Otherwise
-        nothing changes and the message needs an entry of its own.  The
-        entry takes the message's fds as :meth:`encode` does (``fds``: their
-        numbers, already taken from ``message.handles``).
+        It can while nothing of the entry was sent, the entry stays within
+        256 KiB and 64 parts, and its fds within
+        :data:`MAX_SENDMSG_HANDLES` (128), so that they all ride on the
+        entry's first ``sendmsg`` (fd rule 1).  A payload of at most 1 KiB
+        is copied behind the small messages before it; a larger one becomes
+        two parts, its header and the payload itself.  Otherwise nothing
+        changes and the message needs an entry of its own.  The entry takes
+        the message's fds as :meth:`encode` does (``fds``: their numbers,
+        already taken from ``message.handles``).
 
         Raises:
             ValueError: as :meth:`encode` (then nothing changes either).
         """
-        payload = message.payload
         count = len(message.handles) if fds is None else len(fds)
-        size = len(payload)
+        header = _header(message, framing, count)
+        if fds is not None:
+            return self.append_payload(message.payload, fds, header)
+        taken = take_all(message.handles) if count else []
+        if self.append_payload(message.payload, taken, header):
+            return True
+        give_back(message.handles, taken)
+        return False
+
+    def append_payload(
+        self, payload: bytes, fds: Sequence[int] = (), header: bytes | None = None
+    ) -> bool:
+        """:meth:`append` of a message given as its parts; True if it did.
+
+        ``fds`` are the message's fd numbers, already taken from its
+        handles; ``header`` its encoded header, by default that of a
+        ``NORMAL`` message in ``Framing.MOJO`` with ``len(fds)`` handles
+        (the caller checked that the header can express the payload's
+        size).  The same rules as :meth:`append`, without its checks: the
+        per-message path of a burst.  If it returns True, the entry owns
+        ``fds``.
+        """
+        length = len(payload)
+        if header is None:
+            size = HEADER_SIZE + length
+            header = _NORMAL_HEADER.pack(size, HEADER_SIZE, 1, len(fds))
+        else:
+            size = len(header) + length
+        new_size = self.size + size
         if (
-            self.tail
-            or self.offset
-            or size > INLINE_PAYLOAD
-            or self.size + size + HEADER_SIZE > MAX_BATCH_BYTES
-            or (count and len(self.fds) + count > MAX_SENDMSG_HANDLES)
+            self.offset
+            or new_size > MAX_BATCH_BYTES
+            or (fds and len(self.fds) + len(fds) > MAX_SENDMSG_HANDLES)
         ):
             return False
-        header = _header(message, framing, count)
-        if count:
-            taken = take_all(message.handles) if fds is None else fds
-            batch = self.fds
-            if not isinstance(batch, list):
-                batch = self.fds = list(batch)
-            batch.extend(taken)
-        head = self.head
-        if head.__class__ is not bytearray:
-            head = self.head = bytearray(head)
-        head += header
-        head += payload
-        self.size += len(header) + size
-        self.count += 1
-        return True
-
-    def append_plain(self, payload: bytes, fds: Sequence[int] = ()) -> bool:
-        """:meth:`append` for a *plain* message: ``NORMAL``, ``Framing.MOJO``,
-        a payload of at most 1 KiB, its fds already taken from its handles.
-
-        The same rules without the checks that a plain message passes
-        anyway (the caller checked that it is plain and its handles valid):
-        the per-message path of a burst of small messages.  If it returns
-        True, the entry owns ``fds``.
-        """
-        size = HEADER_SIZE + len(payload)
-        new_size = self.size + size
-        if self.tail or self.offset or new_size > MAX_BATCH_BYTES:
-            return False
+        buffer = self.buffer
+        if buffer is not None and length <= INLINE_PAYLOAD:
+            # The common case: copied behind the small messages before it.
+            buffer += header
+            buffer += payload
+        else:
+            parts = self.parts
+            if len(parts) > _PARTS_BEFORE_LAST:
+                return False
+            if length <= INLINE_PAYLOAD:
+                buffer = self.buffer = bytearray(header)
+                buffer += payload
+                parts.append(buffer)
+            else:
+                parts.append(header)
+                parts.append(payload)
+                self.buffer = None
         if fds:
             batch = self.fds
-            if len(batch) + len(fds) > MAX_SENDMSG_HANDLES:
-                return False
             if not isinstance(batch, list):
                 batch = self.fds = list(batch)
             batch.extend(fds)
-        head = self.head
-        if head.__class__ is not bytearray:
-            head = self.head = bytearray(head)
-        head += _NORMAL_HEADER.pack(size, HEADER_SIZE, 1, len(fds))
-        head += payload
         self.size = new_size
         self.count += 1
         return True
 
     def unsent(self) -> list[Buffer]:
-        """The buffers that hold this message's unsent bytes."""
+        """The buffers that hold this entry's unsent bytes (do not modify it)."""
         offset = self.offset
-        head = self.head
+        parts = self.parts
         if offset == 0:
-            return [head, self.tail] if self.tail else [head]
-        if offset < len(head):
-            parts: list[Buffer] = [memoryview(head)[offset:]]
-            if self.tail:
-                parts.append(self.tail)
             return parts
-        return [memoryview(self.tail)[offset - len(head) :]]
+        # Resume the walk where the last call left it: a large batch is
+        # written in many short writes, each planned with a call to this.
+        index, start = self._cursor
+        if offset < start:  # (offset was moved back by hand)
+            index = start = 0
+        while offset - start >= len(parts[index]):
+            start += len(parts[index])
+            index += 1
+        self._cursor = (index, start)
+        rest: list[Buffer] = [memoryview(parts[index])[offset - start :]]
+        rest += parts[index + 1 :]
+        return rest
 
     def first_unsent_byte(self) -> Buffer:
         """A one-byte buffer: the next unsent byte."""
-        offset = self.offset
-        if offset < len(self.head):
-            return memoryview(self.head)[offset : offset + 1]
-        rel = offset - len(self.head)
-        return memoryview(self.tail)[rel : rel + 1]
+        return self.unsent()[0][:1]
 
 
 class MessageEncoder:
@@ -352,6 +378,8 @@ class MessageEncoder:
         nbytes = 0
         early = False
         for entry in queue:
+            if len(buffers) + len(entry.parts) > MAX_PLAN_BUFFERS:
+                break  # (the first entry always fits: MAX_BATCH_PARTS)
             pending = len(entry.fds) - entry.fds_sent
             if pending:
                 if early:
@@ -375,7 +403,7 @@ class MessageEncoder:
             parts = entry.unsent()
             buffers.extend(parts)
             nbytes += entry.size - entry.offset
-            if nbytes >= MAX_PLAN_BYTES or len(buffers) >= MAX_PLAN_BUFFERS - 1:
+            if nbytes >= MAX_PLAN_BYTES:
                 break
         self._planned_bytes = sum(map(len, buffers))
         return buffers, fds
