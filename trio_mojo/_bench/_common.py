@@ -296,6 +296,9 @@ def payload_of(size: int) -> bytes:
 
 
 _RIGHTS: Final = (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+_MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)
+"""(An ``int``: ``flags & socket.MSG_CTRUNC`` runs ``IntFlag.__and__``, in
+Python, on every read.)"""
 
 
 def take_rights(
@@ -307,7 +310,7 @@ def take_rights(
         RuntimeError: fds were lost (``MSG_CTRUNC``) or a control message
             other than ``SCM_RIGHTS`` arrived.
     """
-    if flags & socket.MSG_CTRUNC:
+    if flags & _MSG_CTRUNC:
         raise RuntimeError("MSG_CTRUNC: file descriptors were lost")
     for level, kind, data in ancdata:
         if (level, kind) != _RIGHTS:
