@@ -49,6 +49,7 @@ __all__ = [
     "RunSpec",
     "SenderResult",
     "dev_null",
+    "measured_receive",
     "monotonic",
     "receive_all",
     "take_rights",
@@ -318,6 +319,37 @@ def take_rights(
         fds = array.array("i")
         fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
         fifo.extend(fds)
+
+
+async def measured_receive(
+    spec: RunSpec,
+    ctl: ControlWriter,
+    read_all: Callable[[], Awaitable[tuple[int, int]]],
+    read_extra: Callable[[], Awaitable[object]],
+) -> ReceiverResult:
+    """A receiver's run, for the peers that read with ``await``: say ready,
+    then ``read_all()`` (the payload bytes and fds of ``spec.count``
+    messages) under the meter, then ``read_extra()`` once, which must raise
+    ``EOFError``: a message beyond the count is reported, not hidden.
+    """
+    result = ReceiverResult()
+    meter = Meter()
+    meter.start(track_memory=True)
+    result.t_ready = monotonic()
+    ctl.ready()
+    nbytes, nfds = await read_all()
+    result.t_end = monotonic()
+    meter.stop(track_memory=True)
+    result.messages, result.payload_bytes, result.fds = spec.count, nbytes, nfds
+    try:
+        extra = await read_extra()
+        if isinstance(extra, Message):
+            extra.close()
+        result.extra_messages += 1
+    except EOFError:
+        pass
+    result.take_meter(meter)
+    return result
 
 
 async def receive_all(

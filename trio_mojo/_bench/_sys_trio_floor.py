@@ -69,6 +69,7 @@ from ._common import (
     RunSpec,
     SenderResult,
     dev_null,
+    measured_receive,
     monotonic,
     payload_of,
     receive_all,
@@ -359,39 +360,33 @@ def receiver(
 async def _receiver(
     spec: RunSpec, sock: socket.socket, ctl: ControlWriter
 ) -> ReceiverResult:
-    result = ReceiverResult()
-    meter = Meter()
-    meter.start(track_memory=True)
-    result.t_ready = monotonic()
-    ctl.ready()
-    nbytes = nfds = 0
     read_extra: Callable[[], Awaitable[object]]
     if spec.pingpong and spec.system == "trio_floor_api":
-        for _ in range(spec.count):
-            request = await _receive_message(sock)
-            await _send_now(sock, Message(request.payload))
-            nbytes += len(request.payload)
+
+        async def read_all() -> tuple[int, int]:
+            nbytes = 0
+            for _ in range(spec.count):
+                request = await _receive_message(sock)
+                await _send_now(sock, Message(request.payload))
+                nbytes += len(request.payload)
+            return nbytes, 0
+
         read_extra = partial(_receive_message, sock)
     elif spec.pingpong:
-        for _ in range(spec.count):
-            frame = await _receive_frame(sock)
-            sock.send(frame)
-            nbytes += len(frame) - FRAME.size
+
+        async def read_all() -> tuple[int, int]:
+            nbytes = 0
+            for _ in range(spec.count):
+                frame = await _receive_frame(sock)
+                sock.send(frame)
+                nbytes += len(frame) - FRAME.size
+            return nbytes, 0
+
         read_extra = partial(_receive_frame, sock)
     else:
         messages = Messages(sock)
-        nbytes, nfds = await receive_all(messages.receive, spec.count)
+        read_all = partial(receive_all, messages.receive, spec.count)
         read_extra = messages.receive
-    result.t_end = monotonic()
-    meter.stop(track_memory=True)
-    result.messages, result.payload_bytes, result.fds = spec.count, nbytes, nfds
-    try:
-        extra = await read_extra()
-        if isinstance(extra, Message):
-            extra.close()
-        result.extra_messages += 1
-    except EOFError:
-        pass
-    result.take_meter(meter)
+    result = await measured_receive(spec, ctl, read_all, read_extra)
     sock.close()
     return result
