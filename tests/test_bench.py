@@ -214,6 +214,29 @@ def test_the_floors_pass_the_honesty_checks_of_every_one_way_workload(
         assert result["summary"][name][floor]["median"] > 0
 
 
+def test_trio_floor_api_passes_the_honesty_checks_of_w4(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "floor_api.json"
+    options = ["--quick", "--reps", "1", "--scale", "0.05", "--no-extras"]
+    status = main(
+        [
+            *options,
+            "--systems",
+            "trio_floor_api",
+            "--workloads",
+            "W4",
+            "--json",
+            str(out),
+        ]
+    )
+    capsys.readouterr()
+    result = json.loads(out.read_text())
+    assert status == 0
+    assert result["honesty"] == {**result["honesty"], "failures": [], "passed": 1}
+    assert result["summary"]["W4"]["trio_floor_api"]["median"] > 0
+
+
 def test_w4_with_a_forked_receiver_passes_the_honesty_checks() -> None:
     # The forked variant runs the same sender and receiver functions; only
     # how the receiver's process starts differs.

@@ -51,7 +51,9 @@ copied into bytes, the least a receiver of bytes payloads pays); trio_floor
 (not W4c10: one Trio task on a plain socket, the least any Trio program
 pays per round trip, and per message through an awaited, cancellable
 send/receive of a Message with its fds in Handles, never allocating a
-payload at its announced size); trio_tasks (the one-way workloads:
+payload at its announced size); trio_floor_api (W4 only: trio_floor's
+round trip through awaited send() and receive() of Message objects, the
+least trio_mojo's API costs); trio_tasks (the one-way workloads:
 trio_floor in trio_mojo's task shape, a writer task and a reader task per
 side, with its bounds and yields and nothing else); and when installed
 anyio_trio, anyio_asyncio

@@ -49,6 +49,7 @@ __all__ = [
     "RunSpec",
     "SenderResult",
     "dev_null",
+    "measured_receive",
     "monotonic",
     "receive_all",
     "take_rights",
@@ -296,6 +297,9 @@ def payload_of(size: int) -> bytes:
 
 
 _RIGHTS: Final = (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+_MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)
+"""(An ``int``: ``flags & socket.MSG_CTRUNC`` runs ``IntFlag.__and__``, in
+Python, on every read.)"""
 
 
 def take_rights(
@@ -307,7 +311,7 @@ def take_rights(
         RuntimeError: fds were lost (``MSG_CTRUNC``) or a control message
             other than ``SCM_RIGHTS`` arrived.
     """
-    if flags & socket.MSG_CTRUNC:
+    if flags & _MSG_CTRUNC:
         raise RuntimeError("MSG_CTRUNC: file descriptors were lost")
     for level, kind, data in ancdata:
         if (level, kind) != _RIGHTS:
@@ -315,6 +319,37 @@ def take_rights(
         fds = array.array("i")
         fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
         fifo.extend(fds)
+
+
+async def measured_receive(
+    spec: RunSpec,
+    ctl: ControlWriter,
+    read_all: Callable[[], Awaitable[tuple[int, int]]],
+    read_extra: Callable[[], Awaitable[object]],
+) -> ReceiverResult:
+    """A receiver's run, for the peers that read with ``await``: say ready,
+    then ``read_all()`` (the payload bytes and fds of ``spec.count``
+    messages) under the meter, then ``read_extra()`` once, which must raise
+    ``EOFError``: a message beyond the count is reported, not hidden.
+    """
+    result = ReceiverResult()
+    meter = Meter()
+    meter.start(track_memory=True)
+    result.t_ready = monotonic()
+    ctl.ready()
+    nbytes, nfds = await read_all()
+    result.t_end = monotonic()
+    meter.stop(track_memory=True)
+    result.messages, result.payload_bytes, result.fds = spec.count, nbytes, nfds
+    try:
+        extra = await read_extra()
+        if isinstance(extra, Message):
+            extra.close()
+        result.extra_messages += 1
+    except EOFError:
+        pass
+    result.take_meter(meter)
+    return result
 
 
 async def receive_all(

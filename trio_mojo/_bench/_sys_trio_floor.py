@@ -6,6 +6,12 @@ least Trio allows on a plain non-blocking socket: ``send`` inline, then
 block; the 8-byte header is packed and checked, nothing more (no framing
 state, no message objects).
 
+Peer "trio_floor_api" (W4 only) is the floor of W4 for trio_mojo's API: the
+same single task, but each message goes through an awaited ``send()`` of a
+``Message`` (a coroutine call, ``checkpoint_if_cancelled``, the frame
+written at once) and an awaited ``receive()`` that returns a ``Message``
+(built without checks, as trio_mojo's decoder builds it), on each side.
+
 The floor of the one-way workloads (W1, W2, W3, W5, W5x8) for trio_mojo's
 API: the same single task, but each message goes through what an awaited,
 cancellable ``send(Message(...))`` and ``receive()`` cost at the least, under
@@ -63,6 +69,7 @@ from ._common import (
     RunSpec,
     SenderResult,
     dev_null,
+    measured_receive,
     monotonic,
     payload_of,
     receive_all,
@@ -111,7 +118,16 @@ async def _sender(
     ctl.take_ready()
     meter.start()
     result.t0 = monotonic()
-    if spec.pingpong:
+    if spec.pingpong and spec.system == "trio_floor_api":
+        clock = time.monotonic_ns
+        rtts = result.rtts_ns
+        for _ in range(spec.count):
+            t = clock()
+            await _send_now(sock, Message(payload))
+            if (await _receive_message(sock)).payload != payload:
+                raise RuntimeError("the reply differs from the request")
+            rtts.append(clock() - t)
+    elif spec.pingpong:
         clock = time.monotonic_ns
         rtts = result.rtts_ns
         for _ in range(spec.count):
@@ -130,6 +146,30 @@ async def _sender(
     result.take_meter(meter)
     sock.close()
     return result
+
+
+async def _receive_message(sock: socket.socket) -> Message:
+    """``await receive()`` of the one message in flight (W4), at the least cost.
+
+    Its checkpoint is the wait for the message (trio_mojo's ``receive()``
+    also checks for cancellation only when it does not wait); in a
+    ping-pong the message is never there before it is awaited.
+    """
+    frame = await _receive_frame(sock)
+    return received_message(frame[FRAME.size :], (), _NORMAL)
+
+
+async def _send_now(sock: socket.socket, message: Message) -> None:
+    """``await send(message)`` that writes at once, at the least cost (W4)."""
+    await trio.lowlevel.checkpoint_if_cancelled()
+    payload = message.payload
+    frame = FRAME.pack(len(payload), 0, FRAME_TYPE) + payload
+    try:
+        sent = sock.send(frame)
+    except BlockingIOError:
+        sent = 0
+    if sent < len(frame):
+        await write_all(sock, [frame[sent:]], [])
 
 
 async def write_all(
@@ -320,32 +360,33 @@ def receiver(
 async def _receiver(
     spec: RunSpec, sock: socket.socket, ctl: ControlWriter
 ) -> ReceiverResult:
-    result = ReceiverResult()
-    meter = Meter()
-    meter.start(track_memory=True)
-    result.t_ready = monotonic()
-    ctl.ready()
-    nbytes = nfds = 0
-    if spec.pingpong:
-        for _ in range(spec.count):
-            frame = await _receive_frame(sock)
-            sock.send(frame)
-            nbytes += len(frame) - FRAME.size
-        read_extra: Callable[[], Awaitable[object]] = partial(_receive_frame, sock)
+    read_extra: Callable[[], Awaitable[object]]
+    if spec.pingpong and spec.system == "trio_floor_api":
+
+        async def read_all() -> tuple[int, int]:
+            nbytes = 0
+            for _ in range(spec.count):
+                request = await _receive_message(sock)
+                await _send_now(sock, Message(request.payload))
+                nbytes += len(request.payload)
+            return nbytes, 0
+
+        read_extra = partial(_receive_message, sock)
+    elif spec.pingpong:
+
+        async def read_all() -> tuple[int, int]:
+            nbytes = 0
+            for _ in range(spec.count):
+                frame = await _receive_frame(sock)
+                sock.send(frame)
+                nbytes += len(frame) - FRAME.size
+            return nbytes, 0
+
+        read_extra = partial(_receive_frame, sock)
     else:
         messages = Messages(sock)
-        nbytes, nfds = await receive_all(messages.receive, spec.count)
+        read_all = partial(receive_all, messages.receive, spec.count)
         read_extra = messages.receive
-    result.t_end = monotonic()
-    meter.stop(track_memory=True)
-    result.messages, result.payload_bytes, result.fds = spec.count, nbytes, nfds
-    try:
-        extra = await read_extra()
-        if isinstance(extra, Message):
-            extra.close()
-        result.extra_messages += 1
-    except EOFError:
-        pass
-    result.take_meter(meter)
+    result = await measured_receive(spec, ctl, read_all, read_extra)
     sock.close()
     return result

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import socket
+from functools import partial
 
 import trio
 
@@ -51,6 +52,7 @@ from ._common import (
     ReceiverResult,
     RunSpec,
     SenderResult,
+    measured_receive,
     monotonic,
     payload_of,
     receive_all,
@@ -260,25 +262,12 @@ def receiver(
 async def _receiver(
     spec: RunSpec, sock: socket.socket, ctl: ControlWriter
 ) -> ReceiverResult:
-    result = ReceiverResult()
-    meter = Meter()
-    meter.start(track_memory=True)
-    result.t_ready = monotonic()
-    ctl.ready()
     reader = _ReaderTask(sock)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(reader.read)
-        nbytes, nfds = await receive_all(reader.receive, spec.count)
-        result.t_end = monotonic()
-        meter.stop(track_memory=True)
-        result.messages, result.payload_bytes, result.fds = spec.count, nbytes, nfds
-        try:
-            extra = await reader.receive()
-            extra.close()
-            result.extra_messages += 1
-        except EOFError:
-            pass
+        result = await measured_receive(
+            spec, ctl, partial(receive_all, reader.receive, spec.count), reader.receive
+        )
         nursery.cancel_scope.cancel()
-    result.take_meter(meter)
     sock.close()
     return result

@@ -169,6 +169,13 @@ SYSTEMS: Final = (
         only=("W1", "W2", "W3", "W4", "W5", "W5x8"),
     ),
     System(
+        "trio_floor_api",
+        "trio_floor's W4 through trio_mojo's API: awaited send() and receive() of Messages",
+        "_sys_trio_floor",
+        False,
+        only=("W4",),
+    ),
+    System(
         "trio_tasks",
         "a reader and a writer Trio task per side on a plain socket (the shape's floor)",
         "_sys_trio_tasks",
