@@ -14,9 +14,9 @@ to it.  One-way workloads only (W1, W2, W3, W5, W5x8); a ping-pong is
   copied into one buffer and larger payloads sent from the caller's
   ``bytes``), but it only queues: in batches of up to 64 KiB and 128 fds.
   A writer task takes the batches and writes each with one ``sendmsg``,
-  awaiting ``wait_writable`` on ``EAGAIN``; ``send`` parks while 8 MiB are
-  queued (trio_mojo's default bound) and yields every 64 calls, as
-  trio_mojo's does.
+  awaiting ``wait_writable`` on ``EAGAIN``; ``send`` parks while 4,096
+  messages, 8 MiB or 1,024 fds are queued (trio_mojo's default bounds) and
+  yields every 64 calls, as trio_mojo's does.
 * Receiver: a reader task reads as ``trio_floor`` does (``recvmsg`` of
   64 KiB with ``MSG_CMSG_CLOEXEC``, ``wait_readable`` only when the socket
   is empty, a payload never allocated at its announced size), puts the
@@ -62,9 +62,12 @@ from ._sys_trio_floor import INLINE, Messages, stream, write_all
 __all__ = ["receiver", "sender"]
 
 _QUEUE_BYTES = 8 * 1024 * 1024
-"""``send`` parks while this much is queued (trio_mojo's ``send_queue_bytes``)."""
+"""``send`` parks while this much is queued (trio_mojo's ``send_queue_bytes``) ..."""
+_QUEUE_FDS = 1024
+"""... or this many fds (``send_queue_handles``), or ..."""
 _QUEUE_MESSAGES = 4096
-"""The reader parks while this many messages wait (``receive_queue_messages``)."""
+"""... this many messages (``send_queue_messages``); the reader parks while
+this many wait (``receive_queue_messages``)."""
 _YIELD_EVERY = 64
 """``send`` and ``receive`` yield once per this many calls, as trio_mojo's do."""
 _MAX_FDS = 128
@@ -74,13 +77,14 @@ _MAX_FDS = 128
 class _Batch:
     """What one ``sendmsg`` of the writer carries."""
 
-    __slots__ = ("buffer", "handles", "parts", "size")
+    __slots__ = ("buffer", "count", "handles", "parts", "size")
 
     def __init__(self) -> None:
         self.parts: list[bytes | bytearray] = []
         self.buffer = bytearray()  # the frames of small payloads, in order
         self.handles: list[Handle] = []
         self.size = 0
+        self.count = 0
 
 
 class _QueuedSender:
@@ -90,6 +94,8 @@ class _QueuedSender:
         self._sock = sock
         self._batches: collections.deque[_Batch] = collections.deque()
         self._queued = 0  # bytes queued and not yet written
+        self._queued_messages = 0
+        self._queued_fds = 0
         self._space = trio.lowlevel.ParkingLot()  # senders waiting for room
         self._work = trio.lowlevel.ParkingLot()  # the writer waiting for batches
         self._credit = _YIELD_EVERY
@@ -97,7 +103,11 @@ class _QueuedSender:
 
     async def send(self, message: Message) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
-        while self._queued >= _QUEUE_BYTES:
+        while (
+            self._queued >= _QUEUE_BYTES
+            or self._queued_messages >= _QUEUE_MESSAGES
+            or self._queued_fds >= _QUEUE_FDS
+        ):
             await self._space.park()
         payload = message.payload
         handles = message.handles
@@ -124,7 +134,10 @@ class _QueuedSender:
             batch.buffer = bytearray()
         batch.handles += handles
         batch.size += size
+        batch.count += 1
         self._queued += size
+        self._queued_messages += 1
+        self._queued_fds += len(handles)
         self._credit -= 1
         if not self._credit:
             self._credit = _YIELD_EVERY
@@ -142,8 +155,11 @@ class _QueuedSender:
             batch = batches.popleft()
             # (A batch taken here gets no more frames: send() adds to the
             # last one in the deque only.)
+            fds = len(batch.handles)
             await write_all(self._sock, batch.parts, batch.handles)
             self._queued -= batch.size
+            self._queued_messages -= batch.count
+            self._queued_fds -= fds
             if self._space:
                 self._space.unpark_all()
 
