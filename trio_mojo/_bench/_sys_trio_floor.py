@@ -2,9 +2,10 @@
 
 The floor of W4 for anything built on Trio: one task per process doing the
 least Trio allows on a plain non-blocking socket: ``send`` inline, then
-``recv``, and ``await trio.lowlevel.wait_readable`` only when that would
-block; the 8-byte header is packed and checked, nothing more (no framing
-state, no message objects).
+``await trio.lowlevel.wait_readable`` and ``recv`` (the reply is never
+there before it is awaited, so reading first would only fail); the 8-byte
+header is packed and checked, nothing more (no framing state, no message
+objects).
 
 Peer "trio_floor_api" (W4 only) is the floor of W4 for trio_mojo's API: the
 same single task, but each message goes through an awaited ``send()`` of a
@@ -88,13 +89,19 @@ _NORMAL: Final = MessageType.NORMAL
 
 
 async def _receive_frame(sock: socket.socket) -> bytes:
-    """One whole frame (the ping-pong never has more than one in flight)."""
+    """One whole frame (the ping-pong never has more than one in flight).
+
+    It waits for the socket before each read, as trio_mojo's ``receive()``
+    does when its last read emptied the socket: in a ping-pong the reply is
+    never there before it is awaited, and a read first would fail (an
+    exception) every time.
+    """
     data = b""
     while len(data) < FRAME.size or len(data) < FRAME.size + FRAME.unpack_from(data)[0]:
+        await trio.lowlevel.wait_readable(sock)
         try:
             chunk = sock.recv(65536)
         except BlockingIOError:
-            await trio.lowlevel.wait_readable(sock)
             continue
         if not chunk:
             raise EOFError
