@@ -304,8 +304,8 @@ Python, on every read.)"""
 
 def take_rights(
     ancdata: list[tuple[int, int, bytes]], flags: int, fifo: MutableSequence[int]
-) -> None:
-    """Append the fds of a ``recvmsg``'s control messages to ``fifo``.
+) -> int:
+    """Append the fds of a ``recvmsg``'s control messages to ``fifo``; how many.
 
     Raises:
         RuntimeError: fds were lost (``MSG_CTRUNC``) or a control message
@@ -313,12 +313,15 @@ def take_rights(
     """
     if flags & _MSG_CTRUNC:
         raise RuntimeError("MSG_CTRUNC: file descriptors were lost")
+    count = 0
     for level, kind, data in ancdata:
         if (level, kind) != _RIGHTS:
             raise RuntimeError(f"unexpected control message {(level, kind)}")
         fds = array.array("i")
         fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
         fifo.extend(fds)
+        count += len(fds)
+    return count
 
 
 async def measured_receive(

@@ -277,6 +277,7 @@ class Messages:
         self._ready: list[Message] = []
         self._next = 0
         self.received = 0  # bytes read so far
+        self.fds_received = 0
         self.waits = 0  # how often a read found the socket empty
 
     async def receive(self) -> Message:
@@ -307,7 +308,7 @@ class Messages:
                 self.waits += 1
                 await trio.lowlevel.wait_readable(self._sock)
                 continue
-            take_rights(ancdata, flags, self._fds)
+            self.fds_received += take_rights(ancdata, flags, self._fds)
             if not data:
                 raise EOFError
             self.received += len(data)

@@ -22,7 +22,7 @@ to it.  One-way workloads only (W1, W2, W3, W5, W5x8); a ping-pong is
   is empty, a payload never allocated at its announced size), puts the
   messages in a deque and wakes the receiver; it yields after 256 KiB per
   wake-up (Mojo's fairness cap, which trio_mojo keeps) and parks while
-  4,096 messages are queued.  ``receive()`` pops the deque
+  4,096 messages or 506 fds are queued (trio_mojo's default bounds).  ``receive()`` pops the deque
   (``checkpoint_if_cancelled``, a yield every 64 calls) and parks while it
   is empty.
 
@@ -67,7 +67,9 @@ _QUEUE_FDS = 1024
 """... or this many fds (``send_queue_handles``), or ..."""
 _QUEUE_MESSAGES = 4096
 """... this many messages (``send_queue_messages``); the reader parks while
-this many wait (``receive_queue_messages``)."""
+this many wait (``receive_queue_messages``), or ..."""
+_RECEIVE_FDS = 506
+"""... while it holds this many fds (``receive_queue_handles``)."""
 _YIELD_EVERY = 64
 """``send`` and ``receive`` yield once per this many calls, as trio_mojo's do."""
 _MAX_FDS = 128
@@ -215,6 +217,7 @@ class _ReaderTask:
         # (Counted here: ParkingLot.__bool__ is a Python call.)
         self._receivers_waiting = 0
         self._reader_waiting = False
+        self._fds_taken = 0  # fds of the messages receive() returned
 
     async def read(self) -> None:
         """The reader task: read until the end of the stream."""
@@ -222,7 +225,10 @@ class _ReaderTask:
         total = 0  # bytes read since the last yield (the fairness cap)
         try:
             while True:
-                while len(inbox) >= _QUEUE_MESSAGES:
+                while (
+                    len(inbox) >= _QUEUE_MESSAGES
+                    or self._messages.fds_received - self._fds_taken >= _RECEIVE_FDS
+                ):
                     self._reader_waiting = True
                     try:
                         await self._room.park()
@@ -258,6 +264,8 @@ class _ReaderTask:
                 finally:
                     self._receivers_waiting -= 1
         message = inbox.popleft()
+        if message.handles:
+            self._fds_taken += len(message.handles)
         if self._reader_waiting:
             self._room.unpark()
         self._credit -= 1
