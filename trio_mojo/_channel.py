@@ -497,13 +497,12 @@ class Channel(trio.abc.Channel[Message]):
                 self._check_handles(handles)  # raises
             size = self._header_size + len(message.payload)  # the common case
             normal = self._mojo_framing
-            plain = size <= self._plain_max_size
-            if not plain and size > self.max_message_size:
+            if size > self.max_message_size:
                 self._validate(message)  # raises
         else:
             size = self._validate(message)
             handles = message.handles
-            normal = plain = False
+            normal = False
         if self._refusing:
             self._refuse(message)
         fds: list[int] | tuple[()] = ()
@@ -536,7 +535,7 @@ class Channel(trio.abc.Channel[Message]):
                 if fds:
                     self._pending_handles += len(fds)
             else:
-                await self._enqueue(message, size, fds)
+                await self._enqueue(message, size, fds, tried=batch is not None)
         elif not self._corked:
             # Mojo's fast path: the first message of a burst is written at
             # once.  The rest of the burst is corked: queued for the writer
@@ -868,11 +867,19 @@ class Channel(trio.abc.Channel[Message]):
         )
 
     async def _enqueue(
-        self, message: Message, size: int, fds: list[int] | tuple[()]
+        self,
+        message: Message,
+        size: int,
+        fds: list[int] | tuple[()],
+        *,
+        tried: bool = False,
     ) -> None:
         """Queue ``message`` behind what is pending; cancel-atomic.
 
-        ``fds`` are the message's fds, already taken from its handles.  The
+        ``fds`` are the message's fds, already taken from its handles;
+        ``tried``: ``send`` found room but the open batch refused the
+        message (it is not offered to that batch again unless this waited
+        for room, which may have sealed the batch or freed it).  The
         only await is the wait for room, before anything is queued, so a
         cancelled send leaves nothing behind and the caller keeps the
         handles: each gets its fd back.  (The bounds are checked against
@@ -882,6 +889,7 @@ class Channel(trio.abc.Channel[Message]):
         many times over.)
         """
         while self._send_queue_full(size, len(fds)):
+            tried = False  # the queue changes while this waits
             try:
                 await self._send_space.park()
             except BaseException:  # Cancelled: nothing queued yet
@@ -891,7 +899,7 @@ class Channel(trio.abc.Channel[Message]):
                 give_back(message.handles, fds)
                 self._refuse(message)
         batch = self._open_batch
-        if batch is not None and batch.append(message, self.framing, fds):
+        if batch is not None and not tried and batch.append(message, self.framing, fds):
             self._pending += 1
             self._pending_bytes += size
             self._pending_handles += len(fds)
@@ -915,7 +923,7 @@ class Channel(trio.abc.Channel[Message]):
             self._raise_write_error()
         return 0
 
-    def _queue_rest(self, frame: bytes, sent: int | None) -> None:
+    def _queue_rest(self, frame: bytes, sent: int) -> None:
         """Queue what the kernel did not take of an inline write of ``frame``."""
         entry = OutgoingMessage(frame, b"")
         if sent:
@@ -926,7 +934,8 @@ class Channel(trio.abc.Channel[Message]):
     def _write_now(self, entry: OutgoingMessage) -> None:
         """Write ``entry`` on the caller's task (nothing is pending)."""
         if not entry.fds:
-            # The request/response path: one sendmsg, no planning.
+            # One sendmsg of its buffers, no planning.  (A plain message
+            # without fds never gets here: send() writes its frame itself.)
             try:
                 sent = _fdpass.send(self._sock, entry.parts, [])
             except BaseException as exc:
